@@ -1,0 +1,1 @@
+"""Evaluation on top of the model: perplexity and log-likelihood scoring."""

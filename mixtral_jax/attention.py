@@ -1,0 +1,111 @@
+"""Grouped-query attention with RoPE, a causal / sliding-window / padding / segment mask, and an
+optional key-value cache.
+
+Masking is by *positions*, not by array index: query i at position q_i may see key j at position p_j
+when p_j >= 0 (a real token), p_j <= q_i (causal), q_i - p_j < W (sliding window W, as transformers'
+``sliding_window`` mask), and the two share a segment (packed sequences). The same rule serves full
+forward passes, left-padded batches, prefill, decode and a rolling cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.layers import apply_rope, param, rope_cos_sin
+from mixtral_jax.sharding.rules import constrain
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerCache:
+  """One layer's (or, stacked, every layer's) keys and values: k/v ``[B, S, K, H]`` (``[L, B, S, K, H]``).
+
+  The slot positions live in :class:`KVCache` because they are shared by all layers.
+  """
+  k: jax.Array
+  v: jax.Array
+
+
+def attention_mask(q_pos_BT, kv_pos_BS, *, sliding_window, q_seg_BT=None, kv_seg_BS=None) -> jax.Array:
+  """Boolean [B, T, S]: which keys each query may attend to (see module docstring)."""
+  q = q_pos_BT[:, :, None]
+  kv = kv_pos_BS[:, None, :]
+  ok = (kv >= 0) & (kv <= q)
+  if sliding_window is not None:
+    ok &= (q - kv) < sliding_window
+  if q_seg_BT is not None:
+    ok &= q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
+  return ok
+
+
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
+  """softmax(q k^T / sqrt(H) + mask) v, with N/K query heads sharing each kv head.
+
+  The logits and softmax are float32; probabilities are cast to the value dtype before the second
+  matmul, as transformers' eager attention does. A query that may see no key (a pad) gets a uniform
+  distribution rather than NaN; its output is never used.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  logits_BKGTS = logits_BKGTS * (H ** -0.5)
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+  return out_BTKGH.reshape(B, T, N, H)
+
+
+class Attention(nnx.Module):
+  """q/k/v/o projections stored as [D, N, H], [D, K, H], [D, K, H], [N, H, D]."""
+
+  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs):
+    D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+    pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+    self.q_DNH = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd, std=std)
+    self.k_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, std=std)
+    self.v_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, std=std)
+    self.o_NHD = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd, std=std)
+    self.cfg = cfg
+
+  def __call__(self, x_BTD, positions_BT, *, valid_BT=None, segment_ids_BT=None,
+               cache: LayerCache | None = None, cache_pos_BS=None, write_slots_BT=None):
+    """Returns (out_BTD, new_cache).
+
+    ``valid_BT`` marks real tokens (pads are never attended to). Without a cache, keys are this
+    call's tokens. With one, keys are the cached slots (positions ``cache_pos_BS``, -1 when empty)
+    followed by this call's tokens; the new keys and values are then written into slots
+    ``write_slots_BT`` (an out-of-range slot means "do not write").
+    """
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    x_BTD = x_BTD.astype(dt)
+    q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_DNH[...].astype(dt))
+    k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_DKH[...].astype(dt))
+    v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.v_DKH[...].astype(dt))
+    q_BTNH = constrain(q_BTNH, ("batch", "seq", "act_heads", None))
+    cos, sin = rope_cos_sin(positions_BT, cfg.head_size, cfg.rope_theta)
+    q_BTNH = apply_rope(q_BTNH, cos, sin)
+    k_BTKH = apply_rope(k_BTKH, cos, sin)
+
+    new_pos_BT = positions_BT if valid_BT is None else jnp.where(valid_BT, positions_BT, -1)
+    if cache is None:
+      keys, values, kv_pos, kv_seg = k_BTKH, v_BTKH, new_pos_BT, segment_ids_BT
+      new_cache = None
+    else:
+      keys = jnp.concatenate([cache.k.astype(dt), k_BTKH], axis=1)
+      values = jnp.concatenate([cache.v.astype(dt), v_BTKH], axis=1)
+      kv_pos = jnp.concatenate([cache_pos_BS, new_pos_BT], axis=1)
+      kv_seg = None
+      scatter = jax.vmap(lambda buf, slots, new: buf.at[slots].set(new.astype(buf.dtype), mode="drop"))
+      new_cache = LayerCache(k=scatter(cache.k, write_slots_BT, k_BTKH),
+                             v=scatter(cache.v, write_slots_BT, v_BTKH))
+    mask_BTS = attention_mask(positions_BT, kv_pos, sliding_window=cfg.sliding_window,
+                              q_seg_BT=segment_ids_BT if kv_seg is not None else None, kv_seg_BS=kv_seg)
+    out_BTNH = dot_product_attention(q_BTNH, keys, values, mask_BTS)
+    out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.o_NHD[...].astype(dt))
+    return out_BTD, new_cache

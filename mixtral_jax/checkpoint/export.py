@@ -1,0 +1,119 @@
+"""Our Orbax checkpoint (or a training run) -> Hugging Face safetensors that
+``transformers.MixtralForCausalLM.from_pretrained`` loads: the Hub's per-expert key names (the inverse of
+the table in ``hf.py``), ``config.json``, sharded files with ``model.safetensors.index.json`` when the
+model exceeds ``max_shard_size`` (one ``model.safetensors`` otherwise), and ``tokenizer.model`` if the
+checkpoint has one.
+
+Streaming: each output tensor is read from the checkpoint as the block it needs (one layer, one
+expert) just before it is written, so memory holds one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from mixtral_jax.checkpoint import formats, orbax_io
+from mixtral_jax.checkpoint.loading import check_orbax_shapes, config_for, our_shapes
+from mixtral_jax.checkpoint.safetensors_io import Entry, nbytes, write_safetensors
+from mixtral_jax.config import MixtralConfig
+
+DEFAULT_SHARD_SIZE = "2GB"
+
+
+def parse_size(size: str | int) -> int:
+  """"2GB", "500MB", "10KiB" or a byte count -> bytes (decimal units like transformers, binary with 'i')."""
+  if isinstance(size, int):
+    return size
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size, re.IGNORECASE)
+  if not m:
+    raise ValueError(f"size {size!r} is not understood; write e.g. '2GB', '500MB' or a byte count")
+  base = 1024 if m.group(3) else 1000
+  return int(float(m.group(1)) * base ** " KMGT".index((m.group(2) or " ").upper()))
+
+
+def hf_entries(cfg: MixtralConfig, reader: orbax_io.ParamsReader, dtype: np.dtype) -> list[Entry]:
+  """Every Hub tensor with its shape and a function that reads and lays it out when called."""
+  V, D, N, K, H, F, E = (cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                         cfg.head_size, cfg.intermediate_size, cfg.num_local_experts)
+
+  def entry(name, shape, key, index, layout: Callable[[np.ndarray], np.ndarray]):
+    return Entry(name, shape, dtype, lambda: layout(reader.read(key, index)).astype(dtype))
+
+  attn, moe = ("blocks", "attn"), ("blocks", "moe")
+  out = [entry("model.embed_tokens.weight", (V, D), ("embed_VD",), (), lambda a: a)]
+  for l in range(cfg.num_hidden_layers):
+    p = f"model.layers.{l}."
+    out += [
+        entry(p + "input_layernorm.weight", (D,), ("blocks", "attn_norm", "scale"), (l,), lambda a: a),
+        entry(p + "self_attn.q_proj.weight", (N * H, D), attn + ("q_DNH",), (l,), lambda a: a.reshape(D, N * H).T),
+        entry(p + "self_attn.k_proj.weight", (K * H, D), attn + ("k_DKH",), (l,), lambda a: a.reshape(D, K * H).T),
+        entry(p + "self_attn.v_proj.weight", (K * H, D), attn + ("v_DKH",), (l,), lambda a: a.reshape(D, K * H).T),
+        entry(p + "self_attn.o_proj.weight", (D, N * H), attn + ("o_NHD",), (l,), lambda a: a.reshape(N * H, D).T),
+        entry(p + "post_attention_layernorm.weight", (D,), ("blocks", "moe_norm", "scale"), (l,), lambda a: a),
+        entry(p + "block_sparse_moe.gate.weight", (E, D), moe + ("router_DE",), (l,), lambda a: a.T),
+    ]
+    for e in range(E):
+      x = f"{p}block_sparse_moe.experts.{e}."
+      out += [entry(x + "w1.weight", (F, D), moe + ("w1_EDF",), (l, e), lambda a: a.T),
+              entry(x + "w2.weight", (D, F), moe + ("w2_EFD",), (l, e), lambda a: a.T),
+              entry(x + "w3.weight", (F, D), moe + ("w3_EDF",), (l, e), lambda a: a.T)]
+  out += [entry("model.norm.weight", (D,), ("final_norm", "scale"), (), lambda a: a),
+          entry("lm_head.weight", (V, D), ("head_DV",), (), lambda a: a.T)]
+  return out
+
+
+def _shards(entries: list[Entry], limit: int) -> list[list[Entry]]:
+  shards, size = [[]], 0
+  for e in entries:
+    if shards[-1] and size + nbytes(e) > limit:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += nbytes(e)
+  return shards
+
+
+def export(ckpt: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False, dtype=None,
+           max_shard_size: str | int = DEFAULT_SHARD_SIZE, progress: Callable[[str], None] = lambda _: None) -> str:
+  """Writes ``ckpt`` (our format, or a training run / step) as Hugging Face safetensors at ``dst``.
+  ``dtype`` defaults to the checkpoint's storage dtype. Returns ``dst``."""
+  found = formats.detect(ckpt)
+  if found.kind != "orbax":
+    raise ValueError(f"{ckpt} is a {found.kind} checkpoint; export reads mixtral-jax Orbax checkpoints "
+                     "(convert it first with 'mixtral-jax convert', or load it directly)")
+  dst = os.path.abspath(os.fspath(dst))
+  if os.path.lexists(dst) and not overwrite:
+    raise FileExistsError(f"{dst} already exists; choose another destination or pass --overwrite")
+  limit = parse_size(max_shard_size)
+  cfg = config_for(found, {})
+  check_orbax_shapes(found.params, our_shapes(cfg)[0], found.config)
+  reader = orbax_io.ParamsReader(found.params)
+  out_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else reader.dtype(("blocks", "moe", "w1_EDF"))
+  shards = _shards(hf_entries(cfg, reader, out_dtype), limit)
+  progress(f"exporting {found.params} ({reader.nbytes() / 2**30:.2f} GiB) as {len(shards)} safetensors file(s), "
+           f"{out_dtype}")
+  with formats.atomic_dir(dst, overwrite=overwrite) as tmp:
+    cfg.replace(param_dtype=str(jnp.dtype(out_dtype))).save(os.path.join(tmp, formats.CONFIG))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for name, shard in zip(names, shards):
+      write_safetensors(os.path.join(tmp, name), shard)
+      weight_map.update({e.name: name for e in shard})
+      progress(f"  wrote {name} ({sum(map(nbytes, shard)) / 2**20:.1f} MiB, {len(shard)} tensors)")
+    if len(shards) > 1:
+      index = {"metadata": {"total_size": sum(nbytes(e) for s in shards for e in s)}, "weight_map": weight_map}
+      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    tokenizer = formats.find_tokenizer(found.directory)
+    if tokenizer:
+      shutil.copy(tokenizer, os.path.join(tmp, formats.TOKENIZER))
+  progress(f"wrote {dst}")
+  return dst

@@ -1,0 +1,188 @@
+"""``load(path)``: any supported checkpoint -> a callable ``Mixtral``, every parameter created directly in
+its final place (and, with a mesh, in its shards) from the files, without a random model first.
+
+The model is built as ``nnx.eval_shape`` (shapes only) and filled: foreign formats one layer at a time
+(each layer slice read from the mapped files and written into a preallocated, donated device buffer,
+so host memory holds one layer's slice, never a second copy of the model); our Orbax format through
+Orbax's restore into the target shardings.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from mixtral_jax.checkpoint import consolidated, formats, hf, orbax_io
+from mixtral_jax.checkpoint.layout import Key, Plan
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.layers import LOGICAL_AXES
+from mixtral_jax.model import Mixtral
+from mixtral_jax.params import abstract_model, param_shardings
+
+
+def runtime_overrides(dtype, param_dtype, runtime) -> dict[str, Any]:
+  """The config's runtime fields to override; architecture fields come from the checkpoint only."""
+  unknown = set(runtime) - set(MixtralConfig._RUNTIME_FIELDS)
+  if unknown:
+    raise ValueError(f"cannot override {', '.join(sorted(unknown))} when loading: the checkpoint fixes the "
+                     f"architecture; runtime options are {', '.join(MixtralConfig._RUNTIME_FIELDS)}")
+  out = dict(runtime)
+  if dtype is not None:
+    out["dtype"] = str(jnp.dtype(dtype))
+  if param_dtype is not None:
+    out["param_dtype"] = str(jnp.dtype(param_dtype))
+  return out
+
+
+def load_config(path: str | os.PathLike, **runtime) -> MixtralConfig:
+  """The model config of a checkpoint in any supported format, with runtime overrides."""
+  return config_for(formats.detect(path), runtime)
+
+
+def config_for(found: formats.Found, runtime) -> MixtralConfig:
+  if found.kind == "consolidated":
+    return consolidated.load_config(found.directory, **runtime)
+  return MixtralConfig.load(found.config, **runtime)
+
+
+def our_shapes(cfg: MixtralConfig) -> tuple[dict[Key, tuple[int, ...]], dict[Key, tuple[str, ...]]]:
+  """Our parameters' shapes and logical axes, from the abstract model."""
+  shapes, axes = {}, {}
+  for path, var in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param)):
+    key = tuple(str(p) for p in path)
+    shapes[key], axes[key] = tuple(var.shape), tuple(var.get_metadata()[LOGICAL_AXES])
+  return shapes, axes
+
+
+def open_plan(found: formats.Found, cfg: MixtralConfig) -> Plan:
+  """A validated :class:`Plan` for a foreign (HF or consolidated) checkpoint."""
+  shapes, _ = our_shapes(cfg)
+  if found.kind == "hf":
+    source = hf.open_source(found.directory)
+    plan = Plan(source, hf.rules(cfg, source.names()), hf.dims(cfg), shapes, found.directory)
+  else:
+    source = consolidated.open_source(found.directory)
+    plan = Plan(source, consolidated.rules(cfg), consolidated.dims(cfg), shapes, found.directory)
+  plan.validate()
+  return plan
+
+
+def check_orbax_shapes(params_dir: str, shapes: dict[Key, tuple[int, ...]], config: str) -> None:
+  stored = orbax_io.stored_shapes(params_dir)
+  missing, unexpected = set(shapes) - set(stored), set(stored) - set(shapes)
+  names = lambda keys: ", ".join(sorted(".".join(k) for k in keys)[:4])  # noqa: E731
+  if missing:
+    raise ValueError(f"{params_dir}: missing parameter(s) {names(missing)} ({len(missing)} in all)")
+  if unexpected:
+    raise ValueError(f"{params_dir}: unexpected parameter(s) {names(unexpected)} ({len(unexpected)} in all)")
+  for key, shape in sorted(shapes.items()):
+    if stored[key] != shape:
+      raise ValueError(f"{params_dir}: parameter {'.'.join(key)!r} has shape {list(stored[key])}, expected "
+                       f"{list(shape)} from {config}; the config disagrees with the checkpoint")
+
+
+def _mesh(mesh, cfg: MixtralConfig):
+  if mesh is None or isinstance(mesh, jax.sharding.Mesh):
+    return mesh
+  from mixtral_jax.sharding.mesh import make_mesh  # noqa: PLC0415
+
+  return make_mesh(mesh, num_experts=cfg.num_local_experts)
+
+
+def _shardings(cfg: MixtralConfig, mesh) -> dict[Key, jax.sharding.Sharding]:
+  shapes, _ = our_shapes(cfg)
+  if mesh is None:
+    return {k: SingleDeviceSharding(jax.local_devices()[0]) for k in shapes}
+  state = param_shardings(nnx.state(abstract_model(cfg), nnx.Param), mesh)
+  return {tuple(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, **runtime) -> Mixtral:
+  """Loads a Hugging Face directory, a Mistral consolidated directory or our Orbax checkpoint.
+
+  ``mesh``: a ``jax.sharding.Mesh`` or a string such as ``"expert=4"``; parameters are then created in
+  their shards (``mixtral_jax.params.param_shardings``); call the model under ``jax.set_mesh(mesh)``.
+  ``dtype`` / ``param_dtype`` and ``runtime`` override the config's runtime fields (``capacity_factor``...).
+  """
+  found = formats.detect(path)
+  cfg = config_for(found, runtime_overrides(dtype, param_dtype, runtime))
+  mesh = _mesh(mesh, cfg)
+  shapes, _ = our_shapes(cfg)
+  if found.kind == "orbax":
+    check_orbax_shapes(found.params, shapes, found.config)
+    arrays = _restore_orbax(found.params, cfg, mesh)
+  else:
+    plan = open_plan(found, cfg)
+    if found.kind == "consolidated" and param_dtype is None:  # params.json does not say; the tensors do
+      cfg = cfg.replace(param_dtype=str(jnp.dtype(plan.dtype())))
+    arrays = {}
+    for key, sharding in _shardings(cfg, mesh).items():
+      read = functools.partial(plan.read, key, dtype=jnp.dtype(cfg.param_dtype))
+      arrays[key] = _create(shapes[key], jnp.dtype(cfg.param_dtype), sharding, read, stacked=key[0] == "blocks")
+  return _merge(cfg, arrays)
+
+
+def _restore_orbax(params_dir: str, cfg: MixtralConfig, mesh) -> dict[Key, jax.Array]:
+  shapes, _ = our_shapes(cfg)
+  dt = jnp.dtype(cfg.param_dtype)
+  target = orbax_io.abstract_target({k: (s, dt) for k, s in shapes.items()}, _shardings(cfg, mesh))
+  restored = orbax_io.restore_params(params_dir, target)
+  return orbax_io.flatten(restored)
+
+
+def _merge(cfg: MixtralConfig, arrays: dict[Key, jax.Array]) -> Mixtral:
+  graphdef, state = nnx.split(abstract_model(cfg))
+  nnx.replace_by_pure_dict(state, orbax_io.unflatten(arrays))
+  return nnx.merge(graphdef, state)
+
+
+def _create(shape, dtype, sharding, read: Callable[[tuple], np.ndarray], *, stacked: bool) -> jax.Array:
+  """One parameter, made directly in ``sharding`` from ``read(index) -> block``. A stacked parameter is
+  filled one layer at a time into a donated buffer, so the host holds one layer's slice (its shards, one
+  copy per local device that holds them) at a time, never the whole parameter."""
+  if not stacked:
+    return jax.make_array_from_callback(shape, sharding, _once_per_block(read))
+  layer_sharding = _drop_leading_axis(sharding)
+  buf = _zeros(shape, dtype, sharding)
+  for layer in range(shape[0]):
+    read_layer = _once_per_block(lambda idx, l=layer: read((l,) + tuple(idx)))
+    buf = _set_layer(buf, jax.make_array_from_callback(shape[1:], layer_sharding, read_layer), layer)
+  return buf
+
+
+def _once_per_block(read: Callable[[tuple], np.ndarray]) -> Callable[[tuple], np.ndarray]:
+  """``make_array_from_callback`` asks once per device; replicas of a block are read from disk once."""
+  seen: dict[tuple, np.ndarray] = {}
+
+  def cached(idx):
+    key = tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in idx)
+    if key not in seen:
+      seen[key] = read(idx)
+    return seen[key]
+
+  return cached
+
+
+def _drop_leading_axis(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  if isinstance(sharding, NamedSharding):
+    spec = tuple(sharding.spec)
+    assert not spec or spec[0] is None, f"the layer axis is never sharded, got {sharding.spec}"
+    return NamedSharding(sharding.mesh, P(*spec[1:]))
+  return sharding
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _zeros(shape, dtype, sharding):
+  return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(buf: jax.Array, part: jax.Array, layer) -> jax.Array:
+  return jax.lax.dynamic_update_index_in_dim(buf, part.astype(buf.dtype), layer, 0)

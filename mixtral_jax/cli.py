@@ -1,0 +1,77 @@
+"""The ``mixtral-jax`` command: a thin dispatcher over subcommands that live next to what they run.
+
+Each subcommand module defines ``NAME_parser(parser)`` to add its arguments and ``NAME_main(args)``
+to run it (returning an exit code). Modules are imported only for the subcommand asked for, so
+``mixtral-jax --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("mixtral_jax.checkpoint.commands",
+             "build the tiny preset, save it, load it back through from_pretrained, print logits and counts"),
+    "convert": ("mixtral_jax.checkpoint.commands",
+                "convert a Hugging Face or Mistral consolidated checkpoint (SRC) to an Orbax checkpoint (DST)"),
+    "export": ("mixtral_jax.checkpoint.commands",
+               "export an Orbax checkpoint (ours or a training run's) to Hugging Face safetensors"),
+    "train": ("mixtral_jax.train.commands", "pretrain, continue-train or fine-tune from a YAML run config"),
+    "plan": ("mixtral_jax.train.plan",
+             "compile a preset's train step ahead of time on a mesh: memory, FLOPs, all-to-all bytes"),
+    "generate": ("mixtral_jax.generation_commands", "generate text from a model, optionally sharded on a mesh"),
+    "chat": ("mixtral_jax.generation_commands", "an interactive chat session with an instruct model"),
+}
+
+EPILOG = """examples:
+  mixtral-jax train --config tiny-pretrain --workdir runs/tiny
+  mixtral-jax generate --model runs/tiny --prompt "def fibonacci(n):"
+  mixtral-jax convert ~/Mixtral-8x7B-v0.1 ckpt/8x7b
+  mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096
+
+Run 'mixtral-jax COMMAND --help' for a command's options."""
+
+
+def _top_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="mixtral-jax", description="Mixtral sparse mixture-of-experts models in JAX / Flax NNX.",
+      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--version", action="store_true", help="print the version and exit")
+  sub = p.add_subparsers(dest="command", metavar="COMMAND")
+  for name, (_, help_) in COMMANDS.items():
+    sub.add_parser(name, help=help_, add_help=False)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] not in COMMANDS:
+    args = _top_parser().parse_args(argv)
+    if args.version:
+      from mixtral_jax import __version__
+      print(__version__)
+      return 0
+    _top_parser().print_help()
+    return 0 if not argv else 2
+  name = argv[0]
+  module_name, help_ = COMMANDS[name]
+  module = importlib.import_module(module_name)
+  parser = argparse.ArgumentParser(prog=f"mixtral-jax {name}", description=help_,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  getattr(module, f"{name}_parser")(parser)
+  args = parser.parse_args(argv[1:])
+  try:
+    return int(getattr(module, f"{name}_main")(args) or 0)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no trace
+    print(f"mixtral-jax {name}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

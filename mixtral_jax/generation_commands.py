@@ -1,0 +1,114 @@
+"""``mixtral-jax generate`` and ``mixtral-jax chat`` (see ``mixtral_jax.cli`` for the dispatcher).
+
+  mixtral-jax generate --model PATH --prompt "def fibonacci(n):" [--mesh expert=4] [--max-new-tokens 128]
+  mixtral-jax chat --model PATH [--system "You are terse."] [--version v1|v3]
+
+Both load the model with ``mixtral_jax.from_pretrained`` (a Hugging Face or Mistral consolidated
+directory, our Orbax checkpoint, or a training run) and stream tokens to stdout as they are produced.
+The tokenizer is ``--tokenizer``, else a ``tokenizer.model`` next to the checkpoint, else the bundled
+Mistral tokenizer whose vocabulary matches the model (v1 for 32000 tokens, v3 for 32768).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", required=True, help="checkpoint directory (HF, consolidated, ours, or a training run)")
+  p.add_argument("--tokenizer", help="tokenizer.model path or bundled name v1/v3 (default: found or by vocab)")
+  p.add_argument("--mesh", help="device mesh such as 'expert=4' or 'data=2,expert=4' (default: one device)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+  p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per reply")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+  p.add_argument("--top-k", type=int, help="sample only among the k most likely tokens")
+  p.add_argument("--top-p", type=float, help="sample only from the smallest set of tokens with this much mass")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
+  p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+
+
+def _load(args):
+  import mixtral_jax  # noqa: PLC0415 - keep `mixtral-jax --help` fast
+  from mixtral_jax.checkpoint import find_tokenizer  # noqa: PLC0415
+  from mixtral_jax.tokenizer import BUNDLED_VOCAB, Tokenizer  # noqa: PLC0415
+
+  model = mixtral_jax.from_pretrained(args.model, mesh=args.mesh, dtype=args.dtype)
+  vocab = model.cfg.vocab_size
+  name = args.tokenizer or find_tokenizer(args.model) or BUNDLED_VOCAB.get(vocab)
+  if name is None:
+    raise ValueError(f"no tokenizer.model next to {args.model} and no bundled tokenizer has {vocab} tokens; "
+                     "pass --tokenizer PATH")
+  tokenizer = Tokenizer.load(name)
+  tokenizer.check_vocab(vocab)
+  return model, tokenizer
+
+
+def _sampling(args) -> dict:
+  return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              seed=args.seed, stop=args.stop, mesh=args.mesh)
+
+
+def _print_stream(_row: int, _token, text: str) -> None:
+  sys.stdout.write(text)
+  sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------ generate
+
+
+def generate_parser(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--prompt", action="append",
+                 help="prompt text (repeatable: several prompts run as one batch); default: read stdin")
+  _common(p)
+
+
+def generate_main(args: argparse.Namespace) -> int:
+  """One prompt streams its continuation; several run as one batch and print in order when done."""
+  from mixtral_jax.generate import generate  # noqa: PLC0415
+
+  prompts = args.prompt if args.prompt else [sys.stdin.read()]
+  model, tokenizer = _load(args)
+  if len(prompts) == 1:
+    out = generate(model, prompts, tokenizer=tokenizer, stream=_print_stream, **_sampling(args))
+    print()
+  else:
+    out = generate(model, prompts, tokenizer=tokenizer, **_sampling(args))
+    for i, (prompt, text) in enumerate(zip(prompts, out.texts)):
+      print(f"=== {i}: {prompt!r}\n{text}")
+  for i, reason in enumerate(out.finish_reasons):
+    print(f"[{i}: {len(out.tokens[i])} tokens, finished by {reason}]", file=sys.stderr)
+  return 0
+
+
+# ------------------------------------------------------------------------------------ chat
+
+
+def chat_parser(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--system", help="system prompt")
+  p.add_argument("--version", choices=("v1", "v3"),
+                 help="instruct format: v1 (Mixtral-8x7B-Instruct) or v3 (8x22B-Instruct); default by vocabulary")
+  _common(p)
+
+
+def chat_main(args: argparse.Namespace) -> int:
+  """Reads a user turn per line of stdin, encodes the whole conversation with mistral-common's template
+  (``mixtral_jax.chat.encode_chat``) and streams the reply. An empty line or /exit ends the session."""
+  from mixtral_jax.chat import encode_chat  # noqa: PLC0415
+  from mixtral_jax.generate import generate  # noqa: PLC0415
+
+  model, tokenizer = _load(args)
+  version = args.version or ("v3" if model.cfg.vocab_size == 32768 else "v1")
+  messages = [{"role": "system", "content": args.system}] if args.system else []
+  interactive = sys.stdin.isatty()
+  while True:
+    if interactive:
+      print("> ", end="", flush=True)
+    line = sys.stdin.readline()
+    if not line or line.strip() in ("", "/exit"):
+      return 0
+    messages.append({"role": "user", "content": line.rstrip("\n")})
+    ids = encode_chat(messages, version=version)
+    out = generate(model, [ids], tokenizer=tokenizer, stream=_print_stream, **_sampling(args))
+    print(flush=True)
+    messages.append({"role": "assistant", "content": out.texts[0]})

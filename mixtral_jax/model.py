@@ -1,0 +1,181 @@
+"""The Mixtral decoder: embedding, a scanned stack of (attention, MoE) blocks, final norm, LM head.
+
+  h = embed[ids]
+  for each layer:  h = h + Attn(RMSNorm(h));  h = h + MoE(RMSNorm(h))
+  logits = RMSNorm(h) @ head
+
+The stack is built once with ``nnx.vmap`` (every block parameter gains a leading ``layers`` axis) and
+run with ``nnx.scan``, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax.attention import Attention, LayerCache
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, param
+from mixtral_jax.moe import MoE
+from mixtral_jax.sharding.rules import constrain
+
+# What to keep for the backward pass of each block (``MixtralConfig.remat``).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+_STACK_METADATA = {nnx.PARTITION_NAME: None, LOGICAL_AXES: "layers"}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys/values of every layer ``[L, B, S, K, H]`` and the position held by each slot ``[B, S]``
+  (-1 when empty). A token at position p lives in slot p % S, so with S equal to the sliding window the
+  cache rolls, and with S >= the total length it never wraps."""
+  layers: LayerCache
+  pos: jax.Array
+
+  @property
+  def size(self) -> int:
+    return self.pos.shape[1]
+
+
+def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (fewer slots with a window)."""
+  S = max_len if cfg.sliding_window is None else min(max_len, cfg.sliding_window)
+  shape = (cfg.num_hidden_layers, batch, S, cfg.num_key_value_heads, cfg.head_size)
+  dt = jnp.dtype(dtype or cfg.dtype)
+  return KVCache(LayerCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt)), jnp.full((batch, S), -1, jnp.int32))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.moe_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.moe = MoE(cfg, rngs=rngs)
+
+  def __call__(self, h_BTD, positions_BT, valid_BT, segment_ids_BT, cache, cache_pos_BS, write_slots_BT):
+    a_BTD, new_cache = self.attn(self.attn_norm(h_BTD), positions_BT, valid_BT=valid_BT,
+                                 segment_ids_BT=segment_ids_BT, cache=cache, cache_pos_BS=cache_pos_BS,
+                                 write_slots_BT=write_slots_BT)
+    h_BTD = h_BTD + a_BTD
+    m_BTD, logits_BTE, stats = self.moe(self.moe_norm(h_BTD), valid_BT)
+    h_BTD = constrain(h_BTD + m_BTD, ("batch", "seq", "act_embed"))
+    return h_BTD, new_cache, logits_BTE, stats
+
+
+class Mixtral(nnx.Module):
+  """Mixtral for causal LM. ``model(input_ids)`` -> float32 logits ``[B, T, V]``."""
+
+  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs):
+    V, D, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
+    pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+    self.cfg = cfg
+    self.embed_VD = param(rngs, (V, D), ("vocab", "embed"), pd, std=std)
+
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_STACK_METADATA)
+    def make_blocks(rngs: nnx.Rngs) -> Block:
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = RMSNorm(D, cfg.rms_norm_eps, pd)
+    self.head_DV = param(rngs, (D, V), ("embed", "vocab"), pd, std=std)
+
+  # ------------------------------------------------------------------------------ forward pieces
+
+  def embed(self, input_ids_BT: jax.Array) -> jax.Array:
+    h = self.embed_VD[...][input_ids_BT].astype(jnp.dtype(self.cfg.dtype))
+    return constrain(h, ("batch", "seq", "act_embed"))
+
+  def hidden(self, input_ids_BT, *, attention_mask=None, positions=None, segment_ids=None,
+             cache: KVCache | None = None, unroll: bool = False):
+    """Final-normed hidden states ``[B, T, D]`` and aux = {router_logits [L,B,T,E], load [L,E],
+    dropped [L]} (plus ``cache`` when one is given).
+
+    ``positions`` default to 0..T-1 (as transformers' forward); with a cache, to the cache's next
+    positions is the caller's job (see ``mixtral_jax.generate``). ``unroll`` runs the layers in a Python
+    loop instead of ``nnx.scan`` (for tests; same parameters, same maths).
+    """
+    B, T = input_ids_BT.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid = None if attention_mask is None else attention_mask.astype(bool)
+    cache_pos = write_slots = layer_cache = None
+    if cache is not None:
+      cache_pos, layer_cache = cache.pos, cache.layers
+      write_slots = _write_slots(positions, valid, cache.size)
+    h = self.embed(input_ids_BT)
+    h, new_layers, logits, stats = self._run_blocks(h, positions, valid, segment_ids, layer_cache, cache_pos,
+                                                    write_slots, unroll)
+    aux: dict[str, Any] = {"router_logits": logits, **stats}
+    if cache is not None:
+      new_pos = jax.vmap(lambda p, s, q: p.at[s].set(q, mode="drop"))(cache.pos, write_slots, positions)
+      aux["cache"] = KVCache(new_layers, new_pos)
+    return self.final_norm(h), aux
+
+  def logits(self, h_BTD: jax.Array) -> jax.Array:
+    dt = jnp.dtype(self.cfg.dtype)
+    return jnp.einsum("btd,dv->btv", h_BTD.astype(dt), self.head_DV[...].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, input_ids_BT, *, attention_mask=None, positions=None, segment_ids=None,
+               return_router_logits: bool = False):
+    """int32 [B, T] -> float32 logits [B, T, V]; with ``return_router_logits``, (logits, aux)."""
+    h, aux = self.hidden(input_ids_BT, attention_mask=attention_mask, positions=positions,
+                         segment_ids=segment_ids)
+    logits = self.logits(h)
+    return (logits, aux) if return_router_logits else logits
+
+  # ------------------------------------------------------------------------------ layer stack
+
+  def _run_blocks(self, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots, unroll):
+    def body(block: Block, h, layer_cache):
+      h, new_cache, logits, stats = block(h, positions, valid, segment_ids, layer_cache, cache_pos,
+                                          write_slots)
+      return h, (new_cache, logits, stats)
+
+    policy = REMAT_POLICIES[self.cfg.remat]
+    if self.cfg.remat != "none":
+      body = nnx.remat(body, policy=policy, prevent_cse=False)
+
+    if unroll:
+      outs = []
+      for i in range(self.cfg.num_hidden_layers):
+        block = _layer(self.blocks, i)
+        h, out = body(block, h, None if layer_cache is None else jax.tree.map(lambda a: a[i], layer_cache))
+        outs.append(out)
+      new_cache, logits, stats = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+      return h, new_cache, logits, stats
+
+    scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                    transform_metadata=_STACK_METADATA)
+    h, (new_cache, logits, stats) = scan(self.blocks, h, layer_cache)
+    return h, new_cache, logits, stats
+
+
+def _layer(blocks: Block, i: int) -> Block:
+  """Block i of the stacked blocks, as a standalone module (for the unrolled reference path)."""
+  graphdef, state = nnx.split(blocks)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+
+def _write_slots(positions_BT, valid_BT, size: int):
+  """Cache slot of each new token: p % S; pads, and tokens that a later token of this call will
+  overwrite in a rolling cache, get slot S (dropped)."""
+  slots = positions_BT % size
+  newest = jnp.max(jnp.where(valid_BT, positions_BT, -1) if valid_BT is not None else positions_BT,
+                   axis=1, keepdims=True)
+  keep = positions_BT > newest - size
+  if valid_BT is not None:
+    keep &= valid_BT
+  return jnp.where(keep, slots, size).astype(jnp.int32)

@@ -1,0 +1,164 @@
+"""The sparse mixture-of-experts block: router, dispatch, experts, combine.
+
+Single-device dispatch (this file). Expert-parallel dispatch across devices lives in
+``sharding.expert_parallel`` and is selected when the current mesh has an ``expert`` axis > 1; both
+call the same routing functions (``mixtral_jax.routing``) and the same expert FFN kernels
+(``mixtral_jax.experts``).
+
+Dropless (``capacity_factor=None``): the N*k routed pairs are sorted by expert into a compact
+[N*k, D] layout and run through the grouped FFN, which does work proportional to the true group sizes.
+
+Small decode batches (dropless, N*k <= 2E): each chosen expert's weights are sliced at its dynamic id
+and run on the few tokens, so a step reads only the chosen experts (``dispatch_selected``).
+
+Dropping (``capacity_factor=cf``): pairs of rank < C = ceil(cf*N*k/E) are scattered into [E, C, D]
+buckets and run as one batched einsum (or, on CPU, the blocked kernel over each bucket's filled rows);
+later pairs contribute zero (no renormalisation).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax import routing
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.experts import dense_expert_ffn, grouped_expert_ffn, resolve_impl
+from mixtral_jax.layers import param
+
+
+def dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, impl="auto", block=128):
+  """Sorted-by-expert dropless dispatch on one device. Returns y_ND (in x's dtype)."""
+  N, D = x_ND.shape
+  E = w1_EDF.shape[0]
+  k = ids_Nk.shape[1]
+  order_M, counts_E, starts_E = routing.sort_by_expert(ids_Nk, E)
+  x_MD = x_ND[order_M // k]  # row r holds the token of sorted pair r
+  y_MD = grouped_expert_ffn(x_MD, starts_E, counts_E, w1_EDF, w3_EDF, w2_EFD, impl=impl, block=block,
+                            contiguous=True)
+  inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(N * k, dtype=order_M.dtype))
+  y_NkD = y_MD[inverse_M].reshape(N, k, D)
+  return combine(y_NkD, weights_Nk)
+
+
+def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD):
+  """Small-batch (decode) dropless dispatch that reads only the experts some token chose.
+
+  With W_NE the weight token n gives expert e (0 when not routed there), y_n = sum_e W_ne * FFN_e(x_n).
+  The at most M = min(E, N*k) chosen experts are listed first (ids in order, then unchosen ones as
+  filler); slot j slices expert e_j's weights at that dynamic id and runs them on all N tokens,
+  weighted by W_N[e_j] (all zero for a filler). Decode is memory-bound: each step reads M experts'
+  weights once instead of all E, and the dynamic index keeps XLA from copying a whole layer of
+  experts. The FLOPs on tokens that did not choose e_j (at most E/k times the routed work) are cheap
+  at small N. Used when N*k <= 2E.
+  """
+  N, D = x_ND.shape
+  E = w1_EDF.shape[0]
+  W_NE = jnp.sum(jax.nn.one_hot(ids_Nk, E, dtype=jnp.float32) * weights_Nk[..., None].astype(jnp.float32), axis=1)
+  chosen_E = jnp.zeros((E,), bool).at[ids_Nk.reshape(-1)].set(True)
+  slots_M = jnp.argsort(~chosen_E, stable=True)[:min(E, ids_Nk.size)]
+  y_ND = jnp.zeros((N, D), jnp.float32)
+  for j in range(slots_M.shape[0]):
+    w1_DF, w3_DF, w2_FD = (jax.lax.dynamic_index_in_dim(w, slots_M[j], keepdims=False)
+                           for w in (w1_EDF, w3_EDF, w2_EFD))
+    h_NF = jax.nn.silu(x_ND @ w1_DF) * (x_ND @ w3_DF)
+    y_ND = y_ND + jnp.take(W_NE, slots_M[j], axis=1)[:, None] * (h_NF @ w2_FD).astype(jnp.float32)
+  return y_ND.astype(x_ND.dtype)
+
+
+def combine(y_NkD, weights_Nk):
+  """y_ND = sum_k w_Nk * y_NkD, the weighting in float32 as transformers does, then cast back."""
+  out = jnp.einsum("nkd,nk->nd", y_NkD.astype(jnp.float32), weights_Nk.astype(jnp.float32))
+  return out.astype(y_NkD.dtype)
+
+
+def bucket(x_ND, ids_Nk, capacity: int, num_experts: int):
+  """Scatters the routed pairs into [E, C, D] buckets by rank; pairs of rank >= C are dropped.
+
+  Returns (x_ECD, kept_Nk bool, rank_Nk, counts_E)."""
+  N, D = x_ND.shape
+  k = ids_Nk.shape[1]
+  rank_Nk, counts_E = routing.expert_ranks(ids_Nk, num_experts)
+  kept_Nk = rank_Nk < capacity
+  slot_Nk = jnp.where(kept_Nk, ids_Nk * capacity + rank_Nk, num_experts * capacity)  # OOB => dropped
+  x_NkD = jnp.broadcast_to(x_ND[:, None, :], (N, k, D))
+  x_MD = jnp.zeros((num_experts * capacity, D), x_ND.dtype).at[slot_Nk.reshape(-1)].set(
+      x_NkD.reshape(-1, D), mode="drop")
+  return x_MD.reshape(num_experts, capacity, D), kept_Nk, rank_Nk, counts_E
+
+
+def unbucket(y_ECD, ids_Nk, rank_Nk, kept_Nk):
+  """Gathers each pair's expert output back from the buckets; dropped pairs get zero. -> y_NkD."""
+  E, C, D = y_ECD.shape
+  slot_Nk = jnp.where(kept_Nk, ids_Nk * C + rank_Nk, 0)
+  y_NkD = y_ECD.reshape(E * C, D)[slot_Nk]
+  return jnp.where(kept_Nk[..., None], y_NkD, 0)
+
+
+def dispatch_capacity(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, capacity: int, impl="dense",
+                      block=128):
+  """Capacity-bucketed (dropping) dispatch on one device. Returns (y_ND, dropped fraction).
+
+  ``impl="blocked"`` (the CPU default) runs each bucket only over its filled rows, so work follows the
+  routed load (at most N*k rows) instead of the E*C bucket slots; otherwise one batched einsum."""
+  E, C = w1_EDF.shape[0], capacity
+  x_ECD, kept_Nk, rank_Nk, counts_E = bucket(x_ND, ids_Nk, capacity, E)
+  if resolve_impl(impl) == "blocked":
+    starts_E = jnp.arange(E, dtype=jnp.int32) * C
+    y_MD = grouped_expert_ffn(x_ECD.reshape(E * C, -1), starts_E, jnp.minimum(counts_E, C), w1_EDF, w3_EDF,
+                              w2_EFD, impl="blocked", block=block)
+    y_ECD = y_MD.reshape(x_ECD.shape)
+  else:
+    y_ECD = dense_expert_ffn(x_ECD, w1_EDF, w3_EDF, w2_EFD)
+  y_ND = combine(unbucket(y_ECD, ids_Nk, rank_Nk, kept_Nk), weights_Nk)
+  return y_ND, jnp.mean((~kept_Nk).astype(jnp.float32))
+
+
+def _expert_mesh_size() -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or "expert" not in mesh.axis_names:
+    return 1
+  return mesh.shape["expert"]
+
+
+class MoE(nnx.Module):
+  """Router [D, E]; experts w1, w3 [E, D, F] and w2 [E, F, D]."""
+
+  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs):
+    D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+    self.router_DE = param(rngs, (D, E), ("embed", "router_experts"), pd, std=std)
+    self.w1_EDF = param(rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), pd, std=std)
+    self.w3_EDF = param(rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), pd, std=std)
+    self.w2_EFD = param(rngs, (E, F, D), ("experts", "expert_mlp", "expert_embed"), pd, std=std)
+    self.cfg = cfg
+
+  def __call__(self, x_BTD, mask_BT=None):
+    """Returns (y_BTD, router_logits_BTE float32, stats) with stats = {load_E, dropped}."""
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    B, T, D = x_BTD.shape
+    x_ND = x_BTD.reshape(B * T, D).astype(dt)
+    logits_NE = jnp.einsum("nd,de->ne", x_ND, self.router_DE[...].astype(dt)).astype(jnp.float32)
+    weights_Nk, ids_Nk = routing.top_k_route(logits_NE, cfg.num_experts_per_tok)
+    w1, w3, w2 = (w[...].astype(dt) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
+
+    if _expert_mesh_size() > 1:
+      from mixtral_jax.sharding import expert_parallel  # layer 1; imported lazily only for clarity
+      y_ND, dropped = expert_parallel.moe_expert_parallel(
+          x_ND, weights_Nk, ids_Nk, w1, w3, w2, capacity_factor=cfg.capacity_factor,
+          impl=cfg.moe_impl, block=cfg.moe_block)
+    elif cfg.capacity_factor is None and B * T * cfg.num_experts_per_tok <= 2 * cfg.num_local_experts:
+      y_ND = dispatch_selected(x_ND, weights_Nk, ids_Nk, w1, w3, w2)
+      dropped = jnp.zeros((), jnp.float32)
+    elif cfg.capacity_factor is None:
+      y_ND = dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1, w3, w2, impl=cfg.moe_impl, block=cfg.moe_block)
+      dropped = jnp.zeros((), jnp.float32)
+    else:
+      C = routing.capacity(B * T, cfg.num_experts_per_tok, cfg.num_local_experts, cfg.capacity_factor)
+      y_ND, dropped = dispatch_capacity(x_ND, weights_Nk, ids_Nk, w1, w3, w2, capacity=C, impl=cfg.moe_impl,
+                                        block=cfg.moe_block)
+
+    mask_N = None if mask_BT is None else mask_BT.reshape(-1)
+    stats = {"load": routing.load_fractions(ids_Nk, cfg.num_local_experts, mask_N), "dropped": dropped}
+    return y_ND.reshape(B, T, D), logits_NE.reshape(B, T, -1), stats

@@ -1,0 +1,122 @@
+"""Training checkpoints: Orbax ``CheckpointManager`` with asynchronous, atomic saves, keeping the last N.
+
+Layout: ``WORKDIR/checkpoints/<step>/`` with the items
+  ``params``     the model parameters, the tree ``nnx.state(model, nnx.Param).to_pure_dict()`` (with
+                 ``WORKDIR/config.json``, this is a model checkpoint that ``from_pretrained`` and
+                 ``mixtral-jax export`` read),
+  ``opt_state``  the optax state,
+  ``progress``   {"step", "rng"},
+  ``data``       the data iterator state (JSON).
+
+Orbax writes a step into a temporary directory and renames it when every item is complete, so a process
+killed mid-save leaves the previous steps intact. Resuming takes the newest step that restores; a step
+that fails to restore is reported, and if checkpoints exist but none restores the run stops, naming them,
+instead of starting again from step 0 (``--restart`` moves them aside explicitly).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger("mixtral_jax.train")
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def barrier(name: str, timeout_s: float) -> None:
+  """Waits until every process reaches ``name``; after ``timeout_s`` raises, naming the processes
+  that never arrived. A no-op with one process."""
+  n = jax.process_count()
+  if n == 1:
+    return
+  from jax._src import distributed  # noqa: PLC0415 - the coordination service client JAX itself uses
+  client = distributed.global_state.client
+  me = jax.process_index()
+  client.key_value_set(f"mixtral_jax/barrier/{name}/{me}", "1")
+  deadline = time.monotonic() + timeout_s
+  missing = []
+  for other in range(n):
+    remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+    try:
+      client.blocking_key_value_get(f"mixtral_jax/barrier/{name}/{other}", remaining_ms)
+    except Exception:  # noqa: BLE001 - the client raises a generic error on timeout
+      missing.append(other)
+  if missing:
+    raise TimeoutError(f"barrier {name!r}: process(es) {missing} of {n} did not arrive within {timeout_s:.0f}s "
+                       f"(this is process {me}); check their logs, or raise train.barrier_timeout_s")
+
+
+class Checkpointer:
+  def __init__(self, directory: str, *, keep: int, async_save: bool, timeout_s: float = 300.0):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
+        async_options=ocp.AsyncOptions(timeout_secs=int(timeout_s)))
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("params", "opt_state", "progress", "data"))
+
+  def save(self, state, data_state: dict, *, force: bool = False) -> None:
+    """Starts saving ``state`` at its step (returns once the arrays are copied off the devices)."""
+    step = int(state.step)
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
+        progress=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+        data=ocp.args.JsonSave(data_state))
+    self.manager.save(step, args=args, force=force)
+
+  def check_for_errors(self) -> None:
+    """Re-raises an error of a background save (called every step, so it surfaces at once)."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"a background checkpoint save in {self.directory} failed: {e}") from e
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+    self.check_for_errors()
+
+  def close(self) -> None:
+    self.manager.close()
+
+  def leftovers(self) -> list[str]:
+    """Entries of the checkpoint directory that look like checkpoints (complete or not)."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(e for e in os.listdir(self.directory) if e.split(".")[0].isdigit())
+
+  def restore_latest(self, abstract_state):
+    """(state, data_state) from the newest step that restores, or None when there is no checkpoint.
+
+    ``abstract_state`` is a TrainState of ShapeDtypeStructs with shardings on the concrete mesh."""
+    from .step import TrainState  # noqa: PLC0415 - avoids a cycle through step's imports at load time
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+            progress=ocp.args.StandardRestore({"step": abstract_state.step, "rng": abstract_state.rng}),
+            data=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001 - any unreadable step is reported, then an older one tried
+        failures.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+        log.warning("checkpoint step %d in %s cannot be restored (%s); trying an older one", step,
+                    self.directory, e)
+        continue
+      if failures:
+        log.warning("resumed from step %d; newer checkpoints were unreadable: %s", step, "; ".join(failures))
+      state = TrainState(out.params, out.opt_state, out.progress["step"], out.progress["rng"])
+      return state, dict(out.data)
+    found = self.leftovers()
+    if found:
+      detail = "; ".join(failures) if failures else "no complete checkpoint among them"
+      raise CheckpointError(
+          f"{self.directory} holds checkpoints {found} but none can be restored ({detail}). Not starting "
+          "from step 0 silently: fix or remove them, use a new --workdir, or pass --restart to move them aside")
+    return None

@@ -1,0 +1,69 @@
+"""``mixtral-jax train``: pretrain, continue-train or fine-tune from a run config.
+
+  mixtral-jax train --config tiny-pretrain --workdir runs/tiny
+  mixtral-jax train --config sft --workdir runs/sft --set model.checkpoint=ckpt/8x7b-instruct \\
+      --set data.paths=[chats.jsonl]
+
+Rerunning the same command resumes from the newest checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import load_config, packaged_configs
+
+# plain flag -> run-config key
+FLAGS = {
+    "steps": "train.steps", "batch_size": "data.batch_size", "seq_len": "data.seq_len", "lr": "optimizer.lr",
+    "mesh": "train.mesh", "seed": "train.seed", "grad_accum": "optimizer.grad_accum",
+    "checkpoint": "model.checkpoint",
+}
+
+
+def train_parser(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--config", default="tiny-pretrain",
+                 help=f"a packaged run config ({', '.join(packaged_configs())}) or a YAML file")
+  p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, the tokenizer")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                 help="override a run-config value (YAML syntax), e.g. --set optimizer.lr=1e-3; repeatable")
+  p.add_argument("--restart", action="store_true",
+                 help="start from step 0 even if the workdir holds checkpoints (they are moved aside)")
+  p.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
+  p.add_argument("--batch-size", type=int, help="global sequences per step (data.batch_size)")
+  p.add_argument("--seq-len", type=int, help="tokens per sequence (data.seq_len)")
+  p.add_argument("--lr", type=float, help="peak learning rate (optimizer.lr)")
+  p.add_argument("--grad-accum", type=int, help="microbatches per step (optimizer.grad_accum)")
+  p.add_argument("--mesh", help='device mesh, e.g. "data=2,expert=4" (train.mesh)')
+  p.add_argument("--seed", type=int, help="initialisation and data-order seed (train.seed)")
+  p.add_argument("--checkpoint", help="start from this converted model checkpoint (model.checkpoint)")
+  p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
+  mp = p.add_argument_group("multi-process (one command per process; also from MIXTRAL_*/JAX_* variables)")
+  mp.add_argument("--coordinator", help="host:port of process 0")
+  mp.add_argument("--num-processes", type=int)
+  mp.add_argument("--process-id", type=int)
+  mp.add_argument("--local-devices", type=int, help="CPU devices this process simulates (testing)")
+
+
+def train_main(args) -> int:
+  from .loop import configure_logging, run  # noqa: PLC0415 - keeps --help fast
+
+  cfg = load_config(args.config, args.overrides)
+  cfg = cfg.override({key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None})
+  if args.print_config:
+    import yaml  # noqa: PLC0415
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+  from mixtral_jax.sharding import distributed  # noqa: PLC0415
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.local_devices)
+  configure_logging()
+  result = run(cfg, args.workdir, restart=args.restart)
+  last = result.losses.get(result.final_step)
+  summary = f"done: step {result.final_step}"
+  if last is not None:
+    summary += f", loss {last:.4f}"
+  if result.eval_losses:
+    first, final = min(result.eval_losses), max(result.eval_losses)
+    summary += f", held-out loss {result.eval_losses[first]:.4f} (step {first}) -> {result.eval_losses[final]:.4f}"
+  print(summary + f"; checkpoints in {args.workdir}/checkpoints")
+  return 0

@@ -1,0 +1,219 @@
+"""The run configuration: one frozen dataclass of sections, read from YAML, overridden on the command line.
+
+A YAML run config has up to five sections (every key optional; defaults below)::
+
+  model:      preset or converted checkpoint, plus MixtralConfig runtime overrides (dtype, remat, ...)
+  data:       what to read and how to cut it: format text|chat, paths, tokenizer, batch_size, seq_len
+  optimizer:  AdamW with linear warmup then cosine decay, global-norm clipping, gradient accumulation
+  loss:       load-balancing pooling (pooled|per_layer), router z-loss, cross-entropy chunk
+  train:      steps, seed, mesh, checkpointing, logging, evaluation
+
+Overrides are ``section.key=value`` strings (``--set optimizer.lr=1e-3``); values are parsed as YAML,
+so ``1e-3``, ``null``, ``true`` and ``[a, b]`` mean what they look like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+from typing import Any, Iterable
+
+import yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  preset: str | None = "tiny"  # a mixtral_jax preset name, used when no checkpoint is given
+  checkpoint: str | None = None  # a converted (Orbax) checkpoint to start from: continue-pretrain, sft
+  overrides: dict = dataclasses.field(default_factory=dict)  # MixtralConfig fields: dtype, remat, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+  format: str = "text"  # text: packed documents; chat: JSONL of {"messages": [...]}, loss on assistant turns
+  paths: tuple = ("stdlib",)  # files, directories or globs; "stdlib" is the Python standard library source
+  extensions: tuple = (".py",)  # file suffixes read from directories (text format)
+  heldout_fraction: float = 0.02  # fraction of files (text) or examples (chat) held out for evaluation
+  tokenizer: str = "v1"  # "v1", "v3" or a path to a tokenizer.model
+  chat_version: str = "v1"  # instruct template for chat data: v1 (8x7B-Instruct) or v3 (8x22B-Instruct)
+  batch_size: int = 8  # global sequences per optimizer step (all microbatches, all processes)
+  seq_len: int = 256
+  max_files: int | None = None  # read at most this many files (sorted order), for quick runs
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSection:
+  lr: float = 3e-3
+  warmup_steps: int = 20
+  decay_steps: int | None = None  # cosine length after warmup; None: until train.steps
+  min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1  # not applied to norm scales
+  clip_norm: float | None = 1.0  # global gradient norm; None: no clipping
+  grad_accum: int = 1  # microbatches per step; data.batch_size must be a multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSection:
+  aux_mode: str = "pooled"  # pooled: transformers' load_balancing_loss_func; per_layer: Switch/GShard mean
+  z_loss_coef: float = 0.0  # router z-loss (ST-MoE) weight
+  ce_chunk: int = 64  # sequence positions per chunk of the fused LM-head + cross-entropy scan
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+  steps: int = 300
+  seed: int = 0
+  mesh: str | None = None  # e.g. "data=2,expert=4"; None: all devices on the data axis
+  checkpoint_every: int = 100
+  keep: int = 3  # checkpoints kept
+  async_checkpoint: bool = True
+  log_every: int = 1
+  eval_every: int = 50  # held-out loss every this many steps (0: never)
+  eval_batches: int = 4
+  peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: measure a large matmul
+  progress: bool = True
+  barrier_timeout_s: float = 300.0  # multi-process barriers give up (naming the late process) after this
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  model: ModelSection = ModelSection()
+  data: DataSection = DataSection()
+  optimizer: OptimizerSection = OptimizerSection()
+  loss: LossSection = LossSection()
+  train: TrainSection = TrainSection()
+
+  def __post_init__(self):
+    problems = []
+    if self.loss.aux_mode not in ("pooled", "per_layer"):
+      problems.append(f"loss.aux_mode={self.loss.aux_mode!r}; choose pooled or per_layer")
+    if self.data.format not in ("text", "chat"):
+      problems.append(f"data.format={self.data.format!r}; choose text or chat")
+    if self.optimizer.grad_accum < 1 or self.data.batch_size % self.optimizer.grad_accum:
+      problems.append(f"data.batch_size={self.data.batch_size} is not a multiple of "
+                      f"optimizer.grad_accum={self.optimizer.grad_accum}")
+    if self.data.seq_len % self.loss.ce_chunk and self.loss.ce_chunk < self.data.seq_len:
+      problems.append(f"data.seq_len={self.data.seq_len} is not a multiple of loss.ce_chunk={self.loss.ce_chunk}")
+    if self.model.preset is None and self.model.checkpoint is None:
+      problems.append("set model.preset or model.checkpoint")
+    if problems:
+      raise ValueError("invalid run config: " + "; ".join(problems))
+
+  @property
+  def microbatch(self) -> int:
+    return self.data.batch_size // self.optimizer.grad_accum
+
+  # ------------------------------------------------------------------------- dict / YAML I/O
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    for section in d.values():
+      for k, v in section.items():
+        if isinstance(v, tuple):
+          section[k] = list(v)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
+    d = d or {}
+    sections = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(sections)
+    if unknown:
+      raise ValueError(f"unknown run-config section(s) {sorted(unknown)}; sections are {', '.join(sections)}")
+    built = {}
+    for f in dataclasses.fields(cls):
+      section_cls = type(f.default)
+      values = d.get(f.name) or {}
+      if not isinstance(values, dict):
+        raise ValueError(f"run-config section {f.name!r} must be a mapping, got {values!r}")
+      known = {g.name for g in dataclasses.fields(section_cls)}
+      bad = set(values) - known
+      if bad:
+        raise ValueError(f"unknown key(s) {sorted(bad)} in section {f.name!r}; known: {', '.join(sorted(known))}")
+      types = {g.name: g.type for g in dataclasses.fields(section_cls)}
+      values = {k: _coerce(v, types[k], f"{f.name}.{k}") for k, v in values.items()}
+      built[f.name] = section_cls(**values)
+    return cls(**built)
+
+  def override(self, items: Iterable[str] | dict[str, Any]) -> "TrainConfig":
+    """Applies ``section.key=value`` overrides (strings parsed as YAML) or a {dotted key: value} dict."""
+    pairs = items.items() if isinstance(items, dict) else (_split_override(s) for s in items)
+    d = self.to_dict()
+    for key, value in pairs:
+      if key.count(".") < 1:
+        raise ValueError(f"override {key!r}: use section.key=value, e.g. optimizer.lr=1e-3")
+      section, name = key.split(".", 1)
+      if section not in d:
+        raise ValueError(f"override {key!r}: no section {section!r}; sections are {', '.join(d)}")
+      if section == "model" and name.startswith("overrides."):
+        d["model"]["overrides"] = {**d["model"]["overrides"], name.split(".", 1)[1]: value}
+        continue
+      if name not in d[section]:
+        raise ValueError(f"override {key!r}: section {section!r} has no key {name!r}; "
+                         f"known: {', '.join(sorted(d[section]))}")
+      d[section][name] = value
+    return TrainConfig.from_dict(d)
+
+  def save(self, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+      yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+def _coerce(value: Any, type_name: str, where: str) -> Any:
+  """Checks a value against its field's annotation, converting what YAML leaves ambiguous: ``1e-3``
+  (a string to YAML 1.1) to float, integers to float, lists to tuples."""
+  if isinstance(value, list):
+    return tuple(value)
+  if value is None:
+    if "None" not in type_name:
+      raise ValueError(f"{where} cannot be null")
+    return None
+  base = type_name.split("|")[0].strip()
+  try:
+    if base == "float" and not isinstance(value, bool):
+      return float(value)
+    if base == "int" and not isinstance(value, bool) and float(value) == int(float(value)):
+      return int(float(value))
+  except (TypeError, ValueError):
+    raise ValueError(f"{where}={value!r} is not a number") from None
+  if base in ("int", "float"):
+    raise ValueError(f"{where}={value!r} is not {'an integer' if base == 'int' else 'a number'}")
+  if base == "bool" and not isinstance(value, bool):
+    raise ValueError(f"{where}={value!r} must be true or false")
+  return value
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+  if "=" not in item:
+    raise ValueError(f"override {item!r}: expected section.key=value, e.g. optimizer.lr=1e-3")
+  key, raw = item.split("=", 1)
+  return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def packaged_configs() -> list[str]:
+  """Names of the run configs shipped in ``mixtral_jax/configs``."""
+  files = importlib.resources.files("mixtral_jax").joinpath("configs")
+  return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str | None, overrides: Iterable[str] = ()) -> TrainConfig:
+  """A packaged config by name (``tiny-pretrain``), or a YAML file by path, with overrides applied."""
+  if name_or_path is None:
+    return TrainConfig().override(list(overrides))
+  if os.path.exists(name_or_path):
+    text = open(name_or_path).read()
+  else:
+    res = importlib.resources.files("mixtral_jax").joinpath("configs", f"{name_or_path}.yaml")
+    if not res.is_file():
+      raise FileNotFoundError(f"run config {name_or_path!r} is neither a file nor a packaged config "
+                              f"({', '.join(packaged_configs())})")
+    text = res.read_text()
+  try:
+    raw = yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    raise ValueError(f"run config {name_or_path}: not valid YAML ({e})") from None
+  return TrainConfig.from_dict(raw).override(list(overrides))

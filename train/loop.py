@@ -1,0 +1,213 @@
+"""The training loop: set up (all checks before anything compiles), resume or start, step, log, evaluate,
+checkpoint, and stop cleanly on SIGTERM, on a NaN/inf loss, or at the last step.
+
+Workdir contents: ``config.json`` (the model, HF form), ``train_config.yaml`` (the run config used),
+``tokenizer.model`` (copied, so generation finds it), ``checkpoints/<step>/`` (see ``checkpointing``),
+``metrics.jsonl``, ``tensorboard/``, ``data/`` (the tokenized-corpus cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mixtral_jax.config import MixtralConfig, get_config
+from mixtral_jax.sharding import distributed
+from mixtral_jax.sharding.mesh import format_mesh, make_mesh
+from mixtral_jax.tokenizer import Tokenizer
+
+from . import data as data_lib
+from . import step as step_lib
+from .checkpointing import Checkpointer, barrier
+from .config import TrainConfig
+from .metrics import MetricsLogger, measure_peak_flops, train_flops_per_token
+
+log = logging.getLogger("mixtral_jax.train")
+
+
+class TrainingDiverged(ValueError):
+  """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  start_step: int  # the step the run resumed from (0 for a fresh start)
+  final_step: int
+  losses: dict  # step -> training loss
+  eval_losses: dict  # step -> held-out loss
+  stopped_by_signal: bool = False
+
+
+def model_config(cfg: TrainConfig) -> MixtralConfig:
+  overrides = dict(cfg.model.overrides)
+  if cfg.model.checkpoint:
+    from mixtral_jax.checkpoint import load_config  # noqa: PLC0415 - checkpoint I/O only when used
+    return load_config(cfg.model.checkpoint).replace(**overrides)
+  return get_config(cfg.model.preset, **overrides)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _device_batch(batch: dict, sharding, global_shape) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, v, global_shape) for k, v in batch.items()}
+
+
+def _move_aside(path: str) -> None:
+  if os.path.exists(path):
+    n = 1
+    while os.path.exists(f"{path}.before-restart-{n}"):
+      n += 1
+    os.rename(path, f"{path}.before-restart-{n}")
+    log.warning("--restart: moved %s to %s", path, f"{path}.before-restart-{n}")
+
+
+def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
+  """Trains per ``cfg`` in ``workdir``, resuming from its newest checkpoint. See the module docstring."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  lead = jax.process_index() == 0
+
+  # ---- every check that can fail on the user's input, before compiling anything
+  mcfg = model_config(cfg)
+  if cfg.data.seq_len > mcfg.max_position_embeddings:
+    raise ValueError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
+                     f"(max_position_embeddings={mcfg.max_position_embeddings}); lower data.seq_len")
+  tokenizer = Tokenizer.load(cfg.data.tokenizer)
+  tokenizer.check_vocab(mcfg.vocab_size)
+  train_rows, held_rows = data_lib.build_rows(cfg, tokenizer, os.path.join(workdir, "data"))
+  mesh = make_mesh(cfg.train.mesh, num_experts=mcfg.num_local_experts)
+  shards = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
+  if cfg.microbatch % shards:
+    raise ValueError(f"the microbatch of {cfg.microbatch} sequences (data.batch_size / optimizer.grad_accum) "
+                     f"does not split over the {shards} batch shards of mesh {format_mesh(mesh)}; make it a "
+                     "multiple, or choose another train.mesh")
+  rows_sharding = NamedSharding(mesh, P(step_lib.batch_sharding(mesh).spec[1]))
+  local = distributed.process_batch_slice(cfg.microbatch, rows_sharding)
+  it = data_lib.BatchIterator(train_rows, cfg.data.batch_size, cfg.optimizer.grad_accum, cfg.train.seed,
+                              local=local)
+  eval_batches = []
+  if held_rows is not None and cfg.train.eval_every and len(held_rows) >= cfg.data.batch_size:
+    held_it = data_lib.BatchIterator(held_rows, cfg.data.batch_size, cfg.optimizer.grad_accum, 0,
+                                     shuffle=False, local=local)
+    eval_batches = [next(held_it) for _ in range(min(cfg.train.eval_batches, held_it.batches_per_epoch))]
+  elif cfg.train.eval_every:
+    log.warning("no held-out evaluation: the held-out split has fewer than data.batch_size rows")
+
+  if lead:
+    mcfg.save(os.path.join(workdir, "config.json"))
+    cfg.save(os.path.join(workdir, "train_config.yaml"))
+    shutil.copyfile(tokenizer.path, os.path.join(workdir, "tokenizer.model"))
+  if restart and lead:
+    _move_aside(os.path.join(workdir, "checkpoints"))
+    _move_aside(os.path.join(workdir, "metrics.jsonl"))
+  barrier("setup", cfg.train.barrier_timeout_s)
+
+  # ---- state: resume, or start from the model checkpoint / a random init
+  step_fn, abstract_state, abstract_batch = step_lib.build_train_step(mcfg, cfg, mesh)
+  eval_fn = step_lib.build_eval_step(mcfg, cfg, mesh)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep,
+                      async_save=cfg.train.async_checkpoint, timeout_s=cfg.train.barrier_timeout_s)
+  restored = ckpt.restore_latest(abstract_state)
+  if restored is not None:
+    state, data_state = restored
+    it.restore(data_state)
+  elif cfg.model.checkpoint:
+    from mixtral_jax.checkpoint import load  # noqa: PLC0415
+    model = load(cfg.model.checkpoint, mesh=mesh, **cfg.model.overrides)
+    state = step_lib.init_state(mcfg, cfg, mesh, params=nnx.state(model, nnx.Param).to_pure_dict())
+    del model
+  else:
+    state = step_lib.init_state(mcfg, cfg, mesh)
+  start = int(state.step)
+
+  # ---- the loop
+  bsh, gshape = step_lib.batch_sharding(mesh), abstract_batch["inputs"].shape
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  flops_per_step = train_flops_per_token(mcfg, cfg.data.seq_len) * tokens_per_step
+  peak = (cfg.train.peak_flops or measure_peak_flops()) * jax.device_count()
+  logger = MetricsLogger(workdir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress,
+                         enabled=lead)
+  if lead:
+    logger.write(f"mixtral-jax train: {workdir} | mesh {format_mesh(mesh)} | steps {start}->{cfg.train.steps} | "
+                 f"batch {cfg.data.batch_size}x{cfg.data.seq_len} | {len(train_rows)} train rows"
+                 + (" | resumed" if restored is not None else ""))
+  preempt = _Preemption()
+  result = RunResult(start, start, {}, {})
+  last_saved = start if restored is not None else None
+  try:
+    t_prev = time.perf_counter()
+    for step in range(start + 1, cfg.train.steps + 1):
+      batch = _device_batch(next(it), bsh, gshape)
+      state, metrics = step_fn(state, batch)
+      ckpt.check_for_errors()
+      metrics = jax.device_get(metrics)
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        ckpt.wait()
+        good = (f"the last good checkpoint is step {last_saved} in {ckpt.directory} (kept)"
+                if last_saved is not None else "no checkpoint was written yet")
+        raise TrainingDiverged(f"the training loss is {loss} at step {step}; {good}. Lower optimizer.lr, "
+                               "raise optimizer.warmup_steps or check the data, then rerun to resume")
+      now = time.perf_counter()
+      dt, t_prev = now - t_prev, now
+      record = {**metrics, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+                "mfu": flops_per_step / dt / peak}
+      result.losses[step] = loss
+      if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+        record["eval_loss"] = _evaluate(eval_fn, state.params, eval_batches, bsh, gshape)
+        result.eval_losses[step] = record["eval_loss"]
+        t_prev = time.perf_counter()
+      if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        logger.log(step, record)
+      result.final_step = step
+      if preempt.requested:
+        ckpt.save(state, it.state(), force=True)
+        ckpt.wait()
+        logger.write(f"SIGTERM: saved step {step} in {ckpt.directory}; rerun the same command to resume")
+        result.stopped_by_signal = True
+        break
+      if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+        ckpt.save(state, it.state(), force=True)
+        last_saved = step
+    ckpt.wait()
+    barrier("done", cfg.train.barrier_timeout_s)
+  finally:
+    preempt.restore()
+    logger.close()
+    ckpt.close()
+  return result
+
+
+def _evaluate(eval_fn, params, batches, sharding, global_shape) -> float:
+  nll = weight = 0.0
+  for b in batches:
+    n, w = eval_fn(params, _device_batch(b, sharding, global_shape))
+    nll, weight = nll + float(n), weight + float(w)
+  return nll / max(weight, 1.0)
+
+
+def configure_logging() -> None:
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  np.set_printoptions(precision=4, suppress=True)

@@ -1,0 +1,237 @@
+"""The one train step: forward, fused LM-head cross-entropy, load-balancing and z-loss, gradient
+accumulation, global-norm clipping and AdamW, in a single ``jax.jit`` that donates the train state.
+
+Contract (used by ``mixtral-jax plan`` to compile the real step from shapes alone)::
+
+  from mixtral_jax.train import step
+  step_fn, abstract_state, abstract_batch = step.build_train_step(model_cfg, train_cfg, mesh)
+  compiled = step_fn.lower(abstract_state, abstract_batch).compile()   # nothing is allocated
+
+``model_cfg`` is a ``MixtralConfig`` (its ``dtype``, ``remat``, ``capacity_factor`` apply),
+``train_cfg`` a ``mixtral_jax.train.config.TrainConfig`` (batch size, sequence length, accumulation,
+optimizer, loss options; ``TrainConfig().override({"data.batch_size": 256, "data.seq_len": 4096})``),
+``mesh`` a ``jax.sharding.Mesh`` over the axes of ``mixtral_jax.sharding.mesh``. The abstract state and
+batch are ``ShapeDtypeStruct``s carrying their ``NamedSharding``s. The step traces under the mesh by
+itself (``use_abstract_mesh``), so lowering or calling it outside ``jax.set_mesh`` gives the same program.
+
+State: fp32 master ``params`` (the tree ``nnx.state(model, nnx.Param).to_pure_dict()``, the checkpoint
+layout), the optax state, the ``step`` counter and a raw ``rng`` key. Compute runs in
+``model_cfg.dtype`` (bfloat16 for mixed precision); gradients and the update are in the param dtype.
+
+Batch: a dict of ``[A, b, T]`` arrays, A = ``optimizer.grad_accum`` microbatches of b sequences:
+``inputs``/``targets`` int32 token ids, ``weights`` float32 loss weights (0 for padding, prompt tokens and
+targets across document boundaries), ``segment_ids`` int32 (0 = padding; packed documents attend only
+within their segment), ``positions`` int32 (restart at 0 in each document).
+
+Loss per step: sum(w * nll) / sum(w) over the whole batch, plus ``router_aux_loss_coef`` times the
+load-balancing loss and ``loss.z_loss_coef`` times the z-loss, both averaged over microbatches (each is
+a ratio of batch statistics, so a microbatch computes its own, as an unaccumulated step would on it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.model import Mixtral
+from mixtral_jax.params import abstract_model, param_shardings
+from mixtral_jax.sharding.rules import logical_to_spec
+
+from .config import OptimizerSection, TrainConfig
+from .losses import lm_head_cross_entropy, load_balancing_loss, router_z_loss
+
+BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32, "segment_ids": jnp.int32,
+                "positions": jnp.int32}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  params: Any  # nested dict of arrays, the checkpoint's ``params`` tree
+  opt_state: Any
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  rng: jax.Array  # uint32 [2]: raw PRNG key, split once per step
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(opt: OptimizerSection, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to ``lr``, then a cosine down to ``lr * min_lr_ratio``."""
+  warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
+  decay = opt.decay_steps if opt.decay_steps is not None else max(total_steps - warmup, 1)
+  return optax.warmup_cosine_decay_schedule(0.0, opt.lr, warmup, warmup + decay, end_value=opt.lr * opt.min_lr_ratio)
+
+
+def _decays(params) -> Any:
+  """Weight decay mask: every parameter except the RMSNorm scales."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any("norm" in str(getattr(k, "key", "")) for k in path), params)
+
+
+def make_optimizer(train_cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  opt = train_cfg.optimizer
+  schedule = learning_rate_schedule(opt, train_cfg.train.steps)
+  parts = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm else []
+  parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                           mask=_decays))
+  return optax.chain(*parts), schedule
+
+
+# ---------------------------------------------------------------------------- shapes and shardings
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Microbatch axis whole, sequences split over the batch mesh axes, tokens whole."""
+  return NamedSharding(mesh, P(None, logical_to_spec(("batch",), mesh)[0], None))
+
+
+def abstract_batch(train_cfg: TrainConfig, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  shape = (train_cfg.optimizer.grad_accum, train_cfg.microbatch, train_cfg.data.seq_len)
+  sh = batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, dt in BATCH_FIELDS.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _param_template(model_cfg: MixtralConfig):
+  """(graphdef, abstract param State); never mutated (``_merge`` fills a copy)."""
+  return nnx.split(abstract_model(model_cfg))
+
+
+def state_shardings(model_cfg: MixtralConfig, tx, mesh: jax.sharding.Mesh) -> TrainState:
+  """Params by their logical axes; optimizer moments like their params; scalars replicated."""
+  _, abs_state = _param_template(model_cfg)
+  params_sh = param_shardings(abs_state, mesh).to_pure_dict()
+  replicated = NamedSharding(mesh, P())
+  abs_params = abs_state.to_pure_dict()
+  opt_abs = jax.eval_shape(tx.init, abs_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, params_sh,
+                                 transform_non_params=lambda _: replicated)
+  return TrainState(params=params_sh, opt_state=opt_sh, step=replicated, rng=replicated)
+
+
+def abstract_state(model_cfg: MixtralConfig, tx, mesh: jax.sharding.Mesh) -> TrainState:
+  _, abs_state = _param_template(model_cfg)
+  abs_params = abs_state.to_pure_dict()
+  shapes = TrainState(params=abs_params, opt_state=jax.eval_shape(tx.init, abs_params),
+                      step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      state_shardings(model_cfg, tx, mesh))
+
+
+# ---------------------------------------------------------------------------- the loss
+
+
+def _merge(graphdef, template, params) -> Mixtral:
+  state = jax.tree.map(lambda x: x, template)  # a fresh State to fill: replace_by_pure_dict mutates
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def microbatch_loss(model: Mixtral, mb: dict, train_cfg: TrainConfig, total_weight, num_microbatches: int):
+  """This microbatch's share of the step loss, and its metrics (see the module docstring)."""
+  cfg, loss_cfg = model.cfg, train_cfg.loss
+  valid_BT = mb["segment_ids"] > 0
+  h_BTD, aux = model.hidden(mb["inputs"], attention_mask=valid_BT, positions=mb["positions"],
+                            segment_ids=mb["segment_ids"])
+  nll = lm_head_cross_entropy(h_BTD, model.head_DV[...], mb["targets"], mb["weights"], loss_cfg.ce_chunk,
+                              jnp.dtype(cfg.dtype))
+  ce = nll / total_weight
+  lb = load_balancing_loss(aux["router_logits"], cfg.num_experts_per_tok, valid_BT,
+                           per_layer=loss_cfg.aux_mode == "per_layer")
+  z = router_z_loss(aux["router_logits"], valid_BT)
+  loss = ce + (cfg.router_aux_loss_coef * lb + loss_cfg.z_loss_coef * z) / num_microbatches
+  metrics = {"ce_loss": ce, "aux_loss": lb / num_microbatches, "z_loss": z / num_microbatches,
+             "expert_load": aux["load"] / num_microbatches, "dropped": aux["dropped"] / num_microbatches}
+  return loss, metrics
+
+
+# ---------------------------------------------------------------------------- the step
+
+
+def build_train_step(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh
+                     ) -> tuple[Callable, TrainState, dict]:
+  """(jitted step(state, batch) -> (state, metrics), abstract state, abstract batch); see the module
+  docstring. Metrics are float32 scalars (loss, ce_loss, aux_loss, z_loss, grad_norm, lr, tokens) plus
+  expert_load [L, E] and dropped [L]."""
+  tx, schedule = make_optimizer(train_cfg)
+  graphdef, template = _param_template(model_cfg)
+  A = train_cfg.optimizer.grad_accum
+  abstract_mesh = mesh.abstract_mesh
+
+  def grads_of(params, mb, total_weight):
+    def f(p):
+      return microbatch_loss(_merge(graphdef, template, p), mb, train_cfg, total_weight, A)
+    return jax.value_and_grad(f, has_aux=True)(params)
+
+  def step(state: TrainState, batch: dict):
+    with jax.sharding.use_abstract_mesh(abstract_mesh):
+      total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+      if A == 1:
+        (loss, metrics), grads = grads_of(state.params, jax.tree.map(lambda a: a[0], batch), total_weight)
+      else:  # one traced copy of the gradient, summed over microbatches by a scan
+        def body(carry, mb):
+          return jax.tree.map(jnp.add, carry, grads_of(state.params, mb, total_weight)), None
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(grads_of, state.params, jax.tree.map(lambda a: a[0], batch), total_weight))
+        (loss, metrics), grads = jax.lax.scan(body, zeros, batch)[0]
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      rng, _ = jax.random.split(state.rng)
+      metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+                 "tokens": total_weight}
+      return TrainState(params, opt_state, state.step + 1, rng), metrics
+
+  shardings = state_shardings(model_cfg, tx, mesh)
+  step_fn = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+                    donate_argnums=0)
+  return step_fn, abstract_state(model_cfg, tx, mesh), abstract_batch(train_cfg, mesh)
+
+
+def build_eval_step(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh) -> Callable:
+  """jitted eval(params, batch) -> (sum of w * nll, sum of w) over all microbatches of ``batch``."""
+  graphdef, template = _param_template(model_cfg)
+  chunk, dtype = train_cfg.loss.ce_chunk, jnp.dtype(model_cfg.dtype)
+  abstract_mesh = mesh.abstract_mesh
+
+  def one(params, mb):
+    model = _merge(graphdef, template, params)
+    h_BTD, _ = model.hidden(mb["inputs"], attention_mask=mb["segment_ids"] > 0, positions=mb["positions"],
+                            segment_ids=mb["segment_ids"])
+    return lm_head_cross_entropy(h_BTD, model.head_DV[...], mb["targets"], mb["weights"], chunk, dtype)
+
+  def evaluate(params, batch):
+    with jax.sharding.use_abstract_mesh(abstract_mesh):
+      nll = jnp.sum(jax.lax.map(lambda mb: one(params, mb), batch))
+      return nll, jnp.sum(batch["weights"])
+
+  params_sh = state_shardings(model_cfg, make_optimizer(train_cfg)[0], mesh).params
+  return jax.jit(evaluate, in_shardings=(params_sh, batch_sharding(mesh)))
+
+
+def init_state(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh,
+               params: Any = None) -> TrainState:
+  """A fresh train state placed in its shards: random parameters (seed ``train.seed``), or ``params``
+  (a pure-dict tree, e.g. from a converted checkpoint), with zeroed optimizer state."""
+  tx, _ = make_optimizer(train_cfg)
+  shardings = state_shardings(model_cfg, tx, mesh)
+  seed = train_cfg.train.seed
+  rng = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
+
+  def build(p):
+    if p is None:
+      p = nnx.state(Mixtral(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+    return TrainState(p, tx.init(p), jnp.zeros((), jnp.int32), rng)
+
+  with jax.set_mesh(mesh):
+    if params is None:
+      return jax.jit(lambda: build(None), out_shardings=shardings)()
+    return jax.jit(build, out_shardings=shardings)(params)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -83,7 +84,8 @@ def _decode(graphdef, state, tokens_B, positions_B, cache, key, step, sampling: 
 def _as_token_lists(prompts, tokenizer) -> list[list[int]]:
   if isinstance(prompts, np.ndarray):
     prompts = prompts.tolist()
-  if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+  if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                  and isinstance(prompts[0], (int, np.integer))):
     prompts = [prompts]  # a single prompt
   prompts = list(prompts)
   if not prompts:
@@ -201,7 +203,7 @@ def generate(model: Mixtral, prompts, max_new_tokens: int = 128, *, tokenizer=No
       the newly printable text ("" without a tokenizer); a last call with ``token=None`` may flush
       text held back while it could have been the start of a stop string.
   """
-  if isinstance(tokenizer, str):
+  if isinstance(tokenizer, (str, os.PathLike)):
     from mixtral_jax.tokenizer import Tokenizer  # noqa: PLC0415  (sentencepiece only when asked for)
     tokenizer = Tokenizer.load(tokenizer)
   cfg = model.cfg

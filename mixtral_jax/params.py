@@ -47,11 +47,16 @@ def param_shardings(model_or_state, mesh: jax.sharding.Mesh):
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def create_model(cfg: MixtralConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Mixtral:
-  """A randomly initialised model. With a mesh, every parameter is created directly in its shards
-  (one jitted init with ``out_shardings``), so no device ever holds the whole model."""
+def create_model(cfg: MixtralConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | str | None = None) -> Mixtral:
+  """A randomly initialised model. With a mesh (a ``Mesh`` or a spec such as ``"data=2,expert=4"``),
+  every parameter is created directly in its shards (one jitted init with ``out_shardings``), so no
+  device ever holds the whole model."""
   if mesh is None:
     return Mixtral(cfg, rngs=nnx.Rngs(seed))
+  if not isinstance(mesh, jax.sharding.Mesh):
+    from mixtral_jax.sharding.mesh import make_mesh  # noqa: PLC0415
+
+    mesh = make_mesh(mesh, num_experts=cfg.num_local_experts)
   abstract = abstract_model(cfg)
   graphdef, abs_state = nnx.split(abstract)
   shardings = param_shardings(abs_state, mesh)

@@ -120,6 +120,17 @@ def test_converted_equals_source_and_transformers(converted):
   assert checkpoint.find_tokenizer(root / "ours") == str(root / "ours" / "tokenizer.model")
 
 
+def test_find_tokenizer_in_mistral_layout(tmp_path):
+  """Mistral's consolidated releases name the file tokenizer.model.v1 / .v3; two of them are ambiguous."""
+  assert checkpoint.find_tokenizer(tmp_path) is None
+  (tmp_path / "tokenizer.model.v3").write_bytes(b"x")
+  assert checkpoint.find_tokenizer(tmp_path) == str(tmp_path / "tokenizer.model.v3")
+  (tmp_path / "tokenizer.model.v1").write_bytes(b"x")
+  assert checkpoint.find_tokenizer(tmp_path) is None
+  (tmp_path / "tokenizer.model").write_bytes(b"x")
+  assert checkpoint.find_tokenizer(tmp_path) == str(tmp_path / "tokenizer.model")
+
+
 def test_streamed_checkpoint_is_plain_orbax(converted):
   """Orbax's own restore, with no target and none of our code, reads what the streaming writer wrote."""
   _, root = converted

@@ -113,6 +113,14 @@ def test_text_prompts_use_the_tokenizer(models, greedy):
   assert got.tokens == want.tokens and got.texts == [CharTokenizer().decode(want.tokens[0])]
 
 
+def test_single_prompt_as_numpy_ids(models, greedy):
+  """One prompt given alone as a NumPy array or a list of NumPy ints is one row, not many."""
+  _, _, model = models
+  row = np.asarray(PROMPTS[0], np.int64)
+  assert generate(model, row, NEW, eos_id=None).tokens == [greedy.tokens[0]]
+  assert generate(model, list(row), NEW, eos_id=None).tokens == [greedy.tokens[0]]
+
+
 def test_sampling_is_seeded_reproducible_and_batch_independent(models):
   _, _, model = models
   kw = dict(temperature=1.0, top_k=50, top_p=0.95, eos_id=None)

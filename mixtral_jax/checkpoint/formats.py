@@ -70,12 +70,16 @@ def detect(path: str | os.PathLike) -> Found:
 
 
 def find_tokenizer(path: str | os.PathLike) -> str | None:
-  """A ``tokenizer.model`` in the checkpoint directory or, for a training step, in its run directory."""
+  """A ``tokenizer.model`` (Hugging Face layout) or a single ``tokenizer.model.v*`` (Mistral's
+  consolidated layout) in the checkpoint directory or, for a training step, in its run directory."""
   path = os.path.abspath(os.fspath(path))
   for d in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
     candidate = os.path.join(d, TOKENIZER)
     if os.path.isfile(candidate):
       return candidate
+    versioned = sorted(glob.glob(os.path.join(glob.escape(d), TOKENIZER + ".v*")))
+    if len(versioned) == 1:
+      return versioned[0]
   return None
 
 

@@ -94,7 +94,12 @@ class Mixtral(nnx.Module):
   # ------------------------------------------------------------------------------ forward pieces
 
   def embed(self, input_ids_BT: jax.Array) -> jax.Array:
-    h = self.embed_VD[...][input_ids_BT].astype(jnp.dtype(self.cfg.dtype))
+    # Gather the table's fsdp shards first (FSDP's own weight all-gather; its gradient is then
+    # reduce-scattered). Looking up rows of the D-sharded table directly makes the backward
+    # scatter-add want the [B, T, D] cotangent split over D, a resharding XLA can only do by
+    # replicating it ("involuntary full rematerialization").
+    table_VD = constrain(self.embed_VD[...], ("vocab", None))
+    h = table_VD[input_ids_BT].astype(jnp.dtype(self.cfg.dtype))
     return constrain(h, ("batch", "seq", "act_embed"))
 
   def hidden(self, input_ids_BT, *, attention_mask=None, positions=None, segment_ids=None,

@@ -191,3 +191,60 @@ def test_no_expert_weight_all_gather_in_train_step():
         assert shape[-3] != E, f"{op} yields a tensor of all {E} experts: {shape}"
   # FSDP's gather of the local experts' weights is there, so the check above has seen real candidates.
   assert any(op == "all-gather" and s[-3] == E // 2 for op, s in gathered_experts), gathered_experts
+
+
+# ------------------------------------------------------------------------------- ragged logic on CPU
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name, axis_index_groups=None):
+  """``jax.lax.ragged_all_to_all`` as its docstring specifies it, built from ``all_gather`` (XLA:CPU has
+  no ragged_all_to_all). Slot i of N = P * spd goes to device i // spd and lands at ``output_offsets[i]``
+  there; the receiver's slot i (from source i // spd) is ``recv_sizes[i]`` rows long. A receiver whose
+  ``recv_sizes`` disagree with what is sent gets NaNs, so a wrong size computation cannot pass."""
+  assert axis_index_groups is None
+  P = jax.lax.axis_size(axis_name)
+  spd = input_offsets.shape[0] // P
+  me = jax.lax.axis_index(axis_name)
+  ops, in_off, sizes, out_off = (jax.lax.all_gather(a, axis_name)
+                                 for a in (operand, input_offsets, send_sizes, output_offsets))
+  rows = jnp.arange(operand.shape[0])
+  result, consistent = output, jnp.array(True)
+  for s in range(P):
+    for j in range(spd):
+      start, n, dst = in_off[s, me * spd + j], sizes[s, me * spd + j], out_off[s, me * spd + j]
+      consistent &= n == recv_sizes[s * spd + j]
+      take = (rows >= start) & (rows < start + n)
+      result = result.at[jnp.where(take, dst + rows - start, output.shape[0])].set(ops[s], mode="drop")
+  return jnp.where(consistent, result, jnp.nan)
+
+
+@pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4"])
+def test_ragged_dispatch_logic_equals_single_device(single_device, mesh_spec, monkeypatch):
+  """The ragged path's offsets, sizes and return trip (``_ragged_exchange``), run on CPU with an emulated
+  ``ragged_all_to_all`` and the real ``ragged_dot``: logits and gradients equal the single-device model.
+  This checks our bookkeeping, not the GPU/TPU collective itself (see docs/benchmarks.md)."""
+  from mixtral_jax import experts
+  from mixtral_jax.sharding import expert_parallel
+
+  calls = []  # trace-time calls: proof that the ragged path, not the bucketed one, was traced
+
+  def counted(fn):
+    return lambda *a, **kw: calls.append(fn.__name__) or fn(*a, **kw)
+
+  monkeypatch.setattr(jax.lax, "ragged_all_to_all", counted(_emulated_ragged_all_to_all))
+  monkeypatch.setattr(experts, "ragged_expert_ffn", counted(experts.ragged_expert_ffn))
+  monkeypatch.setattr(expert_parallel, "dispatch_mode",
+                      lambda cf, impl, backend=None: dispatch_mode(cf, impl, backend="gpu"))
+  state, ids, ref_logits, ref_grads = single_device
+  graphdef = nnx.graphdef(Mixtral(CFG.replace(moe_impl="ragged"), rngs=nnx.Rngs(0)))
+  mesh = make_mesh(mesh_spec, num_experts=CFG.num_local_experts)
+  sharded = jax.device_put(state, param_shardings(state, mesh))
+  with jax.set_mesh(mesh):
+    _, logits, grads = jax.jit(_loss_and_grads, static_argnums=0)(graphdef, sharded, ids)
+  # Per layer trace: two exchanges (there and back) and one grouped FFN (scan traces the body once).
+  assert calls.count("_emulated_ragged_all_to_all") >= 2 and "ragged_expert_ffn" in calls
+  assert _rel(logits, ref_logits) <= 1e-5
+  flat_ref = dict(nnx.to_flat_state(ref_grads))
+  for path, g in nnx.to_flat_state(grads):
+    assert _rel(g[...], flat_ref[path][...]) <= 1e-5, path

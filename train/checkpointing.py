@@ -16,6 +16,7 @@ instead of starting again from step 0 (``--restart`` moves them aside explicitly
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -61,6 +62,7 @@ class Checkpointer:
         async_options=ocp.AsyncOptions(timeout_secs=int(timeout_s)))
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("params", "opt_state", "progress", "data"))
+    self._saving = None  # the step of the newest save started
 
   def save(self, state, data_state: dict, *, force: bool = False) -> None:
     """Starts saving ``state`` at its step (returns once the arrays are copied off the devices)."""
@@ -69,18 +71,40 @@ class Checkpointer:
         params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
         progress=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
         data=ocp.args.JsonSave(data_state))
-    self.manager.save(step, args=args, force=force)
+    with self._surfacing(self._saving):  # Orbax's save would wait for the previous one too
+      self.manager.wait_until_finished()
+    self._saving = step
+    with self._surfacing(step):
+      self.manager.save(step, args=args, force=force)
 
   def check_for_errors(self) -> None:
-    """Re-raises an error of a background save (called every step, so it surfaces at once)."""
-    try:
-      self.manager.check_for_errors()
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"a background checkpoint save in {self.directory} failed: {e}") from e
+    """Raises the error of a background save that has failed (called every step, so it surfaces at the
+    first step after that save ended).
+
+    ``CheckpointManager.check_for_errors`` misses it: Orbax's own finalize thread takes the error off
+    the async checkpointer, where that call looks, logs it and keeps it for ``wait_until_finished``.
+    Once no save is in progress, that call returns at once, raising the kept error, so it is made
+    then: it never blocks a step, nor takes the error from a finalize thread still running (which
+    would then finalize the failed step and delete old checkpoints)."""
+    with self._surfacing(self._saving):
+      if not self.manager.is_saving_in_progress():
+        self.manager.wait_until_finished()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
-    self.check_for_errors()
+    with self._surfacing(self._saving):
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+
+  @contextlib.contextmanager
+  def _surfacing(self, step: int | None):
+    """Turns an error of the save of ``step`` (in the background or not) into a CheckpointError."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - whatever the storage raised
+      kept = sorted(s for s in self.manager.all_steps() if s != step)
+      raise CheckpointError(
+          f"the checkpoint save of step {step} in {self.directory} failed ({type(e).__name__}: {e}); the "
+          f"checkpoints of steps {kept} are kept. Fix the cause, then rerun the same command to resume") from e
 
   def close(self) -> None:
     self.manager.close()

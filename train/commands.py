@@ -48,8 +48,8 @@ def train_parser(p: argparse.ArgumentParser) -> None:
 def train_main(args) -> int:
   from .loop import configure_logging, run  # noqa: PLC0415 - keeps --help fast
 
-  cfg = load_config(args.config, args.overrides)
-  cfg = cfg.override({key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None})
+  flags = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
+  cfg = load_config(args.config, args.overrides, flags)
   if args.print_config:
     import yaml  # noqa: PLC0415
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")

@@ -141,26 +141,48 @@ class TrainConfig:
 
   def override(self, items: Iterable[str] | dict[str, Any]) -> "TrainConfig":
     """Applies ``section.key=value`` overrides (strings parsed as YAML) or a {dotted key: value} dict."""
-    pairs = items.items() if isinstance(items, dict) else (_split_override(s) for s in items)
-    d = self.to_dict()
-    for key, value in pairs:
-      if key.count(".") < 1:
-        raise ValueError(f"override {key!r}: use section.key=value, e.g. optimizer.lr=1e-3")
-      section, name = key.split(".", 1)
-      if section not in d:
-        raise ValueError(f"override {key!r}: no section {section!r}; sections are {', '.join(d)}")
-      if section == "model" and name.startswith("overrides."):
-        d["model"]["overrides"] = {**d["model"]["overrides"], name.split(".", 1)[1]: value}
-        continue
-      if name not in d[section]:
-        raise ValueError(f"override {key!r}: section {section!r} has no key {name!r}; "
-                         f"known: {', '.join(sorted(d[section]))}")
-      d[section][name] = value
-    return TrainConfig.from_dict(d)
+    return TrainConfig.from_dict(_apply_overrides(self.to_dict(), items))
 
   def save(self, path: str | os.PathLike) -> None:
     with open(path, "w") as f:
       yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+def _apply_overrides(d: dict[str, Any], items: Iterable[str] | dict[str, Any]) -> dict[str, Any]:
+  """``d`` (a full config dict, not yet validated) with the overrides applied; see ``TrainConfig.override``."""
+  pairs = items.items() if isinstance(items, dict) else (_split_override(s) for s in items)
+  for key, value in pairs:
+    if key.count(".") < 1:
+      raise ValueError(f"override {key!r}: use section.key=value, e.g. optimizer.lr=1e-3")
+    section, name = key.split(".", 1)
+    if section not in d:
+      raise ValueError(f"override {key!r}: no section {section!r}; sections are {', '.join(d)}")
+    if not isinstance(d[section], dict):
+      raise ValueError(f"run-config section {section!r} must be a mapping, got {d[section]!r}")
+    if section == "model" and name.startswith("overrides."):
+      d["model"]["overrides"] = {**(d["model"]["overrides"] or {}), name.split(".", 1)[1]: value}
+      continue
+    if name not in d[section]:
+      raise ValueError(f"override {key!r}: section {section!r} has no key {name!r}; "
+                       f"known: {', '.join(sorted(d[section]))}")
+    d[section][name] = value
+  return d
+
+
+def _defaults_with(raw: Any, where: str) -> dict[str, Any]:
+  """The default config as a dict with the sections of ``raw`` (a parsed YAML file) laid over it. Not
+  validated yet: ``from_dict`` checks the result once every override is applied."""
+  if raw is not None and not isinstance(raw, dict):
+    raise ValueError(f"run config {where}: expected a mapping of sections, got {type(raw).__name__}")
+  d = TrainConfig().to_dict()
+  for section, values in (raw or {}).items():
+    if section in d and isinstance(values, dict):
+      d[section] = {**d[section], **values}
+    elif section in d and values is None:
+      continue
+    else:
+      d[section] = values  # an unknown section or a non-mapping: from_dict names the problem
+  return d
 
 
 def _coerce(value: Any, type_name: str, where: str) -> Any:
@@ -200,20 +222,28 @@ def packaged_configs() -> list[str]:
   return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(name_or_path: str | None, overrides: Iterable[str] = ()) -> TrainConfig:
-  """A packaged config by name (``tiny-pretrain``), or a YAML file by path, with overrides applied."""
+def load_config(name_or_path: str | None, overrides: Iterable[str] = (),
+                flags: dict[str, Any] | None = None) -> TrainConfig:
+  """A packaged config by name (``tiny-pretrain``), or a YAML file by path, with ``section.key=value``
+  overrides and then ``flags`` ({dotted key: value}, the CLI's plain flags) applied. The result is
+  validated once, with everything applied, so a config may leave a required key to the command line
+  (continue-pretrain and sft leave ``model.checkpoint`` to ``--checkpoint``)."""
   if name_or_path is None:
-    return TrainConfig().override(list(overrides))
-  if os.path.exists(name_or_path):
-    text = open(name_or_path).read()
+    raw = None
+  elif os.path.exists(name_or_path):
+    raw = _parse(open(name_or_path).read(), name_or_path)
   else:
     res = importlib.resources.files("mixtral_jax").joinpath("configs", f"{name_or_path}.yaml")
     if not res.is_file():
       raise FileNotFoundError(f"run config {name_or_path!r} is neither a file nor a packaged config "
                               f"({', '.join(packaged_configs())})")
-    text = res.read_text()
+    raw = _parse(res.read_text(), name_or_path)
+  d = _apply_overrides(_defaults_with(raw, name_or_path), list(overrides))
+  return TrainConfig.from_dict(_apply_overrides(d, flags or {}))
+
+
+def _parse(text: str, name: str) -> Any:
   try:
-    raw = yaml.safe_load(text)
+    return yaml.safe_load(text)
   except yaml.YAMLError as e:
-    raise ValueError(f"run config {name_or_path}: not valid YAML ({e})") from None
-  return TrainConfig.from_dict(raw).override(list(overrides))
+    raise ValueError(f"run config {name}: not valid YAML ({e})") from None

@@ -80,13 +80,25 @@ def restore_params(directory: str, target: dict) -> dict:
 
 
 def stored_shapes(directory: str) -> dict[Key, tuple[int, ...]]:
-  """Parameter path -> shape, from the checkpoint's ``_METADATA`` (no array is read)."""
+  """Parameter path -> shape, from each array's own (zarr) metadata; no array data is read.
+
+  Not from ``_METADATA``: its ``write_shape`` is the shape of one written shard, the whole array only
+  when the saver held it unsharded (a training run's checkpoint holds e.g. an eighth of each FSDP
+  parameter per shard)."""
+  return {k: tuple(a.shape) for k, a in _open_arrays(directory).items()}
+
+
+def _open_arrays(directory: str) -> dict[Key, ts.TensorStore]:
+  """Every parameter of the checkpoint as an open, read-only TensorStore (Orbax's own read spec)."""
   meta = _read_metadata(directory)
-  out = {}
-  for entry in meta["tree_metadata"].values():
-    key = tuple(str(k["key"]) for k in entry["key_metadata"])
-    out[key] = tuple(entry["value_metadata"].get("write_shape") or ())
-  return out
+  keys = [tuple(str(k["key"]) for k in entry["key_metadata"]) for entry in meta["tree_metadata"].values()]
+  driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+  ocdbt = bool(meta.get("use_ocdbt", True))
+  context = ts.Context(_TS_CONTEXT)
+  futures = {key: ts.open({"driver": driver, "kvstore": _kvstore(directory, _name(key), ocdbt=ocdbt),
+                           "recheck_cached_data": False, "recheck_cached_metadata": False},
+                          open=True, read=True, context=context) for key in keys}
+  return {key: f.result() for key, f in futures.items()}
 
 
 def _read_metadata(directory: str) -> dict:
@@ -154,16 +166,8 @@ class ParamsReader:
 
   def __init__(self, directory: str):
     self.directory = os.path.abspath(directory)
-    meta = _read_metadata(self.directory)
-    self.shapes = stored_shapes(self.directory)
-    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-    ocdbt = bool(meta.get("use_ocdbt", True))
-    context = ts.Context(_TS_CONTEXT)
-    self._arrays = {}
-    for key in self.shapes:
-      spec = {"driver": driver, "kvstore": _kvstore(self.directory, _name(key), ocdbt=ocdbt),
-              "recheck_cached_data": False, "recheck_cached_metadata": False}
-      self._arrays[key] = ts.open(spec, open=True, read=True, context=context)
+    self._arrays = _open_arrays(self.directory)
+    self.shapes = {k: tuple(a.shape) for k, a in self._arrays.items()}
 
   def dtype(self, key: Key) -> np.dtype:
     return np.dtype(self._array(key).dtype.numpy_dtype)
@@ -171,11 +175,8 @@ class ParamsReader:
   def read(self, key: Key, index: tuple = ()) -> np.ndarray:
     return self._array(key)[index].read().result()
 
-  def _array(self, key: Key):
-    arr = self._arrays[key]
-    if not isinstance(arr, ts.TensorStore):
-      arr = self._arrays[key] = arr.result()
-    return arr
+  def _array(self, key: Key) -> ts.TensorStore:
+    return self._arrays[key]
 
   def nbytes(self) -> int:
     return sum(math.prod(s) * self.dtype(k).itemsize for k, s in self.shapes.items())

@@ -2,39 +2,20 @@
 of the expert-parallel model; the results equal 1 process x 8 devices."""
 
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from multihost_worker import run_model
+from processes import child_env, free_port, run_all
 from mixtral_jax.sharding import distributed
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(tmp_path):
-  port, out = _free_port(), tmp_path / "out.npz"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the worker sets its own device count
-  procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", str(port), str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=300)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("multi-process workers timed out:\n" + "\n".join(logs))
-  assert all(p.returncode == 0 for p in procs), "\n----\n".join(logs)[-6000:]
+  port, out = free_port(), tmp_path / "out.npz"
+  run_all([[WORKER, str(i), "2", str(port), str(out)] for i in range(2)], env=child_env(), timeout=300)
 
   two = dict(np.load(out))
   one = run_model()  # this process: 1 process x 8 simulated devices

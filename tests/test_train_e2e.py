@@ -13,7 +13,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import mixtral_jax.checkpoint
 from mixtral_jax.cli import main as cli
 from mixtral_jax.train import loop
 from mixtral_jax.train.checkpointing import CheckpointError, Checkpointer
+from processes import child_env, free_port
 from test_train_loop import compilation_cache, small_config
 
 T = 32  # continue-pretrain sequence length
@@ -163,18 +163,12 @@ def test_sft_trains_on_chat_jsonl(ckpt, tmp_path):
 # ------------------------------------------------------------------------------ barrier timeout
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_barrier_timeout_names_the_missing_process():
   """2 real processes (jax.distributed over 127.0.0.1) pass one barrier together; at the next, which
   process 1 never reaches, process 0 raises TimeoutError naming process 1 after its 3 s timeout."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = child_env()
   worker = os.path.join(os.path.dirname(__file__), "barrier_worker.py")
-  port = _free_port()
+  port = free_port()
   procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), "3"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   try:

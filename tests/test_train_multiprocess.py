@@ -3,43 +3,23 @@ data=2,expert=4 mesh gives the losses of 1 process x 8 devices on the same mesh.
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 
 from mixtral_jax.train import loop
+from processes import child_env, free_port, run_all
 from test_train_loop import SMALL, small_config
 
 EXTRA = ["train.mesh=data=2,expert=4", "train.steps=4", "train.checkpoint_every=4", "train.eval_every=0"]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_give_the_losses_of_one(tmp_path):
-  workdir, port = str(tmp_path / "two"), _free_port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # --local-devices sets the count
-  env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as tests/conftest.py
+  workdir, port = str(tmp_path / "two"), free_port()
+  env = child_env(JAX_DEFAULT_MATMUL_PRECISION="highest")  # as tests/conftest.py; --local-devices sets the count
   sets = [a for item in SMALL + EXTRA for a in ("--set", item)]
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "mixtral_jax.cli", "train", "--config", "tiny-pretrain", "--workdir", workdir, *sets,
-       "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--local-devices", "4"],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=400)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("training processes timed out:\n" + "\n".join(logs))
-  assert all(p.returncode == 0 for p in procs), "\n----\n".join(logs)[-6000:]
+  run_all([["-m", "mixtral_jax.cli", "train", "--config", "tiny-pretrain", "--workdir", workdir, *sets,
+            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+            "--local-devices", "4"] for i in range(2)], env=env, timeout=400)
   two = {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
 
   one = loop.run(small_config(*EXTRA), str(tmp_path / "one")).losses

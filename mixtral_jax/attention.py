@@ -74,15 +74,19 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x_BTD, positions_BT, *, valid_BT=None, segment_ids_BT=None,
-               cache: LayerCache | None = None, cache_pos_BS=None, write_slots_BT=None):
+               cache: LayerCache | None = None, cache_pos_BS=None, write_slots_BT=None, layer: int | None = None):
     """Returns (out_BTD, new_cache).
 
     ``valid_BT`` marks real tokens (pads are never attended to). Without a cache, keys are this
     call's tokens. With one, keys are the cached slots (positions ``cache_pos_BS``, -1 when empty)
     followed by this call's tokens; the new keys and values are then written into slots
-    ``write_slots_BT`` (an out-of-range slot means "do not write").
+    ``write_slots_BT`` (an out-of-range slot means "do not write"). With ``layer``, ``cache`` is the
+    stacked ``[L, B, S, K, H]`` cache: layer ``layer`` is read and the new rows are scattered into the
+    stacked arrays, so a donated cache is updated in place (no copy of a whole layer). Decode only (T == 1).
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    if layer is not None and x_BTD.shape[1] != 1:
+      raise ValueError(f"writing a stacked cache by layer is for one new token per row, got T={x_BTD.shape[1]}")
     x_BTD = x_BTD.astype(dt)
     q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_DNH[...].astype(dt))
     k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_DKH[...].astype(dt))
@@ -97,15 +101,42 @@ class Attention(nnx.Module):
       keys, values, kv_pos, kv_seg = k_BTKH, v_BTKH, new_pos_BT, segment_ids_BT
       new_cache = None
     else:
-      keys = jnp.concatenate([cache.k.astype(dt), k_BTKH], axis=1)
-      values = jnp.concatenate([cache.v.astype(dt), v_BTKH], axis=1)
+      if layer is None:
+        old = cache
+        scatter = jax.vmap(lambda buf, slots, new: buf.at[slots].set(new.astype(buf.dtype), mode="drop"))
+        new_cache = LayerCache(k=scatter(cache.k, write_slots_BT, k_BTKH), v=scatter(cache.v, write_slots_BT, v_BTKH))
+      else:
+        # Write first, then read layer i of the written cache: reading the old buffer while writing it
+        # in place has no data dependency to order the two, so XLA would copy the whole stacked cache.
+        # Same result: the written slot keeps its old position in cache_pos_BS, which the new query
+        # cannot see (-1 when empty; in a rolling cache of S = W slots it is q - W, outside the window).
+        new_cache = _write_layer(cache, layer, write_slots_BT, k_BTKH, v_BTKH)
+        old = LayerCache(new_cache.k[layer], new_cache.v[layer])
+      keys = jnp.concatenate([old.k.astype(dt), k_BTKH], axis=1)
+      values = jnp.concatenate([old.v.astype(dt), v_BTKH], axis=1)
       kv_pos = jnp.concatenate([cache_pos_BS, new_pos_BT], axis=1)
       kv_seg = None
-      scatter = jax.vmap(lambda buf, slots, new: buf.at[slots].set(new.astype(buf.dtype), mode="drop"))
-      new_cache = LayerCache(k=scatter(cache.k, write_slots_BT, k_BTKH),
-                             v=scatter(cache.v, write_slots_BT, v_BTKH))
     mask_BTS = attention_mask(positions_BT, kv_pos, sliding_window=cfg.sliding_window,
                               q_seg_BT=segment_ids_BT if kv_seg is not None else None, kv_seg_BS=kv_seg)
     out_BTNH = dot_product_attention(q_BTNH, keys, values, mask_BTS)
-    out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.o_NHD[...].astype(dt))
+    # As one [N*H] contraction: a view of o_NHD, where "btnh,nhd" let XLA copy o into [H, N, D] order.
+    B, T, N, H = out_BTNH.shape
+    out_BTD = jnp.einsum("bti,id->btd", out_BTNH.reshape(B, T, N * H), self.o_NHD[...].astype(dt).reshape(N * H, -1))
     return out_BTD, new_cache
+
+
+def _write_layer(cache: LayerCache, layer: int, write_slots_BT, k_BTKH, v_BTKH) -> LayerCache:
+  """The stacked cache with one new row per sequence written into layer ``layer`` (T == 1).
+
+  A "drop" slot (S) rewrites slot S-1 with its own contents instead: XLA turns a dropping scatter
+  into a select over the whole cache, which is not an in-place update."""
+  B = k_BTKH.shape[0]
+  rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], write_slots_BT.shape)
+  slots_BT = jnp.minimum(write_slots_BT, cache.k.shape[2] - 1)
+  keep_BT11 = (write_slots_BT == slots_BT)[..., None, None]
+
+  def write(buf, new):
+    old = buf[layer, rows_BT, slots_BT]
+    return buf.at[layer, rows_BT, slots_BT].set(jnp.where(keep_BT11, new.astype(buf.dtype), old))
+
+  return LayerCache(k=write(cache.k, k_BTKH), v=write(cache.v, v_BTKH))

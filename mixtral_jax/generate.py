@@ -11,9 +11,16 @@ Algorithm, for a batch of prompts of different lengths:
      computes them, so a prompt's first real token is at position 0 whatever its padding.
   3. Prefill runs the prompts through ``model.hidden(..., cache=)`` and samples the first new token
      from the logits of column P-1 only (the LM head never sees the other columns).
-  4. Decode: a jitted step (one token per row at position ``len(prompt) + i``, the cache donated so
-     it is updated in place) is called in a Python loop. Step i+1 is dispatched before step i's tokens
-     are read back, so the host's bookkeeping (EOS, stop strings, streaming) overlaps device work.
+  4. Decode: a jitted loop of up to MAX_CHUNK steps (one token per row at position
+     ``len(prompt) + i``, the cache donated so it is updated in place) runs on device per call, so the
+     host's dispatch (about 1 ms a call) is paid once per chunk. The chunk length is traced (one
+     compilation) and adapted to about CHUNK_SECONDS of device time, so tokens still stream in small
+     bursts and a slow model decodes one token per call. Chunk c+1 is dispatched before chunk c's
+     tokens are read back, so the host's bookkeeping (EOS, stop strings, streaming) overlaps device
+     work; after every row has finished, the at most two chunks in flight are discarded.
+     On a single CPU device the step runs the layers unrolled over zero-copy per-layer, per-expert
+     views of the stacked weights (``model.layer_views``): XLA:CPU copies any slice of an array
+     before a matmul reads it, and those copies cost as much as the matmuls.
   5. A row finishes at EOS (excluded from its tokens), when its text contains a stop string (text
      truncated before it), or after ``max_new_tokens``. The loop ends when every row has finished.
 
@@ -26,6 +33,7 @@ import dataclasses
 import functools
 import math
 import os
+import time
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -33,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.model import Mixtral, init_cache
+from mixtral_jax.model import Mixtral, init_cache, layer_views
 from mixtral_jax.sampling import Sampling, sample
 
 StreamFn = Callable[[int, "int | None", str], None]
@@ -70,12 +78,38 @@ def _prefill(graphdef, state, ids_BP, mask_BP, cache, key, sampling: Sampling):
   return sample(logits_BV, key, 0, sampling), aux["cache"]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(4,))
-def _decode(graphdef, state, tokens_B, positions_B, cache, key, step, sampling: Sampling):
-  model = nnx.merge(graphdef, state)
-  h_B1D, aux = model.hidden(tokens_B[:, None], positions=positions_B[:, None], cache=cache)
-  logits_BV = model.logits(h_B1D)[:, 0]
-  return sample(logits_BV, key, step, sampling), aux["cache"]
+MAX_CHUNK = 16  # decode steps per device call, at most
+CHUNK_SECONDS = 0.1  # ... and about this much device time, so that streaming stays smooth
+
+
+@functools.lru_cache(maxsize=16)
+def _decode_chunk(graphdef, sampling: Sampling):
+  """The jitted decode loop of one model structure and sampling setting: ``n`` <= MAX_CHUNK steps in
+  a ``fori_loop`` on device, step j consuming token t_j at position p + j and sampling t_{j+1} with
+  the key of step ``step + j``. Returns (the n new tokens in rows 0..n-1 of [MAX_CHUNK, B], the
+  last one [B], the cache). ``n`` is traced, so every chunk length shares one compilation.
+
+  graphdef and sampling are bound here rather than passed as static arguments because jit hashes and
+  compares static arguments on every call, which for a graphdef is as slow as the rest of a dispatch.
+  """
+
+  @functools.partial(jax.jit, donate_argnums=(3,))
+  def run(state, tokens_B, positions_B, cache, key, step, n, layers):
+    def body(j, carry):
+      # The parameters ride in the carry (unchanged): nnx's layer scan rejects modules closed over
+      # from outside the loop's trace.
+      tokens_B, cache, out_CB, state = carry
+      model = nnx.merge(graphdef, state)
+      h_B1D, aux = model.hidden(tokens_B[:, None], positions=(positions_B + j)[:, None], cache=cache,
+                                layers=layers)
+      tokens_B = sample(model.logits(h_B1D)[:, 0], key, step + j, sampling)
+      return tokens_B, aux["cache"], out_CB.at[j].set(tokens_B), state
+
+    out_CB = jnp.zeros((MAX_CHUNK, tokens_B.shape[0]), jnp.int32)
+    tokens_B, cache, out_CB, _ = jax.lax.fori_loop(0, n, body, (tokens_B, cache, out_CB, state))
+    return out_CB, tokens_B, cache
+
+  return run
 
 
 # ------------------------------------------------------------------------------ input checks
@@ -241,22 +275,45 @@ def generate(model: Mixtral, prompts, max_new_tokens: int = 128, *, tokenizer=No
     cache = init_cache(cfg, B, bucket(max(lengths) + max_new_tokens, 16))
     tokens, cache = _prefill(graphdef, state, jnp.asarray(ids_BP), jnp.asarray(mask_BP), cache, key, sampling)
     lengths_dev = jnp.asarray(lengths_B)
-    for i in range(max_new_tokens):
+    layers = _layer_views(model, mesh) if max_new_tokens > 1 else None
+    decode = _decode_chunk(graphdef, sampling)
+    chunk, done, last_read = 1, 1, None  # done: tokens dispatched so far (the prefill made token 0)
+    pending = (tokens[None], 1)  # device tokens [>= n, B] not yet read, and n
+    while pending is not None:
       nxt = None
-      if i + 1 < max_new_tokens:  # dispatch the next step before reading this one (see docstring)
-        nxt, cache = _decode(graphdef, state, tokens, lengths_dev + i, cache, key, i + 1, sampling)
-      host = np.asarray(tokens)
-      for row in rows:
-        if row.finish is None:
-          row.push(int(host[row.index]), is_last_step=i + 1 == max_new_tokens)
+      if done < max_new_tokens:  # dispatch the next chunk before reading this one (see docstring)
+        count = min(chunk, max_new_tokens - done)
+        out, tokens, cache = decode(state, tokens, lengths_dev + done - 1, cache, key, done, count, layers)
+        nxt, done = (out, count), done + count
+      host, count = np.asarray(pending[0]), pending[1]
+      now = time.perf_counter()
+      if last_read is not None:  # steady state: one read per chunk, so this is device time per token
+        chunk = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS * count / (now - last_read))))
+      last_read = now
+      first = done - (nxt[1] if nxt else 0) - count  # index of the first token of this chunk
+      for t in range(count):
+        for row in rows:
+          if row.finish is None:
+            row.push(int(host[t, row.index]), is_last_step=first + t + 1 == max_new_tokens)
       if all(row.finish is not None for row in rows):
         break
-      tokens = nxt
+      pending = nxt
   return Generation(tokens=[r.tokens for r in rows], finish_reasons=[r.finish for r in rows],
                     texts=[r.text for r in rows] if tokenizer is not None else None)
 
 
 # ------------------------------------------------------------------------------ mesh placement
+
+
+def _layer_views(model: Mixtral, mesh):
+  """Zero-copy per-layer, per-expert weight arrays for the decode step on a single CPU device (see
+  :func:`mixtral_jax.model.layer_views`), else None (the scanned stack)."""
+  if mesh is not None:
+    return None
+  devices = {d for a in jax.tree.leaves(nnx.state(model.blocks)) for d in a.devices()}
+  if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+    return None
+  return layer_views(model)
 
 
 def _resolve_mesh(mesh, cfg):

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mixtral_jax.attention import Attention, LayerCache
@@ -63,12 +64,13 @@ class Block(nnx.Module):
     self.moe_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     self.moe = MoE(cfg, rngs=rngs)
 
-  def __call__(self, h_BTD, positions_BT, valid_BT, segment_ids_BT, cache, cache_pos_BS, write_slots_BT):
+  def __call__(self, h_BTD, positions_BT, valid_BT, segment_ids_BT, cache, cache_pos_BS, write_slots_BT,
+               experts=None, layer=None):
     a_BTD, new_cache = self.attn(self.attn_norm(h_BTD), positions_BT, valid_BT=valid_BT,
                                  segment_ids_BT=segment_ids_BT, cache=cache, cache_pos_BS=cache_pos_BS,
-                                 write_slots_BT=write_slots_BT)
+                                 write_slots_BT=write_slots_BT, layer=layer)
     h_BTD = h_BTD + a_BTD
-    m_BTD, logits_BTE, stats = self.moe(self.moe_norm(h_BTD), valid_BT)
+    m_BTD, logits_BTE, stats = self.moe(self.moe_norm(h_BTD), valid_BT, experts)
     h_BTD = constrain(h_BTD + m_BTD, ("batch", "seq", "act_embed"))
     return h_BTD, new_cache, logits_BTE, stats
 
@@ -103,13 +105,14 @@ class Mixtral(nnx.Module):
     return constrain(h, ("batch", "seq", "act_embed"))
 
   def hidden(self, input_ids_BT, *, attention_mask=None, positions=None, segment_ids=None,
-             cache: KVCache | None = None, unroll: bool = False):
+             cache: KVCache | None = None, unroll: bool = False, layers: list | None = None):
     """Final-normed hidden states ``[B, T, D]`` and aux = {router_logits [L,B,T,E], load [L,E],
     dropped [L]} (plus ``cache`` when one is given).
 
     ``positions`` default to 0..T-1 (as transformers' forward); with a cache, to the cache's next
     positions is the caller's job (see ``mixtral_jax.generate``). ``unroll`` runs the layers in a Python
-    loop instead of ``nnx.scan`` (for tests; same parameters, same maths).
+    loop instead of ``nnx.scan`` (for tests; same parameters, same maths). ``layers`` (from
+    :func:`layer_views`) also unrolls, reading each layer's weights from its own arrays (CPU decode).
     """
     B, T = input_ids_BT.shape
     if positions is None:
@@ -120,8 +123,12 @@ class Mixtral(nnx.Module):
       cache_pos, layer_cache = cache.pos, cache.layers
       write_slots = _write_slots(positions, valid, cache.size)
     h = self.embed(input_ids_BT)
-    h, new_layers, logits, stats = self._run_blocks(h, positions, valid, segment_ids, layer_cache, cache_pos,
-                                                    write_slots, unroll)
+    if layers is not None:
+      h, new_layers, logits, stats = self._run_views(layers, h, positions, valid, segment_ids, layer_cache,
+                                                     cache_pos, write_slots)
+    else:
+      h, new_layers, logits, stats = self._run_blocks(h, positions, valid, segment_ids, layer_cache, cache_pos,
+                                                      write_slots, unroll)
     aux: dict[str, Any] = {"router_logits": logits, **stats}
     if cache is not None:
       new_pos = jax.vmap(lambda p, s, q: p.at[s].set(q, mode="drop"))(cache.pos, write_slots, positions)
@@ -166,6 +173,47 @@ class Mixtral(nnx.Module):
                     transform_metadata=_STACK_METADATA)
     h, (new_cache, logits, stats) = scan(self.blocks, h, layer_cache)
     return h, new_cache, logits, stats
+
+
+  def _run_views(self, layers, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots):
+    """The layer loop unrolled over :func:`layer_views`. Layer i scatters its new keys/values straight
+    into the stacked cache (in place when the cache is donated), not into a copy of its layer."""
+    graphdef = nnx.graphdef(self.blocks)
+    outs = []
+    for i, (state, experts) in enumerate(layers):
+      block = nnx.merge(graphdef, state)
+      h, new_cache, logits, stats = block(h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots,
+                                          experts, layer=None if layer_cache is None else i)
+      layer_cache = new_cache
+      outs.append((logits, stats))
+    logits, stats = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return h, layer_cache, logits, stats
+
+
+def layer_views(model: Mixtral) -> list:
+  """Per layer: (that layer's Block state, (w1s, w3s, w2s) with one array per expert), every array a
+  zero-copy view of the stacked parameters (single-device CPU only).
+
+  Why: XLA:CPU copies a slice of an array out before a matmul can read it, so the scanned stack pays
+  a copy of every weight it uses (a dynamic slice per layer, and per chosen expert). Arrays that are
+  the whole of a jitted function's argument are read in place. NumPy views of the stacked buffers,
+  put back on the CPU device without a copy (``jax.device_put`` aliases aligned host memory), give
+  those arrays for free; the views keep the stacked arrays alive while they exist.
+  """
+  state = nnx.state(model.blocks)
+  leaves, treedef = jax.tree.flatten(state)
+  (device,) = {d for a in leaves for d in a.devices()}
+  stacked = [np.asarray(a) for a in leaves]  # zero-copy on CPU
+  moe = state["moe"]
+  experts = [np.asarray(moe[name][...]) for name in ("w1_EDF", "w3_EDF", "w2_EFD")]
+  E = model.cfg.num_local_experts
+  out = []
+  for i in range(model.cfg.num_hidden_layers):
+    # One batched device_put per layer; a misaligned view would be copied (still correct).
+    layer, per_expert = jax.device_put(([a[i] for a in stacked], [[w[i, e] for e in range(E)] for w in experts]),
+                                       device)
+    out.append((jax.tree.unflatten(treedef, layer), tuple(tuple(ws) for ws in per_expert)))
+  return out
 
 
 def _layer(blocks: Block, i: int) -> Block:

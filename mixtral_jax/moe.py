@@ -9,7 +9,8 @@ Dropless (``capacity_factor=None``): the N*k routed pairs are sorted by expert i
 [N*k, D] layout and run through the grouped FFN, which does work proportional to the true group sizes.
 
 Small decode batches (dropless, N*k <= 2E): each chosen expert's weights are sliced at its dynamic id
-and run on the few tokens, so a step reads only the chosen experts (``dispatch_selected``).
+(or, given per-expert arrays, picked by a ``lax.switch`` so the matmuls read them in place) and run on
+the few tokens, so a step reads only the chosen experts (``dispatch_selected``).
 
 Dropping (``capacity_factor=cf``): pairs of rank < C = ceil(cf*N*k/E) are scattered into [E, C, D]
 buckets and run as one batched einsum (or, on CPU, the blocked kernel over each bucket's filled rows);
@@ -17,6 +18,8 @@ later pairs contribute zero (no renormalisation).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,28 +45,45 @@ def dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, impl=
   return combine(y_NkD, weights_Nk)
 
 
-def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD):
+def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=None):
   """Small-batch (decode) dropless dispatch that reads only the experts some token chose.
 
   With W_NE the weight token n gives expert e (0 when not routed there), y_n = sum_e W_ne * FFN_e(x_n).
   The at most M = min(E, N*k) chosen experts are listed first (ids in order, then unchosen ones as
-  filler); slot j slices expert e_j's weights at that dynamic id and runs them on all N tokens,
-  weighted by W_N[e_j] (all zero for a filler). Decode is memory-bound: each step reads M experts'
-  weights once instead of all E, and the dynamic index keeps XLA from copying a whole layer of
-  experts. The FLOPs on tokens that did not choose e_j (at most E/k times the routed work) are cheap
-  at small N. Used when N*k <= 2E.
+  filler); slot j runs expert e_j on all N tokens, weighted by W_N[e_j] (all zero for a filler).
+  Decode is memory-bound: each step reads M experts' weights once instead of all E. The FLOPs on
+  tokens that did not choose e_j (at most E/k times the routed work) are cheap at small N. Used when
+  N*k <= 2E.
+
+  How slot j gets expert e_j's weights: from the stacked [E, ...] arrays, a slice at the dynamic id,
+  which XLA:CPU copies out before the matmul reads it. With ``experts`` (a tuple of E per-expert
+  arrays for each of w1, w3, w2, e.g. :func:`mixtral_jax.model.layer_views`), a ``lax.switch`` on the
+  id runs a branch whose matmuls read expert e_j's own array in place; and when M == E every expert
+  runs anyway, so the slots are simply the experts in order (no switch).
   """
   N, D = x_ND.shape
   E = w1_EDF.shape[0]
   W_NE = jnp.sum(jax.nn.one_hot(ids_Nk, E, dtype=jnp.float32) * weights_Nk[..., None].astype(jnp.float32), axis=1)
   chosen_E = jnp.zeros((E,), bool).at[ids_Nk.reshape(-1)].set(True)
-  slots_M = jnp.argsort(~chosen_E, stable=True)[:min(E, ids_Nk.size)]
-  y_ND = jnp.zeros((N, D), jnp.float32)
-  for j in range(slots_M.shape[0]):
-    w1_DF, w3_DF, w2_FD = (jax.lax.dynamic_index_in_dim(w, slots_M[j], keepdims=False)
-                           for w in (w1_EDF, w3_EDF, w2_EFD))
+  M = min(E, ids_Nk.size)
+  slots_M = jnp.argsort(~chosen_E, stable=True)[:M]
+
+  def ffn(w1_DF, w3_DF, w2_FD, x_ND):
     h_NF = jax.nn.silu(x_ND @ w1_DF) * (x_ND @ w3_DF)
-    y_ND = y_ND + jnp.take(W_NE, slots_M[j], axis=1)[:, None] * (h_NF @ w2_FD).astype(jnp.float32)
+    return (h_NF @ w2_FD).astype(jnp.float32)
+
+  y_ND = jnp.zeros((N, D), jnp.float32)
+  for j in range(M):
+    if experts is not None and M == E:
+      e, y_j = j, ffn(*(ws[j].astype(x_ND.dtype) for ws in experts), x_ND)
+    elif experts is not None:
+      e = slots_M[j]
+      branches = [functools.partial(ffn, *(ws[i].astype(x_ND.dtype) for ws in experts)) for i in range(E)]
+      y_j = jax.lax.switch(e, branches, x_ND)
+    else:
+      e = slots_M[j]
+      y_j = ffn(*(jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in (w1_EDF, w3_EDF, w2_EFD)), x_ND)
+    y_ND = y_ND + jnp.take(W_NE, e, axis=1)[:, None] * y_j
   return y_ND.astype(x_ND.dtype)
 
 
@@ -134,8 +154,11 @@ class MoE(nnx.Module):
     self.w2_EFD = param(rngs, (E, F, D), ("experts", "expert_mlp", "expert_embed"), pd, std=std)
     self.cfg = cfg
 
-  def __call__(self, x_BTD, mask_BT=None):
-    """Returns (y_BTD, router_logits_BTE float32, stats) with stats = {load_E, dropped}."""
+  def __call__(self, x_BTD, mask_BT=None, experts=None):
+    """Returns (y_BTD, router_logits_BTE float32, stats) with stats = {load_E, dropped}.
+
+    ``experts``: optional per-expert views of this layer's weights for small-batch dispatch (see
+    :func:`dispatch_selected`); the other paths use the stacked parameters."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T, D = x_BTD.shape
     x_ND = x_BTD.reshape(B * T, D).astype(dt)
@@ -149,7 +172,7 @@ class MoE(nnx.Module):
           x_ND, weights_Nk, ids_Nk, w1, w3, w2, capacity_factor=cfg.capacity_factor,
           impl=cfg.moe_impl, block=cfg.moe_block)
     elif cfg.capacity_factor is None and B * T * cfg.num_experts_per_tok <= 2 * cfg.num_local_experts:
-      y_ND = dispatch_selected(x_ND, weights_Nk, ids_Nk, w1, w3, w2)
+      y_ND = dispatch_selected(x_ND, weights_Nk, ids_Nk, w1, w3, w2, experts)
       dropped = jnp.zeros((), jnp.float32)
     elif cfg.capacity_factor is None:
       y_ND = dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1, w3, w2, impl=cfg.moe_impl, block=cfg.moe_block)

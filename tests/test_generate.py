@@ -174,23 +174,26 @@ def test_sample_frequencies_match_filtered_softmax():
 # ------------------------------------------------------------------------------ decode MoE path
 
 
-@pytest.mark.parametrize("N", [1, 3])
-def test_selected_expert_dispatch_matches_numpy(N):
-  """The small-batch MoE path (each pair slices its own expert) against float64 NumPy; with N=3 two
-  tokens share an expert."""
+@pytest.mark.parametrize("per_expert", [False, True])
+@pytest.mark.parametrize("N", [1, 3, 4])
+def test_selected_expert_dispatch_matches_numpy(N, per_expert):
+  """The small-batch MoE path (each pair slices its own expert, or with ``per_expert`` switches over
+  per-expert arrays) against float64 NumPy; with N=3 two tokens share an expert; with N=4 all E slots
+  are used."""
   from mixtral_jax.moe import dispatch_selected
   rs = np.random.RandomState(N)
   E, D, F, k = 8, 16, 24, 2
   x, w1, w3 = rs.randn(N, D), rs.randn(E, D, F) / 4, rs.randn(E, D, F) / 4
   w2 = rs.randn(E, F, D) / 4
-  ids = np.array([[3, 5], [5, 0], [7, 3]][:N], np.int32)
+  ids = np.array([[3, 5], [5, 0], [7, 3], [1, 0]][:N], np.int32)
   w = rs.rand(N, k)
   w /= w.sum(1, keepdims=True)
   silu = lambda a: a / (1 + np.exp(-a))
   want = sum(w[:, j, None] * np.stack([(silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e] for n, e in enumerate(ids[:, j])])
              for j in range(k))
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  got = dispatch_selected(f32(x), f32(w), jnp.asarray(ids), f32(w1), f32(w3), f32(w2))
+  experts = tuple(tuple(f32(a[e]) for e in range(E)) for a in (w1, w3, w2)) if per_expert else None
+  got = jax.jit(dispatch_selected)(f32(x), f32(w), jnp.asarray(ids), f32(w1), f32(w3), f32(w2), experts)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 

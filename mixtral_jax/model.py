@@ -174,7 +174,6 @@ class Mixtral(nnx.Module):
     h, (new_cache, logits, stats) = scan(self.blocks, h, layer_cache)
     return h, new_cache, logits, stats
 
-
   def _run_views(self, layers, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots):
     """The layer loop unrolled over :func:`layer_views`. Layer i scatters its new keys/values straight
     into the stacked cache (in place when the cache is donated), not into a copy of its layer."""

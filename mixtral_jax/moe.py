@@ -72,13 +72,15 @@ def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=
     h_NF = jax.nn.silu(x_ND @ w1_DF) * (x_ND @ w3_DF)
     return (h_NF @ w2_FD).astype(jnp.float32)
 
+  # Expert i's FFN on its own arrays, for the per-expert path (built once; traced per use).
+  branches = None if experts is None else [
+      functools.partial(ffn, *(ws[i].astype(x_ND.dtype) for ws in experts)) for i in range(E)]
   y_ND = jnp.zeros((N, D), jnp.float32)
   for j in range(M):
-    if experts is not None and M == E:
-      e, y_j = j, ffn(*(ws[j].astype(x_ND.dtype) for ws in experts), x_ND)
-    elif experts is not None:
+    if branches is not None and M == E:
+      e, y_j = j, branches[j](x_ND)
+    elif branches is not None:
       e = slots_M[j]
-      branches = [functools.partial(ffn, *(ws[i].astype(x_ND.dtype) for ws in experts)) for i in range(E)]
       y_j = jax.lax.switch(e, branches, x_ND)
     else:
       e = slots_M[j]

@@ -170,13 +170,10 @@ class ParamsReader:
     self.shapes = {k: tuple(a.shape) for k, a in self._arrays.items()}
 
   def dtype(self, key: Key) -> np.dtype:
-    return np.dtype(self._array(key).dtype.numpy_dtype)
+    return np.dtype(self._arrays[key].dtype.numpy_dtype)
 
   def read(self, key: Key, index: tuple = ()) -> np.ndarray:
-    return self._array(key)[index].read().result()
-
-  def _array(self, key: Key) -> ts.TensorStore:
-    return self._arrays[key]
+    return self._arrays[key][index].read().result()
 
   def nbytes(self) -> int:
     return sum(math.prod(s) * self.dtype(k).itemsize for k, s in self.shapes.items())

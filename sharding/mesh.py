@@ -82,3 +82,20 @@ def format_mesh(sizes: Mapping[str, int] | Mesh) -> str:
   if isinstance(sizes, Mesh):
     sizes = dict(sizes.shape)
   return ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if a in sizes)
+
+
+def current_platform() -> str:
+  """``cpu``, ``gpu`` or ``tpu``: the platform of the devices the code being traced will run on.
+
+  Under a mesh (``jax.set_mesh``, also inside ``jit``) this is the mesh's device platform, so a
+  program compiled ahead of time for TPU devices on a CPU host (``jax.experimental.topologies``)
+  picks the TPU kernels and collectives; without a mesh it is the process's default backend. Kernel
+  and dispatch choices read this, never ``jax.default_backend()`` directly.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = None
+  if mesh is not None and not mesh.empty:
+    device = getattr(mesh, "abstract_device", None)
+    platform = getattr(device, "platform", None)
+  platform = platform or jax.default_backend()
+  return "gpu" if platform in ("cuda", "rocm", "gpu") else platform

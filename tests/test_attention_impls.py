@@ -173,3 +173,34 @@ def test_config_refuses_unknown_impl_and_bad_block():
   with pytest.raises(ValueError, match="sliding_window must be positive"):
     MixtralConfig(sliding_window=0)
   assert "attention_impl" not in MixtralConfig(attention_impl="blockwise").to_hf_dict()
+
+
+def test_splash_in_interpret_mode_matches_blockwise():
+  """The TPU kernel, run by Pallas' interpreter on CPU, forward and gradients: two packed documents,
+  trailing padding, a window of 37, GQA, T = 250 (padded to 256 inside, blocks of 128)."""
+  from mixtral_jax.attn.splash import splash_attention
+
+  rs = np.random.RandomState(2)
+  B, T, N, K, H, W = 1, 250, 4, 2, 128, 37
+  q, k, v = (jnp.asarray(x) for x in _inputs(rs, B, T, T, N, K, H))
+  pos, kv_pos, seg = (jnp.asarray(x)[None] for x in _packed(T, (100,), pad=30))
+  real = np.asarray(seg > 0)
+  w = rs.normal(size=(B, T, N, H)).astype(np.float32) * real[:, :, None, None]
+
+  def splash(q, k, v):
+    return splash_attention(q, k, v, kv_pos, seg, sliding_window=W, block=128, interpret=True)
+
+  def blockwise(q, k, v):
+    return blockwise_attention(q, k, v, pos, kv_pos, seg, seg, sliding_window=W, block_q=128, block_k=128)
+
+  def run(f):
+    def loss(*a):
+      out = f(*a)
+      return jnp.sum(out * w), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return grads, out
+
+  (g_s, out_s), (g_b, out_b) = run(splash), run(blockwise)
+  assert np.abs(np.asarray(out_s) - np.asarray(out_b))[real].max() <= TOL
+  for what, a, b in zip("qkv", g_s, g_b):
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= TOL, f"d{what}"

@@ -58,6 +58,7 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT=None, *, sliding_win
   kernel masks by index, see the module docstring); ``seg_BT`` the packing segments or None."""
   B, T, N, H = q_BTNH.shape
   K = k_BTKH.shape[2]
+  q_BTNH = q_BTNH * jnp.asarray(H ** -0.5, q_BTNH.dtype)  # the kernel does not scale the logits
   seg = jnp.zeros((B, T), jnp.int32) if seg_BT is None else seg_BT.astype(jnp.int32)
   seg = jnp.where(pos_BT >= 0, seg, _PAD_SEGMENT)
   pad = -T % LANES

@@ -6,9 +6,10 @@
   cudnn      GPU cuDNN fused kernel; the same, and no packing or padding (causal + left window only)
 
 ``auto`` picks by the platform of the mesh's devices (``sharding.mesh.current_platform``) and the
-shapes: the kernel where it can express the mask, else dense when T * S <= :data:`DENSE_MAX_SCORES`,
-else blockwise. A specific implementation that cannot run (wrong platform, head dim or mask) is an
-error naming the setting and the alternative, never a silent fallback.
+shapes: the kernel where it can express the mask, else dense when T * S <= :data:`DENSE_MAX_SCORES`
+and S <= :data:`DENSE_MAX_KEYS`, else blockwise. A specific implementation that cannot run (wrong
+platform, head dim or mask) is an error naming the setting and the alternative, never a silent
+fallback.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from mixtral_jax.attn.dense import dense_attention
 from mixtral_jax.config import ATTENTION_IMPLS as IMPLS
 
 
-# Largest T * S for which auto keeps dense attention on CPU (measured crossover, docs/benchmarks.md).
-DENSE_MAX_SCORES = 1024 * 1024
+# auto keeps dense attention while T * S <= DENSE_MAX_SCORES and S <= DENSE_MAX_KEYS: decode steps
+# over short caches (T = 1: dense is about 2x faster than a loop over key blocks) and short
+# sequences. Measured on CPU (docs/benchmarks.md): blockwise is already faster from T = S = 128-256 on,
+# where dense's whole-row softmax and mask passes dominate; past 8192 keys a decode step would build
+# [S]-wide float32 scores per head, which blockwise bounds by one block.
+DENSE_MAX_SCORES = 1 << 16
+DENSE_MAX_KEYS = 8192
 
 log = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
@@ -62,9 +68,9 @@ def choose(impl: str, *, platform: str, T: int, S: int, head_dim: int, dtype, in
     if not cudnn_problem(platform=platform, T=T, S=S, head_dim=head_dim, dtype=dtype, index_aligned=index_aligned,
                          packed=packed, padded=padded):
       return "cudnn", "gpu self-attention"
-  if T * S <= DENSE_MAX_SCORES:
-    return "dense", f"T*S={T * S} <= {DENSE_MAX_SCORES}"
-  return "blockwise", f"T*S={T * S} > {DENSE_MAX_SCORES}"
+  if T * S <= DENSE_MAX_SCORES and S <= DENSE_MAX_KEYS:
+    return "dense", "short"
+  return "blockwise", "long"
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS, *, q_seg_BT=None, kv_seg_BS=None, sliding_window=None,

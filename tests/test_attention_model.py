@@ -36,3 +36,37 @@ def test_rolling_cache_decode_with_blockwise_attention():
   seqs = [rs.randint(0, 1000, 12 + 8).tolist(), rs.randint(0, 1000, 9 + 8).tolist()]
   cache = _run(model, seqs, chunks=[12] + [1] * 8, cache_len=64)
   assert cache.size == 7
+
+
+def test_long_prefill_and_decode_never_build_full_scores():
+  """Under attention_impl=auto on CPU: the program of a 2048-token prefill into a 4096-slot cache has
+  no tensor of [T, S] or [T, T] scores, and a one-token decode step over a 32768-slot cache has no
+  [1, S]-wide one (lowered only, not compiled or run)."""
+  import re
+
+  import jax
+  import jax.numpy as jnp
+
+  cfg = mixtral_jax.MixtralConfig(**{**TINY, "max_position_embeddings": 65536})
+  model = nnx.eval_shape(lambda: mixtral_jax.Mixtral(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+
+  def hidden(state, ids, positions, cache):
+    return nnx.merge(graphdef, state).hidden(ids, positions=positions, cache=cache)[0]
+
+  def lowered_text(T, S):
+    cache = jax.eval_shape(lambda: mixtral_jax.init_cache(cfg, 1, S))
+    ids = jax.ShapeDtypeStruct((1, T), jnp.int32)
+    return jax.jit(hidden).lower(state, ids, ids, cache).as_text()
+
+  def shapes_with(text, a, b):
+    return sorted(set(re.findall(rf"tensor<(?:[0-9]+x)*{a}x(?:[0-9]+x)*{b}x[a-z0-9]+>", text)))
+
+  prefill = lowered_text(2048, 4096)
+  for a, b in ((2048, 4096 + 2048), (2048, 2048)):
+    assert not shapes_with(prefill, a, b), f"[{a}, {b}] scores in the prefill: {shapes_with(prefill, a, b)}"
+  assert "while" in prefill  # the blockwise loop over key blocks
+  decode = lowered_text(1, 32768)
+  wide = [s for s in re.findall(r"tensor<([0-9x]+)xf32>", decode) if any(int(d) > 4096 for d in s.split("x"))
+          and int(s.split("x")[-1]) != cfg.head_size]
+  assert not wide, f"decode builds key-wide float32 tensors other than K/V: {sorted(set(wide))[:5]}"

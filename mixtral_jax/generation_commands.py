@@ -151,17 +151,22 @@ def chat_main(args: argparse.Namespace) -> int:
 def instruct_evidence(path: str) -> str | None:
   """Why the checkpoint at ``path`` looks like an Instruct (chat-tuned) model, or None.
 
-  A heuristic, because the weights cannot tell: the path (the checkpoint, or the training run holding it)
-  names an Instruct model, as released and converted checkpoints do (``Mixtral-8x7B-Instruct-v0.1``,
-  ``ckpt/8x7b-instruct``); a ``config.json`` records an ``_name_or_path`` that does; or the training
-  run's ``train_config.yaml`` fine-tuned on chat data (``data.format: chat``) or started from such a
-  checkpoint. A renamed Instruct checkpoint is missed (a false warning); a base model in a directory
-  called "instruct" is not caught.
+  A heuristic, because the weights cannot tell: the directory's name (or, for one step of a training
+  run, the run's) names an Instruct model, as released and converted checkpoints do
+  (``Mixtral-8x7B-Instruct-v0.1``, ``ckpt/8x7b-instruct``); a ``config.json`` records an ``_name_or_path``
+  that does; or the training run's ``train_config.yaml`` fine-tuned on chat data (``data.format: chat``)
+  or started from such a checkpoint. A renamed Instruct checkpoint is missed (a needless warning); a base
+  model in a directory named "instruct" passes unwarned.
   """
+  import yaml  # noqa: PLC0415 - keep `mixtral-jax --help` fast
+
   path = os.path.abspath(path)
-  if "instruct" in path.lower():
-    return "its path says Instruct"
-  for d in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+  dirs = [path]
+  if os.path.basename(os.path.dirname(path)) == "checkpoints":  # one step of a training run: the run too
+    dirs.append(os.path.dirname(os.path.dirname(path)))
+  if any("instruct" in os.path.basename(d).lower() for d in dirs):
+    return "its name says Instruct"
+  for d in dirs:
     try:
       with open(os.path.join(d, "config.json")) as f:
         name = str(json.load(f).get("_name_or_path", ""))
@@ -170,7 +175,6 @@ def instruct_evidence(path: str) -> str | None:
     except (OSError, ValueError, AttributeError):
       pass
     try:
-      import yaml  # noqa: PLC0415
       with open(os.path.join(d, "train_config.yaml")) as f:
         run = yaml.safe_load(f) or {}
       if (run.get("data") or {}).get("format") == "chat":

@@ -50,6 +50,7 @@ def train_parser(p: argparse.ArgumentParser) -> None:
 
 def train_main(args) -> int:
   from .loop import configure_logging, run  # noqa: PLC0415 - keeps --help fast
+  from .metrics import read_metrics, summary  # noqa: PLC0415
 
   flags = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
   cfg = load_config(args.config, args.overrides, flags)
@@ -61,12 +62,10 @@ def train_main(args) -> int:
   distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.local_devices)
   configure_logging()
   result = run(cfg, args.workdir, restart=args.restart)
-  last = result.losses.get(result.final_step)
-  summary = f"done: step {result.final_step}"
-  if last is not None:
-    summary += f", loss {last:.4f}"
-  if result.eval_losses:
-    first, final = min(result.eval_losses), max(result.eval_losses)
-    summary += f", held-out loss {result.eval_losses[first]:.4f} (step {first}) -> {result.eval_losses[final]:.4f}"
-  print(summary + f"; checkpoints in {args.workdir}/checkpoints")
+  # The whole run's story, resumed parts included, is in metrics.jsonl (process 0 writes it); another
+  # process, or a run whose file is elsewhere, summarises what it saw itself.
+  records = read_metrics(args.workdir) or [
+      {"step": s, "loss": loss, **({"eval_loss": result.eval_losses[s]} if s in result.eval_losses else {})}
+      for s, loss in sorted(result.losses.items())]
+  print(summary(records) + f"; checkpoints in {args.workdir}/checkpoints")
   return 0

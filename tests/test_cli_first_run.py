@@ -80,9 +80,12 @@ def readme_first_command() -> list[list[str]]:
   return commands
 
 
-def _run(argv: list[str], cwd, timeout=240) -> str:
-  """``mixtral-jax ARGV`` in a one-device child with its output on a pipe (as in a log file)."""
-  p = subprocess.run([sys.executable, "-m", "mixtral_jax.cli", *argv[1:]], cwd=cwd, env=child_env(),
+def _run(argv: list[str], cwd, timeout=600) -> str:
+  """``mixtral-jax ARGV`` in a one-device child with its output on a pipe (as in a log file). The children
+  share a persistent compilation cache in ``cwd``, so the resumed run does not compile again."""
+  env = child_env(JAX_COMPILATION_CACHE_DIR=str(cwd / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  p = subprocess.run([sys.executable, "-m", "mixtral_jax.cli", *argv[1:]], cwd=cwd, env=env,
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
   assert p.returncode == 0, p.stdout[-4000:]
   return p.stdout
@@ -96,11 +99,11 @@ def readme_run(tmp_path_factory):
   train_out = _run(train + sets, cwd)
   gen_out = _run(gen + ["--max-new-tokens", "8"], cwd)
   workdir = cwd / train[train.index("--workdir") + 1]
-  return train, gen, train_out, gen_out, workdir
+  return train, gen, train_out, gen_out, workdir, cwd
 
 
 def test_readme_first_command_prints_plain_lines_and_held_out_loss(readme_run):
-  _, _, out, _, _ = readme_run
+  out = readme_run[2]
   assert "\r" not in out, "a progress bar was drawn into a pipe"
   lines = out.splitlines()
   assert any(line.startswith("mixtral-jax train: ") for line in lines), out  # the header, whole, on its own line
@@ -114,16 +117,16 @@ def test_readme_first_command_prints_plain_lines_and_held_out_loss(readme_run):
 
 
 def test_readme_generate_echoes_the_prompt(readme_run):
-  _, gen, _, out, _ = readme_run
+  gen, out = readme_run[1], readme_run[3]
   prompt = gen[gen.index("--prompt") + 1]
   assert out.startswith(prompt), out
   assert re.search(r"\[0: \d+ tokens, finished by (eos|stop|length)\]", out), out
 
 
 def test_resumed_run_summarises_the_whole_run(readme_run):
-  train, _, _, _, workdir = readme_run
+  train, workdir, cwd = readme_run[0], readme_run[4], readme_run[5]
   sets = [a for s in SHORT for a in ("--set", s)]
-  out = _run(train + sets + ["--steps", "3"], workdir.parent)
+  out = _run(train + sets + ["--steps", "3"], cwd)
   records = {}
   for line in open(workdir / "metrics.jsonl"):
     r = json.loads(line)

@@ -79,7 +79,7 @@ class MetricsLogger:
       self.bar.set_postfix_str(f"loss {record['loss']:.3f} tok/s {record.get('tokens_per_s', 0):,.0f}")
       self.bar.update(step - self.bar.n)
     elif step % self.print_every == 0 or last or step == self.start_step + 1:
-      self.write(step_line(step, self.total_steps, record))
+      self.write(step_line(step, self.total_steps, record, first=step == self.start_step + 1))
     if "eval_loss" in record:
       self.write(f"step {step}/{self.total_steps}: held-out loss {record['eval_loss']:.4f}")
 
@@ -113,9 +113,11 @@ class MetricsLogger:
       self.jsonl.close()
 
 
-def step_line(step: int, total: int, record: dict) -> str:
+def step_line(step: int, total: int, record: dict, first: bool = False) -> str:
   line = f"step {step}/{total}: loss {record['loss']:.4f}"
-  if "step_time_s" in record:
+  if first and "step_time_s" in record:
+    line += f", {record['step_time_s']:.1f} s with compilation"
+  elif "step_time_s" in record:
     line += f", {record['step_time_s']:.2f} s/step, {record.get('tokens_per_s', 0):,.0f} tok/s"
   return line
 

@@ -128,7 +128,7 @@ def chat_main(args: argparse.Namespace) -> int:
   version = args.version or ("v3" if model.cfg.vocab_size == 32768 else "v1")
   messages = [{"role": "system", "content": args.system}] if args.system else []
   if instruct_evidence(args.model) is None:
-    print(f"warning: {args.model} does not look like an Instruct model (nothing in its path, its config or its "
+    print(f"warning: {args.model} does not look like an Instruct model (nothing in its name, its config or its "
           "training run says Instruct or chat fine-tuning); a base model does not follow the chat template and "
           "tends to continue text instead of answering", file=sys.stderr)
   interactive = sys.stdin.isatty()

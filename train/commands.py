@@ -44,7 +44,8 @@ def train_parser(p: argparse.ArgumentParser) -> None:
   mp = p.add_argument_group("multi-process (one command per process; also from MIXTRAL_*/JAX_* variables)")
   mp.add_argument("--coordinator", help="host:port of process 0")
   mp.add_argument("--num-processes", type=int, help="how many processes take part (default: auto-detected, else 1)")
-  mp.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1 (default: auto-detected)")
+  mp.add_argument("--process-id", type=int,
+                  help="this process's index, 0 to --num-processes - 1 (default: auto-detected)")
   mp.add_argument("--local-devices", type=int, help="CPU devices this process simulates (testing)")
 
 

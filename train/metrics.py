@@ -76,7 +76,7 @@ class MetricsLogger:
       if self.bar is None:
         from tqdm import tqdm  # noqa: PLC0415
         self.bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", dynamic_ncols=True)
-      self.bar.set_postfix_str(f"loss {record['loss']:.3f} tok/s {record.get('tokens_per_s', 0):,.0f}")
+      self.bar.set_postfix_str(f"loss {record['loss']:.3f} tok/s {record.get('tokens_per_s', 0):,.0f}", refresh=False)
       self.bar.update(step - self.bar.n)
     elif step % self.print_every == 0 or last or step == self.start_step + 1:
       self.write(step_line(step, self.total_steps, record, first=step == self.start_step + 1))

@@ -178,3 +178,13 @@ def test_chat_model_evidence_heuristic(tmp_path):
   hf.mkdir()
   (hf / "config.json").write_text(json.dumps({"_name_or_path": "mistralai/Mixtral-8x22B-Instruct-v0.1"}))
   assert "config.json" in instruct_evidence(str(hf))
+
+
+def test_summary_reads_the_whole_run_newest_record_of_a_step_winning(tmp_path):
+  from mixtral_jax.train.metrics import read_metrics, summary  # noqa: PLC0415
+  lines = [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0, "eval_loss": 8.5}, {"step": 3, "loss": 7.9},
+           {"step": 3, "loss": 7.5}, {"step": 4, "loss": 7.0, "eval_loss": 7.25}]  # killed after 3, resumed from 2
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 5, "lo')
+  records = read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == [1, 2, 3, 4] and records[2]["loss"] == 7.5
+  assert summary(records) == "done: step 4, loss 7.0000, held-out loss 8.5000 (step 2) -> 7.2500 (step 4)"

@@ -1,7 +1,8 @@
 """The ``mixtral-jax`` command: a thin dispatcher over subcommands that live next to what they run.
 
-Each subcommand module defines ``NAME_parser(parser)`` to add its arguments and ``NAME_main(args)``
-to run it (returning an exit code). Modules are imported only for the subcommand asked for, so
+Each subcommand module defines ``NAME_parser(parser)`` to add its arguments, ``NAME_main(args)`` to run
+it (returning an exit code) and ``NAME_example``, one example command line that ends its ``--help``
+(or the parser sets its own epilog). Modules are imported only for the subcommand asked for, so
 ``mixtral-jax --help`` is instant.
 """
 
@@ -35,6 +36,35 @@ EPILOG = """examples:
 Run 'mixtral-jax COMMAND --help' for a command's options."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+  """Subcommand help: appends one ``(default: X)`` to an option's help unless the text already states its
+  default or there is nothing to say (a flag, no default, a required option), so no option reads
+  ``(default: ...) (default: None)``; keeps multi-line descriptions and epilogs (examples) as written."""
+
+  def _get_help_string(self, action):
+    help_ = action.help or ""
+    quiet = (action.nargs == 0 or action.default is None or action.default == [] or action.required
+             or not action.option_strings or "default" in help_)
+    return help_ if quiet else f"{help_} (default: %(default)s)"
+
+  def _fill_text(self, text, width, indent):
+    if "\n" in text:
+      return "".join(indent + line for line in text.splitlines(keepends=True))
+    return super()._fill_text(text, width, indent)
+
+
+def command_parser(name: str):
+  """(the subcommand's module, its full argument parser)."""
+  module_name, help_ = COMMANDS[name]
+  module = importlib.import_module(module_name)
+  parser = argparse.ArgumentParser(prog=f"mixtral-jax {name}", description=help_, formatter_class=HelpFormatter)
+  getattr(module, f"{name}_parser")(parser)
+  example = getattr(module, f"{name}_example", None)
+  if example and not parser.epilog:
+    parser.epilog = "example:\n  " + example.strip().replace("\n", "\n  ")
+  return module, parser
+
+
 def _top_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="mixtral-jax", description="Mixtral sparse mixture-of-experts models in JAX / Flax NNX.",
@@ -57,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     _top_parser().print_help()
     return 0 if not argv else 2
   name = argv[0]
-  module_name, help_ = COMMANDS[name]
-  module = importlib.import_module(module_name)
-  parser = argparse.ArgumentParser(prog=f"mixtral-jax {name}", description=help_,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  getattr(module, f"{name}_parser")(parser)
+  module, parser = command_parser(name)
   args = parser.parse_args(argv[1:])
   try:
     return int(getattr(module, f"{name}_main")(args) or 0)

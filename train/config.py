@@ -71,11 +71,12 @@ class TrainSection:
   checkpoint_every: int = 100
   keep: int = 3  # checkpoints kept
   async_checkpoint: bool = True
-  log_every: int = 1
+  log_every: int = 1  # metrics.jsonl / TensorBoard every this many steps (and at each evaluation)
+  print_every: int = 10  # without a terminal (or with progress off): a plain console line every this many steps
   eval_every: int = 50  # held-out loss every this many steps (0: never)
   eval_batches: int = 4
   peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: measure a large matmul
-  progress: bool = True
+  progress: bool = True  # a progress bar when stdout and stderr are terminals
   barrier_timeout_s: float = 300.0  # multi-process barriers give up (naming the late process) after this
 
 

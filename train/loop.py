@@ -9,6 +9,7 @@ Workdir contents: ``config.json`` (the model, HF form), ``train_config.yaml`` (t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -83,26 +84,47 @@ def _move_aside(path: str) -> None:
     log.warning("--restart: moved %s to %s", path, f"{path}.before-restart-{n}")
 
 
+def _check_resumable(workdir: str, mcfg: MixtralConfig) -> None:
+  """Refuses, before any work, to resume checkpoints of a different model than the config now asks for."""
+  saved_path = os.path.join(workdir, "config.json")
+  if not (os.path.isfile(saved_path) and os.path.isdir(os.path.join(workdir, "checkpoints"))
+          and os.listdir(os.path.join(workdir, "checkpoints"))):
+    return
+  with open(saved_path) as f:
+    saved = MixtralConfig.from_hf_dict(json.load(f)).to_hf_dict()
+  now = mcfg.to_hf_dict()
+  differ = [f"{k} {saved.get(k)} there, {now.get(k)} now" for k in sorted(set(saved) | set(now))
+            if k != "torch_dtype" and saved.get(k) != now.get(k)]
+  if differ:
+    raise ValueError(f"{workdir} holds checkpoints of a different model ({'; '.join(differ)}); use a new "
+                     "--workdir, or pass --restart to move its checkpoints aside")
+
+
 def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
   """Trains per ``cfg`` in ``workdir``, resuming from its newest checkpoint. See the module docstring."""
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
 
-  # ---- every check that can fail on the user's input, before compiling anything
+  # ---- every check that can fail on the user's input (config, model checkpoint, tokenizer, mesh), before
+  # anything is written, tokenized or compiled: a run refused here leaves no workdir behind
   mcfg = model_config(cfg)
   if cfg.data.seq_len > mcfg.max_position_embeddings:
     raise ValueError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
                      f"(max_position_embeddings={mcfg.max_position_embeddings}); lower data.seq_len")
   tokenizer = Tokenizer.load(cfg.data.tokenizer)
   tokenizer.check_vocab(mcfg.vocab_size)
-  train_rows, held_rows = data_lib.build_rows(cfg, tokenizer, os.path.join(workdir, "data"))
   mesh = make_mesh(cfg.train.mesh, num_experts=mcfg.num_local_experts)
   shards = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
   if cfg.microbatch % shards:
     raise ValueError(f"the microbatch of {cfg.microbatch} sequences (data.batch_size / optimizer.grad_accum) "
                      f"does not split over the {shards} batch shards of mesh {format_mesh(mesh)}; make it a "
                      "multiple, or choose another train.mesh")
+  if not restart:
+    _check_resumable(workdir, mcfg)
+
+  # ---- data (checks its paths before tokenizing; the token cache is the first thing in the workdir)
+  train_rows, held_rows = data_lib.build_rows(cfg, tokenizer, os.path.join(workdir, "data"))
+  os.makedirs(workdir, exist_ok=True)
   rows_sharding = NamedSharding(mesh, P(step_lib.batch_sharding(mesh).spec[1]))
   local = distributed.process_batch_slice(cfg.microbatch, rows_sharding)
   it = data_lib.BatchIterator(train_rows, cfg.data.batch_size, cfg.optimizer.grad_accum, cfg.train.seed,
@@ -148,7 +170,7 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
   flops_per_step = train_flops_per_token(mcfg, cfg.data.seq_len) * tokens_per_step
   peak = (cfg.train.peak_flops or measure_peak_flops()) * jax.device_count()
   logger = MetricsLogger(workdir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress,
-                         enabled=lead)
+                         enabled=lead, log_every=cfg.train.log_every, print_every=cfg.train.print_every)
   if lead:
     logger.write(f"mixtral-jax train: {workdir} | mesh {format_mesh(mesh)} | steps {start}->{cfg.train.steps} | "
                  f"batch {cfg.data.batch_size}x{cfg.data.seq_len} | {len(train_rows)} train rows"
@@ -179,8 +201,7 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
         record["eval_loss"] = _evaluate(eval_fn, state.params, eval_batches, bsh, gshape)
         result.eval_losses[step] = record["eval_loss"]
         t_prev = time.perf_counter()
-      if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-        logger.log(step, record)
+      logger.log(step, record)  # it decides what goes to the file and the console
       result.final_step = step
       if preempt.requested:
         ckpt.save(state, it.state(), force=True)

@@ -215,6 +215,9 @@ def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1)
   }
 
 
+plan_example = "mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 --simulate"
+
+
 def plan_parser(p):
   p.add_argument("--preset", default="mixtral-8x7b", help="model preset (mixtral_jax.config.PRESETS)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,expert=8 (default: all devices on data)")
@@ -223,7 +226,9 @@ def plan_parser(p):
   p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step")
   p.add_argument("--dtype", default="bfloat16", help="compute dtype")
   p.add_argument("--param-dtype", default="float32", help="master weight dtype")
-  p.add_argument("--remat", default="full", choices=("none", "full", "dots"))
+  p.add_argument("--remat", default="full", choices=("none", "full", "dots"),
+                 help="activation rematerialisation: none (keep all), full (recompute each layer in the backward "
+                      "pass), dots (keep matmul outputs, recompute the rest)")
   p.add_argument("--capacity-factor", default="1.25", help="expert capacity factor, or 'none' for dropless")
   p.add_argument("--simulate", action="store_true",
                  help="compile for simulated CPU devices, as many as the mesh has (set before JAX starts)")

@@ -16,6 +16,9 @@ def _say(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------ demo
 
+demo_example = "mixtral-jax demo --out /tmp/tiny-demo --format hf"
+
+
 def demo_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("--out", help="directory to write the checkpoint to and keep (default: a temporary one)")
   p.add_argument("--format", choices=("orbax", "hf"), default="orbax",
@@ -66,11 +69,14 @@ def demo_main(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ convert
 
+convert_example = "mixtral-jax convert ~/Mixtral-8x7B-v0.1 ckpt/8x7b --dtype bfloat16"
+
+
 def convert_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("src", help="a Hugging Face directory or a Mistral consolidated directory")
   p.add_argument("dst", help="the Orbax checkpoint directory to create")
   p.add_argument("--dtype", choices=DTYPES, default=None,
-                 help="parameter storage dtype of the output (None: the source's)")
+                 help="parameter storage dtype of the output (default: the source's)")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
@@ -85,10 +91,13 @@ def convert_main(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ export
 
+export_example = "mixtral-jax export runs/tiny hf/tiny --max-shard-size 500MB"
+
+
 def export_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="a mixtral-jax Orbax checkpoint, a training run directory, or one of its steps")
   p.add_argument("dst", help="the Hugging Face directory to create")
-  p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the exported tensors (None: as stored)")
+  p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the exported tensors (default: as stored)")
   p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 5GB or 500MB")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 

@@ -72,7 +72,8 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT=None, *, sliding_win
   heads = ("act_heads",)
   if sharded:
     head_axes = logical_to_spec(heads, mesh)[0]
-    head_shards = int(np.prod([mesh.shape[a] for a in ((head_axes,) if isinstance(head_axes, str) else head_axes or ())]))
+    head_axes = (head_axes,) if isinstance(head_axes, str) else head_axes or ()
+    head_shards = int(np.prod([mesh.shape[a] for a in head_axes]))
     if K % head_shards:  # heads cannot split evenly: keep them whole on every device
       heads, head_shards = (None,), 1
   else:

@@ -232,3 +232,18 @@ def test_cudnn_arguments_express_our_mask():
 
   for got, want in both(q, k, v):
     assert np.abs(np.asarray(got) - np.asarray(want)).max() <= TOL
+
+
+def test_the_choice_is_logged_once(caplog):
+  from mixtral_jax.attn import attend
+  from mixtral_jax.attn.select import reset_log
+
+  reset_log()
+  rs = np.random.RandomState(4)
+  q, k, v = (jnp.asarray(x) for x in _inputs(rs, 1, 4, 4, 2, 1, 8))
+  pos = jnp.arange(4)[None]
+  with caplog.at_level("INFO", logger="mixtral_jax.attn.select"):
+    for _ in range(3):
+      attend(q, k, v, pos, pos)
+  records = [r.getMessage() for r in caplog.records if r.name == "mixtral_jax.attn.select"]
+  assert len(records) == 1 and records[0].startswith("attention: dense (short; attention_impl=auto"), records

@@ -188,3 +188,14 @@ def test_summary_reads_the_whole_run_newest_record_of_a_step_winning(tmp_path):
   records = read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == [1, 2, 3, 4] and records[2]["loss"] == 7.5
   assert summary(records) == "done: step 4, loss 7.0000, held-out loss 8.5000 (step 2) -> 7.2500 (step 4)"
+
+
+def test_resuming_another_models_checkpoints_is_refused_before_tokenizing(tmp_path, capsys):
+  import mixtral_jax  # noqa: PLC0415
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "100").mkdir(parents=True)
+  mixtral_jax.get_config("tiny", hidden_size=64).save(str(workdir / "config.json"))
+  assert cli.main(["train", "--workdir", str(workdir)]) == 2
+  err = capsys.readouterr().err
+  assert "holds checkpoints of a different model" in err and "hidden_size 64 there, 128 now" in err, err
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json"]  # no data/ tokenized

@@ -25,13 +25,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mixtral_jax.sharding.mesh import current_platform
+
 f32 = jnp.float32
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+  """``auto`` -> ``ragged`` on GPU/TPU, ``blocked`` on CPU. The platform is that of the devices the
+  program is being traced for (``sharding.mesh.current_platform``: the mesh's devices), so a TPU program
+  compiled ahead of time on a CPU host gets the TPU choice."""
   if impl != "auto":
     return impl
-  return "ragged" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "blocked"
+  return "ragged" if (platform or current_platform()) in ("gpu", "tpu") else "blocked"
 
 
 # ------------------------------------------------------------------------------------ dense

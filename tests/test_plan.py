@@ -35,9 +35,8 @@ def test_plan_full_presets_on_64_devices(tmp_path, preset, mesh, fsdp, expert):
   L, D, F, E = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
   total, _ = param_counts(cfg)
   experts = L * 3 * E * D * F  # split over expert x fsdp
-  norms = L * 2 * D + D  # replicated
-  rest = total - experts - norms  # attention, router, embedding and head: split over fsdp
-  expected = 4 * (experts / (expert * fsdp) + rest / fsdp + norms)  # fp32 master weights
+  rest = total - experts  # attention, router, norms, embedding and head: also split over expert x fsdp (ZeRO)
+  expected = 4 * (experts + rest) / (expert * fsdp)  # fp32 master weights
   assert c["param_bytes"] == pytest.approx(expected, rel=1e-12)
   assert c["param_bytes"] == pytest.approx(a["param_bytes"], rel=1e-12)
   assert abs(c["opt_bytes"] - 2 * c["param_bytes"]) < 4096  # AdamW mu and nu, plus step counters

@@ -1,0 +1,112 @@
+"""Ahead-of-time TPU compiles on this CPU host (libtpu's compiler, ``jax.experimental.topologies``): the
+tiny train step lowers to the TPU kernels and collectives, and ``plan``'s HLO statistics read TPU HLO.
+
+The references are independent of the code under test: the same program compiled by XLA:CPU (whose
+matmuls are ``dot``s with known trip counts, where the TPU compiler writes ``convolution``s in fusions
+and loops without trip counts), closed-form counts, and the TPU compiler's own error message.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.sharding.mesh import make_mesh
+from mixtral_jax.train import topology
+from mixtral_jax.train.config import TrainConfig
+from mixtral_jax.train.hlo_stats import hlo_stats
+from mixtral_jax.train.plan import analytic, compile_or_verdict
+from mixtral_jax.train.step import build_train_step
+from reference import TINY
+
+pytest.importorskip("libtpu", reason="the TPU compiler comes with the test extra (libtpu)")
+
+# Small enough to compile for TPU in seconds; bf16 compute as in training at scale.
+CFG = MixtralConfig(**{**TINY, "num_hidden_layers": 2, "vocab_size": 512}, dtype="bfloat16", remat="full")
+BATCH, SEQ = 8, 128
+
+
+@pytest.fixture(scope="module")
+def v5p():
+  return topology.tpu_devices("v5p-8")  # v5p:2x2x1, 4 chips
+
+
+def _train_hlo(cfg, mesh):
+  tc = TrainConfig().override({"data.batch_size": BATCH, "data.seq_len": SEQ})
+  fn, state, batch = build_train_step(cfg, tc, mesh)
+  with jax.set_mesh(mesh):
+    return fn.lower(state, batch).compile()
+
+
+def test_topology_names():
+  assert topology.tpu_topology("v5p-128") == "v5p:4x4x4"  # 128 TensorCores = 64 chips
+  assert topology.tpu_topology("v5p-256") == "v5p:4x4x8"
+  assert topology.tpu_topology("v4-32") == "v4:2x2x4"
+  assert topology.tpu_topology("v5litepod-16") == "v5e:4x4"
+  assert topology.tpu_topology("v6e-64") == "v6e:8x8"
+  assert topology.tpu_topology("v5p:2x2x1") == "v5p:2x2x1"
+  with pytest.raises(ValueError, match="v5p-8, v5p-16"):
+    topology.tpu_topology("v5p-12")
+  assert len(topology.tpu_devices("v5p-128")) == 64
+
+
+def test_ragged_expert_parallel_compiles_to_ragged_all_to_all(v5p):
+  """The mesh's platform (TPU), not this CPU process's default backend, picks the ragged path."""
+  mesh = make_mesh("expert=4", devices=v5p, num_experts=8)
+  text = _train_hlo(CFG.replace(capacity_factor=None, moe_impl="auto"), mesh).as_text()
+  stats = hlo_stats(text)
+  assert "ragged-all-to-all" in text
+  assert stats["ragged_all_to_all_ops"] >= 2 * 2 * CFG.num_hidden_layers  # there and back, fwd + bwd, per layer
+  assert stats["custom_calls"].get("tpu_custom_call", 0) > 0  # ragged_dot is a Mosaic kernel on TPU
+
+
+def test_tpu_hlo_stats_equal_the_cpu_compile_of_the_same_step(v5p):
+  """Capacity dispatch on expert=4: FLOPs from the TPU program (convolutions in fusions, loops whose
+  trip counts come from their conditions) equal those of XLA:CPU's (dots, known trip counts); the
+  all-to-all bytes equal the closed form (TPU keeps bf16; XLA:CPU carries it as f32)."""
+  cfg = CFG.replace(capacity_factor=1.25)
+  tpu = _train_hlo(cfg, make_mesh("expert=4", devices=v5p, num_experts=8))
+  cpu = _train_hlo(cfg, make_mesh("expert=4", devices=jax.devices()[:4], num_experts=8))
+  t, c = hlo_stats(tpu.as_text()), hlo_stats(cpu.as_text())
+  assert t["unknown_trip_loops"] == 0 and c["unknown_trip_loops"] == 0
+  assert t["flops"] == pytest.approx(c["flops"], rel=1e-3)
+  assert t["flops"] > 0
+  a = analytic(cfg, make_mesh("expert=4", devices=v5p, num_experts=8), BATCH, SEQ, 1)
+  assert t["all_to_all_bytes"] == a["all_to_all_bytes"]
+  assert c["all_to_all_bytes"] == 2 * a["all_to_all_bytes"]
+  # XLA's cost analysis counts the scanned layer stack once.
+  flops = tpu.cost_analysis()["flops"]
+  assert flops < 0.75 * t["flops"]
+
+
+def test_scan_flops_on_tpu_hlo():
+  """A 7-step scan of a [16,32] x [32,32] matmul, with its gradient: exactly 7 x 3 matmuls."""
+  devices = topology.tpu_devices("v5p:2x2x1")
+  mesh = Mesh(np.array(devices[:1]), ("x",))
+  spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P()))
+
+  def f(w_LDD, x_BD):
+    return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x_BD, w_LDD)[0].sum()
+
+  text = jax.jit(jax.grad(f)).lower(spec((7, 32, 32)), spec((16, 32))).compile().as_text()
+  assert "known_trip_count" not in text  # the TPU compiler does not print it: we read the condition
+  assert hlo_stats(text)["flops"] == 7 * 3 * 2 * 16 * 32 * 32
+
+
+def test_out_of_memory_is_a_verdict():
+  """The TPU compiler's RESOURCE_EXHAUSTED becomes (needed, available), not an exception."""
+  devices = topology.tpu_devices("v5litepod-4")
+  mesh = Mesh(np.array(devices[:1]), ("x",))
+  x = jax.ShapeDtypeStruct((100_000,), jnp.float32, sharding=NamedSharding(mesh, P()))
+
+  def f(x):  # a [1e5, 1e5] float32 intermediate: 37 GiB, on a 16 GiB chip
+    y = jnp.sin(x[:, None] * x[None, :])
+    return jnp.sort(y, axis=1), y.T @ y
+
+  compiled, verdict = compile_or_verdict(jax.jit(f).lower(x), 400_000)
+  assert compiled is None and verdict["oom"]
+  assert verdict["available_bytes"] == pytest.approx(topology.DEVICE_MEMORY["v5e"] * 2**30, rel=1e-3)
+  assert verdict["temp_bytes"] > 37 * 2**30
+  assert verdict["peak_bytes"] == verdict["temp_bytes"] + 400_000

@@ -52,14 +52,19 @@ def test_topology_names():
   assert len(topology.tpu_devices("v5p-128")) == 64
 
 
-def test_ragged_expert_parallel_compiles_to_ragged_all_to_all(v5p):
-  """The mesh's platform (TPU), not this CPU process's default backend, picks the ragged path."""
+def test_train_step_lowers_to_splash_and_ragged_all_to_all(v5p):
+  """The tiny train step with splash attention and dropless expert parallelism compiles for TPU on this
+  CPU host, with the Mosaic kernels (splash forward and backward, ragged_dot) and ragged-all-to-all:
+  the mesh's platform (TPU), not this process's default backend (CPU), picks them."""
   mesh = make_mesh("expert=4", devices=v5p, num_experts=8)
-  text = _train_hlo(CFG.replace(capacity_factor=None, moe_impl="auto"), mesh).as_text()
+  text = _train_hlo(CFG.replace(capacity_factor=None, moe_impl="auto", attention_impl="splash"), mesh).as_text()
   stats = hlo_stats(text)
-  assert "ragged-all-to-all" in text
+  assert "ragged-all-to-all" in text and "tpu_custom_call" in text
   assert stats["ragged_all_to_all_ops"] >= 2 * 2 * CFG.num_hidden_layers  # there and back, fwd + bwd, per layer
-  assert stats["custom_calls"].get("tpu_custom_call", 0) > 0  # ragged_dot is a Mosaic kernel on TPU
+  kernels = stats["mosaic_kernels"]
+  assert any(k.startswith("splash_mha_fwd") for k in kernels), kernels
+  assert any(k.startswith("splash_mha_dq") for k in kernels) and any(k.startswith("splash_mha_dkv") for k in kernels)
+  assert any(k.startswith("ragged-dot") for k in kernels), kernels  # ragged_dot is a Mosaic kernel on TPU
 
 
 def test_tpu_hlo_stats_equal_the_cpu_compile_of_the_same_step(v5p):

@@ -8,7 +8,8 @@ trip counts of the ``while`` loops around it), and sums:
   counting only kernel positions that land on real, non-padding input, as XLA's own cost analysis);
 * bytes and count of ``all-to-all``; count and output-buffer bytes of ``ragged-all-to-all`` (its real
   traffic depends on the routing; the buffer is the worst case);
-* custom calls by target (``tpu_custom_call`` is a Mosaic/Pallas kernel, whose FLOPs are not counted).
+* custom calls by target (``tpu_custom_call`` is a Mosaic/Pallas kernel, whose FLOPs are not counted),
+  and the Mosaic kernels by name (``splash_mha_fwd_segmented_residuals``, ``ragged-dot-none``, ...).
 
 Trip counts: XLA:CPU/GPU print ``known_trip_count`` in the loop's backend config. The TPU compiler
 does not; there the count is read from the loop condition, ``counter < constant`` (JAX's scans and
@@ -168,12 +169,12 @@ def hlo_stats(hlo: str) -> dict:
   """Trip-count-weighted FLOPs and collective traffic of an optimised HLO module's text.
 
   Returns {flops, all_to_all_bytes, all_to_all_ops, ragged_all_to_all_ops, ragged_all_to_all_buffer_bytes,
-  custom_calls: {target: count}, unknown_trip_loops}. A computation's weight is the sum over its call
+  custom_calls: {target: count}, mosaic_kernels: {name: count}, unknown_trip_loops}. A computation's weight is the sum over its call
   sites of the caller's weight times the site's trip count (1 for fusions, calls and branches, so
   branches count as if all ran).
   """
   shapes: dict[str, list] = {}
-  instrs = []  # (computation, op, type text, the rest of the line)
+  instrs = []  # (computation, op, type text, the rest of the line, instruction name)
   edges: dict[str, list] = {}
   bodies: list[tuple[str, str, str, str | None]] = []  # (caller, body, condition, trip from backend config)
   comp_lines: dict[str, list[str]] = {}
@@ -192,7 +193,7 @@ def hlo_stats(hlo: str) -> dict:
     type_text, rest = _split_type(line[m.end():])
     op = rest.split("(", 1)[0].strip()
     shapes[m.group(1)] = arrays(type_text)
-    instrs.append((comp, op, type_text, rest))
+    instrs.append((comp, op, type_text, rest, m.group(1)))
     callees = _CALLEES.findall(rest)
     if op == "while":
       t = _TRIP.search(rest)
@@ -220,8 +221,9 @@ def hlo_stats(hlo: str) -> dict:
     return weights[c]
 
   out = {"flops": 0, "all_to_all_bytes": 0, "all_to_all_ops": 0, "ragged_all_to_all_ops": 0,
-         "ragged_all_to_all_buffer_bytes": 0, "custom_calls": {}, "unknown_trip_loops": unknown}
-  for comp, op, type_text, rest in instrs:
+         "ragged_all_to_all_buffer_bytes": 0, "custom_calls": {}, "mosaic_kernels": {},
+         "unknown_trip_loops": unknown}
+  for comp, op, type_text, rest, name in instrs:
     if op == "dot":
       out["flops"] += weight(comp) * _dot_flops(type_text, rest, shapes)
     elif op == "convolution":
@@ -236,4 +238,7 @@ def hlo_stats(hlo: str) -> dict:
       target = _CUSTOM_TARGET.search(rest)
       if target:
         out["custom_calls"][target.group(1)] = out["custom_calls"].get(target.group(1), 0) + weight(comp)
+      if target and target.group(1) == "tpu_custom_call":
+        kernel = re.sub(r"(\.\d+)+$", "", name)
+        out["mosaic_kernels"][kernel] = out["mosaic_kernels"].get(kernel, 0) + weight(comp)
   return out

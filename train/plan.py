@@ -81,15 +81,21 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int) ->
   if cfg.capacity_factor is None:
     routed = k
 
+  attention = attention_choice(cfg, mesh, seq)
+  block = min(cfg.attention_block, seq)
+  # Keys each query is scored against: all T for dense (masked, not skipped); the kernels skip the
+  # blocks above the diagonal, about (T + block) / 2 on average.
+  keys = seq if attention == "dense" else min(seq, (seq + block) / 2)
   per_token_layer = (2 * D * (N * H + 2 * K * H) + 2 * N * H * D  # q, k, v, o projections
-                     + 2 * 2 * N * H * seq  # scores and weighted values over all T keys (masked, not skipped)
+                     + 2 * 2 * N * H * keys  # scores and weighted values
                      + 2 * D * E  # router
                      + routed * 2 * 3 * D * F)  # expert FFNs
   forward = batch * seq * (L * per_token_layer + 2 * D * V)
   passes = 3 + (cfg.remat == "full")  # backward is two forwards; full remat recomputes the forward
 
   remat_saved = L * micro_local * seq * D * cbytes  # the residual stream entering each layer
-  scores = micro_local * max(N // tp, 1) * seq * seq * 4  # one layer's f32 attention scores
+  # One layer's f32 attention scores: [T, S] per head for dense, a [T, block] strip for the kernels.
+  scores = micro_local * max(N // tp, 1) * seq * (seq if attention == "dense" else block) * 4
   moe = E * C * D * cbytes * 2 + (E // mesh.shape["expert"]) * mesh.shape["expert"] * C * 3 * (F // tp) * cbytes
   a2a_fwd = E * C * D * cbytes * 2 if mesh.shape["expert"] > 1 else 0  # dispatch and return, one layer
   return {
@@ -100,9 +106,22 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int) ->
       "all_to_all_bytes": a2a_fwd * L * grad_accum * (passes - 1),  # fwd, remat fwd, and the transposes
       "a2a_per_token_layer": 2 * k * D * cbytes * (cfg.capacity_factor or E / k),
       "tokens_per_device": n_local * grad_accum,
+      "attention": attention,
   }
 
 
+def attention_choice(cfg: MixtralConfig, mesh, seq: int) -> str:
+  """The attention implementation the train step will use (``attention_impl`` resolved for the mesh's
+  platform and a packed training batch)."""
+  from mixtral_jax.attn.select import choose  # noqa: PLC0415
+
+  platform = mesh.devices.flat[0].platform
+  platform = "gpu" if platform in ("cuda", "rocm") else platform
+  try:
+    return choose(cfg.attention_impl, platform=platform, T=seq, S=seq, head_dim=cfg.head_size,
+                  dtype=np.dtype(cfg.dtype), index_aligned=True, packed=True, padded=True)[0]
+  except ValueError:
+    return cfg.attention_impl
 
 
 # ------------------------------------------------------------------------------------ compiling

@@ -1,6 +1,7 @@
 """Ahead-of-time TPU compiles on this CPU host (libtpu's compiler, ``jax.experimental.topologies``): the
 tiny train step lowers to the TPU kernels and collectives, and ``plan``'s HLO statistics read TPU HLO.
 
+libtpu comes with the test extra (setup.cfg); without it these tests fail with the install hint.
 The references are independent of the code under test: the same program compiled by XLA:CPU (whose
 matmuls are ``dot``s with known trip counts, where the TPU compiler writes ``convolution``s in fusions
 and loops without trip counts), closed-form counts, and the TPU compiler's own error message.
@@ -20,8 +21,6 @@ from mixtral_jax.train.hlo_stats import hlo_stats
 from mixtral_jax.train.plan import analytic, compile_or_verdict
 from mixtral_jax.train.step import build_train_step
 from reference import TINY
-
-pytest.importorskip("libtpu", reason="the TPU compiler comes with the test extra (libtpu)")
 
 # Small enough to compile for TPU in seconds; bf16 compute as in training at scale.
 CFG = MixtralConfig(**{**TINY, "num_hidden_layers": 2, "vocab_size": 512}, dtype="bfloat16", remat="full")

@@ -18,7 +18,7 @@ from mixtral_jax.sharding.mesh import make_mesh
 from mixtral_jax.train import topology
 from mixtral_jax.train.config import TrainConfig
 from mixtral_jax.train.hlo_stats import hlo_stats
-from mixtral_jax.train.plan import analytic, compile_or_verdict
+from mixtral_jax.train.plan import compile_or_verdict
 from mixtral_jax.train.step import build_train_step
 from reference import TINY
 
@@ -66,23 +66,47 @@ def test_train_step_lowers_to_splash_and_ragged_all_to_all(v5p):
   assert any(k.startswith("ragged-dot") for k in kernels), kernels  # ragged_dot is a Mosaic kernel on TPU
 
 
-def test_tpu_hlo_stats_equal_the_cpu_compile_of_the_same_step(v5p):
-  """Capacity dispatch on expert=4: FLOPs from the TPU program (convolutions in fusions, loops whose
-  trip counts come from their conditions) equal those of XLA:CPU's (dots, known trip counts); the
-  all-to-all bytes equal the closed form (TPU keeps bf16; XLA:CPU carries it as f32)."""
-  cfg = CFG.replace(capacity_factor=1.25)
-  tpu = _train_hlo(cfg, make_mesh("expert=4", devices=v5p, num_experts=8))
-  cpu = _train_hlo(cfg, make_mesh("expert=4", devices=jax.devices()[:4], num_experts=8))
+def _moe_stack_hlo(devices):
+  """Gradient of a 2-layer scanned stack of expert-parallel MoE blocks (capacity dispatch, bf16) on
+  expert=4: all-to-alls, batched expert matmuls and routing inside a loop, compiled for ``devices``."""
+  from mixtral_jax import routing
+  from mixtral_jax.sharding.expert_parallel import moe_expert_parallel
+
+  mesh = make_mesh("expert=4", devices=devices, num_experts=8)
+  L, N, D, F, E = 2, 512, 64, 128, 8
+  sh = lambda *spec: NamedSharding(mesh, P(*spec))
+  args = (jax.ShapeDtypeStruct((N, D), jnp.bfloat16, sharding=sh("expert")),
+          jax.ShapeDtypeStruct((L, D, E), jnp.bfloat16, sharding=sh()),
+          jax.ShapeDtypeStruct((L, E, D, F), jnp.bfloat16, sharding=sh(None, "expert")),
+          jax.ShapeDtypeStruct((L, E, D, F), jnp.bfloat16, sharding=sh(None, "expert")),
+          jax.ShapeDtypeStruct((L, E, F, D), jnp.bfloat16, sharding=sh(None, "expert")))
+
+  def loss(x, router, w1, w3, w2):
+    def layer(x, ws):
+      w, ids = routing.top_k_route((x @ ws[0]).astype(jnp.float32), 2)
+      y, _ = moe_expert_parallel(x, w, ids, *ws[1:], capacity_factor=1.25)
+      return x + y, None
+    return jnp.sum(jax.lax.scan(layer, x, (router, w1, w3, w2))[0].astype(jnp.float32) ** 2)
+
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 2, 3, 4))).lower(*args).compile()
+  C = routing.capacity(N // 4, 2, E, 1.25)
+  return compiled, L * 4 * E * C * D * 2  # closed form: 2 exchanges forward, 2 transposed, [E, C, D] bf16
+
+
+def test_tpu_hlo_stats_equal_the_cpu_compile_of_the_same_program(v5p):
+  """FLOPs from the TPU program (convolutions in fusions, loops whose trip counts come from their
+  conditions) equal those of XLA:CPU's (dots, known trip counts); the all-to-all bytes equal the
+  closed form on TPU (bf16 layouts with tiling) and twice it on XLA:CPU (which carries bf16 as f32)."""
+  tpu, a2a = _moe_stack_hlo(v5p)
+  cpu, _ = _moe_stack_hlo(jax.devices()[:4])
   t, c = hlo_stats(tpu.as_text()), hlo_stats(cpu.as_text())
+  assert "known_trip_count" not in tpu.as_text() and "convolution" in tpu.as_text()
   assert t["unknown_trip_loops"] == 0 and c["unknown_trip_loops"] == 0
-  assert t["flops"] == pytest.approx(c["flops"], rel=1e-3)
-  assert t["flops"] > 0
-  a = analytic(cfg, make_mesh("expert=4", devices=v5p, num_experts=8), BATCH, SEQ, 1)
-  assert t["all_to_all_bytes"] == a["all_to_all_bytes"]
-  assert c["all_to_all_bytes"] == 2 * a["all_to_all_bytes"]
-  # XLA's cost analysis counts the scanned layer stack once.
-  flops = tpu.cost_analysis()["flops"]
-  assert flops < 0.75 * t["flops"]
+  # Within 1%: the TPU compiler may turn a tiny matmul (the D x 8 router's) into multiply-and-reduce.
+  assert t["flops"] > 0 and t["flops"] == pytest.approx(c["flops"], rel=1e-2)
+  assert t["all_to_all_bytes"] == a2a and c["all_to_all_bytes"] == 2 * a2a
+  assert tpu.cost_analysis()["flops"] < 0.75 * t["flops"]  # XLA's own count sees the loop body once
 
 
 def test_scan_flops_on_tpu_hlo():

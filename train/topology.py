@@ -60,6 +60,9 @@ def tpu_devices(name: str):
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.split(":")[0] + "-8")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # Compiling needs no TPU, so another process holding libtpu (a second plan, a test run) must not
+  # block this one with libtpu's single-process lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # noqa: PLC0415
 
   try:

@@ -175,7 +175,7 @@ def tokenize(sources, out: str, spec: TokenizeSpec, *, workers: int = 1, extensi
         records[r["name"]] = r
         bar.update(r)
     else:
-      with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+      with multiprocessing.get_context(_start_method()).Pool(min(workers, len(tasks))) as pool:
         for r in pool.imap_unordered(tokenize_shard, tasks):
           records[r["name"]] = r
           bar.update(r)
@@ -187,6 +187,17 @@ def tokenize(sources, out: str, spec: TokenizeSpec, *, workers: int = 1, extensi
                      f"{'conversations' if spec.kind == 'chat' else 'text'} (empty source); check the paths")
   shards_lib.write_json_atomic(manifest_path, manifest)
   return manifest
+
+
+def _start_method() -> str:
+  """fork while no JAX backend runs in this process (no runtime threads to copy: the CLI's case; a spawned
+  worker would spend seconds re-importing the package), spawn once one does (first use inside training)."""
+  try:
+    from jax._src import xla_bridge  # noqa: PLC0415
+    running = xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):
+    running = True
+  return "spawn" if running or sys.platform != "linux" else "fork"
 
 
 def _manifest(planned, records, spec, fingerprint, key, sources) -> dict:

@@ -7,7 +7,7 @@ closing ``</s>``.
 
 from __future__ import annotations
 
-from .files import jsonl_records
+from .files import jsonl_records, line_of
 
 
 def assistant_spans(messages: list[dict], version: str) -> tuple[list[int], list[float]]:
@@ -48,13 +48,14 @@ def _find(seq: list[int], sub: list[int], start: int) -> int:
   return -1
 
 
-def chat_examples(path: str, version: str):
-  """(line number, tokens, weights) of every conversation in a JSONL file, in order; errors name file:line."""
-  for n, record in jsonl_records(path):
+def chat_examples(path: str, version: str, start: int = 0, stop: int | None = None):
+  """(byte offset, tokens, weights) of every conversation in a JSONL file piece, in order; errors name
+  file:line."""
+  for n, record in jsonl_records(path, start, stop):
     try:
       messages = record["messages"] if isinstance(record, dict) else record
       tokens, weights = assistant_spans(messages, version)
     except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"{path}:{n}: not a usable chat example ({e}); each line must be "
+      raise ValueError(f"{path}:{line_of(path, n)}: not a usable chat example ({e}); each line must be "
                        '{"messages": [...]} ending with an assistant turn') from None
     yield n, tokens, weights

@@ -78,33 +78,86 @@ def read_text(path: str) -> str:
     raise ValueError(f"cannot read {path}: {e.strerror}; fix its permissions or remove it from data.paths") from None
 
 
-def text_documents(path: str, field: str = "text") -> Iterator[str]:
-  """The documents of one file (module docstring), in file order."""
+def pieces(path: str, size: int, target: int) -> list[tuple[int, int | None]]:
+  """(start, stop) pieces of one file for shards of about ``target`` bytes: byte ranges of a JSONL file
+  (a line belongs to the piece holding its first byte), row-group ranges of a Parquet file, and the
+  whole of any other file (one document cannot be split)."""
+  if size <= target:
+    return [(0, None)]
+  if path.endswith(JSONL):
+    return [(a, min(a + target, size)) for a in range(0, size, target)]
   if path.endswith(".parquet"):
-    yield from _parquet_column(path, field)
+    import pyarrow.parquet as pq  # noqa: PLC0415
+    meta = pq.ParquetFile(path).metadata
+    out, first, acc = [], 0, 0
+    for g in range(meta.num_row_groups):
+      acc += meta.row_group(g).total_byte_size
+      if acc >= target:
+        out.append((first, g + 1))
+        first, acc = g + 1, 0
+    if first < meta.num_row_groups:
+      out.append((first, meta.num_row_groups))
+    return out or [(0, None)]
+  return [(0, None)]
+
+
+def line_of(path: str, offset: int) -> int:
+  """1-based line number of the byte ``offset`` of a file (counted only when an error names it)."""
+  n, done = 1, 0
+  with open(path, "rb") as f:
+    while done < offset:
+      block = f.read(min(8 << 20, offset - done))
+      if not block:
+        break
+      n += block.count(b"\n")
+      done += len(block)
+  return n
+
+
+def text_documents(path: str, field: str = "text", start: int = 0, stop: int | None = None) -> Iterator[tuple[int, str]]:
+  """(where, text) of the documents of one file piece (module docstring), in file order; ``where`` is
+  the byte offset of a JSONL line, the row of a Parquet file, 0 for a whole file."""
+  if path.endswith(".parquet"):
+    yield from _parquet_column(path, field, start, stop)
   elif path.endswith(JSONL):
-    for n, record in jsonl_records(path):
+    for offset, record in jsonl_records(path, start, stop):
       value = record.get(field) if isinstance(record, dict) else None
       if not isinstance(value, str):
-        raise ValueError(f"{path}:{n}: no string field {field!r} in this JSONL line; give every line one, "
-                         "or name the field that holds the text (--field / data.field)")
-      yield value
+        raise ValueError(f"{path}:{line_of(path, offset)}: no string field {field!r} in this JSONL line; give "
+                         "every line one, or name the field that holds the text (--field / data.field)")
+      yield offset, value
   else:
-    yield read_text(path)
+    yield 0, read_text(path)
 
 
-def jsonl_records(path: str) -> Iterator[tuple[int, object]]:
-  """(line number, parsed JSON) for every non-blank line."""
-  for n, line in enumerate(read_text(path).splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      yield n, json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+def jsonl_records(path: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, object]]:
+  """(byte offset, parsed JSON) of every non-blank line whose first byte lies in [start, stop)."""
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    raise ValueError(f"cannot read {path}: {e.strerror}; fix its permissions or remove it from data.paths") from None
+  with f:
+    offset = start
+    if start > 0:  # the line holding byte start - 1 belongs to the previous piece
+      f.seek(start - 1)
+      offset = start - 1 + len(f.readline())
+    while stop is None or offset < stop:
+      raw = f.readline()
+      if not raw:
+        break
+      at, offset = offset, offset + len(raw)
+      if not raw.strip():
+        continue
+      try:
+        yield at, json.loads(raw.decode("utf-8"))
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{line_of(path, at)}: not UTF-8 text ({e.reason}); convert the file") from None
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_of(path, at)}: not valid JSON ({e.msg}); each line must be one JSON "
+                         "object") from None
 
 
-def _parquet_column(path: str, field: str) -> Iterator[str]:
+def _parquet_column(path: str, field: str, start: int, stop: int | None) -> Iterator[tuple[int, str]]:
   import pyarrow.parquet as pq  # noqa: PLC0415 - only for Parquet input
   try:
     f = pq.ParquetFile(path)
@@ -113,7 +166,9 @@ def _parquet_column(path: str, field: str) -> Iterator[str]:
   if field not in f.schema_arrow.names:
     raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(f.schema_arrow.names)}); name the "
                      "text column with --field / data.field")
-  for g in range(f.num_row_groups):  # one row group at a time: memory stays bounded by the group
+  row = sum(f.metadata.row_group(g).num_rows for g in range(start))
+  for g in range(start, f.num_row_groups if stop is None else stop):  # one row group at a time: bounded memory
     for value in f.read_row_group(g, columns=[field]).column(0).to_pylist():
       if value:
-        yield value
+        yield row, value
+      row += 1

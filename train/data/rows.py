@@ -15,10 +15,12 @@ Every row is a dict of ``inputs``, ``targets``, ``segment_ids``, ``positions`` (
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 
+from . import files as files_lib
 from . import shards as shards_lib
 
 OPEN_BINS = 64
@@ -50,20 +52,19 @@ class ShardSet:
     return shards_lib.ShardFile(os.path.join(self.directory, f"{self.records[k]['name']}.docs"), np.int64).read_all()
 
   def where(self, k: int, doc: int) -> str:
-    """file:line of document ``doc`` of shard ``k``, for error messages."""
-    lines = shards_lib.ShardFile(os.path.join(self.directory, f"{self.records[k]['name']}.lines"), np.uint32)
+    """file:line (JSONL), file:row N (Parquet) or the file of document ``doc`` of shard ``k``, for errors."""
+    name = self.records[k]["name"]
+    with open(os.path.join(self.directory, f"{name}.json")) as f:
+      sources = json.load(f)["sources"]
+    at = int(shards_lib.ShardFile(os.path.join(self.directory, f"{name}.where"), np.uint64).read(doc, doc + 1)[0])
     first = 0
-    for path, count in self.records[k].get("sources", []) or _sources(self.directory, self.records[k]):
+    for path, count in sources:
       if doc < first + count:
-        return f"{path}:{int(lines.read(doc, doc + 1)[0])}"
+        if path.endswith(files_lib.JSONL):
+          return f"{path}:{files_lib.line_of(path, at)}"
+        return f"{path}: row {at}" if path.endswith(".parquet") else path
       first += count
-    return f"shard {self.records[k]['name']} document {doc}"
-
-
-def _sources(directory: str, record: dict) -> list:
-  import json  # noqa: PLC0415
-  with open(os.path.join(directory, f"{record['name']}.json")) as f:
-    return json.load(f)["sources"]
+    return f"shard {name} document {doc}"
 
 
 def pack_window(window: np.ndarray, start: np.ndarray) -> dict[str, np.ndarray]:

@@ -8,7 +8,8 @@ A shard directory (what ``mixtral-jax tokenize`` writes, and what training reads
   <split>-<n>.tokens      the split's documents' tokens, back to back (uint16 when the vocabulary fits,
                           else uint32); text documents are ``<s> text </s>``, so BOS marks their starts
   <split>-<n>.docs        int64 offset of every document's first token
-  <split>-<n>.lines       uint32 line (JSONL) or row (Parquet) of every document in its file, for errors
+  <split>-<n>.where       uint64 byte offset (JSONL line) or row (Parquet) of every document in its file,
+                          for errors that name file:line
   <split>-<n>.mask        chat only: uint8 loss weight of every token (1 on assistant turns)
   <split>-<n>.json        the shard's record; written last, so its presence means the shard is complete
 
@@ -30,8 +31,7 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-PARTS = ("tokens", "docs", "lines", "mask")
-PART_DTYPES = {"docs": np.int64, "lines": np.uint32, "mask": np.uint8}
+PARTS = ("tokens", "docs", "where", "mask")
 
 
 def token_dtype(vocab_size: int):

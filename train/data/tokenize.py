@@ -47,7 +47,7 @@ class TokenizeSpec:
 class PlannedShard:
   name: str
   split: str
-  files: tuple  # input paths, in order
+  files: tuple  # (path, start, stop) pieces in order: whole files (0, None), JSONL byte or Parquet row-group ranges
   bytes: int  # input bytes
   key: str
 
@@ -66,20 +66,30 @@ def plan(file_pairs, spec: TokenizeSpec, fingerprint: str) -> list[PlannedShard]
     cuts = []
     for _, path in group:
       st = os.stat(path)
-      current.append((path, st.st_size, st.st_mtime_ns))
-      size += st.st_size
-      if size >= target:
-        cuts.append((current, size))
-        current, size = [], 0
+      for start, stop in files_lib.pieces(path, st.st_size, target):
+        current.append((path, start, stop, st.st_size, st.st_mtime_ns))
+        size += st.st_size if stop is None and start == 0 else _piece_bytes(path, start, stop, st.st_size)
+        if size >= target:
+          cuts.append((current, size))
+          current, size = [], 0
     if current:
       cuts.append((current, size))
     for i, (members, size) in enumerate(cuts):
       h = hashlib.sha256(what.encode())
       for m in members:
-        h.update(f"|{m[0]}|{m[1]}|{m[2]}".encode())
-      planned.append(PlannedShard(f"{split}-{i:05d}", split, tuple(m[0] for m in members), size,
+        h.update("|".join(map(str, ("", *m))).encode())
+      planned.append(PlannedShard(f"{split}-{i:05d}", split, tuple(m[:3] for m in members), size,
                                   h.hexdigest()[:16]))
   return planned
+
+
+def _piece_bytes(path: str, start: int, stop: int | None, size: int) -> int:
+  """Input bytes of a piece, for shard sizes and the progress bar (Parquet pieces: a share by row groups)."""
+  if path.endswith(files_lib.JSONL):
+    return (size if stop is None else stop) - start
+  import pyarrow.parquet as pq  # noqa: PLC0415
+  meta = pq.ParquetFile(path).metadata
+  return sum(meta.row_group(g).total_byte_size for g in range(start, meta.num_row_groups if stop is None else stop))
 
 
 def plan_key(planned: list[PlannedShard]) -> str:
@@ -103,28 +113,28 @@ def tokenize_shard(task) -> dict:
   out, shard, spec = task
   tok = _tokenizer(spec.tokenizer)
   dtype = shards_lib.token_dtype(tok.vocab_size)
-  pieces, masks, lines, sources = [], [], [], []
-  for path in shard.files:
+  pieces, masks, where, sources = [], [], [], []
+  for path, start, stop in shard.files:
     count = 0
     if spec.kind == "chat":
       from .chat import chat_examples  # noqa: PLC0415 - mistral-common only for chat
-      for n, ids, weights in chat_examples(path, spec.chat_version):
+      for at, ids, weights in chat_examples(path, spec.chat_version, start, stop):
         pieces.append(np.asarray(ids, dtype))
         masks.append(np.asarray(weights, np.uint8))
-        lines.append(n)
+        where.append(at)
         count += 1
     else:
-      for n, text in enumerate(files_lib.text_documents(path, spec.field), 1):
+      for at, text in files_lib.text_documents(path, spec.field, start, stop):
         if not text.strip():
           continue
         pieces.append(np.asarray(tok.encode(text, bos=True, eos=True), dtype))
-        lines.append(n)
+        where.append(at)
         count += 1
     sources.append([path, count])
   lengths = np.asarray([len(p) for p in pieces], np.int64)
   parts = {"tokens": np.concatenate(pieces) if pieces else np.zeros(0, dtype),
            "docs": np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if pieces else np.zeros(0, np.int64),
-           "lines": np.asarray(lines, np.uint32)}
+           "where": np.asarray(where, np.uint64)}
   if spec.kind == "chat":
     parts["mask"] = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
   record = {"key": shard.key, "split": shard.split, "tokens": int(lengths.sum()), "documents": len(pieces),
@@ -165,7 +175,7 @@ def tokenize(sources, out: str, spec: TokenizeSpec, *, workers: int = 1, extensi
   if records:
     log(f"tokenize: {len(records)} of {len(planned)} shards already complete in {out}; doing the other {len(todo)}")
   total_bytes = sum(s.bytes for s in todo)
-  n_files = sum(len(s.files) for s in todo)
+  n_files = sum(len(s.files) for s in todo)  # file pieces
   bar = _Progress(total_bytes, n_files, enabled=progress)
   tasks = [(out, s, spec) for s in todo]
   try:

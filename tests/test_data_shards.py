@@ -254,3 +254,20 @@ def test_tokenize_help_ends_with_an_example(capsys):
   out = capsys.readouterr().out.rstrip()
   assert out.splitlines()[-1].strip().startswith("--set 'data.sources=")
   assert "example:" in out
+
+
+def test_chat_shards_keep_the_assistant_loss_mask(tmp_path):
+  """Chat JSONL tokenized into shards: tokens and mask are assistant_spans' own, row by row."""
+  convs = [[{"role": "user", "content": f"Count to {n}."}, {"role": "assistant", "content": " ".join(map(str, range(n)))}]
+           for n in (2, 5, 3)]
+  (tmp_path / "c.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+  out = str(tmp_path / "s")
+  data_lib.tokenize([tmp_path / "c.jsonl"], out, spec(kind="chat"), progress=False)
+  m = data_lib.load_manifest(out)
+  assert m["kind"] == "chat" and m["splits"]["train"]["documents"] == 3
+  want = [data_lib.assistant_spans(c, "v1") for c in convs]
+  rows = data_lib.make_rows(data_lib.ShardSet(out, m, "train"), seq_len=64)
+  assert len(rows) == 1  # all three packed into one row
+  ref = data_lib.pack_conversations(want, 64, TOK.pad_id)
+  for k in ref:
+    np.testing.assert_array_equal(rows[0][k], ref[k], err_msg=k)

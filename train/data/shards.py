@@ -162,17 +162,21 @@ def verify_shard(directory: str, record: dict) -> None:
 
 
 class ShardFile:
-  """One part of one shard, read by element offset with ``os.pread`` (module docstring)."""
+  """One part of one shard, read by element offset with ``os.pread`` (module docstring).
+
+  Each read opens and closes the file (a few microseconds): a corpus of thousands of shards, all touched
+  by a global shuffle, would otherwise hold more descriptors than the process may open."""
 
   def __init__(self, path: str, dtype):
     self.path, self.dtype = path, np.dtype(dtype)
-    self._fd = None
 
   def read(self, start: int, stop: int) -> np.ndarray:
-    if self._fd is None:
-      self._fd = os.open(self.path, os.O_RDONLY)  # opened on first use: a big corpus has many shards
     n, size = stop - start, self.dtype.itemsize
-    data = os.pread(self._fd, n * size, start * size)
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      data = os.pread(fd, n * size, start * size)
+    finally:
+      os.close(fd)
     if len(data) != n * size:
       raise ValueError(f"shard {self.path} is shorter than its record (wanted elements {start}:{stop}); "
                        "re-tokenize its directory")
@@ -180,10 +184,3 @@ class ShardFile:
 
   def read_all(self) -> np.ndarray:
     return np.fromfile(self.path, self.dtype)
-
-  def __getstate__(self):  # picklable for worker processes: the descriptor is reopened there
-    return {"path": self.path, "dtype": self.dtype, "_fd": None}
-
-  def __del__(self):
-    if getattr(self, "_fd", None) is not None:
-      os.close(self._fd)

@@ -258,8 +258,8 @@ def test_tokenize_help_ends_with_an_example(capsys):
 
 def test_chat_shards_keep_the_assistant_loss_mask(tmp_path):
   """Chat JSONL tokenized into shards: tokens and mask are assistant_spans' own, row by row."""
-  convs = [[{"role": "user", "content": f"Count to {n}."}, {"role": "assistant", "content": " ".join(map(str, range(n)))}]
-           for n in (2, 5, 3)]
+  convs = [[{"role": "user", "content": f"Count to {n}."},
+            {"role": "assistant", "content": " ".join(map(str, range(n)))}] for n in (2, 5, 3)]
   (tmp_path / "c.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
   out = str(tmp_path / "s")
   data_lib.tokenize([tmp_path / "c.jsonl"], out, spec(kind="chat"), progress=False)

@@ -21,7 +21,8 @@ def tokenize_parser(p: argparse.ArgumentParser) -> None:
   p.epilog = EPILOG
   p.formatter_class = argparse.RawDescriptionHelpFormatter
   p.add_argument("sources", nargs="+", metavar="SRC",
-                 help="text files, directories, globs, JSONL, Parquet, or 'stdlib' (the Python standard library)")
+                 help="text files, directories, globs, JSONL, Parquet, or 'stdlib' (the Python standard library; "
+                      "add --ext .py)")
   p.add_argument("--out", required=True, help="directory for the shards and manifest.json")
   p.add_argument("--tokenizer", default="v1", help="v1, v3 or a path to a tokenizer.model (default: v1)")
   p.add_argument("--field", default="text", help="JSONL field / Parquet column holding the text (default: text)")

@@ -114,7 +114,8 @@ def line_of(path: str, offset: int) -> int:
   return n
 
 
-def text_documents(path: str, field: str = "text", start: int = 0, stop: int | None = None) -> Iterator[tuple[int, str]]:
+def text_documents(path: str, field: str = "text", start: int = 0,
+                   stop: int | None = None) -> Iterator[tuple[int, str]]:
   """(where, text) of the documents of one file piece (module docstring), in file order; ``where`` is
   the byte offset of a JSONL line, the row of a Parquet file, 0 for a whole file."""
   if path.endswith(".parquet"):

@@ -93,13 +93,15 @@ def test_heldout_split_is_by_file_hash(corpus, tmp_path):
   root, _ = corpus
   out = str(tmp_path / "s")
   data_lib.tokenize([root], out, spec(heldout_fraction=0.3), progress=False)
-  pairs = data_lib.find_files([root], TEXT_EXTENSIONS)
-  train, held = data_lib.split_files(pairs, 0.3)
-  assert held and train
+  names = sorted(n for n in os.listdir(root) if n.endswith(TEXT_EXTENSIONS))
+  held = [n for n in names if zlib.crc32(n.encode()) % 10_000 < 3_000]  # a CRC of the path under its root
+  assert 0 < len(held) < len(names)
   m = data_lib.load_manifest(out)
-  got_held = sorted(p for s in m["splits"]["heldout"]["shards"] for p, _ in json.load(
-      open(os.path.join(out, f"{s['name']}.json")))["sources"])
-  assert got_held == sorted(p for _, p in held)
+  got = {split: sorted(os.path.basename(p) for s in m["splits"][split]["shards"]
+                       for p, _ in json.load(open(os.path.join(out, f"{s['name']}.json")))["sources"])
+         for split in ("train", "heldout")}
+  assert sorted(set(got["heldout"])) == held
+  assert sorted(set(got["train"])) == sorted(set(names) - set(held))
 
 
 def test_text_rows_are_windows_of_each_shard(shards):

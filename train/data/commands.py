@@ -56,7 +56,7 @@ def tokenize_main(args) -> int:
   exts = tuple(e if e.startswith(".") else f".{e}" for e in args.ext.split(",") if e)
   m = tokenize(args.sources, args.out, spec, workers=args.workers, extensions=exts, progress=not args.no_progress)
   tr, held = m["splits"]["train"], m["splits"]["heldout"]
-  print(f"{args.out}: train {tr['tokens']:,} tokens in {tr['documents']:,} documents ({len(tr['shards'])} shards), "
+  print(f"{args.out}: train {tr['tokens']:,} tokens in {tr['documents']:,} documents ({len(tr['shards'])} shard(s)), "
         f"held-out {held['tokens']:,} tokens in {held['documents']:,} documents; {m['dtype']}, tokenizer "
         f"{m['tokenizer']['fingerprint']}")
   return 0

@@ -108,8 +108,9 @@ def _tokenizer(path: str):
   return _TOKENIZER[path]
 
 
-def tokenize_shard(task) -> dict:
-  """Tokenizes one planned shard and writes it (module docstring, step 3); returns its record."""
+def tokenize_shard(task, on_piece=None) -> dict:
+  """Tokenizes one planned shard and writes it (module docstring, step 3); returns its record.
+  ``on_piece(input_bytes, tokens)`` is called after each file piece (the in-process progress bar)."""
   out, shard, spec = task
   tok = _tokenizer(spec.tokenizer)
   dtype = shards_lib.token_dtype(tok.vocab_size)
@@ -131,6 +132,10 @@ def tokenize_shard(task) -> dict:
         where.append(at)
         count += 1
     sources.append([path, count])
+    if on_piece is not None:
+      size = os.path.getsize(path)
+      on_piece(size if start == 0 and stop is None else _piece_bytes(path, start, stop, size),
+               sum(len(p) for p in pieces[len(pieces) - count:]))
   lengths = np.asarray([len(p) for p in pieces], np.int64)
   parts = {"tokens": np.concatenate(pieces) if pieces else np.zeros(0, dtype),
            "docs": np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if pieces else np.zeros(0, np.int64),
@@ -181,9 +186,8 @@ def tokenize(sources, out: str, spec: TokenizeSpec, *, workers: int = 1, extensi
   try:
     if workers <= 1 or len(tasks) <= 1:
       for t in tasks:
-        r = tokenize_shard(t)
+        r = tokenize_shard(t, on_piece=bar.piece)
         records[r["name"]] = r
-        bar.update(r)
     else:
       with multiprocessing.get_context(_start_method()).Pool(min(workers, len(tasks))) as pool:
         for r in pool.imap_unordered(tokenize_shard, tasks):
@@ -239,12 +243,20 @@ class _Progress:
       self.bar.set_postfix_str(f"files 0/{n_files}")
 
   def update(self, record: dict) -> None:
-    self.files += len(record["sources"])
-    self.tokens += record["tokens"]
+    """A shard finished in a worker process."""
+    self._advance(len(record["sources"]), record["input_bytes"], record["tokens"])
+
+  def piece(self, input_bytes: int, tokens: int) -> None:
+    """A file piece finished in this process."""
+    self._advance(1, input_bytes, tokens)
+
+  def _advance(self, files: int, input_bytes: int, tokens: int) -> None:
+    self.files += files
+    self.tokens += tokens
     if self.bar is not None:
       rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
-      self.bar.set_postfix_str(f"files {self.files}/{self.n_files}, {rate:,.0f} tokens/s")
-      self.bar.update(record["input_bytes"])
+      self.bar.set_postfix_str(f"files {self.files}/{self.n_files}, {rate:,.0f} tokens/s", refresh=False)
+      self.bar.update(input_bytes)
 
   def close(self) -> None:
     if self.bar is not None:

@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "convert a Hugging Face or Mistral consolidated checkpoint (SRC) to an Orbax checkpoint (DST)"),
     "export": ("mixtral_jax.checkpoint.commands",
                "export an Orbax checkpoint (ours or a training run's) to Hugging Face safetensors"),
+    "tokenize": ("mixtral_jax.train.data.commands",
+                 "tokenize text, JSONL, Parquet or chat files once into token shards (+ manifest) for training"),
     "train": ("mixtral_jax.train.commands", "pretrain, continue-train or fine-tune from a YAML run config"),
     "plan": ("mixtral_jax.train.plan",
              "compile a preset's train step ahead of time on a mesh: memory, FLOPs, all-to-all bytes"),
@@ -29,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 EPILOG = """examples:
   mixtral-jax train --config tiny-pretrain --workdir runs/tiny
+  mixtral-jax tokenize ~/corpus/ --out shards/corpus --workers 8
   mixtral-jax generate --model runs/tiny --prompt "def fibonacci(n):"
   mixtral-jax convert ~/Mixtral-8x7B-v0.1 ckpt/8x7b
   mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096

@@ -32,7 +32,11 @@ class ModelSection:
 @dataclasses.dataclass(frozen=True)
 class DataSection:
   format: str = "text"  # text: packed documents; chat: JSONL of {"messages": [...]}, loss on assistant turns
-  paths: tuple = ("stdlib",)  # files, directories or globs; "stdlib" is the Python standard library source
+  paths: tuple = ("stdlib",)  # files, directories, globs ("stdlib": the Python standard library source),
+  #                             tokenized on first use into WORKDIR/data; or `mixtral-jax tokenize` shard dirs
+  sources: tuple = ()  # shard dirs mixed by weight: [{path: DIR, weight: 0.7}, ...]; overrides paths
+  field: str = "text"  # JSONL field / Parquet column holding the text (text format)
+  workers: int = 1  # tokenizer processes for first-use tokenization of data.paths
   extensions: tuple = (".py",)  # file suffixes read from directories (text format)
   heldout_fraction: float = 0.02  # fraction of files (text) or examples (chat) held out for evaluation
   tokenizer: str = "v1"  # "v1", "v3" or a path to a tokenizer.model

@@ -3,7 +3,7 @@ checkpoint, and stop cleanly on SIGTERM, on a NaN/inf loss, or at the last step.
 
 Workdir contents: ``config.json`` (the model, HF form), ``train_config.yaml`` (the run config used),
 ``tokenizer.model`` (copied, so generation finds it), ``checkpoints/<step>/`` (see ``checkpointing``),
-``metrics.jsonl``, ``tensorboard/``, ``data/`` (the tokenized-corpus cache).
+``metrics.jsonl``, ``tensorboard/``, ``data/`` (token shards of ``data.paths``, made on first use).
 """
 
 from __future__ import annotations
@@ -123,18 +123,13 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
     _check_resumable(workdir, mcfg)
 
   # ---- data (checks its paths before tokenizing; the token cache is the first thing in the workdir)
-  train_rows, held_rows = data_lib.build_rows(cfg, tokenizer, os.path.join(workdir, "data"))
-  os.makedirs(workdir, exist_ok=True)
   rows_sharding = NamedSharding(mesh, P(step_lib.batch_sharding(mesh).spec[1]))
   local = distributed.process_batch_slice(cfg.microbatch, rows_sharding)
-  it = data_lib.BatchIterator(train_rows, cfg.data.batch_size, cfg.optimizer.grad_accum, cfg.train.seed,
-                              local=local)
-  eval_batches = []
-  if held_rows is not None and cfg.train.eval_every and len(held_rows) >= cfg.data.batch_size:
-    held_it = data_lib.BatchIterator(held_rows, cfg.data.batch_size, cfg.optimizer.grad_accum, 0,
-                                     shuffle=False, local=local)
-    eval_batches = [next(held_it) for _ in range(min(cfg.train.eval_batches, held_it.batches_per_epoch))]
-  elif cfg.train.eval_every:
+  data = data_lib.build(cfg, tokenizer, os.path.join(workdir, "data"), local=local,
+                        progress=cfg.train.progress and lead)
+  it, eval_batches = data.train, data.heldout
+  os.makedirs(workdir, exist_ok=True)
+  if cfg.train.eval_every and not eval_batches:
     log.warning("no held-out evaluation: the held-out split has fewer than data.batch_size rows")
 
   if lead:
@@ -173,7 +168,7 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
                          enabled=lead, log_every=cfg.train.log_every, print_every=cfg.train.print_every)
   if lead:
     logger.write(f"mixtral-jax train: {workdir} | mesh {format_mesh(mesh)} | steps {start}->{cfg.train.steps} | "
-                 f"batch {cfg.data.batch_size}x{cfg.data.seq_len} | {len(train_rows)} train rows"
+                 f"batch {cfg.data.batch_size}x{cfg.data.seq_len} | {data.train_rows} train rows"
                  + (" | resumed" if restored is not None else ""))
   preempt = _Preemption()
   result = RunResult(start, start, {}, {})
@@ -195,7 +190,8 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
       now = time.perf_counter()
       dt, t_prev = now - t_prev, now
       record = {**metrics, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                "mfu": flops_per_step / dt / peak}
+                "mfu": flops_per_step / dt / peak,
+                **{f"data_tokens/{n}": t for n, t in it.source_tokens.items()}}  # realised mixture
       result.losses[step] = loss
       if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
         record["eval_loss"] = _evaluate(eval_fn, state.params, eval_batches, bsh, gshape)
@@ -216,6 +212,7 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
     barrier("done", cfg.train.barrier_timeout_s)
   finally:
     preempt.restore()
+    it.close()
     logger.close()
     ckpt.close()
   return result

@@ -11,15 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 
-EPILOG = """example:
-  mixtral-jax tokenize ~/corpus/ web.jsonl books.parquet --out shards/mix --workers 8
-  mixtral-jax train --config continue-pretrain --workdir runs/cpt --checkpoint ckpt/8x7b \\
-      --set 'data.sources=[{path: shards/mix, weight: 1.0}]'"""
+# Train on the shards with: mixtral-jax train --config continue-pretrain --workdir runs/cpt
+#   --checkpoint ckpt/8x7b --set 'data.sources=[{path: shards/mix, weight: 1.0}]'
+tokenize_example = "mixtral-jax tokenize ~/corpus/ web.jsonl books.parquet --out shards/mix --workers 8"
 
 
 def tokenize_parser(p: argparse.ArgumentParser) -> None:
-  p.epilog = EPILOG
-  p.formatter_class = argparse.RawDescriptionHelpFormatter
   p.add_argument("sources", nargs="+", metavar="SRC",
                  help="text files, directories, globs, JSONL, Parquet, or 'stdlib' (the Python standard library; "
                       "add --ext .py)")

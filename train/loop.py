@@ -3,7 +3,8 @@ checkpoint, and stop cleanly on SIGTERM, on a NaN/inf loss, or at the last step.
 
 Workdir contents: ``config.json`` (the model, HF form), ``train_config.yaml`` (the run config used),
 ``tokenizer.model`` (copied, so generation finds it), ``checkpoints/<step>/`` (see ``checkpointing``),
-``metrics.jsonl``, ``tensorboard/``, ``data/`` (the tokenized-corpus cache).
+``metrics.jsonl``, ``tensorboard/``, ``data/`` (the tokenized-corpus cache); with LoRA, ``lora.json``
+(the adapters' settings and the base they belong to, see ``mixtral_jax.lora.run``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mixtral_jax import lora as lora_lib
 from mixtral_jax.config import MixtralConfig, get_config
+from mixtral_jax.lora import run as lora_run
 from mixtral_jax.sharding import distributed
 from mixtral_jax.sharding.mesh import format_mesh, make_mesh
 from mixtral_jax.tokenizer import Tokenizer
@@ -94,6 +97,12 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
   if cfg.data.seq_len > mcfg.max_position_embeddings:
     raise ValueError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
                      f"(max_position_embeddings={mcfg.max_position_embeddings}); lower data.seq_len")
+  lora_record = None
+  if cfg.lora.enabled:  # LoRA: adapters fit this model, and a resumed run keeps its base
+    lora_lib.validate(cfg.lora, mcfg)
+    lora_record = lora_run.record(cfg.lora, mcfg, checkpoint=cfg.model.checkpoint, preset=cfg.model.preset,
+                                  seed=cfg.train.seed)
+    lora_run.check_or_write(workdir, lora_record, write=False)
   tokenizer = Tokenizer.load(cfg.data.tokenizer)
   tokenizer.check_vocab(mcfg.vocab_size)
   train_rows, held_rows = data_lib.build_rows(cfg, tokenizer, os.path.join(workdir, "data"))
@@ -119,6 +128,8 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
     mcfg.save(os.path.join(workdir, "config.json"))
     cfg.save(os.path.join(workdir, "train_config.yaml"))
     shutil.copyfile(tokenizer.path, os.path.join(workdir, "tokenizer.model"))
+    if lora_record is not None:
+      lora_run.check_or_write(workdir, lora_record, write=True)
   if restart and lead:
     _move_aside(os.path.join(workdir, "checkpoints"))
     _move_aside(os.path.join(workdir, "metrics.jsonl"))
@@ -130,16 +141,20 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep,
                       async_save=cfg.train.async_checkpoint, timeout_s=cfg.train.barrier_timeout_s)
   restored = ckpt.restore_latest(abstract_state)
+  base_params = None  # the starting weights (full training) or the frozen base (LoRA)
+  if cfg.model.checkpoint and (restored is None or cfg.lora.enabled):
+    from mixtral_jax.checkpoint import load  # noqa: PLC0415
+    model = load(cfg.model.checkpoint, mesh=mesh, **cfg.model.overrides)
+    base_params = nnx.state(model, nnx.Param).to_pure_dict()
+    del model
   if restored is not None:
     state, data_state = restored
     it.restore(data_state)
-  elif cfg.model.checkpoint:
-    from mixtral_jax.checkpoint import load  # noqa: PLC0415
-    model = load(cfg.model.checkpoint, mesh=mesh, **cfg.model.overrides)
-    state = step_lib.init_state(mcfg, cfg, mesh, params=nnx.state(model, nnx.Param).to_pure_dict())
-    del model
+    if cfg.lora.enabled:  # checkpoints hold the adapters only; the base comes from where it always does
+      state = dataclasses.replace(state, base=step_lib.place_base(mcfg, cfg, mesh, base_params))
   else:
-    state = step_lib.init_state(mcfg, cfg, mesh)
+    state = step_lib.init_state(mcfg, cfg, mesh, params=base_params)
+  del base_params
   start = int(state.step)
 
   # ---- the loop
@@ -176,7 +191,7 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
                 "mfu": flops_per_step / dt / peak}
       result.losses[step] = loss
       if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-        record["eval_loss"] = _evaluate(eval_fn, state.params, eval_batches, bsh, gshape)
+        record["eval_loss"] = _evaluate(eval_fn, step_lib.eval_params(state), eval_batches, bsh, gshape)
         result.eval_losses[step] = record["eval_loss"]
         t_prev = time.perf_counter()
       if step % cfg.train.log_every == 0 or step == cfg.train.steps:

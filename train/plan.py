@@ -192,13 +192,17 @@ def _shard_bytes(tree) -> float:
                    for s in jax.tree.leaves(tree)))
 
 
-def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1) -> dict:
-  """Compiles the train step for ``mesh`` and returns the compiled and analytic figures per device."""
+def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1, lora_rank: int | None = None) -> dict:
+  """Compiles the train step for ``mesh`` and returns the compiled and analytic figures per device
+  (``lora_rank``: the LoRA step, default targets, frozen base in the compute dtype)."""
   from mixtral_jax.train.config import TrainConfig  # noqa: PLC0415
   from mixtral_jax.train.step import build_train_step  # noqa: PLC0415
 
   train_cfg = TrainConfig().override({"data.batch_size": batch, "data.seq_len": seq,
-                                      "optimizer.grad_accum": grad_accum})
+                                      "optimizer.grad_accum": grad_accum, "lora.rank": lora_rank})
+  if lora_rank is not None:  # LoRA: checked before compiling
+    from mixtral_jax.lora import validate  # noqa: PLC0415
+    validate(train_cfg.lora, cfg)
   t0 = time.perf_counter()
   step_fn, abs_state, abs_batch = build_train_step(cfg, train_cfg, mesh)
   compiled = step_fn.lower(abs_state, abs_batch).compile()
@@ -228,6 +232,8 @@ def plan_parser(p):
   p.add_argument("--simulate", action="store_true",
                  help="compile for simulated CPU devices, as many as the mesh has (set before JAX starts)")
   p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+  p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                 help="compile the LoRA step of this rank (default targets) instead of full fine-tuning")
 
 
 def plan_main(args) -> int:
@@ -240,7 +246,7 @@ def plan_main(args) -> int:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)
   mesh = make_mesh(args.mesh, num_experts=cfg.num_local_experts)
-  out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum)
+  out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum, lora_rank=args.lora)
   c, a = out["compiled"], out["analytic"]
   print(f"{args.preset} on {format_mesh(mesh)} ({mesh.size} x {mesh.devices.flat[0].device_kind}), "
         f"batch {args.batch} x {args.seq}, {args.grad_accum} microbatch(es), {cfg.dtype} compute, "
@@ -265,5 +271,5 @@ def plan_main(args) -> int:
     print(f"  note: {c['unknown_trip_loops']} loop(s) with data-dependent trip counts were counted once")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"preset": args.preset, "mesh": format_mesh(mesh), **out}, f, indent=2)
+      json.dump({"preset": args.preset, "mesh": format_mesh(mesh), "lora_rank": args.lora, **out}, f, indent=2)
   return 0

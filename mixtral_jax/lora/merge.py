@@ -130,3 +130,27 @@ def merge_into(model, factors: list[Factors]):
     node[key[-1]] = value
   nnx.replace_by_pure_dict(state, tree)
   return nnx.merge(graphdef, state)
+
+
+def attach(model, lora, values: dict | None = None, *, seed: int = 0):
+  """A LoRA model (adapters per ``lora``, a ``LoraSection``) on ``model``'s weights, which it shares.
+  ``values``: the adapters' pure-dict tree (e.g. a run's); default: ``init_values(seed)`` (B = 0, so
+  the result computes exactly what ``model`` does)."""
+  from flax import nnx  # noqa: PLC0415
+
+  from mixtral_jax.model import Mixtral  # noqa: PLC0415
+
+  abstract = nnx.eval_shape(lambda: Mixtral(model.cfg, rngs=nnx.Rngs(0), lora_cfg=lora))
+  graphdef, adapters, base = nnx.split(abstract, adapters_lib.LoRAParam, ...)
+  if values is None:
+    values = adapters_lib.init_values(adapters.to_pure_dict(), seed)
+  nnx.replace_by_pure_dict(adapters, values)
+  nnx.replace_by_pure_dict(base, nnx.state(model, nnx.Param).to_pure_dict())
+  return nnx.merge(graphdef, adapters, base)
+
+
+def adapter_values(model) -> dict:
+  """The pure-dict tree of a LoRA model's adapters."""
+  from flax import nnx  # noqa: PLC0415
+
+  return nnx.state(model, adapters_lib.LoRAParam).to_pure_dict()

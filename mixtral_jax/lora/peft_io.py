@@ -85,6 +85,8 @@ def read_peft(directory: str, cfg: MixtralConfig) -> list[Factors]:
   unmapped = []
   for name, value in tensors.items():
     short = name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+    if short.endswith(".base_layer.weight"):  # peft saves an adapted lm_head's base weight beside it
+      continue
     m, h = _LAYER.match(short), _HEAD.match(short)
     if not (m or h):
       unmapped.append(name)

@@ -12,11 +12,11 @@ import pytest
 from flax import nnx
 
 import mixtral_jax
-from mixtral_jax.checkpoint import formats
+from mixtral_jax.checkpoint import orbax_io
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.lora import TARGETS, LoRAParam, LoraSection, validate
 from mixtral_jax.lora import merge as lora_merge
-from mixtral_jax.lora.peft_io import read_peft, write_peft
+from mixtral_jax.lora.peft_io import write_peft
 from mixtral_jax.model import Mixtral
 from mixtral_jax.params import param_shardings
 from mixtral_jax.sharding import make_mesh
@@ -167,9 +167,7 @@ def test_ours_to_peft_and_merged_export_match_transformers(hf_base, tmp_path):
   model = with_random_adapters(base, LoraSection(rank=4, alpha=8.0, targets=TARGETS))
   ids = _ids()
   ours = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
-  flat = {tuple(str(p) for p in k): np.asarray(v) for k, v in
-          jax.tree_util.tree_flatten_with_path(lora_merge.adapter_values(model))[0]
-          for k in [tuple(getattr(q, "key", q) for q in k)]}
+  flat = {k: np.asarray(v) for k, v in orbax_io.flatten(lora_merge.adapter_values(model)).items()}
   factors = lora_merge.from_tree(flat, 2.0)
   write_peft(factors, base.cfg, str(tmp_path / "peft"), base_path=path)
   # ours -> PEFT -> transformers (peft's own forward on the HF base)

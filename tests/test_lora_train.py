@@ -15,6 +15,7 @@ from flax import nnx
 
 import mixtral_jax
 import mixtral_jax.checkpoint
+from mixtral_jax.checkpoint import orbax_io
 from mixtral_jax.cli import main as cli
 from mixtral_jax.lora import merge as lora_merge
 from mixtral_jax.lora import run as lora_run
@@ -64,7 +65,7 @@ def test_loss_falls_and_checkpoints_hold_adapters_and_record_the_base(straight, 
   m = metrics(straight)
   assert sorted(m) == list(range(1, STEPS + 1))
   assert m[STEPS]["loss"] < m[1]["loss"] - 0.5, [m[s]["loss"] for s in sorted(m)]
-  params = mixtral_jax.checkpoint.orbax_io.stored_shapes(os.path.join(straight, "checkpoints", str(STEPS), "params"))
+  params = orbax_io.stored_shapes(os.path.join(straight, "checkpoints", str(STEPS), "params"))
   assert params and all("lora" in "/".join(k) for k in params), sorted(params)[:4]
   rec = lora_run.read(straight)
   assert rec["base"]["checkpoint"] == os.path.abspath(base)
@@ -119,12 +120,7 @@ def test_export_merged_and_peft_match_our_unmerged_forward(straight, base, tmp_p
 
   section = lora_run.section(lora_run.read(straight))
   _, flat = lora_run.latest_adapters(straight)
-  values = {}
-  for key, a in flat.items():
-    node = values
-    for k in key[:-1]:
-      node = node.setdefault(k, {})
-    node[key[-1]] = a
+  values = orbax_io.unflatten(flat)
   base_model = mixtral_jax.from_pretrained(base)
   unmerged = lora_merge.attach(base_model, section, values)
   ids = np.random.default_rng(1).integers(0, base_model.cfg.vocab_size, (2, 10)).astype(np.int32)

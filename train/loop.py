@@ -103,6 +103,9 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
     lora_record = lora_run.record(cfg.lora, mcfg, checkpoint=cfg.model.checkpoint, preset=cfg.model.preset,
                                   seed=cfg.train.seed)
     lora_run.check_or_write(workdir, lora_record, write=False)
+  elif lora_run.is_lora_run(workdir):
+    raise ValueError(f"{workdir} is a LoRA run (its checkpoints hold adapters only) but the run config has no "
+                     "lora.rank; keep the run's lora section to resume it, or use a new --workdir")
   tokenizer = Tokenizer.load(cfg.data.tokenizer)
   tokenizer.check_vocab(mcfg.vocab_size)
   train_rows, held_rows = data_lib.build_rows(cfg, tokenizer, os.path.join(workdir, "data"))
@@ -144,7 +147,10 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
   base_params = None  # the starting weights (full training) or the frozen base (LoRA)
   if cfg.model.checkpoint and (restored is None or cfg.lora.enabled):
     from mixtral_jax.checkpoint import load  # noqa: PLC0415
-    model = load(cfg.model.checkpoint, mesh=mesh, **cfg.model.overrides)
+    kwargs = dict(cfg.model.overrides)
+    if cfg.lora.enabled:  # the frozen base is held in the compute dtype: never materialise it in fp32
+      kwargs["param_dtype"] = mcfg.dtype
+    model = load(cfg.model.checkpoint, mesh=mesh, **kwargs)
     base_params = nnx.state(model, nnx.Param).to_pure_dict()
     del model
   if restored is not None:

@@ -121,14 +121,9 @@ def merge_into(model, factors: list[Factors]):
 
   graphdef, state = nnx.split(model)
   flat = {tuple(str(p) for p in path): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  merged = merge_arrays(flat, factors)
-  tree = {}
-  for key, value in merged.items():
-    node = tree
-    for k in key[:-1]:
-      node = node.setdefault(k, {})
-    node[key[-1]] = value
-  nnx.replace_by_pure_dict(state, tree)
+  from mixtral_jax.checkpoint.orbax_io import unflatten  # noqa: PLC0415
+
+  nnx.replace_by_pure_dict(state, unflatten(merge_arrays(flat, factors)))
   return nnx.merge(graphdef, state)
 
 

@@ -19,6 +19,7 @@ from mixtral_jax.checkpoint import orbax_io
 from mixtral_jax.cli import main as cli
 from mixtral_jax.lora import merge as lora_merge
 from mixtral_jax.lora import run as lora_run
+from mixtral_jax.train import loop
 from mixtral_jax.train import step as step_lib
 from mixtral_jax.train.config import load_config
 from mixtral_jax.sharding.mesh import make_mesh
@@ -92,26 +93,32 @@ def test_another_base_is_refused_before_compiling(straight, chats, tmp_path, cap
     mixtral_jax.from_pretrained(straight)
 
 
-def test_base_is_bit_identical_after_lora_steps():
-  """The step itself: the frozen base comes back bit for bit (and in the compute dtype), the adapters move."""
-  cfg = mixtral_jax.get_config("tiny", dtype="bfloat16")
-  tc = load_config("lora-sft", ["model.preset=tiny", "data.batch_size=2", "data.seq_len=16", "loss.ce_chunk=16",
-                                "optimizer.warmup_steps=0", "optimizer.lr=1e-2"])
-  mesh = make_mesh("data=1", devices=jax.devices()[:1])
-  fn, _, _ = step_lib.build_train_step(cfg, tc, mesh)
-  state = step_lib.init_state(cfg, tc, mesh)
+def test_base_is_bit_identical_after_lora_steps(base, chats):
+  """The step itself, the very program the runs above compiled (so it comes from the compilation
+  cache): the frozen base comes back bit for bit and in the compute dtype, every adapter moves."""
+  tc = load_config("lora-sft", [f"model.checkpoint={base}", f"data.paths=[{chats}]", "train.peak_flops=1e11",
+                                "train.progress=false", "optimizer.warmup_steps=1", f"train.steps={STEPS}",
+                                "data.batch_size=8", "data.seq_len=64", "optimizer.lr=1e-2",
+                                "train.checkpoint_every=2", "train.eval_every=0"])
+  mcfg = loop.model_config(tc)
+  mesh = make_mesh(None, num_experts=mcfg.num_local_experts)
+  fn, _, abstract_batch = step_lib.build_train_step(mcfg, tc, mesh)
+  base_params = nnx.state(mixtral_jax.from_pretrained(base, mesh=mesh), nnx.Param).to_pure_dict()
+  state = step_lib.init_state(mcfg, tc, mesh, params=base_params)
   base0 = jax.tree.map(np.asarray, state.base)
   assert {a.dtype for a in jax.tree.leaves(base0)} == {jnp.dtype("bfloat16")}
   adapters0 = jax.tree.map(np.asarray, state.params)
-  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 2, 17)).astype(np.int32)
-  batch = {"inputs": ids[..., :-1], "targets": ids[..., 1:], "weights": np.ones((1, 2, 16), np.float32),
-           "segment_ids": np.ones((1, 2, 16), np.int32), "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (1, 2, 16))}
-  for _ in range(2):
+  shape = abstract_batch["inputs"].shape
+  ids = np.random.default_rng(0).integers(0, mcfg.vocab_size, shape[:2] + (shape[2] + 1,)).astype(np.int32)
+  batch = {"inputs": ids[..., :-1], "targets": ids[..., 1:], "weights": np.ones(shape, np.float32),
+           "segment_ids": np.ones(shape, np.int32), "positions": np.broadcast_to(np.arange(shape[2], dtype=np.int32), shape)}
+  batch = jax.device_put(batch, step_lib.batch_sharding(mesh))
+  for _ in range(3):  # the first step has learning rate 0 (warmup)
     state, _ = fn(state, batch)
   for a, b in zip(jax.tree.leaves(base0), jax.tree.leaves(state.base)):
     assert np.array_equal(a, np.asarray(b))
-  moved = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(adapters0), jax.tree.leaves(state.params))]
-  assert all(moved)
+  assert all(not np.array_equal(a, np.asarray(b))
+             for a, b in zip(jax.tree.leaves(adapters0), jax.tree.leaves(state.params)))
 
 
 def test_export_merged_and_peft_match_our_unmerged_forward(straight, base, tmp_path):

@@ -131,12 +131,15 @@ def test_export_merged_and_peft_match_our_unmerged_forward(straight, base, tmp_p
   base_model = mixtral_jax.from_pretrained(base)
   unmerged = lora_merge.attach(base_model, section, values)
   ids = np.random.default_rng(1).integers(0, base_model.cfg.vocab_size, (2, 10)).astype(np.int32)
-  ours = np.asarray(nnx.jit(lambda m, x: m(x))(unmerged, ids))
-  assert np.abs(ours - np.asarray(nnx.jit(lambda m, x: m(x))(base_model, ids))).max() > 1e-4  # trained
+  fwd = nnx.jit(lambda m, x: m(x))
+  ours = np.asarray(fwd(unmerged, ids))
+  scale = np.abs(ours).max()
+  assert np.abs(ours - np.asarray(fwd(base_model, ids))).max() > 1e-4  # trained
+  loaded = mixtral_jax.from_pretrained(base, adapter=straight)  # our run as an adapter, merged on load
+  assert np.abs(np.asarray(fwd(loaded, ids)) - ours).max() <= 1e-5 * scale
 
   assert cli(["export", straight, str(tmp_path / "merged"), "--merge"]) == 0
   hf_merged = transformers.MixtralForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
-  scale = np.abs(ours).max()
   assert np.abs(hf_logits(hf_merged, ids)[0] - ours).max() <= 1e-5 * scale
 
   assert cli(["export", straight, str(tmp_path / "adapter"), "--peft"]) == 0

@@ -25,6 +25,8 @@ EXIT_COMMANDS = ("/exit", "/quit")
 
 def _common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", required=True, help="checkpoint directory (HF, consolidated, ours, or a training run)")
+  p.add_argument("--adapter", help="LoRA adapter merged into --model: a PEFT adapter directory or a mixtral-jax "
+                 "LoRA training run")
   p.add_argument("--tokenizer", help="tokenizer.model path or bundled name v1/v3 (default: found or by vocab)")
   p.add_argument("--mesh", help="device mesh such as 'expert=4' or 'data=2,expert=4' (default: one device)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
@@ -42,7 +44,7 @@ def _load(args):
   from mixtral_jax.checkpoint import find_tokenizer  # noqa: PLC0415
   from mixtral_jax.tokenizer import BUNDLED_VOCAB, Tokenizer  # noqa: PLC0415
 
-  model = mixtral_jax.from_pretrained(args.model, mesh=args.mesh, dtype=args.dtype)
+  model = mixtral_jax.from_pretrained(args.model, mesh=args.mesh, dtype=args.dtype, adapter=args.adapter)
   vocab = model.cfg.vocab_size
   name = args.tokenizer or find_tokenizer(args.model) or BUNDLED_VOCAB.get(vocab)
   if name is None:

@@ -1,12 +1,13 @@
 """The run configuration: one frozen dataclass of sections, read from YAML, overridden on the command line.
 
-A YAML run config has up to five sections (every key optional; defaults below)::
+A YAML run config has up to six sections (every key optional; defaults below)::
 
   model:      preset or converted checkpoint, plus MixtralConfig runtime overrides (dtype, remat, ...)
   data:       what to read and how to cut it: format text|chat, paths, tokenizer, batch_size, seq_len
   optimizer:  AdamW with linear warmup then cosine decay, global-norm clipping, gradient accumulation
   loss:       load-balancing pooling (pooled|per_layer), router z-loss, cross-entropy chunk
   train:      steps, seed, mesh, checkpointing, logging, evaluation
+  lora:       rank (null: full fine-tuning), alpha, dropout, targets (see mixtral_jax.lora)
 
 Overrides are ``section.key=value`` strings (``--set optimizer.lr=1e-3``); values are parsed as YAML,
 so ``1e-3``, ``null``, ``true`` and ``[a, b]`` mean what they look like.
@@ -20,6 +21,8 @@ import os
 from typing import Any, Iterable
 
 import yaml
+
+from mixtral_jax.lora.spec import LoraSection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +94,10 @@ class TrainConfig:
   optimizer: OptimizerSection = OptimizerSection()
   loss: LossSection = LossSection()
   train: TrainSection = TrainSection()
+  lora: LoraSection = LoraSection()
 
   def __post_init__(self):
-    problems = []
+    problems = self.lora.problems()
     if self.loss.aux_mode not in ("pooled", "per_layer"):
       problems.append(f"loss.aux_mode={self.loss.aux_mode!r}; choose pooled or per_layer")
     if self.data.format not in ("text", "chat"):

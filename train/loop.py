@@ -3,7 +3,8 @@ checkpoint, and stop cleanly on SIGTERM, on a NaN/inf loss, or at the last step.
 
 Workdir contents: ``config.json`` (the model, HF form), ``train_config.yaml`` (the run config used),
 ``tokenizer.model`` (copied, so generation finds it), ``checkpoints/<step>/`` (see ``checkpointing``),
-``metrics.jsonl``, ``tensorboard/``, ``data/`` (token shards of ``data.paths``, made on first use).
+``metrics.jsonl``, ``tensorboard/``, ``data/`` (token shards of ``data.paths``, made on first use); with LoRA,
+``lora.json`` (the adapters' settings and the base they belong to, see ``mixtral_jax.lora.run``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mixtral_jax import lora as lora_lib
 from mixtral_jax.config import MixtralConfig, get_config
+from mixtral_jax.lora import run as lora_run
 from mixtral_jax.sharding import distributed
 from mixtral_jax.sharding.mesh import format_mesh, make_mesh
 from mixtral_jax.tokenizer import Tokenizer
@@ -111,6 +114,15 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
   if cfg.data.seq_len > mcfg.max_position_embeddings:
     raise ValueError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
                      f"(max_position_embeddings={mcfg.max_position_embeddings}); lower data.seq_len")
+  lora_record = None
+  if cfg.lora.enabled:  # LoRA: adapters fit this model, and a resumed run keeps its base
+    lora_lib.validate(cfg.lora, mcfg)
+    lora_record = lora_run.record(cfg.lora, mcfg, checkpoint=cfg.model.checkpoint, preset=cfg.model.preset,
+                                  seed=cfg.train.seed)
+    lora_run.check_or_write(workdir, lora_record, write=False)
+  elif lora_run.is_lora_run(workdir):
+    raise ValueError(f"{workdir} is a LoRA run (its checkpoints hold adapters only) but the run config has no "
+                     "lora.rank; keep the run's lora section to resume it, or use a new --workdir")
   tokenizer = Tokenizer.load(cfg.data.tokenizer)
   tokenizer.check_vocab(mcfg.vocab_size)
   mesh = make_mesh(cfg.train.mesh, num_experts=mcfg.num_local_experts)
@@ -136,6 +148,8 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
     mcfg.save(os.path.join(workdir, "config.json"))
     cfg.save(os.path.join(workdir, "train_config.yaml"))
     shutil.copyfile(tokenizer.path, os.path.join(workdir, "tokenizer.model"))
+    if lora_record is not None:
+      lora_run.check_or_write(workdir, lora_record, write=True)
   if restart and lead:
     _move_aside(os.path.join(workdir, "checkpoints"))
     _move_aside(os.path.join(workdir, "metrics.jsonl"))
@@ -147,16 +161,23 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep,
                       async_save=cfg.train.async_checkpoint, timeout_s=cfg.train.barrier_timeout_s)
   restored = ckpt.restore_latest(abstract_state)
+  base_params = None  # the starting weights (full training) or the frozen base (LoRA)
+  if cfg.model.checkpoint and (restored is None or cfg.lora.enabled):
+    from mixtral_jax.checkpoint import load  # noqa: PLC0415
+    kwargs = dict(cfg.model.overrides)
+    if cfg.lora.enabled:  # the frozen base is held in the compute dtype: never materialise it in fp32
+      kwargs["param_dtype"] = mcfg.dtype
+    model = load(cfg.model.checkpoint, mesh=mesh, **kwargs)
+    base_params = nnx.state(model, nnx.Param).to_pure_dict()
+    del model
   if restored is not None:
     state, data_state = restored
     it.restore(data_state)
-  elif cfg.model.checkpoint:
-    from mixtral_jax.checkpoint import load  # noqa: PLC0415
-    model = load(cfg.model.checkpoint, mesh=mesh, **cfg.model.overrides)
-    state = step_lib.init_state(mcfg, cfg, mesh, params=nnx.state(model, nnx.Param).to_pure_dict())
-    del model
+    if cfg.lora.enabled:  # checkpoints hold the adapters only; the base comes from where it always does
+      state = dataclasses.replace(state, base=step_lib.place_base(mcfg, cfg, mesh, base_params))
   else:
-    state = step_lib.init_state(mcfg, cfg, mesh)
+    state = step_lib.init_state(mcfg, cfg, mesh, params=base_params)
+  del base_params
   start = int(state.step)
 
   # ---- the loop
@@ -194,7 +215,7 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
                 **{f"data_tokens/{n}": t for n, t in it.source_tokens.items()}}  # realised mixture
       result.losses[step] = loss
       if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-        record["eval_loss"] = _evaluate(eval_fn, state.params, eval_batches, bsh, gshape)
+        record["eval_loss"] = _evaluate(eval_fn, step_lib.eval_params(state), eval_batches, bsh, gshape)
         result.eval_losses[step] = record["eval_loss"]
         t_prev = time.perf_counter()
       logger.log(step, record)  # it decides what goes to the file and the console

@@ -170,13 +170,17 @@ def compile_or_verdict(lowered, argument_bytes: float) -> tuple[object | None, d
   return compiled, compiled_figures(compiled)
 
 
-def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1) -> dict:
-  """Compiles the train step for ``mesh`` and returns the compiled and analytic figures per device."""
+def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1, lora_rank: int | None = None) -> dict:
+  """Compiles the train step for ``mesh`` and returns the compiled and analytic figures per device
+  (``lora_rank``: the LoRA step, default targets, frozen base in the compute dtype)."""
   from mixtral_jax.train.config import TrainConfig  # noqa: PLC0415
   from mixtral_jax.train.step import build_train_step  # noqa: PLC0415
 
   train_cfg = TrainConfig().override({"data.batch_size": batch, "data.seq_len": seq,
-                                      "optimizer.grad_accum": grad_accum})
+                                      "optimizer.grad_accum": grad_accum, "lora.rank": lora_rank})
+  if lora_rank is not None:  # LoRA: checked before compiling
+    from mixtral_jax.lora import validate  # noqa: PLC0415
+    validate(train_cfg.lora, cfg)
   t0 = time.perf_counter()
   step_fn, abs_state, abs_batch = build_train_step(cfg, train_cfg, mesh)
   with jax.set_mesh(mesh):  # kernels that need a concrete mesh (shard_map'd Pallas) see the target's
@@ -264,6 +268,8 @@ def plan_parser(p):
   p.add_argument("--context", type=int, default=None,
                  help="--generate: tokens of the prompt and KV cache (default --seq)")
   p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+  p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                 help="compile the LoRA step of this rank (default targets) instead of full fine-tuning")
 
 
 def model_config(args, **overrides) -> MixtralConfig:
@@ -312,7 +318,7 @@ def plan_main(args) -> int:
   cfg = model_config(args)
   devices = target_devices(args, count)
   mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
-  out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum)
+  out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum, lora_rank=args.lora)
   c, a = out["compiled"], out["analytic"]
   print(_header(args, cfg, mesh, f"batch {args.batch} x {args.seq}, {args.grad_accum} microbatch(es), "
                                  f"remat {cfg.remat}") + f"; compiled in {out['compile_seconds']:.1f} s")
@@ -359,5 +365,5 @@ def plan_main(args) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"preset": args.preset, "mesh": format_mesh(mesh), "topology": args.topology,
-                 "device": verdict, **out}, f, indent=2)
+                 "device": verdict, "lora_rank": args.lora, **out}, f, indent=2)
   return 0

@@ -100,13 +100,29 @@ def export_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the exported tensors (default: as stored)")
   p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 5GB or 500MB")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+  lora = p.add_mutually_exclusive_group()
+  lora.add_argument("--merge", action="store_true",
+                    help="LoRA run: write its base with the adapters merged in, as Hugging Face safetensors")
+  lora.add_argument("--peft", action="store_true",
+                    help="LoRA run: write its adapters as a Hugging Face PEFT adapter for the base")
+  p.add_argument("--base", help="LoRA run: the base checkpoint (default: the one the run recorded in lora.json)")
+  p.epilog = "example: mixtral-jax export runs/lora hf/lora-adapter --peft"
 
 
 def export_main(args: argparse.Namespace) -> int:
   from mixtral_jax.checkpoint import export  # noqa: PLC0415
+  from mixtral_jax.lora import run as lora_run  # noqa: PLC0415
 
   t = time.perf_counter()
-  export(args.ckpt, args.dst, overwrite=args.overwrite, dtype=args.dtype, max_shard_size=args.max_shard_size,
-         progress=_say)
+  if args.merge or args.peft:
+    from mixtral_jax.lora.export import export_lora  # noqa: PLC0415
+    export_lora(args.ckpt, args.dst, merge=args.merge, base=args.base, overwrite=args.overwrite, dtype=args.dtype,
+                max_shard_size=args.max_shard_size, progress=_say)
+  elif lora_run.is_lora_run(args.ckpt):
+    raise ValueError(f"{args.ckpt} is a LoRA run (adapters only); pass --merge for merged Hugging Face weights "
+                     "or --peft for a PEFT adapter")
+  else:
+    export(args.ckpt, args.dst, overwrite=args.overwrite, dtype=args.dtype, max_shard_size=args.max_shard_size,
+           progress=_say)
   _say(f"done in {time.perf_counter() - t:.1f}s")
   return 0

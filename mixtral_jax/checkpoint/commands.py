@@ -91,7 +91,8 @@ def convert_main(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ export
 
-export_example = "mixtral-jax export runs/tiny hf/tiny --max-shard-size 500MB"
+export_example = ("mixtral-jax export runs/tiny hf/tiny --max-shard-size 500MB\n"
+                  "mixtral-jax export runs/lora hf/lora-adapter --peft")
 
 
 def export_parser(p: argparse.ArgumentParser) -> None:
@@ -106,7 +107,6 @@ def export_parser(p: argparse.ArgumentParser) -> None:
   lora.add_argument("--peft", action="store_true",
                     help="LoRA run: write its adapters as a Hugging Face PEFT adapter for the base")
   p.add_argument("--base", help="LoRA run: the base checkpoint (default: the one the run recorded in lora.json)")
-  p.epilog = "example: mixtral-jax export runs/lora hf/lora-adapter --peft"
 
 
 def export_main(args: argparse.Namespace) -> int:

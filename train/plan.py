@@ -30,6 +30,7 @@ With ``--device`` it says whether the peak fits that device and, when not, what 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -233,12 +234,17 @@ def target_devices(args, count: int):
 # ------------------------------------------------------------------------------------ the command
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """Defaults in the option help, and the examples' line breaks kept."""
+
+
 def plan_parser(p):
+  p.formatter_class = _HelpFormatter
   p.epilog = ("examples:\n"
               "  mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 "
               "--topology v5p-128\n"
               "  mixtral-jax plan --preset mixtral-8x7b --mesh fsdp=8 --batch 8 --seq 16384 --device h200\n"
-              "  mixtral-jax plan --generate --preset mixtral-8x7b --mesh tensor=2 --batch 8 --context 32768 "
+              "  mixtral-jax plan --generate --preset mixtral-8x7b --mesh expert=2 --batch 8 --context 32768 "
               "--device h200")
   p.add_argument("--preset", default="mixtral-8x7b", help="model preset (mixtral_jax.config.PRESETS)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,expert=8 (default: all devices on data)")

@@ -21,6 +21,7 @@ from mixtral_jax.attn.dense import dot_product_attention  # noqa: F401  (re-expo
 from mixtral_jax.attn.mask import attention_mask  # noqa: F401  (re-exported: the mask rule)
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.layers import apply_rope, param, rope_cos_sin
+from mixtral_jax.lora import adapters as lora
 from mixtral_jax.sharding.rules import constrain
 
 
@@ -38,13 +39,14 @@ class LayerCache:
 class Attention(nnx.Module):
   """q/k/v/o projections stored as [D, N, H], [D, K, H], [D, K, H], [N, H, D]."""
 
-  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs, lora_cfg=None):
     D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
     pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
     self.q_DNH = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd, std=std)
     self.k_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, std=std)
     self.v_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, std=std)
     self.o_NHD = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd, std=std)
+    self.lora = lora.make("attn", cfg, lora_cfg)  # LoRA adapters on q, k, v, o (or None)
     self.cfg = cfg
 
   def __call__(self, x_BTD, positions_BT, *, valid_BT=None, segment_ids_BT=None,
@@ -65,6 +67,9 @@ class Attention(nnx.Module):
     q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_DNH[...].astype(dt))
     k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_DKH[...].astype(dt))
     v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.v_DKH[...].astype(dt))
+    q_BTNH = lora.add(self.lora, "q", x_BTD, q_BTNH)  # LoRA: + (x A) B alpha/r (no-op without adapters)
+    k_BTKH = lora.add(self.lora, "k", x_BTD, k_BTKH)  # LoRA
+    v_BTKH = lora.add(self.lora, "v", x_BTD, v_BTKH)  # LoRA
     q_BTNH = constrain(q_BTNH, ("batch", "seq", "act_heads", None))
     cos, sin = rope_cos_sin(positions_BT, cfg.head_size, cfg.rope_theta)
     q_BTNH = apply_rope(q_BTNH, cos, sin)
@@ -100,6 +105,7 @@ class Attention(nnx.Module):
     # As one [N*H] contraction: a view of o_NHD, where "btnh,nhd" let XLA copy o into [H, N, D] order.
     B, T, N, H = out_BTNH.shape
     out_BTD = jnp.einsum("bti,id->btd", out_BTNH.reshape(B, T, N * H), self.o_NHD[...].astype(dt).reshape(N * H, -1))
+    out_BTD = lora.add(self.lora, "o", out_BTNH, out_BTD)  # LoRA
     return out_BTD, new_cache
 
 

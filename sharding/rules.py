@@ -47,6 +47,7 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("router_experts", ()),
     ("expert_embed", ("fsdp",)),
     ("expert_mlp", ("tensor",)),
+    ("lora_rank", ()),  # LoRA adapters' rank: never split
 )
 
 _RULES = dict(LOGICAL_RULES)

@@ -209,3 +209,65 @@ def test_splash_in_interpret_mode_matches_blockwise():
   assert np.abs(np.asarray(out_s) - np.asarray(out_b))[real].max() <= TOL
   for what, a, b in zip("qkv", g_s, g_b):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() <= TOL, f"d{what}"
+
+
+def test_cudnn_arguments_express_our_mask():
+  """The arguments given to cuDNN (causal, local_window_size=(W-1, 0)), run through
+  jax.nn.dot_product_attention's XLA implementation on CPU, equal dense attention with positions
+  0..T-1, for a window shorter than T and none; GQA native (K/V not repeated)."""
+  from mixtral_jax.attn.cudnn import cudnn_arguments
+
+  rs = np.random.RandomState(3)
+  q, k, v = (jnp.asarray(x) for x in _inputs(rs, 2, 33, 33, 4, 2, 8))
+  pos = jnp.broadcast_to(jnp.arange(33), (2, 33))
+
+  @jax.jit
+  def both(q, k, v):
+    outs = []
+    for window in (None, 5):
+      kw = {**cudnn_arguments(window), "implementation": "xla"}
+      want = dense_attention(q, k, v, pos, pos, sliding_window=window)
+      outs.append((jax.nn.dot_product_attention(q, k, v, **kw), want))
+    return outs
+
+  for got, want in both(q, k, v):
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= TOL
+
+
+def test_the_choice_is_logged_once(caplog):
+  from mixtral_jax.attn import attend
+  from mixtral_jax.attn.select import reset_log
+
+  reset_log()
+  rs = np.random.RandomState(4)
+  q, k, v = (jnp.asarray(x) for x in _inputs(rs, 1, 4, 4, 2, 1, 8))
+  pos = jnp.arange(4)[None]
+  with caplog.at_level("INFO", logger="mixtral_jax.attn.select"):
+    for _ in range(3):
+      attend(q, k, v, pos, pos)
+  records = [r.getMessage() for r in caplog.records if r.name == "mixtral_jax.attn.select"]
+  assert len(records) == 1 and records[0].startswith("attention: dense (short; attention_impl=auto"), records
+
+
+def test_blockwise_under_a_mesh_equals_one_device():
+  """Batch over data x fsdp, kv heads over tensor (GSPMD partitions the block loops; the live
+  block lists are a union over the whole batch): forward and gradients equal the unsharded run."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from mixtral_jax.sharding.mesh import make_mesh
+
+  c = CASES["packed_gqa"]
+  rs = np.random.RandomState(6)
+  q, k, v = (np.concatenate([x, x[::-1]]) for x in c["qkv"])  # batch 4
+  w = rs.normal(size=q.shape).astype(np.float32)
+  q_pos, kv_pos, seg = (jnp.asarray(np.concatenate([x, x])) for x in (c["q_pos"], c["kv_pos"], c["seg"]))
+  want = _value_and_grads(q, k, v, w, q_pos, kv_pos, seg, impl="blockwise", window=None)
+  mesh = make_mesh("data=2,fsdp=2,tensor=2")
+
+  def put(x):
+    return jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None)))
+
+  with jax.set_mesh(mesh):
+    got = _value_and_grads(put(q), put(k), put(v), put(w), q_pos, kv_pos, seg, impl="blockwise", window=None)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= TOL

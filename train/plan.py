@@ -30,7 +30,6 @@ With ``--device`` it says whether the peak fits that device and, when not, what 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -171,13 +170,17 @@ def compile_or_verdict(lowered, argument_bytes: float) -> tuple[object | None, d
   return compiled, compiled_figures(compiled)
 
 
-def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1) -> dict:
-  """Compiles the train step for ``mesh`` and returns the compiled and analytic figures per device."""
+def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1, lora_rank: int | None = None) -> dict:
+  """Compiles the train step for ``mesh`` and returns the compiled and analytic figures per device
+  (``lora_rank``: the LoRA step, default targets, frozen base in the compute dtype)."""
   from mixtral_jax.train.config import TrainConfig  # noqa: PLC0415
   from mixtral_jax.train.step import build_train_step  # noqa: PLC0415
 
   train_cfg = TrainConfig().override({"data.batch_size": batch, "data.seq_len": seq,
-                                      "optimizer.grad_accum": grad_accum})
+                                      "optimizer.grad_accum": grad_accum, "lora.rank": lora_rank})
+  if lora_rank is not None:  # LoRA: checked before compiling
+    from mixtral_jax.lora import validate  # noqa: PLC0415
+    validate(train_cfg.lora, cfg)
   t0 = time.perf_counter()
   step_fn, abs_state, abs_batch = build_train_step(cfg, train_cfg, mesh)
   with jax.set_mesh(mesh):  # kernels that need a concrete mesh (shard_map'd Pallas) see the target's
@@ -189,6 +192,9 @@ def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1)
       "analytic": analytic(cfg, mesh, batch, seq, grad_accum),
       "compile_seconds": time.perf_counter() - t0,
   }
+
+
+plan_example = "mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 --topology v5p-128"
 
 
 # ------------------------------------------------------------------------------------ devices
@@ -234,12 +240,7 @@ def target_devices(args, count: int):
 # ------------------------------------------------------------------------------------ the command
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-  """Defaults in the option help, and the examples' line breaks kept."""
-
-
 def plan_parser(p):
-  p.formatter_class = _HelpFormatter
   p.epilog = ("examples:\n"
               "  mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 "
               "--topology v5p-128\n"
@@ -253,7 +254,9 @@ def plan_parser(p):
   p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step")
   p.add_argument("--dtype", default="bfloat16", help="compute dtype")
   p.add_argument("--param-dtype", default="float32", help="master weight dtype (serving: bfloat16)")
-  p.add_argument("--remat", default="full", choices=("none", "full", "dots"))
+  p.add_argument("--remat", default="full", choices=("none", "full", "dots"),
+                 help="activation rematerialisation: none (keep all), full (recompute each layer in the backward "
+                      "pass), dots (keep matmul outputs, recompute the rest)")
   p.add_argument("--capacity-factor", default="1.25", help="expert capacity factor, or 'none' for dropless")
   p.add_argument("--moe-impl", default="auto", help="auto | blocked | ragged | dense (dropless expert kernel)")
   p.add_argument("--attention", default=None,
@@ -272,6 +275,8 @@ def plan_parser(p):
   p.add_argument("--context", type=int, default=None,
                  help="--generate: tokens of the prompt and KV cache (default --seq)")
   p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+  p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                 help="compile the LoRA step of this rank (default targets) instead of full fine-tuning")
 
 
 def model_config(args, **overrides) -> MixtralConfig:
@@ -320,7 +325,7 @@ def plan_main(args) -> int:
   cfg = model_config(args)
   devices = target_devices(args, count)
   mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
-  out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum)
+  out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum, lora_rank=args.lora)
   c, a = out["compiled"], out["analytic"]
   print(_header(args, cfg, mesh, f"batch {args.batch} x {args.seq}, {args.grad_accum} microbatch(es), "
                                  f"remat {cfg.remat}") + f"; compiled in {out['compile_seconds']:.1f} s")
@@ -370,5 +375,5 @@ def plan_main(args) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"preset": args.preset, "mesh": format_mesh(mesh), "topology": args.topology,
-                 "device": verdict, **out}, f, indent=2)
+                 "device": verdict, "lora_rank": args.lora, **out}, f, indent=2)
   return 0

@@ -59,5 +59,6 @@ def live_blocks(q_pos_BnQ, kv_pos_BnK, *, sliding_window=None, q_seg_BnQ=None, k
   if q_seg_BnQ is not None:
     ks_min = jnp.where(real, kv_seg_BnK, big).min(-1)
     ks_max = jnp.where(real, kv_seg_BnK, -big).max(-1)
-    live &= (q_seg_BnQ.min(-1)[:, :, None] <= ks_max[:, None, :]) & (ks_min[:, None, :] <= q_seg_BnQ.max(-1)[:, :, None])
+    qs_min, qs_max = q_seg_BnQ.min(-1), q_seg_BnQ.max(-1)
+    live &= (qs_min[:, :, None] <= ks_max[:, None, :]) & (ks_min[:, None, :] <= qs_max[:, :, None])
   return live.any(0)

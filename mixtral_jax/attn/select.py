@@ -20,7 +20,6 @@ from mixtral_jax.attn.blockwise import DEFAULT_BLOCK, blockwise_attention
 from mixtral_jax.attn.dense import dense_attention
 from mixtral_jax.config import ATTENTION_IMPLS as IMPLS
 
-
 # auto keeps dense attention while T * S <= DENSE_MAX_SCORES and S <= DENSE_MAX_KEYS: decode steps
 # over short caches (T = 1: dense is about 2x faster than a loop over key blocks) and short
 # sequences. Measured on CPU (docs/benchmarks.md): blockwise is already faster from T = S = 128-256 on,

@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "tokenize text, JSONL, Parquet or chat files once into token shards (+ manifest) for training"),
     "train": ("mixtral_jax.train.commands", "pretrain, continue-train or fine-tune from a YAML run config"),
     "plan": ("mixtral_jax.train.plan",
-             "compile a preset's train step ahead of time on a mesh: memory, FLOPs, all-to-all bytes"),
+             "will it fit? compile a preset's train step (or prefill/decode) ahead of time for a mesh, a TPU "
+             "slice or simulated GPUs: memory, peak, FLOPs, all-to-all bytes"),
     "generate": ("mixtral_jax.generation_commands", "generate text from a model, optionally sharded on a mesh"),
     "chat": ("mixtral_jax.generation_commands", "an interactive chat session with an instruct model"),
 }

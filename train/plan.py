@@ -222,6 +222,13 @@ def target_devices(args, count: int):
   if not started and (args.simulate or not _accelerator_possible()):
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", max(count, 1))
+    # XLA:CPU has no bf16 dot: it converts the operands to f32, and loop-invariant code motion then
+    # hoists the conversion of a whole stacked operand out of the layer scan: an f32 copy of every
+    # bf16 weight (serving) or of the saved residual stack (training backward), which no GPU or TPU
+    # program holds. Without the pass the simulated program converts one layer's slice at a time.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_disable_hlo_passes" not in flags:
+      os.environ["XLA_FLAGS"] = f"{flags} --xla_disable_hlo_passes=while-loop-invariant-code-motion".strip()
   devices = jax.devices()
   if count > len(devices):
     raise ValueError(f"the mesh needs {count} devices but {len(devices)} {devices[0].platform} device(s) are "
@@ -238,7 +245,7 @@ def plan_parser(p):
               "  mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 "
               "--topology v5p-128\n"
               "  mixtral-jax plan --preset mixtral-8x7b --mesh fsdp=8 --batch 8 --seq 16384 --device h200\n"
-              "  mixtral-jax plan --generate --preset mixtral-8x7b --mesh tensor=2 --batch 8 --context 32768 "
+              "  mixtral-jax plan --generate --preset mixtral-8x7b --mesh expert=2 --batch 8 --context 32768 "
               "--device h200")
   p.add_argument("--preset", default="mixtral-8x7b", help="model preset (mixtral_jax.config.PRESETS)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,expert=8 (default: all devices on data)")
@@ -357,6 +364,9 @@ def plan_main(args) -> int:
     if mesh.devices.flat[0].platform == "cpu" and cfg.dtype == "bfloat16" and c["all_to_all_bytes"]:
       print("  note: XLA:CPU carries bfloat16 all-to-alls as float32, so the compiled bytes here are twice "
             "what TPU/GPU send")
+    if "while-loop-invariant-code-motion" in os.environ.get("XLA_FLAGS", ""):
+      print("  note: simulated with XLA:CPU's loop-invariant code motion off (it hoists f32 copies of whole "
+            "stacked bf16 operands out of the layer scan, which GPU/TPU programs do not hold)")
     if c["unknown_trip_loops"]:
       print(f"  note: {c['unknown_trip_loops']} loop(s) with data-dependent trip counts were counted once")
   lines, verdict = fit_lines(c["peak_bytes"], device, tips)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.inference.quantize import compute_weight
 from mixtral_jax.layers import apply_rope, param, rope_cos_sin
 from mixtral_jax.sharding.rules import constrain
 
@@ -88,9 +89,9 @@ class Attention(nnx.Module):
     if layer is not None and x_BTD.shape[1] != 1:
       raise ValueError(f"writing a stacked cache by layer is for one new token per row, got T={x_BTD.shape[1]}")
     x_BTD = x_BTD.astype(dt)
-    q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_DNH[...].astype(dt))
-    k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_DKH[...].astype(dt))
-    v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.v_DKH[...].astype(dt))
+    q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, compute_weight(self, "q_DNH", dt))
+    k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, compute_weight(self, "k_DKH", dt))
+    v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, compute_weight(self, "v_DKH", dt))
     q_BTNH = constrain(q_BTNH, ("batch", "seq", "act_heads", None))
     cos, sin = rope_cos_sin(positions_BT, cfg.head_size, cfg.rope_theta)
     q_BTNH = apply_rope(q_BTNH, cos, sin)
@@ -121,7 +122,7 @@ class Attention(nnx.Module):
     out_BTNH = dot_product_attention(q_BTNH, keys, values, mask_BTS)
     # As one [N*H] contraction: a view of o_NHD, where "btnh,nhd" let XLA copy o into [H, N, D] order.
     B, T, N, H = out_BTNH.shape
-    out_BTD = jnp.einsum("bti,id->btd", out_BTNH.reshape(B, T, N * H), self.o_NHD[...].astype(dt).reshape(N * H, -1))
+    out_BTD = jnp.einsum("bti,id->btd", out_BTNH.reshape(B, T, N * H), compute_weight(self, "o_NHD", dt).reshape(N * H, -1))
     return out_BTD, new_cache
 
 

@@ -28,6 +28,7 @@ from flax import nnx
 from mixtral_jax import routing
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.experts import dense_expert_ffn, grouped_expert_ffn, resolve_impl
+from mixtral_jax.inference.quantize import as_compute, compute_weight
 from mixtral_jax.layers import param
 
 
@@ -74,7 +75,7 @@ def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=
 
   # Expert i's FFN on its own arrays, for the per-expert path (built once; traced per use).
   branches = None if experts is None else [
-      functools.partial(ffn, *(ws[i].astype(x_ND.dtype) for ws in experts)) for i in range(E)]
+      functools.partial(ffn, *(as_compute(ws[i], x_ND.dtype) for ws in experts)) for i in range(E)]
   y_ND = jnp.zeros((N, D), jnp.float32)
   for j in range(M):
     if branches is not None and M == E:
@@ -166,7 +167,7 @@ class MoE(nnx.Module):
     x_ND = x_BTD.reshape(B * T, D).astype(dt)
     logits_NE = jnp.einsum("nd,de->ne", x_ND, self.router_DE[...].astype(dt)).astype(jnp.float32)
     weights_Nk, ids_Nk = routing.top_k_route(logits_NE, cfg.num_experts_per_tok)
-    w1, w3, w2 = (w[...].astype(dt) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
+    w1, w3, w2 = (compute_weight(self, n, dt) for n in ("w1_EDF", "w3_EDF", "w2_EFD"))
 
     if _expert_mesh_size() > 1:
       from mixtral_jax.sharding import expert_parallel  # layer 1; imported lazily only for clarity

@@ -182,15 +182,17 @@ class Engine:
       raise ValueError(f"the prompt has {n} tokens and max_tokens is {req.max_tokens}, {n + req.max_tokens} in "
                        f"all, but the context is {self.max_context} tokens")
     with self._wake:
-      if len(self.waiting) >= self.max_queue:
+      free = sum(r is None for r in self.slots)  # rows the waiting requests will take at the next step
+      if len(self.waiting) >= self.max_queue + free:
         self.metrics.rejected += 1
-        raise QueueFull(f"{len(self.waiting)} requests are waiting (the --max-queue limit); retry later")
+        raise QueueFull(f"all {self.B} rows are busy and {self.max_queue} requests are waiting (--max-queue); "
+                        "retry later")
       req.row = _Row(0, self.tokenizer, req.eos, req.stop, self._streamer(req))
       self.waiting.append(req)
       self._wake.notify()
 
   def queue_depth(self) -> int:
-    return len(self.waiting)
+    return len(self.waiting)  # just-arrived requests count until the next step gives them a row
 
   def busy_rows(self) -> int:
     return sum(r is not None for r in self.slots)

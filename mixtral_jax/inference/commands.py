@@ -28,20 +28,20 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
   p.formatter_class = _Formatter
   p.add_argument("--model", required=True, help="checkpoint directory (HF, consolidated, ours, or a training run)")
   p.add_argument("--tokenizer", help="tokenizer.model path or bundled name v1/v3")
-  p.add_argument("--mesh", help="device mesh such as 'expert=4'")
+  p.add_argument("--mesh", help="device mesh such as 'expert=4'; None: one device")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
   p.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization of every matmul weight")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on")
   p.add_argument("--port", type=int, default=8000, help="port to listen on")
   p.add_argument("--max-batch", type=int, default=16, help="decode rows sharing the KV cache")
   p.add_argument("--max-context", type=int,
-                 help="tokens per row, prompt plus reply")
+                 help="tokens per row, prompt plus reply; None: the model's max_position_embeddings")
   p.add_argument("--max-queue", type=int, default=64,
                  help="requests that may wait for a row; more get 429")
   p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
-  p.add_argument("--served-model-name", help="the model name clients send")
+  p.add_argument("--served-model-name", help="the model name clients send; None: the model directory's name")
   p.add_argument("--chat-version", choices=("v1", "v3"),
-                 help="instruct format: v1 (8x7B-Instruct) or v3 (8x22B-Instruct, tools); default by vocabulary")
+                 help="instruct format: v1 (8x7B-Instruct) or v3 (8x22B-Instruct, tools); None: v3 for a 32768 vocabulary")
 
 
 def serve_main(args: argparse.Namespace) -> int:

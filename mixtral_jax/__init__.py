@@ -25,6 +25,7 @@ __all__ = [
 
 def from_pretrained(path, **kwargs):
   """Loads a model from a Hugging Face directory, a Mistral consolidated directory, or an Orbax
-  checkpoint written by mixtral-jax (see :func:`mixtral_jax.checkpoint.load`)."""
+  checkpoint written by mixtral-jax (see :func:`mixtral_jax.checkpoint.load`). ``adapter=PATH`` merges a
+  LoRA adapter (a PEFT adapter directory or a mixtral-jax LoRA run) into the weights."""
   from mixtral_jax.checkpoint import load  # noqa: PLC0415  (keeps `import mixtral_jax` light)
   return load(path, **kwargs)

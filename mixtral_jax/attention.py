@@ -1,5 +1,6 @@
 """Grouped-query attention with RoPE, a causal / sliding-window / padding / segment mask, and an
-optional key-value cache.
+optional key-value cache. The attention itself is :func:`mixtral_jax.attn.attend` (dense, blockwise,
+splash or cuDNN by ``MixtralConfig.attention_impl``).
 
 Masking is by *positions*, not by array index: query i at position q_i may see key j at position p_j
 when p_j >= 0 (a real token), p_j <= q_i (causal), q_i - p_j < W (sliding window W, as transformers'
@@ -15,9 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax.attn import attend
+from mixtral_jax.attn.dense import dot_product_attention  # noqa: F401  (re-exported: the dense reference)
+from mixtral_jax.attn.mask import attention_mask  # noqa: F401  (re-exported: the mask rule)
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.inference.quantize import compute_weight
 from mixtral_jax.layers import apply_rope, param, rope_cos_sin
+from mixtral_jax.lora import adapters as lora
 from mixtral_jax.sharding.rules import constrain
 
 
@@ -32,46 +37,17 @@ class LayerCache:
   v: jax.Array
 
 
-def attention_mask(q_pos_BT, kv_pos_BS, *, sliding_window, q_seg_BT=None, kv_seg_BS=None) -> jax.Array:
-  """Boolean [B, T, S]: which keys each query may attend to (see module docstring)."""
-  q = q_pos_BT[:, :, None]
-  kv = kv_pos_BS[:, None, :]
-  ok = (kv >= 0) & (kv <= q)
-  if sliding_window is not None:
-    ok &= (q - kv) < sliding_window
-  if q_seg_BT is not None:
-    ok &= q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
-  return ok
-
-
-def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
-  """softmax(q k^T / sqrt(H) + mask) v, with N/K query heads sharing each kv head.
-
-  The logits and softmax are float32; probabilities are cast to the value dtype before the second
-  matmul, as transformers' eager attention does. A query that may see no key (a pad) gets a uniform
-  distribution rather than NaN; its output is never used.
-  """
-  B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-  logits_BKGTS = logits_BKGTS * (H ** -0.5)
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
-  return out_BTKGH.reshape(B, T, N, H)
-
-
 class Attention(nnx.Module):
   """q/k/v/o projections stored as [D, N, H], [D, K, H], [D, K, H], [N, H, D]."""
 
-  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs, lora_cfg=None):
     D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
     pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
     self.q_DNH = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd, std=std)
     self.k_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, std=std)
     self.v_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, std=std)
     self.o_NHD = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd, std=std)
+    self.lora = lora.make("attn", cfg, lora_cfg)  # LoRA adapters on q, k, v, o (or None)
     self.cfg = cfg
 
   def __call__(self, x_BTD, positions_BT, *, valid_BT=None, segment_ids_BT=None,
@@ -92,6 +68,9 @@ class Attention(nnx.Module):
     q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, compute_weight(self, "q_DNH", dt))
     k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, compute_weight(self, "k_DKH", dt))
     v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, compute_weight(self, "v_DKH", dt))
+    q_BTNH = lora.add(self.lora, "q", x_BTD, q_BTNH)  # LoRA: + (x A) B alpha/r (no-op without adapters)
+    k_BTKH = lora.add(self.lora, "k", x_BTD, k_BTKH)  # LoRA
+    v_BTKH = lora.add(self.lora, "v", x_BTD, v_BTKH)  # LoRA
     q_BTNH = constrain(q_BTNH, ("batch", "seq", "act_heads", None))
     cos, sin = rope_cos_sin(positions_BT, cfg.head_size, cfg.rope_theta)
     q_BTNH = apply_rope(q_BTNH, cos, sin)
@@ -117,12 +96,17 @@ class Attention(nnx.Module):
       values = jnp.concatenate([old.v.astype(dt), v_BTKH], axis=1)
       kv_pos = jnp.concatenate([cache_pos_BS, new_pos_BT], axis=1)
       kv_seg = None
-    mask_BTS = attention_mask(positions_BT, kv_pos, sliding_window=cfg.sliding_window,
-                              q_seg_BT=segment_ids_BT if kv_seg is not None else None, kv_seg_BS=kv_seg)
-    out_BTNH = dot_product_attention(q_BTNH, keys, values, mask_BTS)
+    # Without a cache the keys are this call's tokens, whose positions count up by one along each
+    # segment for every caller (default positions, packed training batches, cumulative positions of
+    # padded batches): a mask by index then equals the mask by position, so index-masking kernels apply.
+    out_BTNH = attend(q_BTNH, keys, values, positions_BT, kv_pos,
+                      q_seg_BT=segment_ids_BT if kv_seg is not None else None, kv_seg_BS=kv_seg,
+                      sliding_window=cfg.sliding_window, impl=cfg.attention_impl, block=cfg.attention_block,
+                      index_aligned=cache is None, padded=valid_BT is not None)
     # As one [N*H] contraction: a view of o_NHD, where "btnh,nhd" let XLA copy o into [H, N, D] order.
     B, T, N, H = out_BTNH.shape
     out_BTD = jnp.einsum("bti,id->btd", out_BTNH.reshape(B, T, N * H), compute_weight(self, "o_NHD", dt).reshape(N * H, -1))
+    out_BTD = lora.add(self.lora, "o", out_BTNH, out_BTD)  # LoRA
     return out_BTD, new_cache
 
 

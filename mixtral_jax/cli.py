@@ -1,7 +1,8 @@
 """The ``mixtral-jax`` command: a thin dispatcher over subcommands that live next to what they run.
 
-Each subcommand module defines ``NAME_parser(parser)`` to add its arguments and ``NAME_main(args)``
-to run it (returning an exit code). Modules are imported only for the subcommand asked for, so
+Each subcommand module defines ``NAME_parser(parser)`` to add its arguments, ``NAME_main(args)`` to run
+it (returning an exit code) and ``NAME_example``, one example command line that ends its ``--help``
+(or the parser sets its own epilog). Modules are imported only for the subcommand asked for, so
 ``mixtral-jax --help`` is instant.
 """
 
@@ -19,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "convert a Hugging Face or Mistral consolidated checkpoint (SRC) to an Orbax checkpoint (DST)"),
     "export": ("mixtral_jax.checkpoint.commands",
                "export an Orbax checkpoint (ours or a training run's) to Hugging Face safetensors"),
+    "tokenize": ("mixtral_jax.train.data.commands",
+                 "tokenize text, JSONL, Parquet or chat files once into token shards (+ manifest) for training"),
     "train": ("mixtral_jax.train.commands", "pretrain, continue-train or fine-tune from a YAML run config"),
     "plan": ("mixtral_jax.train.plan",
              "compile a preset's train step ahead of time on a mesh: memory, FLOPs, all-to-all bytes"),
@@ -30,12 +33,42 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 EPILOG = """examples:
   mixtral-jax train --config tiny-pretrain --workdir runs/tiny
+  mixtral-jax tokenize ~/corpus/ --out shards/corpus --workers 8
   mixtral-jax generate --model runs/tiny --prompt "def fibonacci(n):"
   mixtral-jax convert ~/Mixtral-8x7B-v0.1 ckpt/8x7b
   mixtral-jax serve --model runs/tiny --port 8000 --max-batch 16
   mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096
 
 Run 'mixtral-jax COMMAND --help' for a command's options."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+  """Subcommand help: appends one ``(default: X)`` to an option's help unless the text already states its
+  default or there is nothing to say (a flag, no default, a required option), so no option reads
+  ``(default: ...) (default: None)``; keeps multi-line descriptions and epilogs (examples) as written."""
+
+  def _get_help_string(self, action):
+    help_ = action.help or ""
+    quiet = (action.nargs == 0 or action.default is None or action.default == [] or action.required
+             or not action.option_strings or "default" in help_)
+    return help_ if quiet else f"{help_} (default: %(default)s)"
+
+  def _fill_text(self, text, width, indent):
+    if "\n" in text:
+      return "".join(indent + line for line in text.splitlines(keepends=True))
+    return super()._fill_text(text, width, indent)
+
+
+def command_parser(name: str):
+  """(the subcommand's module, its full argument parser)."""
+  module_name, help_ = COMMANDS[name]
+  module = importlib.import_module(module_name)
+  parser = argparse.ArgumentParser(prog=f"mixtral-jax {name}", description=help_, formatter_class=HelpFormatter)
+  getattr(module, f"{name}_parser")(parser)
+  example = getattr(module, f"{name}_example", None)
+  if example and not parser.epilog:
+    parser.epilog = "example:\n  " + example.strip().replace("\n", "\n  ")
+  return module, parser
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -60,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     _top_parser().print_help()
     return 0 if not argv else 2
   name = argv[0]
-  module_name, help_ = COMMANDS[name]
-  module = importlib.import_module(module_name)
-  parser = argparse.ArgumentParser(prog=f"mixtral-jax {name}", description=help_,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  getattr(module, f"{name}_parser")(parser)
+  module, parser = command_parser(name)
   args = parser.parse_args(argv[1:])
   try:
     return int(getattr(module, f"{name}_main")(args) or 0)

@@ -15,6 +15,8 @@ import os
 from typing import Any, Literal
 
 MoEImpl = Literal["auto", "blocked", "ragged", "dense"]
+AttentionImpl = Literal["auto", "dense", "blockwise", "splash", "cudnn"]
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +24,8 @@ class MixtralConfig:
   """Architecture of a Mixtral model plus the few runtime knobs that change how it is computed.
 
   The architecture fields mirror Hugging Face's ``MixtralConfig``. The runtime fields (``dtype``,
-  ``param_dtype``, ``capacity_factor``, ``moe_impl``, ``moe_block``, ``remat``) never change what the model
+  ``param_dtype``, ``capacity_factor``, ``moe_impl``, ``moe_block``, ``remat``, ``attention_impl``,
+  ``attention_block``) never change what the model
   computes in exact arithmetic, except ``capacity_factor``, which drops routed pairs past capacity.
   """
 
@@ -53,6 +56,10 @@ class MixtralConfig:
   moe_impl: MoEImpl = "auto"  # grouped expert matmul: auto picks ragged on GPU/TPU, blocked on CPU
   moe_block: int = 128  # row block of the blocked grouped matmul (CPU)
   remat: str = "none"  # none | full | dots (see mixtral_jax.model.REMAT_POLICIES)
+  # Attention kernel (mixtral_jax.attn): auto picks splash on TPU / cuDNN on GPU where they express
+  # the mask, else dense for short sequences and blockwise (flash, O(T * block) memory) for long ones.
+  attention_impl: AttentionImpl = "auto"
+  attention_block: int = 512  # query and key block of blockwise attention
 
   def __post_init__(self):
     problems = []
@@ -72,6 +79,10 @@ class MixtralConfig:
       problems.append(f"capacity_factor must be positive or None (dropless), got {self.capacity_factor}")
     if self.sliding_window is not None and self.sliding_window <= 0:
       problems.append(f"sliding_window must be positive or None, got {self.sliding_window}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      problems.append(f"attention_impl={self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    if self.attention_block <= 0:
+      problems.append(f"attention_block must be positive, got {self.attention_block}")
     if problems:
       raise ValueError("invalid MixtralConfig: " + "; ".join(problems))
 
@@ -85,7 +96,8 @@ class MixtralConfig:
 
   # ---------------------------------------------------------------- Hugging Face config.json
 
-  _RUNTIME_FIELDS = ("dtype", "param_dtype", "capacity_factor", "moe_impl", "moe_block", "remat")
+  _RUNTIME_FIELDS = ("dtype", "param_dtype", "capacity_factor", "moe_impl", "moe_block", "remat", "attention_impl",
+                     "attention_block")
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The ``config.json`` that transformers' ``MixtralConfig`` reads."""

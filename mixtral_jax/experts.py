@@ -25,13 +25,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mixtral_jax.sharding.mesh import current_platform
+
 f32 = jnp.float32
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+  """``auto`` -> ``ragged`` on GPU/TPU, ``blocked`` on CPU. The platform is that of the devices the
+  program is being traced for (``sharding.mesh.current_platform``: the mesh's devices), so a TPU program
+  compiled ahead of time on a CPU host gets the TPU choice."""
   if impl != "auto":
     return impl
-  return "ragged" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "blocked"
+  return "ragged" if (platform or current_platform()) in ("gpu", "tpu") else "blocked"
 
 
 # ------------------------------------------------------------------------------------ dense
@@ -49,11 +54,16 @@ def dense_expert_ffn(x_ECD: jax.Array, w1_EDF, w3_EDF, w2_EFD) -> jax.Array:
 
 
 def ragged_expert_ffn(x_MD, sizes_E, w1_EDF, w3_EDF, w2_EFD) -> jax.Array:
-  """Contiguous groups from row 0 (sizes_E sum to at most M); rows past the groups give zero."""
-  a1_MF = jax.lax.ragged_dot(x_MD, w1_EDF, sizes_E)
-  a3_MF = jax.lax.ragged_dot(x_MD, w3_EDF, sizes_E)
+  """Contiguous groups from row 0 (sizes_E sum to at most M); rows past the groups give zero.
+
+  16-bit inputs take the default precision explicitly: under ``jax_default_matmul_precision="highest"``
+  the TPU's Mosaic grouped-matmul kernel is asked for fp32 contraction of bf16 operands and fails to
+  compile ("Bad lhs type", libtpu 0.0.42); for float32 inputs the global setting still applies."""
+  dot = functools.partial(jax.lax.ragged_dot, precision=None if x_MD.dtype == f32 else jax.lax.Precision.DEFAULT)
+  a1_MF = dot(x_MD, w1_EDF, sizes_E)
+  a3_MF = dot(x_MD, w3_EDF, sizes_E)
   h_MF = jax.nn.silu(a1_MF) * a3_MF
-  y_MD = jax.lax.ragged_dot(h_MF, w2_EFD, sizes_E)
+  y_MD = dot(h_MF, w2_EFD, sizes_E)
   covered_M = jnp.arange(x_MD.shape[0]) < jnp.sum(sizes_E)
   return jnp.where(covered_M[:, None], y_MD, 0).astype(x_MD.dtype)
 

@@ -22,6 +22,7 @@ from mixtral_jax.attention import Attention, LayerCache
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.inference.quantize import SCALE, compute_weight
 from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, param
+from mixtral_jax.lora import adapters as lora
 from mixtral_jax.moe import MoE
 from mixtral_jax.sharding.rules import constrain
 
@@ -58,12 +59,12 @@ def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype=None) -> KVCa
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs, lora_cfg=None):
     pd = jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-    self.attn = Attention(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs, lora_cfg=lora_cfg)
     self.moe_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-    self.moe = MoE(cfg, rngs=rngs)
+    self.moe = MoE(cfg, rngs=rngs, lora_cfg=lora_cfg)
 
   def __call__(self, h_BTD, positions_BT, valid_BT, segment_ids_BT, cache, cache_pos_BS, write_slots_BT,
                experts=None, layer=None):
@@ -77,9 +78,11 @@ class Block(nnx.Module):
 
 
 class Mixtral(nnx.Module):
-  """Mixtral for causal LM. ``model(input_ids)`` -> float32 logits ``[B, T, V]``."""
+  """Mixtral for causal LM. ``model(input_ids)`` -> float32 logits ``[B, T, V]``.
 
-  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs):
+  ``lora_cfg`` (a ``mixtral_jax.lora.LoraSection``) adds LoRA adapters (see ``mixtral_jax.lora``)."""
+
+  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs, lora_cfg=None):
     V, D, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
     pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
     self.cfg = cfg
@@ -88,11 +91,12 @@ class Mixtral(nnx.Module):
     @nnx.split_rngs(splits=L)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_STACK_METADATA)
     def make_blocks(rngs: nnx.Rngs) -> Block:
-      return Block(cfg, rngs=rngs)
+      return Block(cfg, rngs=rngs, lora_cfg=lora_cfg)
 
     self.blocks = make_blocks(rngs)
     self.final_norm = RMSNorm(D, cfg.rms_norm_eps, pd)
     self.head_DV = param(rngs, (D, V), ("embed", "vocab"), pd, std=std)
+    self.lora_head = lora.make("head", cfg, lora_cfg)  # LoRA adapter on the LM head (or None)
 
   # ------------------------------------------------------------------------------ forward pieces
 
@@ -136,9 +140,13 @@ class Mixtral(nnx.Module):
       aux["cache"] = KVCache(new_layers, new_pos)
     return self.final_norm(h), aux
 
+  def head(self) -> jax.Array:
+    """The LM head weight [D, V] (with its LoRA adapter added, if any)."""
+    return lora.adapted(self.lora_head, "lm_head", compute_weight(self, "head_DV", jnp.dtype(self.cfg.param_dtype)))
+
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     dt = jnp.dtype(self.cfg.dtype)
-    return jnp.einsum("btd,dv->btv", h_BTD.astype(dt), compute_weight(self, "head_DV", dt),
+    return jnp.einsum("btd,dv->btv", h_BTD.astype(dt), self.head().astype(dt),
                       preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids_BT, *, attention_mask=None, positions=None, segment_ids=None,

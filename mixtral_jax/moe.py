@@ -30,6 +30,7 @@ from mixtral_jax.config import MixtralConfig
 from mixtral_jax.experts import dense_expert_ffn, grouped_expert_ffn, resolve_impl
 from mixtral_jax.inference.quantize import as_compute, compute_weight
 from mixtral_jax.layers import param
+from mixtral_jax.lora import adapters as lora
 
 
 def dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, impl="auto", block=128):
@@ -148,13 +149,14 @@ def _expert_mesh_size() -> int:
 class MoE(nnx.Module):
   """Router [D, E]; experts w1, w3 [E, D, F] and w2 [E, F, D]."""
 
-  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs, lora_cfg=None):
     D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
     pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
     self.router_DE = param(rngs, (D, E), ("embed", "router_experts"), pd, std=std)
     self.w1_EDF = param(rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), pd, std=std)
     self.w3_EDF = param(rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), pd, std=std)
     self.w2_EFD = param(rngs, (E, F, D), ("experts", "expert_mlp", "expert_embed"), pd, std=std)
+    self.lora = lora.make("moe", cfg, lora_cfg)  # LoRA adapters on router, w1, w3, w2 (or None)
     self.cfg = cfg
 
   def __call__(self, x_BTD, mask_BT=None, experts=None):
@@ -165,9 +167,12 @@ class MoE(nnx.Module):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T, D = x_BTD.shape
     x_ND = x_BTD.reshape(B * T, D).astype(dt)
-    logits_NE = jnp.einsum("nd,de->ne", x_ND, self.router_DE[...].astype(dt)).astype(jnp.float32)
+    logits_NE = jnp.einsum("nd,de->ne", x_ND, self.router_DE[...].astype(dt))
+    logits_NE = lora.add(self.lora, "router", x_ND, logits_NE).astype(jnp.float32)  # LoRA
     weights_Nk, ids_Nk = routing.top_k_route(logits_NE, cfg.num_experts_per_tok)
     w1, w3, w2 = (compute_weight(self, n, dt) for n in ("w1_EDF", "w3_EDF", "w2_EFD"))
+    # LoRA: per-expert W_e + A_e B_e alpha/r, formed on the expert's own shard; every dispatch below uses it.
+    w1, w3, w2 = (lora.adapted(self.lora, t, w) for t, w in (("w1", w1), ("w3", w3), ("w2", w2)))
 
     if _expert_mesh_size() > 1:
       from mixtral_jax.sharding import expert_parallel  # layer 1; imported lazily only for clarity

@@ -44,18 +44,23 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mixtral_jax import experts, routing
+from mixtral_jax.sharding.mesh import current_platform
 
 BATCH_AXES = ("data", "fsdp", "expert")  # the logical "batch" axis of sharding.rules
 f32 = jnp.float32
 
 
 def dispatch_mode(capacity_factor: float | None, impl: str, backend: str | None = None) -> str:
-  """``capacity`` (dropping, batched einsum), ``blocked`` or ``dense`` (dropless buckets), ``ragged``."""
+  """``capacity`` (dropping, batched einsum), ``blocked`` or ``dense`` (dropless buckets), ``ragged``.
+
+  ``backend`` defaults to the platform of the mesh being traced for (``current_platform``), not the
+  process's default backend: a TPU program compiled on a CPU host must get ``ragged_all_to_all``."""
   if capacity_factor is not None:
     return "capacity"
-  impl = experts.resolve_impl(impl)
+  platform = backend or current_platform()
+  impl = experts.resolve_impl(impl, platform)
   if impl == "ragged":
-    return "blocked" if (backend or jax.default_backend()) == "cpu" else "ragged"
+    return "blocked" if platform == "cpu" else "ragged"
   return impl
 
 

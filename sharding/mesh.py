@@ -60,12 +60,14 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, *, devices=None, num_
   if -1 in sizes.values():
     known = math.prod(v for v in sizes.values() if v != -1)
     if len(devices) % known:
-      raise ValueError(f"mesh {spec!r}: the other axes ({known}) do not divide the {len(devices)} devices")
+      raise ValueError(f"mesh {spec!r}: the other axes ({known}) do not divide the {len(devices)} "
+                       f"device{'s' * (len(devices) != 1)}")
     sizes = {a: (len(devices) // known if v == -1 else v) for a, v in sizes.items()}
   total = math.prod(sizes.values())
   if total != len(devices):
     raise ValueError(
-        f"mesh {format_mesh(sizes)} has {total} devices but {len(devices)} are available; "
+        f"mesh {format_mesh(sizes)} has {total} device{'s' * (total != 1)} but {len(devices)} "
+        f"{'is' if len(devices) == 1 else 'are'} available; "
         f"make the axis sizes multiply to {len(devices)} (an axis of -1 takes the rest)")
   if num_experts is not None and num_experts % sizes["expert"]:
     raise ValueError(

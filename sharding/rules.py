@@ -8,6 +8,12 @@ Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameter
 ``expert`` (experts split across devices; the batch is split over it too outside the MoE block),
 ``tensor`` (Megatron-style split of heads and FFN width).
 
+Outside the MoE block ``expert`` is one more data-parallel axis, so the dense weights (embedding,
+attention, router, norms, LM head) split their ``embed`` dimension over ``fsdp`` *and* ``expert``
+(ZeRO-3 style, as MaxText's ``embed`` rule does): on ``expert=8`` every device holds 1/8 of every
+weight instead of a full copy of the dense ones. They are all-gathered per layer for use, like FSDP.
+Expert weights keep ``expert_embed`` on ``fsdp`` only, since ``expert`` already splits them by expert.
+
 We use ``AxisType.Auto`` meshes (classic GSPMD propagation). Explicit axis types would need an
 ``out_sharding`` on every contraction over a sharded axis outside ``shard_map``; with Auto, the table
 plus a constraint per block boundary is enough, and the one place where placement matters for
@@ -32,15 +38,16 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # parameters
     ("layers", ()),
     ("vocab", ("tensor",)),
-    ("embed", ("fsdp",)),
+    ("embed", ("fsdp", "expert")),  # ZeRO-style: dense weights split over every batch-parallel axis
     ("heads", ("tensor",)),
     ("kv_heads", ("tensor",)),
     ("head_dim", ()),
-    ("norm", ()),
+    ("norm", ("fsdp", "expert")),
     ("experts", ("expert",)),
     ("router_experts", ()),
     ("expert_embed", ("fsdp",)),
     ("expert_mlp", ("tensor",)),
+    ("lora_rank", ()),  # LoRA adapters' rank: never split
 )
 
 _RULES = dict(LOGICAL_RULES)

@@ -246,9 +246,9 @@ def test_cli_generate_streams_what_the_api_returns(tiny_checkpoint, capsys):
                  "--temperature", "0.8", "--seed", "3"])
   out = capsys.readouterr()
   model = mixtral_jax.from_pretrained(tiny_checkpoint)
-  want = mixtral_jax.generate(model, ["Hello"], 16, tokenizer="v1", temperature=0.8, seed=3)
+  want = mixtral_jax.generate(model, ["Hello"], 16, tokenizer="v1", temperature=0.8, top_p=0.9, seed=3)  # CLI top-p
   assert rc == 0
-  assert out.out == want.texts[0] + "\n"
+  assert out.out == "Hello" + want.texts[0] + "\n"  # the prompt, then its continuation
   assert f"{len(want.tokens[0])} tokens, finished by {want.finish_reasons[0]}" in out.err
 
 
@@ -262,7 +262,7 @@ def test_cli_chat_uses_the_instruct_template(tiny_checkpoint, capsys, monkeypatc
   out = capsys.readouterr().out
   model = mixtral_jax.from_pretrained(tiny_checkpoint)
   ids = encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}])
-  want = generate(model, [ids], 16, tokenizer=Tokenizer.load("v1"))
+  want = generate(model, [ids], 16, tokenizer=Tokenizer.load("v1"), temperature=0.7, top_p=0.9, seed=0)  # CLI defaults
   assert rc == 0 and out == want.texts[0] + "\n"
 
 

@@ -47,10 +47,9 @@ def test_sft_loss_ignores_prompt_tokens():
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
   train = TrainConfig().override({"data.batch_size": 1, "data.seq_len": 64, "loss.ce_chunk": 64})
   mesh = make_mesh(None, devices=jax.devices()[:1])
-  rows = data_lib.PackedChatRows([data_lib.assistant_spans(CHAT, "v1"),
-                                  data_lib.assistant_spans(CHAT[1:3], "v1")], 64, pad_id=0)
-  assert len(rows) == 1
-  row = rows.row(0)
+  examples = [data_lib.assistant_spans(CHAT, "v1"), data_lib.assistant_spans(CHAT[1:3], "v1")]
+  assert data_lib.first_fit([len(t) for t, _ in examples], 64 + 1) == [[0, 1]]
+  row = data_lib.pack_conversations(examples, 64, pad_id=0)
   assert set(np.unique(row["segment_ids"])) == {0, 1, 2}  # two conversations and padding
   batch = {k: v[None, None] for k, v in row.items()}
   params = step_lib.init_state(cfg, train, mesh).params
@@ -68,15 +67,14 @@ def test_sft_loss_ignores_prompt_tokens():
 
 def test_text_rows_pack_documents():
   tokens = np.arange(100, 120, dtype=np.int32)
-  rows = data_lib.TextRows(tokens, np.array([0, 5, 7]), seq_len=8)  # documents [0,5) [5,7) [7,20)
-  assert len(rows) == 2
-  r = rows.row(0)  # tokens 100..108: doc 0 (5 tokens), doc 1 (2), doc 2 (1 + the shifted target)
+  starts = np.isin(np.arange(20), [0, 5, 7])  # documents [0,5) [5,7) [7,20)
+  r = data_lib.pack_window(tokens[:9], starts[:9])  # doc 0 (5 tokens), doc 1 (2), doc 2 (1 + the shifted target)
   np.testing.assert_array_equal(r["inputs"], np.arange(100, 108))
   np.testing.assert_array_equal(r["targets"], np.arange(101, 109))
   np.testing.assert_array_equal(r["segment_ids"], [1, 1, 1, 1, 1, 2, 2, 3])
   np.testing.assert_array_equal(r["positions"], [0, 1, 2, 3, 4, 0, 1, 0])
   np.testing.assert_array_equal(r["weights"], [1, 1, 1, 1, 0, 1, 0, 1])  # no target across a boundary
-  r = rows.row(1)  # starts inside doc 2: a fresh segment at position 0
+  r = data_lib.pack_window(tokens[8:17], starts[8:17])  # starts inside doc 2: a fresh segment at position 0
   np.testing.assert_array_equal(r["segment_ids"], np.ones(8))
   np.testing.assert_array_equal(r["positions"], np.arange(8))
 
@@ -88,7 +86,7 @@ class _Rows:
   def __len__(self):
     return self.n
 
-  def row(self, i):
+  def __getitem__(self, i):
     return {"inputs": np.full(4, i, np.int32)}
 
 
@@ -101,7 +99,7 @@ def test_batches_resume_exactly_and_split_over_processes():
   again = data_lib.BatchIterator(_Rows(10), batch_size=4, grad_accum=2, seed=3)
   for _ in range(3):
     next(again)
-  resumed.restore(again.state())
+  resumed.restore(json.loads(json.dumps(again.state())))  # the state goes through JSON in the checkpoint
   np.testing.assert_array_equal(next(resumed)["inputs"], seen[3][..., None].repeat(4, -1))
   halves = [data_lib.BatchIterator(_Rows(10), batch_size=4, grad_accum=2, seed=3, local=slice(p, p + 1))
             for p in range(2)]

@@ -69,7 +69,8 @@ def test_tiny_pretrain_lowers_loss_and_writes_the_workdir(straight):
   assert result.eval_losses[2 * N] < result.eval_losses[N]
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records] == list(range(1, 2 * N + 1))
-  for key in ("loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "mfu", "dropped"):
+  assert [r["data_tokens/data"] for r in records] == [s * 8 * 32 for s in range(1, 2 * N + 1)]
+  for key in ("loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "mfu", "dropped", "data_tokens/data"):
     assert key in records[-1], key
   assert np.asarray(records[-1]["expert_load"]).shape == (2, 8)
   np.testing.assert_allclose(np.sum(records[-1]["expert_load"], axis=1), 1.0, atol=1e-4)

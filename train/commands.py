@@ -21,6 +21,9 @@ FLAGS = {
 }
 
 
+train_example = "mixtral-jax train --config tiny-pretrain --workdir runs/tiny"
+
+
 def train_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("--config", default="tiny-pretrain",
                  help=f"a packaged run config ({', '.join(packaged_configs())}) or a YAML file")
@@ -40,13 +43,15 @@ def train_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
   mp = p.add_argument_group("multi-process (one command per process; also from MIXTRAL_*/JAX_* variables)")
   mp.add_argument("--coordinator", help="host:port of process 0")
-  mp.add_argument("--num-processes", type=int)
-  mp.add_argument("--process-id", type=int)
+  mp.add_argument("--num-processes", type=int, help="how many processes take part (default: auto-detected, else 1)")
+  mp.add_argument("--process-id", type=int,
+                  help="this process's index, 0 to --num-processes - 1 (default: auto-detected)")
   mp.add_argument("--local-devices", type=int, help="CPU devices this process simulates (testing)")
 
 
 def train_main(args) -> int:
   from .loop import configure_logging, run  # noqa: PLC0415 - keeps --help fast
+  from .metrics import read_metrics, summary  # noqa: PLC0415
 
   flags = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
   cfg = load_config(args.config, args.overrides, flags)
@@ -58,12 +63,10 @@ def train_main(args) -> int:
   distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.local_devices)
   configure_logging()
   result = run(cfg, args.workdir, restart=args.restart)
-  last = result.losses.get(result.final_step)
-  summary = f"done: step {result.final_step}"
-  if last is not None:
-    summary += f", loss {last:.4f}"
-  if result.eval_losses:
-    first, final = min(result.eval_losses), max(result.eval_losses)
-    summary += f", held-out loss {result.eval_losses[first]:.4f} (step {first}) -> {result.eval_losses[final]:.4f}"
-  print(summary + f"; checkpoints in {args.workdir}/checkpoints")
+  # The whole run's story, resumed parts included, is in metrics.jsonl (process 0 writes it); another
+  # process, or a run whose file is elsewhere, summarises what it saw itself.
+  records = read_metrics(args.workdir) or [
+      {"step": s, "loss": loss, **({"eval_loss": result.eval_losses[s]} if s in result.eval_losses else {})}
+      for s, loss in sorted(result.losses.items())]
+  print(summary(records) + f"; checkpoints in {args.workdir}/checkpoints")
   return 0

@@ -1,12 +1,13 @@
 """The run configuration: one frozen dataclass of sections, read from YAML, overridden on the command line.
 
-A YAML run config has up to five sections (every key optional; defaults below)::
+A YAML run config has up to six sections (every key optional; defaults below)::
 
   model:      preset or converted checkpoint, plus MixtralConfig runtime overrides (dtype, remat, ...)
   data:       what to read and how to cut it: format text|chat, paths, tokenizer, batch_size, seq_len
   optimizer:  AdamW with linear warmup then cosine decay, global-norm clipping, gradient accumulation
   loss:       load-balancing pooling (pooled|per_layer), router z-loss, cross-entropy chunk
   train:      steps, seed, mesh, checkpointing, logging, evaluation
+  lora:       rank (null: full fine-tuning), alpha, dropout, targets (see mixtral_jax.lora)
 
 Overrides are ``section.key=value`` strings (``--set optimizer.lr=1e-3``); values are parsed as YAML,
 so ``1e-3``, ``null``, ``true`` and ``[a, b]`` mean what they look like.
@@ -21,6 +22,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from mixtral_jax.lora.spec import LoraSection
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
@@ -32,7 +35,11 @@ class ModelSection:
 @dataclasses.dataclass(frozen=True)
 class DataSection:
   format: str = "text"  # text: packed documents; chat: JSONL of {"messages": [...]}, loss on assistant turns
-  paths: tuple = ("stdlib",)  # files, directories or globs; "stdlib" is the Python standard library source
+  paths: tuple = ("stdlib",)  # files, directories, globs ("stdlib": the Python standard library source),
+  #                             tokenized on first use into WORKDIR/data; or `mixtral-jax tokenize` shard dirs
+  sources: tuple = ()  # shard dirs mixed by weight: [{path: DIR, weight: 0.7}, ...]; overrides paths
+  field: str = "text"  # JSONL field / Parquet column holding the text (text format)
+  workers: int = 1  # tokenizer processes for first-use tokenization of data.paths
   extensions: tuple = (".py",)  # file suffixes read from directories (text format)
   heldout_fraction: float = 0.02  # fraction of files (text) or examples (chat) held out for evaluation
   tokenizer: str = "v1"  # "v1", "v3" or a path to a tokenizer.model
@@ -71,11 +78,12 @@ class TrainSection:
   checkpoint_every: int = 100
   keep: int = 3  # checkpoints kept
   async_checkpoint: bool = True
-  log_every: int = 1
+  log_every: int = 1  # metrics.jsonl / TensorBoard every this many steps (and at each evaluation)
+  print_every: int = 10  # without a terminal (or with progress off): a plain console line every this many steps
   eval_every: int = 50  # held-out loss every this many steps (0: never)
   eval_batches: int = 4
   peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: measure a large matmul
-  progress: bool = True
+  progress: bool = True  # a progress bar when stdout and stderr are terminals
   barrier_timeout_s: float = 300.0  # multi-process barriers give up (naming the late process) after this
 
 
@@ -86,9 +94,10 @@ class TrainConfig:
   optimizer: OptimizerSection = OptimizerSection()
   loss: LossSection = LossSection()
   train: TrainSection = TrainSection()
+  lora: LoraSection = LoraSection()
 
   def __post_init__(self):
-    problems = []
+    problems = self.lora.problems()
     if self.loss.aux_mode not in ("pooled", "per_layer"):
       problems.append(f"loss.aux_mode={self.loss.aux_mode!r}; choose pooled or per_layer")
     if self.data.format not in ("text", "chat"):

@@ -3,12 +3,14 @@ checkpoint, and stop cleanly on SIGTERM, on a NaN/inf loss, or at the last step.
 
 Workdir contents: ``config.json`` (the model, HF form), ``train_config.yaml`` (the run config used),
 ``tokenizer.model`` (copied, so generation finds it), ``checkpoints/<step>/`` (see ``checkpointing``),
-``metrics.jsonl``, ``tensorboard/``, ``data/`` (the tokenized-corpus cache).
+``metrics.jsonl``, ``tensorboard/``, ``data/`` (token shards of ``data.paths``, made on first use); with LoRA,
+``lora.json`` (the adapters' settings and the base they belong to, see ``mixtral_jax.lora.run``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -21,7 +23,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mixtral_jax import lora as lora_lib
 from mixtral_jax.config import MixtralConfig, get_config
+from mixtral_jax.lora import run as lora_run
 from mixtral_jax.sharding import distributed
 from mixtral_jax.sharding.mesh import format_mesh, make_mesh
 from mixtral_jax.tokenizer import Tokenizer
@@ -83,42 +87,69 @@ def _move_aside(path: str) -> None:
     log.warning("--restart: moved %s to %s", path, f"{path}.before-restart-{n}")
 
 
+def _check_resumable(workdir: str, mcfg: MixtralConfig) -> None:
+  """Refuses, before any work, to resume checkpoints of a different model than the config now asks for."""
+  saved_path = os.path.join(workdir, "config.json")
+  if not (os.path.isfile(saved_path) and os.path.isdir(os.path.join(workdir, "checkpoints"))
+          and os.listdir(os.path.join(workdir, "checkpoints"))):
+    return
+  with open(saved_path) as f:
+    saved = MixtralConfig.from_hf_dict(json.load(f)).to_hf_dict()
+  now = mcfg.to_hf_dict()
+  differ = [f"{k} {saved.get(k)} there, {now.get(k)} now" for k in sorted(set(saved) | set(now))
+            if k != "torch_dtype" and saved.get(k) != now.get(k)]
+  if differ:
+    raise ValueError(f"{workdir} holds checkpoints of a different model ({'; '.join(differ)}); use a new "
+                     "--workdir, or pass --restart to move its checkpoints aside")
+
+
 def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
   """Trains per ``cfg`` in ``workdir``, resuming from its newest checkpoint. See the module docstring."""
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
 
-  # ---- every check that can fail on the user's input, before compiling anything
+  # ---- every check that can fail on the user's input (config, model checkpoint, tokenizer, mesh), before
+  # anything is written, tokenized or compiled: a run refused here leaves no workdir behind
   mcfg = model_config(cfg)
   if cfg.data.seq_len > mcfg.max_position_embeddings:
     raise ValueError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
                      f"(max_position_embeddings={mcfg.max_position_embeddings}); lower data.seq_len")
+  lora_record = None
+  if cfg.lora.enabled:  # LoRA: adapters fit this model, and a resumed run keeps its base
+    lora_lib.validate(cfg.lora, mcfg)
+    lora_record = lora_run.record(cfg.lora, mcfg, checkpoint=cfg.model.checkpoint, preset=cfg.model.preset,
+                                  seed=cfg.train.seed)
+    lora_run.check_or_write(workdir, lora_record, write=False)
+  elif lora_run.is_lora_run(workdir):
+    raise ValueError(f"{workdir} is a LoRA run (its checkpoints hold adapters only) but the run config has no "
+                     "lora.rank; keep the run's lora section to resume it, or use a new --workdir")
   tokenizer = Tokenizer.load(cfg.data.tokenizer)
   tokenizer.check_vocab(mcfg.vocab_size)
-  train_rows, held_rows = data_lib.build_rows(cfg, tokenizer, os.path.join(workdir, "data"))
   mesh = make_mesh(cfg.train.mesh, num_experts=mcfg.num_local_experts)
   shards = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
   if cfg.microbatch % shards:
     raise ValueError(f"the microbatch of {cfg.microbatch} sequences (data.batch_size / optimizer.grad_accum) "
                      f"does not split over the {shards} batch shards of mesh {format_mesh(mesh)}; make it a "
                      "multiple, or choose another train.mesh")
+  if not restart:
+    _check_resumable(workdir, mcfg)
+
+  # ---- data (checks its paths before tokenizing; the token cache is the first thing in the workdir)
   rows_sharding = NamedSharding(mesh, P(step_lib.batch_sharding(mesh).spec[1]))
   local = distributed.process_batch_slice(cfg.microbatch, rows_sharding)
-  it = data_lib.BatchIterator(train_rows, cfg.data.batch_size, cfg.optimizer.grad_accum, cfg.train.seed,
-                              local=local)
-  eval_batches = []
-  if held_rows is not None and cfg.train.eval_every and len(held_rows) >= cfg.data.batch_size:
-    held_it = data_lib.BatchIterator(held_rows, cfg.data.batch_size, cfg.optimizer.grad_accum, 0,
-                                     shuffle=False, local=local)
-    eval_batches = [next(held_it) for _ in range(min(cfg.train.eval_batches, held_it.batches_per_epoch))]
-  elif cfg.train.eval_every:
+  data = data_lib.build(cfg, tokenizer, os.path.join(workdir, "data"), local=local,
+                        progress=cfg.train.progress and lead)
+  it, eval_batches = data.train, data.heldout
+  os.makedirs(workdir, exist_ok=True)
+  if cfg.train.eval_every and not eval_batches:
     log.warning("no held-out evaluation: the held-out split has fewer than data.batch_size rows")
 
   if lead:
     mcfg.save(os.path.join(workdir, "config.json"))
     cfg.save(os.path.join(workdir, "train_config.yaml"))
     shutil.copyfile(tokenizer.path, os.path.join(workdir, "tokenizer.model"))
+    if lora_record is not None:
+      lora_run.check_or_write(workdir, lora_record, write=True)
   if restart and lead:
     _move_aside(os.path.join(workdir, "checkpoints"))
     _move_aside(os.path.join(workdir, "metrics.jsonl"))
@@ -130,16 +161,23 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep,
                       async_save=cfg.train.async_checkpoint, timeout_s=cfg.train.barrier_timeout_s)
   restored = ckpt.restore_latest(abstract_state)
+  base_params = None  # the starting weights (full training) or the frozen base (LoRA)
+  if cfg.model.checkpoint and (restored is None or cfg.lora.enabled):
+    from mixtral_jax.checkpoint import load  # noqa: PLC0415
+    kwargs = dict(cfg.model.overrides)
+    if cfg.lora.enabled:  # the frozen base is held in the compute dtype: never materialise it in fp32
+      kwargs["param_dtype"] = mcfg.dtype
+    model = load(cfg.model.checkpoint, mesh=mesh, **kwargs)
+    base_params = nnx.state(model, nnx.Param).to_pure_dict()
+    del model
   if restored is not None:
     state, data_state = restored
     it.restore(data_state)
-  elif cfg.model.checkpoint:
-    from mixtral_jax.checkpoint import load  # noqa: PLC0415
-    model = load(cfg.model.checkpoint, mesh=mesh, **cfg.model.overrides)
-    state = step_lib.init_state(mcfg, cfg, mesh, params=nnx.state(model, nnx.Param).to_pure_dict())
-    del model
+    if cfg.lora.enabled:  # checkpoints hold the adapters only; the base comes from where it always does
+      state = dataclasses.replace(state, base=step_lib.place_base(mcfg, cfg, mesh, base_params))
   else:
-    state = step_lib.init_state(mcfg, cfg, mesh)
+    state = step_lib.init_state(mcfg, cfg, mesh, params=base_params)
+  del base_params
   start = int(state.step)
 
   # ---- the loop
@@ -148,10 +186,10 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
   flops_per_step = train_flops_per_token(mcfg, cfg.data.seq_len) * tokens_per_step
   peak = (cfg.train.peak_flops or measure_peak_flops()) * jax.device_count()
   logger = MetricsLogger(workdir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress,
-                         enabled=lead)
+                         enabled=lead, log_every=cfg.train.log_every, print_every=cfg.train.print_every)
   if lead:
     logger.write(f"mixtral-jax train: {workdir} | mesh {format_mesh(mesh)} | steps {start}->{cfg.train.steps} | "
-                 f"batch {cfg.data.batch_size}x{cfg.data.seq_len} | {len(train_rows)} train rows"
+                 f"batch {cfg.data.batch_size}x{cfg.data.seq_len} | {data.train_rows} train rows"
                  + (" | resumed" if restored is not None else ""))
   preempt = _Preemption()
   result = RunResult(start, start, {}, {})
@@ -173,14 +211,14 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
       now = time.perf_counter()
       dt, t_prev = now - t_prev, now
       record = {**metrics, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                "mfu": flops_per_step / dt / peak}
+                "mfu": flops_per_step / dt / peak,
+                **{f"data_tokens/{n}": t for n, t in it.source_tokens.items()}}  # realised mixture
       result.losses[step] = loss
       if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-        record["eval_loss"] = _evaluate(eval_fn, state.params, eval_batches, bsh, gshape)
+        record["eval_loss"] = _evaluate(eval_fn, step_lib.eval_params(state), eval_batches, bsh, gshape)
         result.eval_losses[step] = record["eval_loss"]
         t_prev = time.perf_counter()
-      if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-        logger.log(step, record)
+      logger.log(step, record)  # it decides what goes to the file and the console
       result.final_step = step
       if preempt.requested:
         ckpt.save(state, it.state(), force=True)
@@ -195,6 +233,7 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
     barrier("done", cfg.train.barrier_timeout_s)
   finally:
     preempt.restore()
+    it.close()
     logger.close()
     ckpt.close()
   return result

@@ -1,11 +1,17 @@
 """Per-step metrics: ``WORKDIR/metrics.jsonl`` (one JSON object per step), TensorBoard event files
-(tensorboardX), a tqdm progress bar, and the model-FLOPs utilisation estimate."""
+(tensorboardX), what the console shows, the run's summary, and the model-FLOPs utilisation estimate.
+
+Console: on a terminal (stdout and stderr both TTYs, ``train.progress`` on) a tqdm bar; otherwise (a log
+file, a pipe, a batch job) one plain line every ``train.print_every`` steps. Either way each held-out
+evaluation prints its own line, which nothing overwrites.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -42,24 +48,42 @@ def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 class MetricsLogger:
-  """Writes each step's metrics to metrics.jsonl and TensorBoard, and drives the progress bar."""
+  """Writes each step's metrics to metrics.jsonl (every ``log_every`` steps, each evaluation and the last
+  step) and TensorBoard, and shows progress on the console (see the module docstring)."""
 
-  def __init__(self, workdir: str, *, total_steps: int, start_step: int, progress: bool, enabled: bool = True):
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int, progress: bool, enabled: bool = True,
+               log_every: int = 1, print_every: int = 10):
     self.enabled = enabled
+    self.total_steps, self.start_step = total_steps, start_step
+    self.log_every, self.print_every = max(log_every, 1), max(print_every, 1)
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
     self.tb = None
     if enabled:
       from tensorboardX import SummaryWriter  # noqa: PLC0415 - heavy import, only when logging
       self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self.bar = None
-    if enabled and progress:
-      from tqdm import tqdm  # noqa: PLC0415
-      self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    self.use_bar = enabled and progress and sys.stdout.isatty() and sys.stderr.isatty()
+    self.bar = None  # made at the first step, so that lines written before it (the header) stay whole
 
   def log(self, step: int, metrics: dict) -> None:
+    """Called every step with that step's metrics (``eval_loss`` among them at an evaluation)."""
     if not self.enabled:
       return
     record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+    last = step == self.total_steps
+    if step % self.log_every == 0 or "eval_loss" in record or last:
+      self._save(step, record)
+    if self.use_bar:
+      if self.bar is None:
+        from tqdm import tqdm  # noqa: PLC0415
+        self.bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", dynamic_ncols=True)
+      self.bar.set_postfix_str(f"loss {record['loss']:.3f} tok/s {record.get('tokens_per_s', 0):,.0f}", refresh=False)
+      self.bar.update(step - self.bar.n)
+    elif step % self.print_every == 0 or last or step == self.start_step + 1:
+      self.write(step_line(step, self.total_steps, record, first=step == self.start_step + 1))
+    if "eval_loss" in record:
+      self.write(f"step {step}/{self.total_steps}: held-out loss {record['eval_loss']:.4f}")
+
+  def _save(self, step: int, record: dict) -> None:
     self.jsonl.write(json.dumps(record) + "\n")
     self.jsonl.flush()
     for k, v in record.items():
@@ -73,10 +97,6 @@ class MetricsLogger:
           self.tb.add_scalar(f"{k}/layer{i}", x, step)
       elif isinstance(v, (int, float)) and math.isfinite(v):
         self.tb.add_scalar(k, v, step)
-    if self.bar is not None:
-      self.bar.set_postfix_str(f"loss {record['loss']:.3f} tok/s {record.get('tokens_per_s', 0):,.0f}"
-                               + (f" eval {record['eval_loss']:.3f}" if "eval_loss" in record else ""))
-      self.bar.update(step - self.bar.n)
 
   def write(self, message: str) -> None:
     if self.bar is not None:
@@ -91,6 +111,49 @@ class MetricsLogger:
       self.tb.close()
     if self.jsonl is not None:
       self.jsonl.close()
+
+
+def step_line(step: int, total: int, record: dict, first: bool = False) -> str:
+  line = f"step {step}/{total}: loss {record['loss']:.4f}"
+  if first and "step_time_s" in record:
+    line += f", {record['step_time_s']:.1f} s with compilation"
+  elif "step_time_s" in record:
+    line += f", {record['step_time_s']:.2f} s/step, {record.get('tokens_per_s', 0):,.0f} tok/s"
+  return line
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of ``WORKDIR/metrics.jsonl`` in step order, the newest record of a step winning (a run
+  resumed from a checkpoint repeats the steps after it); a torn last line (a killed run) is skipped."""
+  by_step: dict[int, dict] = {}
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+          by_step[record["step"]] = record
+  except FileNotFoundError:
+    return []
+  return [by_step[k] for k in sorted(by_step)]
+
+
+def summary(records: list[dict]) -> str:
+  """``done: step N, loss X, held-out loss A (step i) -> B (step j)`` over the whole run's records."""
+  if not records:
+    return "done: no steps taken"
+  out = f"done: step {records[-1]['step']}"
+  if "loss" in records[-1]:
+    out += f", loss {records[-1]['loss']:.4f}"
+  evals = [r for r in records if "eval_loss" in r]
+  if evals:
+    first, final = evals[0], evals[-1]
+    out += f", held-out loss {first['eval_loss']:.4f} (step {first['step']})"
+    if final is not first:
+      out += f" -> {final['eval_loss']:.4f} (step {final['step']})"
+  return out
 
 
 def _plain(v):

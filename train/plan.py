@@ -1,30 +1,38 @@
 """``mixtral-jax plan``: compile a preset's real train step ahead of time on a mesh, from shapes alone.
 
-  mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 --simulate
+  mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 --topology v5p-128
+  mixtral-jax plan --preset mixtral-8x7b --mesh fsdp=8 --batch 8 --seq 16384 --device h200
 
 The step is the training engineer's (``mixtral_jax.train.step.build_train_step``), lowered from abstract
-``ShapeDtypeStruct``s and compiled for the mesh's devices; no weight is allocated. ``--simulate`` uses
-that many simulated CPU devices when the real ones are fewer (the figures then describe the program
-each device of the target mesh would run; CPU layouts and fusion differ a little from TPU/GPU ones).
+``ShapeDtypeStruct``s and compiled for the mesh's devices; no weight is allocated. The devices are:
+
+* ``--topology v5p-128`` (``train.topology``): the TPU slice's devices from libtpu, so the real TPU
+  compiler compiles the step on this host, with TPU kernels and collectives (kernel choices follow the
+  mesh's platform, ``sharding.mesh.current_platform``). Its RESOURCE_EXHAUSTED is read as a verdict.
+* otherwise this host's devices; when the mesh needs more than exist and JAX has not started on an
+  accelerator, simulated CPU devices (``--simulate`` forces that). The figures then describe the
+  program each device of the target mesh would run; CPU layouts and fusion differ a little from
+  TPU/GPU ones (bf16 all-to-alls travel as f32, for one).
 
 Per device it prints, each beside its analytic expectation:
 
 * parameter and optimizer-state bytes: the compiled step's argument shards (the executable's input
   shardings) against count x dtype size / shards from the logical-axis table;
-* temporaries (activations, MoE buffers, gradients in flight) from ``compiled.memory_analysis()``;
-* FLOPs per step: every ``dot`` of the optimised HLO, 2 x output size x contracted size, multiplied by
-  the trip counts of the loops around it (XLA's own ``cost_analysis`` counts a loop body once);
+* temporaries (activations, MoE buffers, gradients in flight) from ``compiled.memory_analysis()``,
+  and the peak: arguments + outputs - donated + temporaries;
+* FLOPs per step from the HLO (``train.hlo_stats``: dots and convolutions times loop trip counts),
+  and ``compiled.cost_analysis()``'s own figure, which counts each loop body once;
 * all-to-all bytes per step, summed the same way over the HLO's ``all-to-all`` instructions.
 
-Loops whose trip count depends on data (the blocked dropless kernel) are counted once and reported, so
-FLOPs are exact for the dropping (capacity) dispatch, the default here.
+With ``--device`` it says whether the peak fits that device and, when not, what to change.
+``--generate`` plans serving instead (``train.plan_serve``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
+import os
 import time
 
 import jax
@@ -35,102 +43,13 @@ from mixtral_jax import routing
 from mixtral_jax.config import MixtralConfig, get_config
 from mixtral_jax.layers import LOGICAL_AXES
 from mixtral_jax.params import abstract_model
-from mixtral_jax.sharding.mesh import format_mesh, make_mesh
+from mixtral_jax.sharding.mesh import format_mesh, make_mesh, parse_mesh
 from mixtral_jax.sharding.rules import logical_to_spec
 
+from .hlo_stats import hlo_stats  # noqa: F401  (re-exported: tests and benchmarks import it from here)
+from . import topology
+
 GiB = 2**30
-
-# ------------------------------------------------------------------------------------ HLO text
-
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z0-9]*)?)\[([0-9,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
-_CALLEES = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-def _arrays(text: str):
-  """(dtype, dims) of every array type written in ``text``."""
-  return [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(text)]
-
-
-def _nbytes(arrays) -> int:
-  return sum(_DTYPE_BYTES.get(d, 1 if d.startswith("f8") else 4) * math.prod(dims) for d, dims in arrays)
-
-
-def _split_type(rest: str) -> tuple[str, str]:
-  """'f32[2,3]{1,0} dot(...)' or '(f32[2], s32[]) tuple(...)' -> (type text, the rest)."""
-  if rest.startswith("("):
-    depth = 0
-    for i, ch in enumerate(rest):
-      depth += ch == "("
-      depth -= ch == ")"
-      if depth == 0:
-        return rest[:i + 1], rest[i + 1:].lstrip()
-  head, _, tail = rest.partition(" ")
-  return head, tail
-
-
-def hlo_stats(hlo: str) -> dict:
-  """Trip-count-weighted FLOPs of ``dot`` and bytes of ``all-to-all`` in an optimised HLO module's text.
-
-  Returns {flops, all_to_all_bytes, all_to_all_ops, unknown_trip_loops}. A computation's weight is the
-  sum over its call sites of the caller's weight times the site's trip count (``known_trip_count`` of a
-  ``while``; 1 for fusions, calls and branches, so branches count as if all ran).
-  """
-  shapes: dict[str, list] = {}
-  instrs = []  # (computation, op, type text, the rest of the line)
-  edges: dict[str, list[tuple[str, int]]] = {}
-  entry, comp, unknown = None, None, 0
-  for line in hlo.splitlines():
-    header = _HEADER.match(line)
-    if header and "=" not in line.split("(")[0]:
-      comp = header.group(2)
-      entry = comp if header.group(1) else entry
-      continue
-    m = _INSTR.match(line)
-    if not m or comp is None:
-      continue
-    type_text, rest = _split_type(line[m.end():])
-    op = rest.split("(", 1)[0].strip()
-    shapes[m.group(1)] = _arrays(type_text)
-    instrs.append((comp, op, type_text, rest))
-    trip = 1
-    if op == "while":
-      t = _TRIP.search(rest)
-      trip = int(t.group(1)) if t else 1
-      unknown += t is None
-    for kind, callee in _CALLEES.findall(rest):
-      edges.setdefault(callee, []).append((comp, trip if kind == "body" else 1))
-    for group in _BRANCHES.findall(rest):
-      for callee in group.split(","):
-        edges.setdefault(callee.strip().lstrip("%"), []).append((comp, 1))
-
-  weights: dict[str, int] = {}
-
-  def weight(c: str) -> int:
-    if c not in weights:
-      weights[c] = 1 if c == entry else 0  # 0 first: a cycle (none in HLO) cannot recurse forever
-      weights[c] = (1 if c == entry else 0) + sum(weight(p) * n for p, n in edges.get(c, ()))
-    return weights[c]
-
-  flops = a2a_bytes = a2a_ops = 0
-  for comp, op, type_text, rest in instrs:
-    if op == "dot":
-      operands = rest[rest.index("(") + 1:]
-      first = operands.split(",")[0].strip()
-      lhs = _arrays(first) or shapes.get(first.split()[-1].lstrip("%"), [])
-      dims = [int(d) for d in re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest).group(1).split(",") if d]
-      contracted = math.prod(lhs[0][1][d] for d in dims) if lhs else 0
-      flops += weight(comp) * 2 * math.prod(_arrays(type_text)[0][1]) * contracted
-    elif op in ("all-to-all", "all-to-all-start"):
-      a2a_bytes += weight(comp) * _nbytes(_arrays(type_text))
-      a2a_ops += weight(comp)
-  return {"flops": flops, "all_to_all_bytes": a2a_bytes, "all_to_all_ops": a2a_ops, "unknown_trip_loops": unknown}
-
 
 # ------------------------------------------------------------------------------------ analytic side
 
@@ -162,15 +81,21 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int) ->
   if cfg.capacity_factor is None:
     routed = k
 
+  attention = attention_choice(cfg, mesh, seq)
+  block = min(cfg.attention_block, seq)
+  # Keys each query is scored against: all T for dense (masked, not skipped); the kernels skip the
+  # blocks above the diagonal, about (T + block) / 2 on average.
+  keys = seq if attention == "dense" else min(seq, (seq + block) / 2)
   per_token_layer = (2 * D * (N * H + 2 * K * H) + 2 * N * H * D  # q, k, v, o projections
-                     + 2 * 2 * N * H * seq  # scores and weighted values over all T keys (masked, not skipped)
+                     + 2 * 2 * N * H * keys  # scores and weighted values
                      + 2 * D * E  # router
                      + routed * 2 * 3 * D * F)  # expert FFNs
   forward = batch * seq * (L * per_token_layer + 2 * D * V)
   passes = 3 + (cfg.remat == "full")  # backward is two forwards; full remat recomputes the forward
 
   remat_saved = L * micro_local * seq * D * cbytes  # the residual stream entering each layer
-  scores = micro_local * max(N // tp, 1) * seq * seq * 4  # one layer's f32 attention scores
+  # One layer's f32 attention scores: [T, S] per head for dense, a [T, block] strip for the kernels.
+  scores = micro_local * max(N // tp, 1) * seq * (seq if attention == "dense" else block) * 4
   moe = E * C * D * cbytes * 2 + (E // mesh.shape["expert"]) * mesh.shape["expert"] * C * 3 * (F // tp) * cbytes
   a2a_fwd = E * C * D * cbytes * 2 if mesh.shape["expert"] > 1 else 0  # dispatch and return, one layer
   return {
@@ -181,89 +106,267 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int) ->
       "all_to_all_bytes": a2a_fwd * L * grad_accum * (passes - 1),  # fwd, remat fwd, and the transposes
       "a2a_per_token_layer": 2 * k * D * cbytes * (cfg.capacity_factor or E / k),
       "tokens_per_device": n_local * grad_accum,
+      "attention": attention,
   }
+
+
+def attention_choice(cfg: MixtralConfig, mesh, seq: int) -> str:
+  """The attention implementation the train step will use (``attention_impl`` resolved for the mesh's
+  platform and a packed training batch)."""
+  from mixtral_jax.attn.select import choose  # noqa: PLC0415
+
+  platform = mesh.devices.flat[0].platform
+  platform = "gpu" if platform in ("cuda", "rocm") else platform
+  try:
+    return choose(cfg.attention_impl, platform=platform, T=seq, S=seq, head_dim=cfg.head_size,
+                  dtype=np.dtype(cfg.dtype), index_aligned=True, packed=True, padded=True)[0]
+  except ValueError:
+    return cfg.attention_impl
+
+
+# ------------------------------------------------------------------------------------ compiling
+
+
+def shard_bytes(tree) -> float:
+  """Bytes per device of a tree of sharded ``ShapeDtypeStruct``s (or arrays)."""
+  return float(sum(math.prod(s.sharding.shard_shape(s.shape)) * np.dtype(s.dtype).itemsize
+                   for s in jax.tree.leaves(tree)))
+
+
+def cost_analysis_flops(compiled) -> float | None:
+  """``compiled.cost_analysis()["flops"]``: counts each loop body once (see ``train.hlo_stats``)."""
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return None
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else None
+  return float(ca["flops"]) if ca and "flops" in ca else None
+
+
+def compiled_figures(compiled) -> dict:
+  """Memory analysis, HLO statistics and the peak (arguments + outputs - aliased + temporaries)."""
+  mem = compiled.memory_analysis()
+  out = {"temp_bytes": float(mem.temp_size_in_bytes), "argument_bytes": float(mem.argument_size_in_bytes),
+         "output_bytes": float(mem.output_size_in_bytes), "alias_bytes": float(mem.alias_size_in_bytes)}
+  out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+  out.update(hlo_stats(compiled.as_text()))
+  out["cost_analysis_flops"] = cost_analysis_flops(compiled)
+  return out
+
+
+def compile_or_verdict(lowered, argument_bytes: float) -> tuple[object | None, dict]:
+  """(compiled, figures); when the TPU compiler refuses for lack of memory, (None, its verdict):
+  {oom, temp_bytes (what it needed for temporaries), available_bytes, peak_bytes (arguments + that)}."""
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001 - XlaRuntimeError; only RESOURCE_EXHAUSTED becomes a verdict
+    parsed = topology.parse_oom(str(e))
+    if parsed is None:
+      raise
+    needed, available = parsed
+    return None, {"oom": True, "temp_bytes": needed, "available_bytes": available,
+                  "peak_bytes": argument_bytes + needed, "message": str(e).splitlines()[0][:400]}
+  return compiled, compiled_figures(compiled)
+
+
+def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1, lora_rank: int | None = None) -> dict:
+  """Compiles the train step for ``mesh`` and returns the compiled and analytic figures per device
+  (``lora_rank``: the LoRA step, default targets, frozen base in the compute dtype)."""
+  from mixtral_jax.train.config import TrainConfig  # noqa: PLC0415
+  from mixtral_jax.train.step import build_train_step  # noqa: PLC0415
+
+  train_cfg = TrainConfig().override({"data.batch_size": batch, "data.seq_len": seq,
+                                      "optimizer.grad_accum": grad_accum, "lora.rank": lora_rank})
+  if lora_rank is not None:  # LoRA: checked before compiling
+    from mixtral_jax.lora import validate  # noqa: PLC0415
+    validate(train_cfg.lora, cfg)
+  t0 = time.perf_counter()
+  step_fn, abs_state, abs_batch = build_train_step(cfg, train_cfg, mesh)
+  with jax.set_mesh(mesh):  # kernels that need a concrete mesh (shard_map'd Pallas) see the target's
+    lowered = step_fn.lower(abs_state, abs_batch)
+  _, figures = compile_or_verdict(lowered, shard_bytes(abs_state) + shard_bytes(abs_batch))
+  return {
+      "compiled": {"param_bytes": shard_bytes(abs_state.params), "opt_bytes": shard_bytes(abs_state.opt_state),
+                   **figures},
+      "analytic": analytic(cfg, mesh, batch, seq, grad_accum),
+      "compile_seconds": time.perf_counter() - t0,
+  }
+
+
+plan_example = "mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 --topology v5p-128"
+
+
+# ------------------------------------------------------------------------------------ devices
+
+
+def _accelerator_possible() -> bool:
+  """Whether JAX could start on a GPU or TPU here (a GPU plugin installed, or a TPU device node)."""
+  if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu" or jax.config.jax_platforms == "cpu":
+    return False
+  from importlib import metadata  # noqa: PLC0415
+
+  names = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in metadata.distributions()}
+  gpu = any(n.startswith(("jax-cuda", "jax-rocm")) and n.endswith("plugin") for n in names)
+  return gpu or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
+
+
+def target_devices(args, count: int):
+  """The devices to compile for: a TPU slice (``--topology``), simulated CPU devices (``--simulate``,
+  or by itself when the mesh needs more devices than this CPU-only host has), or this host's."""
+  if getattr(args, "topology", None):
+    return topology.tpu_devices(args.topology)
+  from jax._src import xla_bridge  # noqa: PLC0415  (the only way to ask without starting a backend)
+
+  started = xla_bridge.backends_are_initialized()
+  if not started and (args.simulate or not _accelerator_possible()):
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", max(count, 1))
+  devices = jax.devices()
+  if count > len(devices):
+    raise ValueError(f"the mesh needs {count} devices but {len(devices)} {devices[0].platform} device(s) are "
+                     f"available; add --simulate to compile for {count} simulated CPU devices (run it in a "
+                     f"fresh process), or --topology for a TPU slice")
+  return devices[:count] if count else devices
 
 
 # ------------------------------------------------------------------------------------ the command
 
 
-def _shard_bytes(tree) -> float:
-  return float(sum(math.prod(s.sharding.shard_shape(s.shape)) * np.dtype(s.dtype).itemsize
-                   for s in jax.tree.leaves(tree)))
-
-
-def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1) -> dict:
-  """Compiles the train step for ``mesh`` and returns the compiled and analytic figures per device."""
-  from mixtral_jax.train.config import TrainConfig  # noqa: PLC0415
-  from mixtral_jax.train.step import build_train_step  # noqa: PLC0415
-
-  train_cfg = TrainConfig().override({"data.batch_size": batch, "data.seq_len": seq,
-                                      "optimizer.grad_accum": grad_accum})
-  t0 = time.perf_counter()
-  step_fn, abs_state, abs_batch = build_train_step(cfg, train_cfg, mesh)
-  compiled = step_fn.lower(abs_state, abs_batch).compile()
-  seconds = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  stats = hlo_stats(compiled.as_text())
-  return {
-      "compiled": {"param_bytes": _shard_bytes(abs_state.params), "opt_bytes": _shard_bytes(abs_state.opt_state),
-                   "temp_bytes": float(mem.temp_size_in_bytes), "argument_bytes": float(mem.argument_size_in_bytes),
-                   "output_bytes": float(mem.output_size_in_bytes), "alias_bytes": float(mem.alias_size_in_bytes),
-                   **stats},
-      "analytic": analytic(cfg, mesh, batch, seq, grad_accum),
-      "compile_seconds": seconds,
-  }
-
-
 def plan_parser(p):
+  p.epilog = ("examples:\n"
+              "  mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 "
+              "--topology v5p-128\n"
+              "  mixtral-jax plan --preset mixtral-8x7b --mesh fsdp=8 --batch 8 --seq 16384 --device h200\n"
+              "  mixtral-jax plan --generate --preset mixtral-8x7b --mesh tensor=2 --batch 8 --context 32768 "
+              "--device h200")
   p.add_argument("--preset", default="mixtral-8x7b", help="model preset (mixtral_jax.config.PRESETS)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,expert=8 (default: all devices on data)")
-  p.add_argument("--batch", type=int, default=256, help="global sequences per optimizer step")
+  p.add_argument("--batch", type=int, default=256, help="global sequences per optimizer step (serving: rows)")
   p.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
   p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step")
   p.add_argument("--dtype", default="bfloat16", help="compute dtype")
-  p.add_argument("--param-dtype", default="float32", help="master weight dtype")
-  p.add_argument("--remat", default="full", choices=("none", "full", "dots"))
+  p.add_argument("--param-dtype", default="float32", help="master weight dtype (serving: bfloat16)")
+  p.add_argument("--remat", default="full", choices=("none", "full", "dots"),
+                 help="activation rematerialisation: none (keep all), full (recompute each layer in the backward "
+                      "pass), dots (keep matmul outputs, recompute the rest)")
   p.add_argument("--capacity-factor", default="1.25", help="expert capacity factor, or 'none' for dropless")
+  p.add_argument("--moe-impl", default="auto", help="auto | blocked | ragged | dense (dropless expert kernel)")
+  p.add_argument("--attention", default=None,
+                 help="attention implementation (MixtralConfig.attention_impl: auto | dense | blockwise | "
+                      "splash | cudnn), when this version has it")
+  p.add_argument("--topology", default=None,
+                 help="compile with the TPU compiler for this Cloud TPU slice (v5p-128, v4-32, v5litepod-16, "
+                      "v6e-64) or compiler topology (v5p:4x4x4); needs libtpu, not a TPU")
   p.add_argument("--simulate", action="store_true",
-                 help="compile for simulated CPU devices, as many as the mesh has (set before JAX starts)")
+                 help="compile for simulated CPU devices, as many as the mesh has (automatic on a CPU-only host)")
+  p.add_argument("--device", default=None,
+                 help="say whether the peak fits: h100 | h200 | v5p | v5e | v6e | v4 | a size in GiB "
+                      "(default with --topology: that TPU)")
+  p.add_argument("--generate", action="store_true",
+                 help="plan serving instead of training: compile prefill and one decode step (bf16 weights, or "
+                      "--quantize int8)")
+  p.add_argument("--quantize", choices=("int8",), default=None,
+                 help="--generate: int8 weight-only quantization (as serve/generate --quantize int8)")
+  p.add_argument("--context", type=int, default=None,
+                 help="--generate: tokens of the prompt and KV cache (default --seq)")
   p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+  p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                 help="compile the LoRA step of this rank (default targets) instead of full fine-tuning")
+
+
+def model_config(args, **overrides) -> MixtralConfig:
+  cf = None if str(args.capacity_factor).lower() in ("none", "null", "dropless") else float(args.capacity_factor)
+  fields = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, capacity_factor=cf,
+                moe_impl=args.moe_impl, **overrides)
+  if args.attention is not None:
+    if "attention_impl" not in {f for f in MixtralConfig.__dataclass_fields__}:
+      raise ValueError("--attention: this version's MixtralConfig has no attention_impl")
+    fields["attention_impl"] = args.attention
+  return get_config(args.preset, **fields)
+
+
+def fit_lines(peak_bytes: float, device: tuple[str, float] | None, tips: list[str]) -> tuple[list[str], dict | None]:
+  """The ``--device`` verdict in words, and its JSON record."""
+  if device is None:
+    return [], None
+  name, usable = device
+  peak = peak_bytes / GiB
+  fits = peak <= usable
+  lines = [f"device {name}: {usable:.2f} GiB usable per device"
+           + (f" (with XLA_PYTHON_CLIENT_MEM_FRACTION={topology.GPU_MEM_FRACTION}; JAX's default .75 leaves "
+              f"{usable / topology.GPU_MEM_FRACTION * 0.75:.1f} GiB)" if name in ("h100", "h200") else "")]
+  if fits:
+    lines.append(f"  fits: peak {peak:.2f} GiB is {100 * peak / usable:.0f}% of it ({usable - peak:.2f} GiB spare)")
+  else:
+    lines.append(f"  does not fit: needs {peak:.2f} GiB of {usable:.2f} GiB ({peak / usable:.2f}x). To fit, try:")
+    lines += [f"    - {t}" for t in tips]
+  return lines, {"name": name, "usable_bytes": usable * GiB, "fits": fits}
+
+
+def _header(args, cfg, mesh, extra: str) -> str:
+  kind = mesh.devices.flat[0].device_kind
+  where = f"TPU compiler, {args.topology}" if args.topology else kind
+  return (f"{args.preset} on {format_mesh(mesh)} ({mesh.size} x {where}), {extra}, {cfg.dtype} compute, "
+          f"{cfg.param_dtype} params, capacity factor {cfg.capacity_factor or 'dropless'}")
 
 
 def plan_main(args) -> int:
-  cf = None if str(args.capacity_factor).lower() in ("none", "null", "dropless") else float(args.capacity_factor)
-  cfg = get_config(args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
-                   capacity_factor=cf)
-  if args.simulate:
-    from mixtral_jax.sharding.mesh import parse_mesh  # noqa: PLC0415
-    count = math.prod(v for v in parse_mesh(args.mesh).values() if v > 0)
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", count)
-  mesh = make_mesh(args.mesh, num_experts=cfg.num_local_experts)
-  out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum)
+  count = math.prod(v for v in parse_mesh(args.mesh).values() if v > 0)
+  if args.topology and args.simulate:
+    raise ValueError("--topology compiles for TPU devices; drop --simulate")
+  if args.generate:
+    from .plan_serve import serve_main  # noqa: PLC0415
+    return serve_main(args, count)
+  cfg = model_config(args)
+  devices = target_devices(args, count)
+  mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
+  out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum, lora_rank=args.lora)
   c, a = out["compiled"], out["analytic"]
-  print(f"{args.preset} on {format_mesh(mesh)} ({mesh.size} x {mesh.devices.flat[0].device_kind}), "
-        f"batch {args.batch} x {args.seq}, {args.grad_accum} microbatch(es), {cfg.dtype} compute, "
-        f"{cfg.param_dtype} params, remat {cfg.remat}, capacity factor {cfg.capacity_factor or 'dropless'}; "
-        f"compiled in {out['compile_seconds']:.1f} s")
-  print(f"per device{'':22}{'compiled':>12}{'analytic':>12}")
-  rows = [("parameters (GiB)", c["param_bytes"] / GiB, a["param_bytes"] / GiB),
-          ("optimizer state (GiB)", c["opt_bytes"] / GiB, a["opt_bytes"] / GiB),
-          ("temporaries (GiB)", c["temp_bytes"] / GiB, a["temp_bytes"] / GiB),
-          ("TFLOPs per step", c["flops"] / 1e12, a["flops"] / 1e12),
-          ("all-to-all GiB per step", c["all_to_all_bytes"] / GiB, a["all_to_all_bytes"] / GiB)]
-  for name, got, want in rows:
-    print(f"  {name:<30}{got:12.3f}{want:12.3f}")
-  total = c["argument_bytes"] + c["output_bytes"] - c["alias_bytes"] + c["temp_bytes"]
-  print(f"  peak estimate (arguments + outputs - donated + temporaries): {total / GiB:.2f} GiB")
-  print("  (analytic temporaries: gradients and update plus a rough sum of saved residuals, one layer's attention scores "
-        "and MoE buffers; all-to-all counts forward, remat and backward exchanges)")
-  if jax.default_backend() == "cpu" and cfg.dtype == "bfloat16" and c["all_to_all_bytes"]:
-    print("  note: XLA:CPU carries bfloat16 all-to-alls as float32, so the compiled bytes here are twice "
-          "what TPU/GPU send")
-  if c["unknown_trip_loops"]:
-    print(f"  note: {c['unknown_trip_loops']} loop(s) with data-dependent trip counts were counted once")
+  print(_header(args, cfg, mesh, f"batch {args.batch} x {args.seq}, {args.grad_accum} microbatch(es), "
+                                 f"remat {cfg.remat}") + f"; compiled in {out['compile_seconds']:.1f} s")
+  device = topology.device_memory(args.device, list(mesh.devices.flat))
+  tips = topology.advice(c["peak_bytes"] / GiB, device[1], mesh_sizes=dict(mesh.shape), remat=cfg.remat,
+                         grad_accum=args.grad_accum, batch=args.batch) if device else []
+  if c.get("oom"):
+    print(f"does not fit: the TPU compiler needs {c['temp_bytes'] / GiB:.2f} GiB of temporaries, plus "
+          f"{(c['peak_bytes'] - c['temp_bytes']) / GiB:.2f} GiB of arguments, of {c['available_bytes'] / GiB:.2f} GiB "
+          f"HBM per device")
+    print(f"  compiler: {c['message']}")
+    print(f"  analytic: parameters {a['param_bytes'] / GiB:.2f} GiB, optimizer state {a['opt_bytes'] / GiB:.2f} GiB, "
+          f"temporaries {a['temp_bytes'] / GiB:.2f} GiB per device")
+  else:
+    print(f"per device{'':22}{'compiled':>12}{'analytic':>12}")
+    rows = [("parameters (GiB)", c["param_bytes"] / GiB, a["param_bytes"] / GiB),
+            ("optimizer state (GiB)", c["opt_bytes"] / GiB, a["opt_bytes"] / GiB),
+            ("temporaries (GiB)", c["temp_bytes"] / GiB, a["temp_bytes"] / GiB),
+            ("TFLOPs per step", c["flops"] / 1e12, a["flops"] / 1e12),
+            ("all-to-all GiB per step", c["all_to_all_bytes"] / GiB, a["all_to_all_bytes"] / GiB)]
+    for name, got, want in rows:
+      print(f"  {name:<30}{got:12.3f}{want:12.3f}")
+    print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB")
+    if c["cost_analysis_flops"] is not None:
+      print(f"  XLA cost_analysis: {c['cost_analysis_flops'] / 1e12:.3f} TFLOPs (each loop body counted once: the "
+            f"layer scan, microbatch scan and loss chunks run many times; the row above weights them)")
+    if c["ragged_all_to_all_ops"]:
+      print(f"  ragged-all-to-all: {c['ragged_all_to_all_ops']} per step, worst-case buffers "
+            f"{c['ragged_all_to_all_buffer_bytes'] / GiB:.3f} GiB (the traffic itself follows the routing)")
+    kernels = {k: v for k, v in c["custom_calls"].items() if k == "tpu_custom_call"}
+    if kernels:
+      print(f"  Mosaic kernels (tpu_custom_call): {kernels['tpu_custom_call']} per step; their FLOPs are not in the "
+            f"HLO count")
+    print("  (analytic temporaries: gradients and update plus a rough sum of saved residuals, one layer's attention "
+          "scores and MoE buffers; all-to-all counts forward, remat and backward exchanges)")
+    if mesh.devices.flat[0].platform == "cpu" and cfg.dtype == "bfloat16" and c["all_to_all_bytes"]:
+      print("  note: XLA:CPU carries bfloat16 all-to-alls as float32, so the compiled bytes here are twice "
+            "what TPU/GPU send")
+    if c["unknown_trip_loops"]:
+      print(f"  note: {c['unknown_trip_loops']} loop(s) with data-dependent trip counts were counted once")
+  lines, verdict = fit_lines(c["peak_bytes"], device, tips)
+  for line in lines:
+    print(line)
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"preset": args.preset, "mesh": format_mesh(mesh), **out}, f, indent=2)
+      json.dump({"preset": args.preset, "mesh": format_mesh(mesh), "topology": args.topology,
+                 "device": verdict, "lora_rank": args.lora, **out}, f, indent=2)
   return 0

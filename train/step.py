@@ -18,6 +18,11 @@ State: fp32 master ``params`` (the tree ``nnx.state(model, nnx.Param).to_pure_di
 layout), the optax state, the ``step`` counter and a raw ``rng`` key. Compute runs in
 ``model_cfg.dtype`` (bfloat16 for mixed precision); gradients and the update are in the param dtype.
 
+LoRA (``train_cfg.lora.rank`` set): ``params`` are the adapters only (fp32, the tree of
+``mixtral_jax.lora.LoRAParam`` variables), and ``base`` holds the frozen base weights in the compute
+dtype. Only the adapters are differentiated, so the base has no gradient buffer and no optimizer state;
+the step returns ``base`` untouched (donated in, aliased out).
+
 Batch: a dict of ``[A, b, T]`` arrays, A = ``optimizer.grad_accum`` microbatches of b sequences:
 ``inputs``/``targets`` int32 token ids, ``weights`` float32 loss weights (0 for padding, prompt tokens and
 targets across document boundaries), ``segment_ids`` int32 (0 = padding; packed documents attend only
@@ -40,6 +45,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mixtral_jax import lora as lora_lib
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.model import Mixtral
 from mixtral_jax.params import abstract_model, param_shardings
@@ -59,6 +65,7 @@ class TrainState:
   opt_state: Any
   step: jax.Array  # int32 scalar: optimizer steps taken
   rng: jax.Array  # uint32 [2]: raw PRNG key, split once per step
+  base: Any = None  # LoRA: the frozen base weights (compute dtype); None when training every weight
 
 
 # ---------------------------------------------------------------------------- optimizer
@@ -100,40 +107,60 @@ def abstract_batch(train_cfg: TrainConfig, mesh: jax.sharding.Mesh) -> dict[str,
   return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, dt in BATCH_FIELDS.items()}
 
 
+def _lora(train_cfg: TrainConfig):
+  return train_cfg.lora if train_cfg.lora.enabled else None
+
+
+def base_config(model_cfg: MixtralConfig, lora) -> MixtralConfig:
+  """LoRA holds the frozen base in the compute dtype."""
+  return model_cfg if lora is None else model_cfg.replace(param_dtype=model_cfg.dtype)
+
+
 @functools.lru_cache(maxsize=8)
-def _param_template(model_cfg: MixtralConfig):
-  """(graphdef, abstract param State); never mutated (``_merge`` fills a copy)."""
-  return nnx.split(abstract_model(model_cfg))
+def _param_template(model_cfg: MixtralConfig, lora=None):
+  """(graphdef, abstract trainable State, abstract frozen State or None); never mutated (``_merge`` fills
+  copies). With LoRA the trainable State is the adapters and the frozen one the base."""
+  if lora is None:
+    graphdef, state = nnx.split(abstract_model(model_cfg))
+    return graphdef, state, None
+  model = nnx.eval_shape(lambda: Mixtral(base_config(model_cfg, lora), rngs=nnx.Rngs(0), lora_cfg=lora))
+  return nnx.split(model, lora_lib.LoRAParam, ...)
 
 
-def state_shardings(model_cfg: MixtralConfig, tx, mesh: jax.sharding.Mesh) -> TrainState:
+def state_shardings(model_cfg: MixtralConfig, tx, mesh: jax.sharding.Mesh, lora=None) -> TrainState:
   """Params by their logical axes; optimizer moments like their params; scalars replicated."""
-  _, abs_state = _param_template(model_cfg)
+  _, abs_state, abs_base = _param_template(model_cfg, lora)
   params_sh = param_shardings(abs_state, mesh).to_pure_dict()
   replicated = NamedSharding(mesh, P())
   abs_params = abs_state.to_pure_dict()
   opt_abs = jax.eval_shape(tx.init, abs_params)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, params_sh,
                                  transform_non_params=lambda _: replicated)
-  return TrainState(params=params_sh, opt_state=opt_sh, step=replicated, rng=replicated)
+  base_sh = None if abs_base is None else param_shardings(abs_base, mesh).to_pure_dict()
+  return TrainState(params=params_sh, opt_state=opt_sh, step=replicated, rng=replicated, base=base_sh)
 
 
-def abstract_state(model_cfg: MixtralConfig, tx, mesh: jax.sharding.Mesh) -> TrainState:
-  _, abs_state = _param_template(model_cfg)
+def abstract_state(model_cfg: MixtralConfig, tx, mesh: jax.sharding.Mesh, lora=None) -> TrainState:
+  _, abs_state, abs_base = _param_template(model_cfg, lora)
   abs_params = abs_state.to_pure_dict()
   shapes = TrainState(params=abs_params, opt_state=jax.eval_shape(tx.init, abs_params),
-                      step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+                      step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+                      base=None if abs_base is None else abs_base.to_pure_dict())
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                      state_shardings(model_cfg, tx, mesh))
+                      state_shardings(model_cfg, tx, mesh, lora))
 
 
 # ---------------------------------------------------------------------------- the loss
 
 
-def _merge(graphdef, template, params) -> Mixtral:
-  state = jax.tree.map(lambda x: x, template)  # a fresh State to fill: replace_by_pure_dict mutates
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+def _merge(graphdef, template, params, base_template=None, base=None) -> Mixtral:
+  states = []
+  for tmpl, tree in ((template, params), (base_template, base)):
+    if tmpl is not None:
+      state = jax.tree.map(lambda x: x, tmpl)  # a fresh State to fill: replace_by_pure_dict mutates
+      nnx.replace_by_pure_dict(state, tree)
+      states.append(state)
+  return nnx.merge(graphdef, *states)
 
 
 def microbatch_loss(model: Mixtral, mb: dict, train_cfg: TrainConfig, total_weight, num_microbatches: int):
@@ -142,7 +169,7 @@ def microbatch_loss(model: Mixtral, mb: dict, train_cfg: TrainConfig, total_weig
   valid_BT = mb["segment_ids"] > 0
   h_BTD, aux = model.hidden(mb["inputs"], attention_mask=valid_BT, positions=mb["positions"],
                             segment_ids=mb["segment_ids"])
-  nll = lm_head_cross_entropy(h_BTD, model.head_DV[...], mb["targets"], mb["weights"], loss_cfg.ce_chunk,
+  nll = lm_head_cross_entropy(h_BTD, model.head(), mb["targets"], mb["weights"], loss_cfg.ce_chunk,
                               jnp.dtype(cfg.dtype))
   ce = nll / total_weight
   lb = load_balancing_loss(aux["router_logits"], cfg.num_experts_per_tok, valid_BT,
@@ -163,68 +190,110 @@ def build_train_step(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax
   docstring. Metrics are float32 scalars (loss, ce_loss, aux_loss, z_loss, grad_norm, lr, tokens) plus
   expert_load [L, E] and dropped [L]."""
   tx, schedule = make_optimizer(train_cfg)
-  graphdef, template = _param_template(model_cfg)
+  lora = _lora(train_cfg)
+  graphdef, template, base_template = _param_template(model_cfg, lora)
   A = train_cfg.optimizer.grad_accum
   abstract_mesh = mesh.abstract_mesh
 
-  def grads_of(params, mb, total_weight):
-    def f(p):
-      return microbatch_loss(_merge(graphdef, template, p), mb, train_cfg, total_weight, A)
+  def grads_of(params, mb, total_weight, base):
+    def f(p):  # differentiated in the trainable params only (with LoRA, the adapters; never the base)
+      return microbatch_loss(_merge(graphdef, template, p, base_template, base), mb, train_cfg, total_weight, A)
     return jax.value_and_grad(f, has_aux=True)(params)
 
   def step(state: TrainState, batch: dict):
     with jax.sharding.use_abstract_mesh(abstract_mesh):
       total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
       if A == 1:
-        (loss, metrics), grads = grads_of(state.params, jax.tree.map(lambda a: a[0], batch), total_weight)
+        (loss, metrics), grads = grads_of(state.params, jax.tree.map(lambda a: a[0], batch), total_weight,
+                                          state.base)
       else:  # one traced copy of the gradient, summed over microbatches by a scan
         def body(carry, mb):
-          return jax.tree.map(jnp.add, carry, grads_of(state.params, mb, total_weight)), None
+          return jax.tree.map(jnp.add, carry, grads_of(state.params, mb, total_weight, state.base)), None
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(grads_of, state.params, jax.tree.map(lambda a: a[0], batch), total_weight))
+                             jax.eval_shape(grads_of, state.params, jax.tree.map(lambda a: a[0], batch), total_weight,
+                                            state.base))
         (loss, metrics), grads = jax.lax.scan(body, zeros, batch)[0]
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       rng, _ = jax.random.split(state.rng)
       metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
                  "tokens": total_weight}
-      return TrainState(params, opt_state, state.step + 1, rng), metrics
+      return TrainState(params, opt_state, state.step + 1, rng, state.base), metrics
 
-  shardings = state_shardings(model_cfg, tx, mesh)
+  shardings = state_shardings(model_cfg, tx, mesh, lora)
   step_fn = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
                     donate_argnums=0)
-  return step_fn, abstract_state(model_cfg, tx, mesh), abstract_batch(train_cfg, mesh)
+  return step_fn, abstract_state(model_cfg, tx, mesh, lora), abstract_batch(train_cfg, mesh)
+
+
+def eval_params(state: TrainState):
+  """What the eval step takes: the params, or with LoRA (adapters, base)."""
+  return state.params if state.base is None else (state.params, state.base)
 
 
 def build_eval_step(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh) -> Callable:
-  """jitted eval(params, batch) -> (sum of w * nll, sum of w) over all microbatches of ``batch``."""
-  graphdef, template = _param_template(model_cfg)
+  """jitted eval(params, batch) -> (sum of w * nll, sum of w) over all microbatches of ``batch``
+  (``params`` as :func:`eval_params` gives them)."""
+  lora = _lora(train_cfg)
+  graphdef, template, base_template = _param_template(model_cfg, lora)
   chunk, dtype = train_cfg.loss.ce_chunk, jnp.dtype(model_cfg.dtype)
   abstract_mesh = mesh.abstract_mesh
 
   def one(params, mb):
-    model = _merge(graphdef, template, params)
+    model = (_merge(graphdef, template, params) if lora is None
+             else _merge(graphdef, template, params[0], base_template, params[1]))
     h_BTD, _ = model.hidden(mb["inputs"], attention_mask=mb["segment_ids"] > 0, positions=mb["positions"],
                             segment_ids=mb["segment_ids"])
-    return lm_head_cross_entropy(h_BTD, model.head_DV[...], mb["targets"], mb["weights"], chunk, dtype)
+    return lm_head_cross_entropy(h_BTD, model.head(), mb["targets"], mb["weights"], chunk, dtype)
 
   def evaluate(params, batch):
     with jax.sharding.use_abstract_mesh(abstract_mesh):
       nll = jnp.sum(jax.lax.map(lambda mb: one(params, mb), batch))
       return nll, jnp.sum(batch["weights"])
 
-  params_sh = state_shardings(model_cfg, make_optimizer(train_cfg)[0], mesh).params
+  sh = state_shardings(model_cfg, make_optimizer(train_cfg)[0], mesh, lora)
+  params_sh = sh.params if lora is None else (sh.params, sh.base)
   return jax.jit(evaluate, in_shardings=(params_sh, batch_sharding(mesh)))
+
+
+def place_base(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh, params: Any = None):
+  """LoRA: the frozen base in its shards and the compute dtype, from ``params`` (a pure-dict tree) or
+  the random model of seed ``train.seed`` (the same weights a full run of that seed starts from)."""
+  lora = _lora(train_cfg)
+  base_sh = state_shardings(model_cfg, make_optimizer(train_cfg)[0], mesh, lora).base
+  dt, seed = jnp.dtype(model_cfg.dtype), train_cfg.train.seed
+
+  def build(p):
+    if p is None:
+      p = nnx.state(Mixtral(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+    return jax.tree.map(lambda a: a.astype(dt), p)
+
+  with jax.set_mesh(mesh):
+    if params is None:
+      return jax.jit(lambda: build(None), out_shardings=base_sh)()
+    return jax.jit(build, out_shardings=base_sh)(params)
 
 
 def init_state(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh,
                params: Any = None) -> TrainState:
   """A fresh train state placed in its shards: random parameters (seed ``train.seed``), or ``params``
-  (a pure-dict tree, e.g. from a converted checkpoint), with zeroed optimizer state."""
+  (a pure-dict tree, e.g. from a converted checkpoint), with zeroed optimizer state. With LoRA,
+  ``params`` (or the random model) is the frozen base and the adapters start as
+  ``mixtral_jax.lora.init_values`` gives them (B = 0: step 0 is the base model)."""
   tx, _ = make_optimizer(train_cfg)
-  shardings = state_shardings(model_cfg, tx, mesh)
+  lora = _lora(train_cfg)
+  shardings = state_shardings(model_cfg, tx, mesh, lora)
   seed = train_cfg.train.seed
   rng = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
+  if lora is not None:
+    base = place_base(model_cfg, train_cfg, mesh, params)
+    adapters = _param_template(model_cfg, lora)[1].to_pure_dict()
+    with jax.set_mesh(mesh):
+      def build_lora():
+        a = lora_lib.init_values(adapters, seed)
+        return TrainState(a, tx.init(a), jnp.zeros((), jnp.int32), rng)
+      sh = dataclasses.replace(shardings, base=None)
+      return dataclasses.replace(jax.jit(build_lora, out_shardings=sh)(), base=base)
 
   def build(p):
     if p is None:

@@ -16,6 +16,9 @@ def _say(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------ demo
 
+demo_example = "mixtral-jax demo --out /tmp/tiny-demo --format hf"
+
+
 def demo_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("--out", help="directory to write the checkpoint to and keep (default: a temporary one)")
   p.add_argument("--format", choices=("orbax", "hf"), default="orbax",
@@ -66,11 +69,14 @@ def demo_main(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ convert
 
+convert_example = "mixtral-jax convert ~/Mixtral-8x7B-v0.1 ckpt/8x7b --dtype bfloat16"
+
+
 def convert_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("src", help="a Hugging Face directory or a Mistral consolidated directory")
   p.add_argument("dst", help="the Orbax checkpoint directory to create")
   p.add_argument("--dtype", choices=DTYPES, default=None,
-                 help="parameter storage dtype of the output (None: the source's)")
+                 help="parameter storage dtype of the output (default: the source's)")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
@@ -85,19 +91,38 @@ def convert_main(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ export
 
+export_example = "mixtral-jax export runs/tiny hf/tiny --max-shard-size 500MB"
+
+
 def export_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("ckpt", help="a mixtral-jax Orbax checkpoint, a training run directory, or one of its steps")
   p.add_argument("dst", help="the Hugging Face directory to create")
-  p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the exported tensors (None: as stored)")
+  p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the exported tensors (default: as stored)")
   p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 5GB or 500MB")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+  lora = p.add_mutually_exclusive_group()
+  lora.add_argument("--merge", action="store_true",
+                    help="LoRA run: write its base with the adapters merged in, as Hugging Face safetensors")
+  lora.add_argument("--peft", action="store_true",
+                    help="LoRA run: write its adapters as a Hugging Face PEFT adapter for the base")
+  p.add_argument("--base", help="LoRA run: the base checkpoint (default: the one the run recorded in lora.json)")
+  p.epilog = "example: mixtral-jax export runs/lora hf/lora-adapter --peft"
 
 
 def export_main(args: argparse.Namespace) -> int:
   from mixtral_jax.checkpoint import export  # noqa: PLC0415
+  from mixtral_jax.lora import run as lora_run  # noqa: PLC0415
 
   t = time.perf_counter()
-  export(args.ckpt, args.dst, overwrite=args.overwrite, dtype=args.dtype, max_shard_size=args.max_shard_size,
-         progress=_say)
+  if args.merge or args.peft:
+    from mixtral_jax.lora.export import export_lora  # noqa: PLC0415
+    export_lora(args.ckpt, args.dst, merge=args.merge, base=args.base, overwrite=args.overwrite, dtype=args.dtype,
+                max_shard_size=args.max_shard_size, progress=_say)
+  elif lora_run.is_lora_run(args.ckpt):
+    raise ValueError(f"{args.ckpt} is a LoRA run (adapters only); pass --merge for merged Hugging Face weights "
+                     "or --peft for a PEFT adapter")
+  else:
+    export(args.ckpt, args.dst, overwrite=args.overwrite, dtype=args.dtype, max_shard_size=args.max_shard_size,
+           progress=_say)
   _say(f"done in {time.perf_counter() - t:.1f}s")
   return 0

@@ -23,6 +23,8 @@ from mixtral_jax.checkpoint import consolidated, formats, hf, orbax_io
 from mixtral_jax.checkpoint.layout import Key, Plan
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.layers import LOGICAL_AXES
+from mixtral_jax.lora import merge as lora_merge
+from mixtral_jax.lora import run as lora_run
 from mixtral_jax.model import Mixtral
 from mixtral_jax.params import abstract_model, param_shardings
 
@@ -104,8 +106,11 @@ def _shardings(cfg: MixtralConfig, mesh) -> dict[Key, jax.sharding.Sharding]:
   return {tuple(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
-def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, **runtime) -> Mixtral:
+def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, adapter=None, **runtime) -> Mixtral:
   """Loads a Hugging Face directory, a Mistral consolidated directory or our Orbax checkpoint.
+
+  ``adapter``: a PEFT LoRA adapter directory or a mixtral-jax LoRA run, merged into the weights
+  (``mixtral_jax.lora.merge``); it must fit this base (checked before anything is read).
 
   ``mesh``: a ``jax.sharding.Mesh`` or a string such as ``"expert=4"``; parameters are then created in
   their shards (``mixtral_jax.params.param_shardings``); call the model under ``jax.set_mesh(mesh)``.
@@ -113,6 +118,13 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, **
   """
   found = formats.detect(path)
   cfg = config_for(found, runtime_overrides(dtype, param_dtype, runtime))
+  factors = None
+  if found.kind == "orbax" and lora_run.is_lora_run(os.path.dirname(found.config)):
+    raise ValueError(f"{path} is a LoRA training run: its checkpoints hold adapters only. Load its base with the "
+                     f"adapter: from_pretrained(BASE, adapter={str(path)!r}), or generate --model BASE --adapter "
+                     f"{path}")
+  if adapter is not None:
+    factors = lora_merge.load_factors(adapter, cfg)  # checked against this base before any weight is read
   mesh = _mesh(mesh, cfg)
   shapes, _ = our_shapes(cfg)
   if found.kind == "orbax":
@@ -126,6 +138,8 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, **
     for key, sharding in _shardings(cfg, mesh).items():
       read = functools.partial(plan.read, key, dtype=jnp.dtype(cfg.param_dtype))
       arrays[key] = _create(shapes[key], jnp.dtype(cfg.param_dtype), sharding, read, stacked=key[0] == "blocks")
+  if factors:
+    arrays = lora_merge.merge_arrays(arrays, factors)
   return _merge(cfg, arrays)
 
 

@@ -27,6 +27,8 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
   p.epilog = EPILOG
   p.formatter_class = _Formatter
   p.add_argument("--model", required=True, help="checkpoint directory (HF, consolidated, ours, or a training run)")
+  p.add_argument("--adapter", help="LoRA adapter merged into --model: a PEFT adapter directory or a mixtral-jax "
+                 "LoRA training run")
   p.add_argument("--tokenizer", help="tokenizer.model path or bundled name v1/v3")
   p.add_argument("--mesh", help="device mesh such as 'expert=4'; None: one device")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")

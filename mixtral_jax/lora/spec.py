@@ -1,0 +1,94 @@
+"""What to adapt: the run config's ``lora`` section, its checks against a model, and a base fingerprint.
+
+A LoRA adapter on a weight W (in -> out) adds ``(x A) B * alpha / r`` to ``x W``: A is [in, r], B is
+[r, out], r the rank. Targets name the adapted weights:
+
+  q, k, v, o   attention projections (per layer)
+  w1, w2, w3   expert FFN weights, one adapter per expert (A [E, D, r], B [E, r, F]; w2 [E, F, r], [E, r, D])
+  router       the router D -> E
+  lm_head      the output head D -> V
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from mixtral_jax.config import MixtralConfig
+
+TARGETS = ("q", "k", "v", "o", "w1", "w2", "w3", "router", "lm_head")
+DEFAULT_TARGETS = ("q", "k", "v", "o", "w1", "w2", "w3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+  """The run config's ``lora`` section. ``rank: null`` (the default) trains every weight in full."""
+  rank: int | None = None  # r; set it (e.g. 16) to train adapters on a frozen base instead
+  alpha: float = 32.0  # the adapter output is scaled by alpha / rank
+  dropout: float = 0.0  # dropout on the adapters' inputs (only 0.0 is implemented)
+  targets: tuple = DEFAULT_TARGETS  # from q, k, v, o, w1, w2, w3, router, lm_head
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank is not None
+
+  @property
+  def scale(self) -> float:
+    return float(self.alpha) / float(self.rank)
+
+  def problems(self) -> list[str]:
+    """What is wrong with the section on its own (no model needed); empty when it is fine or off."""
+    if not self.enabled:
+      return []
+    out = []
+    if self.rank <= 0:
+      out.append(f"lora.rank={self.rank}; the rank must be a positive integer such as 8 or 16 (or null for full "
+                 "fine-tuning)")
+    unknown = [t for t in self.targets if t not in TARGETS]
+    if unknown:
+      out.append(f"lora.targets has unknown name(s) {unknown}; choose from {', '.join(TARGETS)}")
+    if not self.targets:
+      out.append(f"lora.targets is empty; choose from {', '.join(TARGETS)}")
+    if len(set(self.targets)) != len(self.targets):
+      out.append(f"lora.targets={list(self.targets)} names a target twice")
+    if self.dropout != 0.0:
+      out.append(f"lora.dropout={self.dropout}: only 0.0 is implemented (expert adapters are applied as a "
+                 "per-layer weight delta, which has no per-token input to drop); set lora.dropout=0")
+    return out
+
+
+def target_dims(cfg: MixtralConfig) -> dict[str, tuple[int, int]]:
+  """(in, out) of each target's weight (per expert for w1, w2, w3)."""
+  D, F, E, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.vocab_size
+  NH, KH = cfg.num_attention_heads * cfg.head_size, cfg.num_key_value_heads * cfg.head_size
+  return {"q": (D, NH), "k": (D, KH), "v": (D, KH), "o": (NH, D), "w1": (D, F), "w3": (D, F), "w2": (F, D),
+          "router": (D, E), "lm_head": (D, V)}
+
+
+def validate(lora: LoraSection, cfg: MixtralConfig) -> None:
+  """Raises ValueError naming every problem of ``lora`` for this model (before anything compiles)."""
+  problems = lora.problems()
+  if not problems and lora.enabled:
+    dims = target_dims(cfg)
+    too_big = [f"{t} ({dims[t][0]} -> {dims[t][1]})" for t in lora.targets if lora.rank > min(dims[t])]
+    if too_big:
+      problems.append(f"lora.rank={lora.rank} is larger than the smaller dimension of target(s) "
+                      f"{', '.join(too_big)}; lower the rank or drop those targets")
+  if problems:
+    raise ValueError("invalid lora section: " + "; ".join(problems))
+
+
+def fingerprint(cfg: MixtralConfig) -> str:
+  """A short hash of the architecture (the Hugging Face config fields, which fix every weight's shape and
+  meaning): two bases with the same fingerprint take the same adapters."""
+  arch = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("torch_dtype", "dtype", "transformers_version")}
+  return hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def describe_difference(a: MixtralConfig, b: MixtralConfig) -> str:
+  """The architecture fields where ``a`` and ``b`` differ, e.g. 'hidden_size 64 != 128'."""
+  da, db = a.to_hf_dict(), b.to_hf_dict()
+  diffs = [f"{k} {da.get(k)} != {db.get(k)}" for k in sorted(set(da) | set(db))
+           if da.get(k) != db.get(k) and k not in ("torch_dtype", "dtype", "transformers_version")]
+  return ", ".join(diffs) or "no architecture field differs"

@@ -1,0 +1,146 @@
+"""``mixtral-jax plan --generate``: will serving fit? Compile prefill and decode ahead of time, from shapes.
+
+  mixtral-jax plan --generate --preset mixtral-8x7b --mesh tensor=2 --batch 8 --context 32768 --device h200
+
+The programs are generation's own (``mixtral_jax.generate``): ``_prefill`` (the prompt of ``--context``
+tokens through the model into a KV cache of ``--context`` slots, then the first token) and the decode
+chunk (one token per row against that cache), lowered from ``ShapeDtypeStruct``s on the mesh and
+compiled for its devices. Per device it prints the parameters, the KV cache, and each program's
+temporaries and peak (arguments + outputs - donated + temporaries).
+
+Weights: a weight format is a function (config, mesh) -> (graphdef, abstract parameter state) in
+:data:`WEIGHT_FORMATS`; ``bf16`` is the model's own parameters in bfloat16, sharded by the
+logical-axis table; ``int8`` (``--quantize int8``) is :func:`mixtral_jax.inference.quantize.quantize`'s
+layout. Serving is dropless (no capacity factor): generation must not drop tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mixtral_jax.config import MixtralConfig
+from mixtral_jax.model import KVCache
+from mixtral_jax.attention import LayerCache
+from mixtral_jax.params import abstract_model, param_shardings
+from mixtral_jax.sampling import Sampling
+from mixtral_jax.sharding.mesh import format_mesh, make_mesh
+
+from . import topology
+from .plan import GiB, compile_or_verdict, fit_lines, model_config, shard_bytes, target_devices, _header
+
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def bf16_weights(cfg: MixtralConfig, mesh):
+  """The model's parameters in bfloat16, each sharded by its logical axes."""
+  graphdef, state = nnx.split(abstract_model(cfg.replace(param_dtype="bfloat16")))
+  return graphdef, _abstract(state, param_shardings(state, mesh))
+
+
+def int8_weights(cfg: MixtralConfig, mesh):
+  """int8 weight-only (``mixtral_jax.inference.quantize``): every matmul weight int8 with float32
+  per-output-channel scales, the router, norms and embedding bfloat16; each sharded by its logical axes."""
+  graphdef, state = nnx.split(abstract_model(cfg.replace(param_dtype="bfloat16"), quantize="int8"))
+  return graphdef, _abstract(state, param_shardings(state, mesh))
+
+
+WEIGHT_FORMATS = {"bf16": bf16_weights, "int8": int8_weights}
+
+
+def cache_sharding(mesh, batch: int, kv_heads: int) -> tuple[P, P]:
+  """(spec of k/v [L, B, S, K, H], spec of pos [B, S]): rows over the batch axes that divide the
+  batch (in order), kv heads over ``tensor`` when it divides them."""
+  rows, left = [], batch
+  for a in BATCH_AXES:
+    n = mesh.shape.get(a, 1)
+    if n > 1 and left % n == 0:
+      rows.append(a)
+      left //= n
+  rows_spec = tuple(rows) if len(rows) > 1 else (rows[0] if rows else None)
+  tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 and kv_heads % mesh.shape["tensor"] == 0 else None
+  return P(None, rows_spec, None, tensor, None), P(rows_spec, None)
+
+
+def abstract_cache(cfg: MixtralConfig, mesh, batch: int, context: int) -> KVCache:
+  S = context if cfg.sliding_window is None else min(context, cfg.sliding_window)
+  kv_spec, pos_spec = cache_sharding(mesh, batch, cfg.num_key_value_heads)
+  shape = (cfg.num_hidden_layers, batch, S, cfg.num_key_value_heads, cfg.head_size)
+  kv = jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype), sharding=NamedSharding(mesh, kv_spec))
+  return KVCache(LayerCache(kv, kv), jax.ShapeDtypeStruct((batch, S), jnp.int32,
+                                                         sharding=NamedSharding(mesh, pos_spec)))
+
+
+def plan_serving(cfg: MixtralConfig, mesh, *, batch: int, context: int, weights: str = "bf16") -> dict:
+  """Compiles prefill (``context`` prompt tokens) and one decode chunk; figures per device."""
+  from mixtral_jax.generate import _decode_chunk, _prefill  # noqa: PLC0415  (generation's own programs)
+
+  if weights not in WEIGHT_FORMATS:
+    raise ValueError(f"weight format {weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
+  cfg = cfg.replace(param_dtype="bfloat16", dtype="bfloat16", remat="none", capacity_factor=None)
+  graphdef, state = WEIGHT_FORMATS[weights](cfg, mesh)
+  cache = abstract_cache(cfg, mesh, batch, context)
+  kv_spec, pos_spec = cache_sharding(mesh, batch, cfg.num_key_value_heads)
+  rows = NamedSharding(mesh, pos_spec)
+  replicated = NamedSharding(mesh, P())
+  ids = jax.ShapeDtypeStruct((batch, context), jnp.int32, sharding=rows)
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
+  tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(mesh, P(pos_spec[0])))
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  sampling = Sampling()
+  args_bytes = shard_bytes(state) + shard_bytes(cache)
+
+  out = {"param_bytes": shard_bytes(state), "kv_cache_bytes": shard_bytes(cache), "weights": weights}
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = _prefill.lower(graphdef, state, ids, ids, cache, key, sampling)
+    _, out["prefill"] = compile_or_verdict(lowered, args_bytes + 2 * shard_bytes(ids))
+    decode = _decode_chunk(graphdef, sampling)
+    lowered = decode.lower(state, tokens, tokens, cache, key, scalar, scalar, None)
+    _, out["decode"] = compile_or_verdict(lowered, args_bytes)
+  out["compile_seconds"] = time.perf_counter() - t0
+  out["peak_bytes"] = max(out["prefill"]["peak_bytes"], out["decode"]["peak_bytes"])
+  return out
+
+
+def serve_main(args, count: int) -> int:
+  import json  # noqa: PLC0415
+
+  context = args.context or args.seq
+  cfg = model_config(args)
+  devices = target_devices(args, count)
+  mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
+  out = plan_serving(cfg, mesh, batch=args.batch, context=context, weights=getattr(args, "quantize", None) or "bf16")
+  cfg = cfg.replace(param_dtype="bfloat16", capacity_factor=None)
+  print(_header(args, cfg, mesh, f"serving batch {args.batch}, context {context}, {out['weights']} weights")
+        + f"; compiled in {out['compile_seconds']:.1f} s")
+  print(f"per device: parameters {out['param_bytes'] / GiB:.2f} GiB, KV cache {out['kv_cache_bytes'] / GiB:.2f} GiB")
+  for name in ("prefill", "decode"):
+    f = out[name]
+    if f.get("oom"):
+      print(f"  {name}: does not fit: the TPU compiler needs {f['temp_bytes'] / GiB:.2f} GiB of temporaries "
+            f"of {f['available_bytes'] / GiB:.2f} GiB ({f['message']})")
+    else:
+      print(f"  {name:<8} temporaries {f['temp_bytes'] / GiB:8.2f} GiB   peak {f['peak_bytes'] / GiB:8.2f} GiB   "
+            f"{f['flops'] / 1e12:9.3f} TFLOPs")
+  device = topology.device_memory(args.device, list(mesh.devices.flat))
+  tips = topology.advice(0, 1, mesh_sizes=dict(mesh.shape), remat="none", grad_accum=1, batch=args.batch,
+                         serving=True)
+  lines, verdict = fit_lines(out["peak_bytes"], device, tips)
+  for line in lines:
+    print(line)
+  if args.json:
+    with open(args.json, "w") as fh:
+      json.dump({"preset": args.preset, "mesh": format_mesh(mesh), "topology": args.topology, "batch": args.batch,
+                 "context": context, "device": verdict, "serving": out,
+                 "compiled": {"peak_bytes": out["peak_bytes"]}}, fh, indent=2)
+  return 0

@@ -20,6 +20,7 @@ from mixtral_jax.attn import attend
 from mixtral_jax.attn.dense import dot_product_attention  # noqa: F401  (re-exported: the dense reference)
 from mixtral_jax.attn.mask import attention_mask  # noqa: F401  (re-exported: the mask rule)
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.inference.quantize import compute_weight
 from mixtral_jax.layers import apply_rope, param, rope_cos_sin
 from mixtral_jax.lora import adapters as lora
 from mixtral_jax.sharding.rules import constrain
@@ -64,9 +65,9 @@ class Attention(nnx.Module):
     if layer is not None and x_BTD.shape[1] != 1:
       raise ValueError(f"writing a stacked cache by layer is for one new token per row, got T={x_BTD.shape[1]}")
     x_BTD = x_BTD.astype(dt)
-    q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_DNH[...].astype(dt))
-    k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_DKH[...].astype(dt))
-    v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.v_DKH[...].astype(dt))
+    q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, compute_weight(self, "q_DNH", dt))
+    k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, compute_weight(self, "k_DKH", dt))
+    v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, compute_weight(self, "v_DKH", dt))
     q_BTNH = lora.add(self.lora, "q", x_BTD, q_BTNH)  # LoRA: + (x A) B alpha/r (no-op without adapters)
     k_BTKH = lora.add(self.lora, "k", x_BTD, k_BTKH)  # LoRA
     v_BTKH = lora.add(self.lora, "v", x_BTD, v_BTKH)  # LoRA
@@ -104,7 +105,7 @@ class Attention(nnx.Module):
                       index_aligned=cache is None, padded=valid_BT is not None)
     # As one [N*H] contraction: a view of o_NHD, where "btnh,nhd" let XLA copy o into [H, N, D] order.
     B, T, N, H = out_BTNH.shape
-    out_BTD = jnp.einsum("bti,id->btd", out_BTNH.reshape(B, T, N * H), self.o_NHD[...].astype(dt).reshape(N * H, -1))
+    out_BTD = jnp.einsum("bti,id->btd", out_BTNH.reshape(B, T, N * H), compute_weight(self, "o_NHD", dt).reshape(N * H, -1))
     out_BTD = lora.add(self.lora, "o", out_BTNH, out_BTD)  # LoRA
     return out_BTD, new_cache
 

@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "slice or simulated GPUs: memory, peak, FLOPs, all-to-all bytes"),
     "generate": ("mixtral_jax.generation_commands", "generate text from a model, optionally sharded on a mesh"),
     "chat": ("mixtral_jax.generation_commands", "an interactive chat session with an instruct model"),
+    "serve": ("mixtral_jax.inference.commands",
+              "an OpenAI-compatible HTTP server with continuous batching (chat, completions, streaming, tools)"),
 }
 
 EPILOG = """examples:
@@ -35,6 +37,7 @@ EPILOG = """examples:
   mixtral-jax tokenize ~/corpus/ --out shards/corpus --workers 8
   mixtral-jax generate --model runs/tiny --prompt "def fibonacci(n):"
   mixtral-jax convert ~/Mixtral-8x7B-v0.1 ckpt/8x7b
+  mixtral-jax serve --model runs/tiny --port 8000 --max-batch 16
   mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096
 
 Run 'mixtral-jax COMMAND --help' for a command's options."""

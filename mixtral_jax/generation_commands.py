@@ -30,6 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tokenizer", help="tokenizer.model path or bundled name v1/v3 (default: found or by vocab)")
   p.add_argument("--mesh", help="device mesh such as 'expert=4' or 'data=2,expert=4' (default: one device)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+  p.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization of every matmul weight")
   p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per reply")
   p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy")
   p.add_argument("--top-k", type=int, help="sample only among the k most likely tokens (default: all)")
@@ -52,6 +53,9 @@ def _load(args):
                      "pass --tokenizer PATH")
   tokenizer = Tokenizer.load(name)
   tokenizer.check_vocab(vocab)
+  if args.quantize:
+    from mixtral_jax.inference.quantize import quantize  # noqa: PLC0415
+    quantize(model, args.quantize)
   return model, tokenizer
 
 

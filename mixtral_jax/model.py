@@ -20,6 +20,7 @@ from flax import nnx
 
 from mixtral_jax.attention import Attention, LayerCache
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.inference.quantize import SCALE, compute_weight
 from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, param
 from mixtral_jax.lora import adapters as lora
 from mixtral_jax.moe import MoE
@@ -141,7 +142,7 @@ class Mixtral(nnx.Module):
 
   def head(self) -> jax.Array:
     """The LM head weight [D, V] (with its LoRA adapter added, if any)."""
-    return lora.adapted(self.lora_head, "lm_head", self.head_DV[...])
+    return lora.adapted(self.lora_head, "lm_head", compute_weight(self, "head_DV", jnp.dtype(self.cfg.param_dtype)))
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     dt = jnp.dtype(self.cfg.dtype)
@@ -212,15 +213,21 @@ def layer_views(model: Mixtral) -> list:
   (device,) = {d for a in leaves for d in a.devices()}
   stacked = [np.asarray(a) for a in leaves]  # zero-copy on CPU
   moe = state["moe"]
-  experts = [np.asarray(moe[name][...]) for name in ("w1_EDF", "w3_EDF", "w2_EFD")]
+  # A quantized expert is an (int8 values, scale) pair (see mixtral_jax.inference.quantize.as_compute).
+  experts = [(np.asarray(moe[name][...]), np.asarray(moe[name + SCALE][...])) if name + SCALE in moe
+             else np.asarray(moe[name][...]) for name in ("w1_EDF", "w3_EDF", "w2_EFD")]
   E = model.cfg.num_local_experts
   out = []
   for i in range(model.cfg.num_hidden_layers):
     # One batched device_put per layer; a misaligned view would be copied (still correct).
-    layer, per_expert = jax.device_put(([a[i] for a in stacked], [[w[i, e] for e in range(E)] for w in experts]),
+    layer, per_expert = jax.device_put(([a[i] for a in stacked], [[_at(w, i, e) for e in range(E)] for w in experts]),
                                        device)
     out.append((jax.tree.unflatten(treedef, layer), tuple(tuple(ws) for ws in per_expert)))
   return out
+
+
+def _at(w, i, e):
+  return (w[0][i, e], w[1][i, e]) if isinstance(w, tuple) else w[i, e]
 
 
 def _layer(blocks: Block, i: int) -> Block:

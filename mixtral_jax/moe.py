@@ -28,6 +28,7 @@ from flax import nnx
 from mixtral_jax import routing
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.experts import dense_expert_ffn, grouped_expert_ffn, resolve_impl
+from mixtral_jax.inference.quantize import as_compute, compute_weight
 from mixtral_jax.layers import param
 from mixtral_jax.lora import adapters as lora
 
@@ -75,7 +76,7 @@ def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=
 
   # Expert i's FFN on its own arrays, for the per-expert path (built once; traced per use).
   branches = None if experts is None else [
-      functools.partial(ffn, *(ws[i].astype(x_ND.dtype) for ws in experts)) for i in range(E)]
+      functools.partial(ffn, *(as_compute(ws[i], x_ND.dtype) for ws in experts)) for i in range(E)]
   y_ND = jnp.zeros((N, D), jnp.float32)
   for j in range(M):
     if branches is not None and M == E:
@@ -169,7 +170,7 @@ class MoE(nnx.Module):
     logits_NE = jnp.einsum("nd,de->ne", x_ND, self.router_DE[...].astype(dt))
     logits_NE = lora.add(self.lora, "router", x_ND, logits_NE).astype(jnp.float32)  # LoRA
     weights_Nk, ids_Nk = routing.top_k_route(logits_NE, cfg.num_experts_per_tok)
-    w1, w3, w2 = (w[...].astype(dt) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
+    w1, w3, w2 = (compute_weight(self, n, dt) for n in ("w1_EDF", "w3_EDF", "w2_EFD"))
     # LoRA: per-expert W_e + A_e B_e alpha/r, formed on the expert's own shard; every dispatch below uses it.
     w1, w3, w2 = (lora.adapted(self.lora, t, w) for t, w in (("w1", w1), ("w3", w3), ("w2", w2)))
 

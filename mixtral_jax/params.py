@@ -14,9 +14,14 @@ from mixtral_jax.model import Mixtral
 from mixtral_jax.sharding.rules import logical_sharding
 
 
-def abstract_model(cfg: MixtralConfig) -> Mixtral:
-  """The model with ``ShapeDtypeStruct`` leaves: shapes, dtypes and logical axes, no memory."""
-  return nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: MixtralConfig, quantize: str | None = None) -> Mixtral:
+  """The model with ``ShapeDtypeStruct`` leaves: shapes, dtypes and logical axes, no memory.
+  ``quantize="int8"``: as :func:`mixtral_jax.inference.quantize.quantize` leaves it (int8 weights plus
+  float32 scales)."""
+  if quantize is None:
+    return nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))
+  from mixtral_jax.inference.quantize import quantize as quantize_model  # noqa: PLC0415
+  return nnx.eval_shape(lambda: quantize_model(Mixtral(cfg, rngs=nnx.Rngs(0)), quantize))
 
 
 def _variables(model: Mixtral):

@@ -271,7 +271,10 @@ def plan_parser(p):
                  help="say whether the peak fits: h100 | h200 | v5p | v5e | v6e | v4 | a size in GiB "
                       "(default with --topology: that TPU)")
   p.add_argument("--generate", action="store_true",
-                 help="plan serving instead of training: compile prefill and one decode step (bf16 weights)")
+                 help="plan serving instead of training: compile prefill and one decode step (bf16 weights, or "
+                      "--quantize int8)")
+  p.add_argument("--quantize", choices=("int8",), default=None,
+                 help="--generate: int8 weight-only quantization (as serve/generate --quantize int8)")
   p.add_argument("--context", type=int, default=None,
                  help="--generate: tokens of the prompt and KV cache (default --seq)")
   p.add_argument("--json", default=None, help="also write the figures to this JSON file")

@@ -10,7 +10,8 @@ temporaries and peak (arguments + outputs - donated + temporaries).
 
 Weights: a weight format is a function (config, mesh) -> (graphdef, abstract parameter state) in
 :data:`WEIGHT_FORMATS`; ``bf16`` is the model's own parameters in bfloat16, sharded by the
-logical-axis table. Serving is dropless (no capacity factor): generation must not drop tokens.
+logical-axis table; ``int8`` (``--quantize int8``) is :func:`mixtral_jax.inference.quantize.quantize`'s
+layout. Serving is dropless (no capacity factor): generation must not drop tokens.
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ def bf16_weights(cfg: MixtralConfig, mesh):
   return graphdef, _abstract(state, param_shardings(state, mesh))
 
 
-WEIGHT_FORMATS = {"bf16": bf16_weights}
+def int8_weights(cfg: MixtralConfig, mesh):
+  """int8 weight-only (``mixtral_jax.inference.quantize``): every matmul weight int8 with float32
+  per-output-channel scales, the router, norms and embedding bfloat16; each sharded by its logical axes."""
+  graphdef, state = nnx.split(abstract_model(cfg.replace(param_dtype="bfloat16"), quantize="int8"))
+  return graphdef, _abstract(state, param_shardings(state, mesh))
+
+
+WEIGHT_FORMATS = {"bf16": bf16_weights, "int8": int8_weights}
 
 
 def cache_sharding(mesh, batch: int, kv_heads: int) -> tuple[P, P]:
@@ -111,7 +119,7 @@ def serve_main(args, count: int) -> int:
   cfg = model_config(args)
   devices = target_devices(args, count)
   mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
-  out = plan_serving(cfg, mesh, batch=args.batch, context=context)
+  out = plan_serving(cfg, mesh, batch=args.batch, context=context, weights=getattr(args, "quantize", None) or "bf16")
   cfg = cfg.replace(param_dtype="bfloat16", capacity_factor=None)
   print(_header(args, cfg, mesh, f"serving batch {args.batch}, context {context}, {out['weights']} weights")
         + f"; compiled in {out['compile_seconds']:.1f} s")

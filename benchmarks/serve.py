@@ -1,0 +1,158 @@
+"""Serving throughput: ``mixtral-jax serve`` (continuous batching) against itself with one row, and
+against ``generate`` on a static batch of 16, in one run.
+
+  python benchmarks/serve.py [--preset bench-small] [--clients 1,4,16] [--out-dir /tmp/serve-bench]
+
+A random ``bench-small`` model (V 32000, D 512, L 4, E 8, k 2) is saved once; then, for each server
+(``--max-batch 16`` and ``--max-batch 1``, both ``--max-context 256``), for each concurrency c, c
+clients send completions requests (streaming, greedy) of mixed prompt lengths (8-128 tokens) and output
+lengths (16-64 tokens) until 2c (at least 4) are answered. Reported per point: requests/s, output
+tokens/s (from ``usage``), and p50/p99 time to first token (request sent -> first SSE chunk). Each
+server first answers one request per prefill shape so compilation is not measured.
+
+Last, in this process, ``generate`` runs the 16 first prompts as one static batch to 64 new tokens
+(timed on the second call) with the same cache size; its output tokens/s is the reference for the
+target: the server at 16 clients >= 80% of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+PROMPT_RANGE = (8, 128)
+OUTPUT_RANGE = (16, 64)
+CONTEXT = 256
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def workload(n: int, seed: int) -> list[tuple[list[int], int]]:
+  rng = np.random.RandomState(seed)
+  return [([1] + rng.randint(100, 30000, rng.randint(*PROMPT_RANGE)).tolist(), int(rng.randint(*OUTPUT_RANGE)))
+          for _ in range(n)]
+
+
+async def one(client, url, name, prompt, max_tokens):
+  import httpx  # noqa: PLC0415
+  body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+  t0 = time.perf_counter()
+  ttft, usage = None, None
+  async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+    if r.status_code != 200:
+      raise httpx.HTTPStatusError(f"{r.status_code}: {await r.aread()}", request=r.request, response=r)
+    async for line in r.aiter_lines():
+      if not line.startswith("data: ") or line == "data: [DONE]":
+        continue
+      if ttft is None:
+        ttft = time.perf_counter() - t0
+      chunk = json.loads(line[6:])
+      usage = chunk.get("usage") or usage
+  return ttft, usage["completion_tokens"]
+
+
+async def load(url, name, jobs, clients):
+  import httpx  # noqa: PLC0415
+  queue = list(jobs)
+  results = []
+  async with httpx.AsyncClient(timeout=600) as client:
+    async def worker():
+      while queue:
+        prompt, k = queue.pop(0)
+        results.append(await one(client, url, name, prompt, k))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - t0
+  ttfts = np.array([r[0] for r in results])
+  tokens = sum(r[1] for r in results)
+  return {"requests": len(results), "req_s": len(results) / wall, "tok_s": tokens / wall,
+          "ttft_p50": float(np.percentile(ttfts, 50)), "ttft_p99": float(np.percentile(ttfts, 99))}
+
+
+def run_server(path, name, max_batch, levels, env):
+  import httpx  # noqa: PLC0415
+  port = free_port()
+  url = f"http://127.0.0.1:{port}"
+  proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax", "serve", "--model", path, "--port", str(port),
+                           "--max-batch", str(max_batch), "--max-context", str(CONTEXT), "--max-queue", "64",
+                           "--served-model-name", name], env=env)
+  try:
+    while True:
+      try:
+        if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+          break
+      except httpx.HTTPError:
+        pass
+      if proc.poll() is not None:
+        raise RuntimeError("the server exited")
+      time.sleep(0.5)
+    warm = [([1] * n, 2) for n in (10, 20, 40, 100)]  # one request per prefill chunk shape
+    asyncio.run(load(url, name, warm, 1))
+    out = {}
+    for c in levels:
+      out[c] = asyncio.run(load(url, name, workload(max(2 * c, 4), seed=c), c))
+      print(f"max-batch {max_batch:2d}, {c:2d} clients: {json.dumps(out[c])}", flush=True)
+    return out
+  finally:
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def generate_static(path, n=16, new=64):
+  import mixtral_jax  # noqa: PLC0415
+  from mixtral_jax.generate import generate  # noqa: PLC0415
+  model = mixtral_jax.from_pretrained(path)
+  prompts = [p for p, _ in workload(n, seed=16)]
+  generate(model, prompts, new, eos_id=None)  # compile
+  t0 = time.perf_counter()
+  out = generate(model, prompts, new, eos_id=None)
+  wall = time.perf_counter() - t0
+  tokens = sum(map(len, out.tokens))
+  return {"tokens": tokens, "tok_s": tokens / wall}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", default="bench-small")
+  p.add_argument("--clients", default="1,4,16")
+  p.add_argument("--out-dir", default="/tmp/serve-bench")
+  args = p.parse_args()
+  levels = [int(c) for c in args.clients.split(",")]
+  import mixtral_jax  # noqa: PLC0415
+  from mixtral_jax.checkpoint import save  # noqa: PLC0415
+  path = os.path.join(args.out_dir, args.preset)
+  if not os.path.exists(path):
+    save(mixtral_jax.create_model(mixtral_jax.get_config(args.preset), seed=0), path)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  batched = run_server(path, args.preset, 16, levels, env)
+  single = run_server(path, args.preset, 1, levels, env)
+  static = generate_static(path)
+  print(f"generate, static batch of 16 x 64 new tokens: {static['tok_s']:.1f} output tokens/s")
+  print("\n| clients | max-batch 16: req/s | tok/s | TTFT p50 | p99 | max-batch 1: req/s | tok/s | TTFT p50 | p99 |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for c in levels:
+    b, s = batched[c], single[c]
+    print(f"| {c} | {b['req_s']:.2f} | {b['tok_s']:.1f} | {b['ttft_p50']:.2f} s | {b['ttft_p99']:.2f} s | "
+          f"{s['req_s']:.2f} | {s['tok_s']:.1f} | {s['ttft_p50']:.2f} s | {s['ttft_p99']:.2f} s |")
+  top = max(levels)
+  print(f"\nserver at {top} clients / generate batch 16: {batched[top]['tok_s'] / static['tok_s']:.2f} "
+        f"(target >= 0.80); max-batch 16 / max-batch 1 at {top} clients: "
+        f"{batched[top]['tok_s'] / single[top]['tok_s']:.2f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,344 @@
+"""Continuous batching: a fixed set of decode slots sharing one KV cache, fed from a request queue.
+
+State: the model's :class:`~mixtral_jax.model.KVCache` with B = ``max_batch`` rows of S =
+``max_context`` slots (rows are requests, each at its own position), and on the host, per row, the
+request it serves, its last token, its next position, its sampling settings and its step count.
+
+One thread runs the loop; each iteration:
+
+  1. Cancelled requests (client gone) leave the queue or free their row at once.
+  2. Waiting requests take free rows, first come first served.
+  3. Prefill: every row still reading its prompt runs its next chunk of at most ``prefill_chunk``
+     tokens (right-padded to a power of two >= 16, so few shapes compile) through ``model.hidden`` on
+     its own cache row: the row is cut out of the shared cache (positions reset to -1 on the first
+     chunk, so a reused row forgets its last request), extended, and written back. A long prompt thus
+     takes several iterations, with decode steps for the others in between. The last chunk samples the
+     request's first token, and the row joins the decode batch.
+  4. Decode: one compiled step shape for all B rows (rows not decoding are masked out, so they write
+     nothing), ``n`` steps per device call in a ``fori_loop``: n = 1 while anything waits or
+     prefills (new requests join at the next step), else up to DECODE_CHUNK, capped by the fewest
+     tokens any row still may produce.
+  5. Each new token goes through generate's per-row bookkeeping (EOS, stop strings, held-back
+     streaming text) and out to the request's callback; a finished row is free for step 2 at once.
+
+Sampling is per row (:mod:`mixtral_jax.inference.row_sampling`): each request keeps its own settings
+and seed, and its tokens do not depend on the other rows (greedy output equals ``generate`` alone).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import threading
+import time
+import traceback
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixtral_jax.attention import LayerCache
+from mixtral_jax.generate import _layer_views, _mesh_context, _place, _resolve_mesh, _Row, bucket
+from mixtral_jax.inference.row_sampling import sample_rows
+from mixtral_jax.model import KVCache, init_cache
+
+DECODE_CHUNK = 8  # decode steps per device call, at most, when no request waits
+
+
+class QueueFull(Exception):
+  """The waiting queue is at its limit; the server answers 429."""
+
+
+@dataclasses.dataclass
+class Request:
+  """One generation request. ``on_token(token, text_delta)`` and ``on_done(finish_reason, error)`` are
+  called from the engine thread. ``finish_reason``: "eos", "stop", "length" or "cancelled"."""
+  prompt: list[int]
+  max_tokens: int
+  on_token: Callable[[int | None, str], None]
+  on_done: Callable[[str, "str | None"], None]
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: tuple[str, ...] = ()
+  eos: frozenset = frozenset()
+  id: int = dataclasses.field(default_factory=itertools.count().__next__)
+  submitted: float = dataclasses.field(default_factory=time.perf_counter)
+  first_token_at: float | None = None
+  cancelled: bool = False
+  row: _Row | None = None
+
+  def cancel(self) -> None:
+    """Safe from any thread: the engine frees the request's row (or queue place) at its next step."""
+    self.cancelled = True
+
+
+@dataclasses.dataclass
+class Metrics:
+  requests: int = 0  # finished, any reason
+  rejected: int = 0  # 429
+  prompt_tokens: int = 0
+  generated_tokens: int = 0
+  decode_steps: int = 0
+  occupied_row_steps: int = 0  # sum over decode steps of decoding rows
+  ttft: list = dataclasses.field(default_factory=list)  # seconds, one per request that got a token
+
+
+@functools.lru_cache(maxsize=8)
+def _prefill_fn(graphdef):
+  """Runs one prompt chunk of one request on its cache row; samples the next token at ``last``."""
+
+  @functools.partial(jax.jit, donate_argnums=(4,))
+  def run(state, ids_1C, positions_1C, valid_1C, cache, row, reset, last, settings):
+    model = nnx.merge(graphdef, state)
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=1)  # noqa: E731  ([L, B, ...] arrays)
+    pos_1S = jax.lax.dynamic_slice_in_dim(cache.pos, row, 1, axis=0)
+    pos_1S = jnp.where(reset, -1, pos_1S)
+    one = KVCache(LayerCache(take(cache.layers.k), take(cache.layers.v)), pos_1S)
+    h_1CD, aux = model.hidden(ids_1C, attention_mask=valid_1C, positions=positions_1C, cache=one)
+    logits_1V = model.logits(jax.lax.dynamic_slice_in_dim(h_1CD, last, 1, axis=1))[:, 0]
+    token = sample_rows(logits_1V, *settings)[0]
+    new = aux["cache"]
+    put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, row, axis=1)  # noqa: E731
+    cache = KVCache(LayerCache(put(cache.layers.k, new.layers.k), put(cache.layers.v, new.layers.v)),
+                    jax.lax.dynamic_update_slice_in_dim(cache.pos, new.pos, row, axis=0))
+    return token, cache
+
+  return run
+
+
+@functools.lru_cache(maxsize=8)
+def _decode_fn(graphdef):
+  """``n`` <= DECODE_CHUNK decode steps of all rows (``active_B`` masks the rows that decode).
+  Returns (tokens [DECODE_CHUNK, B], cache); row j of the tokens is step j."""
+
+  @functools.partial(jax.jit, donate_argnums=(3,))
+  def run(state, tokens_B, positions_B, cache, active_B, temperature_B, top_k_B, top_p_B, seed_B, step_B,
+          n, layers):
+    def body(j, carry):
+      tokens_B, cache, out_CB, state = carry  # the parameters ride in the carry (see generate)
+      model = nnx.merge(graphdef, state)
+      h_B1D, aux = model.hidden(tokens_B[:, None], attention_mask=active_B[:, None],
+                                positions=(positions_B + j)[:, None], cache=cache, layers=layers)
+      tokens_B = sample_rows(model.logits(h_B1D)[:, 0], temperature_B, top_k_B, top_p_B, seed_B, step_B + j)
+      return tokens_B, aux["cache"], out_CB.at[j].set(tokens_B), state
+
+    out_CB = jnp.zeros((DECODE_CHUNK, tokens_B.shape[0]), jnp.int32)
+    _, cache, out_CB, _ = jax.lax.fori_loop(0, n, body, (tokens_B, cache, out_CB, state))
+    return out_CB, cache
+
+  return run
+
+
+class Engine:
+  """The continuous-batching loop over one model (see the module docstring). ``submit`` from any
+  thread; ``start``/``stop`` the loop thread."""
+
+  def __init__(self, model, tokenizer=None, *, max_batch: int = 16, max_context: int | None = None,
+               max_queue: int = 64, prefill_chunk: int = 256, mesh=None):
+    cfg = model.cfg
+    self.cfg, self.tokenizer = cfg, tokenizer
+    self.max_context = int(max_context or cfg.max_position_embeddings)
+    if not 1 <= self.max_context <= cfg.max_position_embeddings:
+      raise ValueError(f"--max-context {self.max_context} must be in [1, {cfg.max_position_embeddings}] "
+                       "(the model's max_position_embeddings)")
+    if max_batch < 1 or max_queue < 0:
+      raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+    self.mesh = _resolve_mesh(mesh, cfg)
+    self.B, self.max_queue = int(max_batch), int(max_queue)
+    self.prefill_chunk = bucket(prefill_chunk, 16)
+    self.graphdef, self.state = nnx.split(model)
+    if self.mesh is not None:
+      self.state = _place(self.state, self.mesh)
+    self.layers = _layer_views(model, self.mesh)
+    with _mesh_context(self.mesh):
+      self.cache = init_cache(cfg, self.B, self.max_context)
+    self._prefill, self._decode = _prefill_fn(self.graphdef), _decode_fn(self.graphdef)
+    B = self.B
+    self.slots: list[Request | None] = [None] * B
+    self.prefilled = [0] * B  # prompt tokens of the row's request already in the cache
+    self.tokens = np.zeros(B, np.int32)
+    self.positions = np.zeros(B, np.int32)
+    self.steps = np.zeros(B, np.int32)
+    self.decoding = np.zeros(B, bool)
+    self.waiting: collections.deque[Request] = collections.deque()
+    self.metrics = Metrics()
+    self._wake = threading.Condition()
+    self._thread: threading.Thread | None = None
+    self._stopped = False
+
+  # ------------------------------------------------------------------------------ public
+
+  def submit(self, req: Request) -> None:
+    """Queues a request (raises :class:`QueueFull` when ``max_queue`` wait already, ValueError when it
+    cannot fit the context)."""
+    n = len(req.prompt)
+    if n + req.max_tokens > self.max_context:
+      raise ValueError(f"the prompt has {n} tokens and max_tokens is {req.max_tokens}, {n + req.max_tokens} in "
+                       f"all, but the context is {self.max_context} tokens")
+    with self._wake:
+      free = sum(r is None for r in self.slots)  # rows the waiting requests will take at the next step
+      if len(self.waiting) >= self.max_queue + free:
+        self.metrics.rejected += 1
+        raise QueueFull(f"all {self.B} rows are busy and {self.max_queue} requests are waiting (--max-queue); "
+                        "retry later")
+      req.row = _Row(0, self.tokenizer, req.eos, req.stop, self._streamer(req))
+      self.waiting.append(req)
+      self._wake.notify()
+
+  def queue_depth(self) -> int:
+    return len(self.waiting)  # just-arrived requests count until the next step gives them a row
+
+  def busy_rows(self) -> int:
+    return sum(r is not None for r in self.slots)
+
+  def start(self) -> "Engine":
+    self._thread = threading.Thread(target=self._loop, name="mixtral-jax-engine", daemon=True)
+    self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    with self._wake:
+      self._stopped = True
+      self._wake.notify()
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+
+  def warmup(self, prompt_lengths=(1,)) -> None:
+    """Compiles the prefill chunk shapes needed by prompts of these lengths, and the decode step."""
+    for n in prompt_lengths:
+      done = threading.Event()
+      self.submit(Request([self.cfg.bos_token_id] * n, 2, lambda *_: None, lambda *_: done.set()))
+      if self._thread is None:
+        while not done.is_set():
+          self.step()
+      else:
+        done.wait()
+    self.metrics = Metrics()
+
+  # ------------------------------------------------------------------------------ the loop
+
+  def _loop(self) -> None:
+    while True:
+      with self._wake:
+        while not self._stopped and not self.waiting and not any(r is not None for r in self.slots):
+          self._wake.wait()
+        if self._stopped:
+          return
+      try:
+        self.step()
+      except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+        traceback.print_exc()
+        self._fail_all(f"{type(e).__name__}: {e}")
+
+  def step(self) -> None:
+    """One iteration of the loop (see the module docstring)."""
+    self._drop_cancelled()
+    self._admit()
+    with _mesh_context(self.mesh):
+      for b, req in enumerate(self.slots):
+        if req is not None and not self.decoding[b]:
+          self._prefill_chunk(b, req)
+      if self.decoding.any():
+        self._decode_steps()
+
+  def _drop_cancelled(self) -> None:
+    with self._wake:
+      for req in [r for r in self.waiting if r.cancelled]:
+        self.waiting.remove(req)
+        self._finish(req, "cancelled")
+    for b, req in enumerate(self.slots):
+      if req is not None and req.cancelled:
+        self._free(b, "cancelled")
+
+  def _admit(self) -> None:
+    with self._wake:
+      for b in range(self.B):
+        if self.slots[b] is None and self.waiting:
+          self.slots[b], self.prefilled[b], self.decoding[b] = self.waiting.popleft(), 0, False
+
+  def _settings(self, reqs) -> tuple:
+    return (jnp.asarray([r.temperature if r else 0.0 for r in reqs], jnp.float32),
+            jnp.asarray([r.top_k if r else 0 for r in reqs], jnp.int32),
+            jnp.asarray([r.top_p if r else 1.0 for r in reqs], jnp.float32),
+            jnp.asarray([r.seed if r else 0 for r in reqs], jnp.int32))
+
+  def _prefill_chunk(self, b: int, req: Request) -> None:
+    start = self.prefilled[b]
+    chunk = req.prompt[start:start + self.prefill_chunk]
+    n = len(chunk)
+    C = min(bucket(n, 16), self.prefill_chunk)
+    ids = np.zeros((1, C), np.int32)
+    ids[0, :n] = chunk
+    positions = (start + np.arange(C, dtype=np.int32))[None]
+    valid = (np.arange(C) < n)[None]
+    settings = (*self._settings([req]), jnp.zeros((1,), jnp.int32))
+    token, self.cache = self._prefill(self.state, ids, positions, valid, self.cache, b, start == 0, n - 1, settings)
+    self.prefilled[b] = start + n
+    if self.prefilled[b] < len(req.prompt):
+      return
+    self.metrics.prompt_tokens += len(req.prompt)
+    token = int(token)
+    self.tokens[b], self.positions[b], self.steps[b], self.decoding[b] = token, len(req.prompt), 1, True
+    self._push(b, req, token)
+
+  def _decode_steps(self) -> None:
+    reqs = [r if self.decoding[b] else None for b, r in enumerate(self.slots)]
+    left = min(r.max_tokens - len(r.row.tokens) for r in reqs if r is not None)
+    busy = self.waiting or any(r is not None and not self.decoding[b] for b, r in enumerate(self.slots))
+    n = 1 if busy else max(1, min(DECODE_CHUNK, left))
+    out, self.cache = self._decode(self.state, self.tokens, self.positions, self.cache, self.decoding,
+                                   *self._settings(reqs), self.steps, n, self.layers)
+    out = np.asarray(out)
+    active = self.decoding.copy()
+    self.metrics.decode_steps += n
+    self.metrics.occupied_row_steps += n * int(active.sum())
+    for b in np.flatnonzero(active):
+      req = self.slots[b]
+      for j in range(n):
+        if self.slots[b] is not req:  # finished at an earlier step of this chunk
+          break
+        self._push(b, req, int(out[j, b]))
+    self.tokens = np.where(active, out[n - 1], self.tokens).astype(np.int32)
+    self.positions = np.where(active, self.positions + n, self.positions).astype(np.int32)
+    self.steps = np.where(active, self.steps + n, self.steps).astype(np.int32)
+
+  # ------------------------------------------------------------------------------ bookkeeping
+
+  def _push(self, b: int, req: Request, token: int) -> None:
+    row = req.row
+    row.push(token, is_last_step=len(row.tokens) + 1 >= req.max_tokens)
+    if row.finish is not None:
+      self._free(b, row.finish)
+
+  def _streamer(self, req: Request):
+    def stream(_index, token, delta):
+      if req.first_token_at is None:
+        req.first_token_at = time.perf_counter()
+        self.metrics.ttft.append(req.first_token_at - req.submitted)
+      req.on_token(token, delta)
+    return stream
+
+  def _free(self, b: int, reason: str) -> None:
+    req = self.slots[b]
+    self.slots[b], self.decoding[b] = None, False
+    self._finish(req, reason)
+
+  def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+    self.metrics.requests += 1
+    self.metrics.generated_tokens += len(req.row.tokens) if req.row else 0
+    try:
+      req.on_done(reason, error)
+    except Exception:  # noqa: BLE001 - a broken callback must not stop the loop
+      traceback.print_exc()
+
+  def _fail_all(self, error: str) -> None:
+    for b, req in enumerate(self.slots):
+      if req is not None:
+        self.slots[b], self.decoding[b] = None, False
+        self._finish(req, "error", error)

@@ -1,0 +1,208 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one :class:`~mixtral_jax.inference.engine.Engine`.
+
+  POST /v1/chat/completions   messages through ``encode_chat`` (Instruct v1 or v3); v3 takes ``tools``
+                              and answers ``tool_calls`` (parsed by ``parse_tool_calls``) when the
+                              reply starts with the ``[TOOL_CALLS]`` token
+  POST /v1/completions        a text prompt (BOS added) or token ids
+  GET  /v1/models             the one served model
+  GET  /health                200 once the model is loaded and compiled
+  GET  /metrics               Prometheus text: requests, tokens, queue depth, rows busy, batch
+                              occupancy, time to first token
+
+Each request becomes an engine request whose callbacks (on the engine thread) hand tokens to an
+``asyncio.Queue`` on the server's event loop. ``stream: true`` answers server-sent events in OpenAI's
+chunk format (the last chunk carries ``finish_reason`` and ``usage``), then ``data: [DONE]``. A client
+that goes away cancels its request, which frees its batch row at the engine's next step: for a stream
+Starlette notices the disconnect and cancels the generator; otherwise a task waits on the ASGI
+``http.disconnect`` message. A full queue answers 429 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from mixtral_jax.chat import TOOL_CALLS, encode_chat, parse_tool_calls
+from mixtral_jax.inference import protocol as P
+from mixtral_jax.inference.engine import Engine, QueueFull, Request
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def build_app(engine: Engine, tokenizer, model_name: str, chat_version: str) -> FastAPI:
+  app = FastAPI(title="mixtral-jax", docs_url=None, redoc_url=None)
+  tool_calls_id = tokenizer.special_id(TOOL_CALLS) if chat_version == "v3" else None
+  created = int(time.time())
+
+  @app.exception_handler(P.ApiError)
+  async def _api_error(_request, e: P.ApiError):
+    headers = {"Retry-After": "1"} if e.status == 429 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok", "model": model_name}
+
+  @app.get("/v1/models")
+  async def models():
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                        "owned_by": "mixtral-jax", "max_model_len": engine.max_context}]}
+
+  @app.get("/metrics")
+  async def metrics():
+    return PlainTextResponse(prometheus(engine), media_type="text/plain; version=0.0.4")
+
+  @app.post("/v1/chat/completions")
+  async def chat(http: HttpRequest):
+    body = P.parse_json(await http.body())
+    P.check_model(body, model_name)
+    messages, tools = P.parse_chat(body, chat_version)
+    params = P.parse_params(body, None)
+    try:
+      prompt = encode_chat(messages, tools, version=chat_version)
+    except ValueError as e:
+      raise P.ApiError(400, str(e), param="messages") from None
+    detect = tool_calls_id if tools else None
+    return await _generate(http, prompt, params, "chat", detect)
+
+  @app.post("/v1/completions")
+  async def completions(http: HttpRequest):
+    body = P.parse_json(await http.body())
+    P.check_model(body, model_name)
+    if body.get("echo") or body.get("suffix"):
+      raise P.ApiError(400, "'echo' and 'suffix' are not supported by this server")
+    params = P.parse_params(body, 16)  # OpenAI's default for completions
+    return await _generate(http, P.parse_prompt(body, tokenizer), params, "completion", None)
+
+  async def _generate(http, prompt, params, kind, tool_calls_id):
+    max_tokens = P.check_length(len(prompt), params.max_tokens, engine.max_context)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    put = lambda *e: loop.call_soon_threadsafe(events.put_nowait, e)  # noqa: E731
+    req = Request(prompt, max_tokens, on_token=lambda t, d: put("token", t, d), on_done=lambda r, e: put("done", r, e),
+                  temperature=params.temperature, top_k=max(params.top_k, 0), top_p=params.top_p, seed=params.seed,
+                  stop=params.stop, eos=frozenset([tokenizer.eos_id]))
+    try:
+      engine.submit(req)
+    except QueueFull as e:
+      raise P.ApiError(429, str(e), code="queue_full") from None
+    except ValueError as e:
+      raise P.ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+    rid = P.new_id("chatcmpl" if kind == "chat" else "cmpl")
+    if params.stream:
+      return StreamingResponse(_stream(req, events, rid, kind, tool_calls_id), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache"})
+    return await _wait(http, req, events, rid, kind, tool_calls_id)
+
+  def _result(req: Request, reason: str, tool_calls_id):
+    """(text, tool calls or None, OpenAI finish reason, usage) of a finished request."""
+    tokens = req.row.tokens
+    use = P.usage(len(req.prompt), len(tokens) + (reason == "eos"))
+    if tool_calls_id is not None and tokens and tokens[0] == tool_calls_id:
+      try:
+        return None, parse_tool_calls(tokenizer.decode(tokens[1:])), "tool_calls", use
+      except ValueError:
+        pass  # not a well-formed call: return the text as it is
+    return req.row.text, None, P.FINISH[reason], use
+
+  async def _wait(http, req, events, rid, kind, tool_calls_id):
+    gone = asyncio.ensure_future(_disconnected(http))
+    try:
+      while True:
+        get = asyncio.ensure_future(events.get())
+        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not get.done():
+          get.cancel()
+          req.cancel()
+          return JSONResponse({}, status_code=499)
+        event = get.result()
+        if event[0] == "done":
+          break
+    finally:
+      gone.cancel()
+    _, reason, error = event
+    if reason == "error":
+      raise P.ApiError(500, f"generation failed: {error}")
+    text, calls, finish, use = _result(req, reason, tool_calls_id)
+    if kind == "chat":
+      return P.chat_response(rid, model_name, text, calls, finish, use)
+    return P.completion_response(rid, model_name, text, finish, use)
+
+  async def _stream(req, events, rid, kind, tool_calls_id):
+    done = False
+    try:
+      if kind == "chat":
+        yield P.sse(P.chat_chunk(rid, model_name, {"role": "assistant", "content": ""}))
+      held, seen = False, 0  # a tool call is held back until it is complete
+      while True:
+        event = await events.get()
+        if event[0] == "done":
+          done = True
+          break
+        _, token, delta = event
+        seen += token is not None
+        if tool_calls_id is not None and token == tool_calls_id and seen == 1:
+          held = True
+        if delta and not held:
+          yield P.sse(P.chat_chunk(rid, model_name, {"content": delta}) if kind == "chat"
+                      else P.completion_chunk(rid, model_name, delta))
+      _, reason, error = event
+      if reason == "error":
+        yield P.sse({"error": {"message": f"generation failed: {error}", "type": "server_error"}})
+        return
+      text, calls, finish, use = _result(req, reason, tool_calls_id)
+      if kind == "chat":
+        if calls:
+          delta = {"tool_calls": [dict(c, index=i) for i, c in enumerate(P.tool_calls_json(calls))]}
+          yield P.sse(P.chat_chunk(rid, model_name, delta))
+        elif held and text:
+          yield P.sse(P.chat_chunk(rid, model_name, {"content": text}))
+        yield P.sse(P.chat_chunk(rid, model_name, {}, finish, use))
+      else:
+        yield P.sse(P.completion_chunk(rid, model_name, "", finish, use))
+      yield P.sse("[DONE]")
+    finally:
+      if not done:
+        req.cancel()  # the client went away (Starlette cancelled this generator)
+
+  return app
+
+
+async def _disconnected(http: HttpRequest) -> None:
+  """Returns when the client disconnects (the body is read, so the next ASGI message is that)."""
+  while True:
+    message = await http.receive()
+    if message["type"] == "http.disconnect":
+      return
+
+
+def prometheus(engine: Engine) -> str:
+  """The engine's counters and gauges in the Prometheus text exposition format."""
+  m = engine.metrics
+  occupancy = m.occupied_row_steps / (m.decode_steps * engine.B) if m.decode_steps else 0.0
+  lines = []
+
+  def metric(name, kind, help_, value):
+    lines.extend([f"# HELP mixtral_jax_{name} {help_}", f"# TYPE mixtral_jax_{name} {kind}",
+                  f"mixtral_jax_{name} {value}"])
+
+  metric("requests_total", "counter", "requests finished (any reason)", m.requests)
+  metric("requests_rejected_total", "counter", "requests refused with 429 (queue full)", m.rejected)
+  metric("prompt_tokens_total", "counter", "prompt tokens prefilled", m.prompt_tokens)
+  metric("generation_tokens_total", "counter", "tokens generated", m.generated_tokens)
+  metric("queue_depth", "gauge", "requests waiting for a batch row", engine.queue_depth())
+  metric("batch_rows_busy", "gauge", "batch rows holding a request", engine.busy_rows())
+  metric("batch_rows", "gauge", "batch rows (--max-batch)", engine.B)
+  metric("batch_occupancy", "gauge", "mean share of rows decoding per decode step", f"{occupancy:.6f}")
+  ttft = list(m.ttft)
+  lines += ["# HELP mixtral_jax_time_to_first_token_seconds time from arrival to the first token",
+            "# TYPE mixtral_jax_time_to_first_token_seconds histogram"]
+  for le in TTFT_BUCKETS:
+    lines.append(f'mixtral_jax_time_to_first_token_seconds_bucket{{le="{le}"}} {sum(t <= le for t in ttft)}')
+  lines += [f'mixtral_jax_time_to_first_token_seconds_bucket{{le="+Inf"}} {len(ttft)}',
+            f"mixtral_jax_time_to_first_token_seconds_sum {sum(ttft):.6f}",
+            f"mixtral_jax_time_to_first_token_seconds_count {len(ttft)}"]
+  return "\n".join(lines) + "\n"

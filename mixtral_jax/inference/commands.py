@@ -3,6 +3,11 @@
   mixtral-jax serve --model PATH [--mesh expert=4] [--host 127.0.0.1 --port 8000] [--max-batch 16]
                     [--max-context N] [--quantize int8]
 
+Then, from another shell::
+
+  curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "tiny", "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}'
+
 Start-up loads the model (``from_pretrained``), quantizes it when asked, compiles the decode step and
 the smallest prefill chunk, and only then listens, so ``GET /health`` answering means ready.
 """
@@ -13,37 +18,28 @@ import argparse
 import os
 import sys
 
-EPILOG = """example:
-  mixtral-jax serve --model runs/tiny --port 8000 --max-batch 16 --quantize int8
-  curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
-       -d '{"model": "tiny", "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}'"""
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-  """Defaults in the option help, the example epilog as written."""
+serve_example = "mixtral-jax serve --model runs/tiny --port 8000 --max-batch 16 --quantize int8"
 
 
 def serve_parser(p: argparse.ArgumentParser) -> None:
-  p.epilog = EPILOG
-  p.formatter_class = _Formatter
   p.add_argument("--model", required=True, help="checkpoint directory (HF, consolidated, ours, or a training run)")
   p.add_argument("--adapter", help="LoRA adapter merged into --model: a PEFT adapter directory or a mixtral-jax "
                  "LoRA training run")
   p.add_argument("--tokenizer", help="tokenizer.model path or bundled name v1/v3")
-  p.add_argument("--mesh", help="device mesh such as 'expert=4'; None: one device")
+  p.add_argument("--mesh", help="device mesh such as 'expert=4' (default: one device)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
   p.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization of every matmul weight")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on")
   p.add_argument("--port", type=int, default=8000, help="port to listen on")
   p.add_argument("--max-batch", type=int, default=16, help="decode rows sharing the KV cache")
   p.add_argument("--max-context", type=int,
-                 help="tokens per row, prompt plus reply; None: the model's max_position_embeddings")
+                 help="tokens per row, prompt plus reply (default: the model's max_position_embeddings)")
   p.add_argument("--max-queue", type=int, default=64,
                  help="requests that may wait for a row; more get 429")
   p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
-  p.add_argument("--served-model-name", help="the model name clients send; None: the model directory's name")
+  p.add_argument("--served-model-name", help="the model name clients send (default: the model directory's name)")
   p.add_argument("--chat-version", choices=("v1", "v3"),
-                 help="instruct format: v1 (8x7B-Instruct) or v3 (8x22B-Instruct, tools); None: v3 for a 32768 vocabulary")
+                 help="instruct format: v1 (8x7B-Instruct) or v3 (8x22B-Instruct, tools) (default: v3 for a 32768 vocabulary, else v1)")
 
 
 def serve_main(args: argparse.Namespace) -> int:

@@ -13,10 +13,8 @@ import argparse
 import os
 import sys
 
-EPILOG = """example:
-  mixtral-jax serve --model runs/tiny --port 8000 --max-batch 16 --quantize int8
-  curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
-       -d '{"model": "tiny", "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}'"""
+EPILOG = """examples (then: curl localhost:8000/v1/models, or any OpenAI client at http://127.0.0.1:8000/v1):
+  mixtral-jax serve --model runs/tiny --port 8000 --max-batch 16 --quantize int8"""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -80,3 +80,17 @@ def test_8x7b_int8_footprint_from_abstract_shapes():
   assert quantized + kept == mixtral_jax.param_counts(cfg)[0]
   assert weight_bytes(abstract) == quantized + 2 * kept + 4 * scales
   assert weight_bytes(abstract) / 2**30 < 44  # vs 87 GiB in bf16
+
+
+def test_plan_generate_int8_weights():
+  """plan --generate --quantize int8 compiles prefill and decode on int8 weights sharded on a mesh."""
+  from mixtral_jax.sharding import make_mesh
+  from mixtral_jax.train.plan_serve import plan_serving
+
+  cfg = mixtral_jax.get_config("tiny", num_hidden_layers=2, vocab_size=512)
+  out = plan_serving(cfg, make_mesh("tensor=2,expert=4"), batch=4, context=64, weights="int8")
+  whole = weight_bytes(abstract_model(cfg.replace(param_dtype="bfloat16"), "int8"))
+  assert whole / 8 <= out["param_bytes"] <= whole / 2 and out["weights"] == "int8"
+  assert whole < 2 * mixtral_jax.param_counts(cfg)[0] * 0.7  # well under bf16's bytes
+  for name in ("prefill", "decode"):
+    assert out[name]["argument_bytes"] >= out["param_bytes"] + out["kv_cache_bytes"]

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "compile a preset's train step ahead of time on a mesh: memory, FLOPs, all-to-all bytes"),
     "generate": ("mixtral_jax.generation_commands", "generate text from a model, optionally sharded on a mesh"),
     "chat": ("mixtral_jax.generation_commands", "an interactive chat session with an instruct model"),
+    "eval": ("mixtral_jax.eval.commands",
+             "evaluate a model: lm-eval harness tasks, passkey retrieval, perplexity, routing analysis"),
 }
 
 EPILOG = """examples:
@@ -31,6 +33,7 @@ EPILOG = """examples:
   mixtral-jax generate --model runs/tiny --prompt "def fibonacci(n):"
   mixtral-jax convert ~/Mixtral-8x7B-v0.1 ckpt/8x7b
   mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096
+  mixtral-jax eval harness --model runs/tiny --tasks mixtral_jax_demo --limit 8 --out runs/eval
 
 Run 'mixtral-jax COMMAND --help' for a command's options."""
 

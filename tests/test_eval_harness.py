@@ -1,7 +1,6 @@
 """eval/harness.py: our lm-eval adapter against lm-eval's own Hugging Face model on the same weights."""
 
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -9,26 +8,16 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from mixtral_jax.eval.harness import HarnessLM, run_tasks, task_manager  # noqa: E402
-from mixtral_jax.tokenizer import bundled_path  # noqa: E402
-from tests.reference import hf_model, save_hf  # noqa: E402
+from tests.reference import hf_model, save_hf_with_tokenizer  # noqa: E402
 
 TASKS = ["mixtral_jax_demo_choice", "mixtral_jax_demo_rolling", "mixtral_jax_demo_generate"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  """A random tiny HF Mixtral with the real v1 vocabulary, plus an HF tokenizer built from the same
-  sentencepiece file (AutoTokenizer on a folder holding only tokenizer.model equals sentencepiece)."""
-  from transformers import AutoTokenizer
-
-  root = tmp_path_factory.mktemp("harness")
-  path = save_hf(hf_model(seed=11, vocab_size=32000, num_hidden_layers=2), root / "model")
-  only = root / "tok"
-  only.mkdir()
-  shutil.copy(bundled_path("v1"), only / "tokenizer.model")
-  AutoTokenizer.from_pretrained(str(only), add_bos_token=True).save_pretrained(path)
-  shutil.copy(bundled_path("v1"), os.path.join(path, "tokenizer.model"))
-  return path
+  """A random tiny HF Mixtral with the real v1 vocabulary and both tokenizers beside it."""
+  return save_hf_with_tokenizer(hf_model(seed=11, vocab_size=32000, num_hidden_layers=2),
+                                tmp_path_factory.mktemp("harness") / "model")
 
 
 def _by_doc(results, task):

@@ -182,7 +182,7 @@ def _perplexity(args) -> int:
 
   from .loading import prepare_out  # noqa: PLC0415
   from .passkey import parse_length  # noqa: PLC0415
-  from .perplexity import against_context, default_texts, read_texts, strided  # noqa: PLC0415
+  from .text_perplexity import against_context, default_texts, read_texts, strided  # noqa: PLC0415
   from .plots import context_perplexity  # noqa: PLC0415
 
   texts = read_texts(args.text) if args.text else default_texts()

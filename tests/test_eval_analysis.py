@@ -12,7 +12,7 @@ import torch
 import mixtral_jax
 from mixtral_jax.cli import main as cli
 from mixtral_jax.eval.passkey import FILLER, QUESTION, make_prompt, score_answer
-from mixtral_jax.eval.perplexity import against_context, strided
+from mixtral_jax.eval.text_perplexity import against_context, strided
 from mixtral_jax.eval.routing import router_logits, routing_stats, uniform_baselines
 from mixtral_jax.tokenizer import Tokenizer
 from tests.reference import hf_logits, hf_model, save_hf_with_tokenizer

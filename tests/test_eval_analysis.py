@@ -183,3 +183,18 @@ def test_strided_and_context_perplexity_match_transformers(models, tokenizer):
   for j, c in enumerate([48, 96, 192]):
     want = -_hf_token_logprobs(hf, ids[-c:])[-16:].mean()
     assert curve["texts"][0]["nll"][j] == pytest.approx(want, rel=1e-4)
+
+
+def test_scoring_and_routing_on_a_mesh_equal_one_device(models):
+  from mixtral_jax.eval.batching import score_sequences
+  from mixtral_jax.eval.loading import load_model
+
+  _, ours, path = models
+  sharded, _, mesh = load_model(path, mesh="data=2,expert=4")
+  rng = np.random.default_rng(1)
+  seqs = [rng.integers(3, 32000, n).tolist() for n in (30, 17, 9)]  # 3 rows: padded to the 2 x 4 batch shards
+  for (lp, greedy), (lp1, greedy1) in zip(score_sequences(sharded, seqs, mesh=mesh), score_sequences(ours, seqs)):
+    np.testing.assert_allclose(lp, lp1, atol=1e-4)
+    assert (greedy == greedy1).all()
+  for a, b in zip(router_logits(sharded, seqs, mesh=mesh), router_logits(ours, seqs)):
+    np.testing.assert_allclose(a, b, atol=1e-4)

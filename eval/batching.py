@@ -32,9 +32,15 @@ from mixtral_jax.generate import bucket
 from mixtral_jax.model import Mixtral
 
 
-@nnx.jit
-def _score(model: Mixtral, inputs_BT, targets_BT, mask_BT):
-  logits_BTV = model(inputs_BT, attention_mask=mask_BT).astype(jnp.float32)
+@nnx.jit(static_argnums=(4,))
+def _score(model: Mixtral, inputs_BT, targets_BT, mask_BT, tail: int | None):
+  h_BTD, _ = model.hidden(inputs_BT, attention_mask=mask_BT)
+  if tail is not None:  # only each row's last `tail` real positions reach the LM head ([B, tail, V] logits)
+    idx_BN = jnp.maximum(mask_BT.sum(1, keepdims=True) - tail, 0) + jnp.arange(tail)[None]
+    h_BTD = jnp.take_along_axis(h_BTD, idx_BN[..., None], axis=1)
+    targets_BT = jnp.take_along_axis(targets_BT, idx_BN, axis=1)
+    mask_BT = jnp.take_along_axis(mask_BT, idx_BN, axis=1)
+  logits_BTV = model.logits(h_BTD).astype(jnp.float32)
   logp_BTV = logits_BTV - jax.nn.logsumexp(logits_BTV, axis=-1, keepdims=True)
   lp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
   greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
@@ -67,9 +73,12 @@ def mesh_context(mesh):
 
 
 def score_sequences(model: Mixtral, seqs: Sequence[Sequence[int]], *, batch_size: int = 8,
-                    max_tokens: int = 16384, mesh=None, bar=None) -> list[tuple[np.ndarray, np.ndarray]]:
+                    max_tokens: int = 16384, mesh=None, bar=None, tail: int | None = None
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
   """Per sequence: (float32 log-probs [len-1], bool is-argmax [len-1]) of tokens 1..len-1.
 
+  ``tail``: only the last ``min(tail, len-1)`` values of each (the LM head then runs on those positions
+  only, so a 32k-token window costs ``[B, tail, V]`` logits, not ``[B, 32k, V]``).
   ``bar``: a tqdm bar advanced by one per sequence scored."""
   vocab = model.cfg.vocab_size
   for i, s in enumerate(seqs):
@@ -92,11 +101,16 @@ def score_sequences(model: Mixtral, seqs: Sequence[Sequence[int]], *, batch_size
         inputs[r, :len(s) - 1], targets[r, :len(s) - 1], mask[r, :len(s) - 1] = s[:-1], s[1:], 1
       arrays = [inputs, targets, mask]
       arrays = [jax.device_put(a, sharding) for a in arrays] if sharding is not None else [jnp.asarray(a) for a in arrays]
-      lp, greedy = _score(model, *arrays)
+      span = None if tail is None or tail >= T else int(tail)
+      lp, greedy = _score(model, *arrays, span)
       lp, greedy = np.asarray(lp), np.asarray(greedy)
       for r, i in enumerate(idx):
         n = len(seqs[i]) - 1
-        results[i] = (lp[r, :n], greedy[r, :n])
+        if span is None:
+          results[i] = (lp[r, :n][-(tail or n):], greedy[r, :n][-(tail or n):])
+        else:  # rows shorter than the span were gathered from index 0: their values sit at the front
+          m = min(span, n)
+          results[i] = (lp[r, :m], greedy[r, :m])
       if bar is not None:
         bar.update(len(idx))
   return results

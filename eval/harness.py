@@ -38,6 +38,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
+from mixtral_jax.generate import bucket
+
 from .batching import score_sequences
 
 
@@ -117,8 +119,9 @@ class HarnessLM(TemplateLM):
       seqs.append(seq)
       spans.append(len(continuation_enc))
     bar = tqdm(total=len(seqs), desc="loglikelihood", disable=disable_tqdm or not self.progress, dynamic_ncols=True)
+    # Only the continuations reach the LM head; a power-of-two span keeps the compiled shapes few.
     scored = score_sequences(self.model, seqs, batch_size=self.batch_size, max_tokens=self.max_batch_tokens,
-                             mesh=self.mesh, bar=bar)
+                             mesh=self.mesh, bar=bar, tail=bucket(max(spans, default=1), 16))
     bar.close()
     out = []
     for (key, _, _), (lp, greedy), n in zip(requests, scored, spans):

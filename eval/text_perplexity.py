@@ -70,7 +70,7 @@ def strided(model, tokenizer, texts: dict[str, str], *, window: int, stride: int
       scored_to = end
       if end == len(ids):
         break
-  scored = score_sequences(model, seqs, batch_size=batch_size, mesh=mesh, bar=bar)
+  scored = score_sequences(model, seqs, batch_size=batch_size, mesh=mesh, bar=bar, tail=max(keep))
   nll = -sum(float(lp[-n:].sum(dtype=np.float64)) for (lp, _), n in zip(scored, keep))
   count = sum(keep)
   return {"perplexity": math.exp(nll / count), "bits_per_byte": nll / math.log(2) / n_bytes, "tokens": count,
@@ -90,7 +90,7 @@ def against_context(model, tokenizer, texts: dict[str, str], context_lengths: Se
     raise ValueError(f"no text has the {lengths[-1]} tokens the longest context needs (longest: "
                      f"{max(len(i) for i in encoded.values())}); give longer texts or shorter --context-lengths")
   seqs = [ids[-c:] for ids in used.values() for c in lengths]
-  scored = score_sequences(model, seqs, batch_size=batch_size, mesh=mesh, bar=bar)
+  scored = score_sequences(model, seqs, batch_size=batch_size, mesh=mesh, bar=bar, tail=target_tokens)
   per_text = []
   for t, name in enumerate(used):
     nll = [-float(scored[t * len(lengths) + j][0][-target_tokens:].mean(dtype=np.float64)) for j in range(len(lengths))]

@@ -67,7 +67,9 @@ def eval_parser(p: argparse.ArgumentParser) -> None:
   k.add_argument("--write-data", metavar="DIR",
                  help="instead of evaluating, write passkey training documents (.txt) into DIR for a run config")
   k.add_argument("--count", type=int, default=3000, help="documents for --write-data")
-  k.add_argument("--data-lengths", default="80,240", help="min,max tokens of --write-data documents")
+  k.add_argument("--data-lengths", default="80,120", help="min,max tokens of --write-data prompts")
+  k.add_argument("--data-row", type=int, help="pad --write-data documents to exactly this many tokens (the "
+                 "run's data.seq_len, so that no training row cuts a question from its key)")
 
   q = _sub(sub, "perplexity", "strided perplexity with bits per byte, and perplexity against context length")
   _common(q)
@@ -145,8 +147,12 @@ def _passkey(args) -> int:
     from mixtral_jax.tokenizer import Tokenizer  # noqa: PLC0415
     lo, hi = (parse_length(x) for x in args.data_lengths.split(","))
     out = prepare_out(args.write_data, args.overwrite)
-    paths = write_training_text(Tokenizer.load(args.tokenizer or "v1"), out, args.count, lo, hi, args.seed)
-    print(f"wrote {len(paths)} passkey documents of {lo}-{hi} tokens to {out}")
+    if args.data_row is not None and args.data_row < hi + 8:
+      raise ValueError(f"--data-row {args.data_row} leaves no room after prompts of up to {hi} tokens; "
+                       f"make it at least {hi + 8}")
+    paths = write_training_text(Tokenizer.load(args.tokenizer or "v1"), out, args.count, lo, hi, args.seed,
+                                row=args.data_row)
+    print(f"wrote {len(paths)} passkey documents (prompts of {lo}-{hi} tokens) to {out}")
     return 0
   if not args.out or not args.model:
     raise ValueError("pass --model PATH and --out DIR (or --write-data DIR to write training text)")

@@ -94,19 +94,41 @@ def parse_length(text: str) -> int:
     raise ValueError(f"cannot read length {text!r}; write tokens as 512, 1k, 32k") from None
 
 
-def write_training_text(tokenizer, out_dir: str, count: int, min_len: int, max_len: int, seed: int = 0) -> list[str]:
+def _pad_to(tokenizer, text: str, total: int) -> str | None:
+  """``text`` plus trailing filler words so that ``<s> text </s>`` is exactly ``total`` tokens (None if
+  no cut of the filler lands on it)."""
+  filler_ids = tokenizer.encode(" ".join([FILLER] * (total // 4 + 2)), bos=False)
+  for r in range(0, len(filler_ids)):
+    padded = text + (" " + tokenizer.decode(filler_ids[:r]) if r else "")
+    n = len(tokenizer.encode(padded, bos=True, eos=True))
+    if n == total:
+      return padded
+    if n > total:
+      return None
+  return None
+
+
+def write_training_text(tokenizer, out_dir: str, count: int, min_len: int, max_len: int, seed: int = 0,
+                        row: int | None = None) -> list[str]:
   """``count`` passkey documents with their answers, one per ``.txt`` file in ``out_dir``, of random
-  lengths in [min_len, max_len] tokens and random depths: plain text for a run config's data.paths."""
+  lengths in [min_len, max_len] tokens and random depths: plain text for a run config's data.paths.
+
+  ``row``: pad every document with filler after its answer to exactly ``row`` tokens with BOS and EOS.
+  With ``row`` equal to the run's ``data.seq_len``, the training rows (windows of ``seq_len`` tokens
+  over the concatenated documents) are then exactly the documents: no question is cut off from its key."""
   import os  # noqa: PLC0415
   rng = np.random.default_rng(seed)
   os.makedirs(out_dir, exist_ok=True)
   paths = []
-  for i in range(count):
+  while len(paths) < count:
     p = make_prompt(tokenizer, int(rng.integers(min_len, max_len + 1)), float(rng.uniform()), random_key(rng),
                     answer=True)
-    path = os.path.join(out_dir, f"passkey-{i:05d}.txt")
+    text = p.text if row is None else _pad_to(tokenizer, p.text, row)
+    if text is None:
+      continue
+    path = os.path.join(out_dir, f"passkey-{len(paths):05d}.txt")
     with open(path, "w") as f:
-      f.write(p.text)
+      f.write(text)
     paths.append(path)
   return paths
 

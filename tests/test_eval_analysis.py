@@ -143,10 +143,20 @@ def test_passkey_cli_and_its_limits(models, tmp_path, capsys):
   assert (out / "passkey.png").stat().st_size > 0
   assert cli(["eval", "passkey", "--model", path, "--lengths", "1k", "--out", str(tmp_path / "p2")]) == 2
   assert "max_position_embeddings=256" in capsys.readouterr().err
+  assert cli(["eval", "passkey", "--model", path, "--lengths", "300", "--depths", "0.5", "--trials", "1",
+              "--allow-beyond", "--out", str(tmp_path / "p3"), "--no-progress"]) == 0
+  assert json.loads((tmp_path / "p3" / "passkey.json").read_text())["records"][0]["tokens"] > 256
   data = tmp_path / "data"
   assert cli(["eval", "passkey", "--write-data", str(data), "--count", "5", "--data-lengths", "80,120"]) == 0
   texts = [f.read_text() for f in sorted(data.iterdir())]
   assert len(texts) == 5 and all(t.endswith(".") and "The pass key is" in t for t in texts)
+  rows = tmp_path / "rows"  # padded to whole training rows: <s> text </s> is exactly --data-row tokens
+  assert cli(["eval", "passkey", "--write-data", str(rows), "--count", "4", "--data-row", "128"]) == 0
+  tok = Tokenizer.load("v1")
+  for f in rows.iterdir():
+    text = f.read_text()
+    key = text[text.index("The pass key is ") + 16:][:5]
+    assert len(tok.encode(text, bos=True, eos=True)) == 128 and f"The pass key is {key}." in text[-200:]
 
 
 # ------------------------------------------------------------------------------ perplexity

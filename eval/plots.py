@@ -18,7 +18,7 @@ def passkey_heatmap(result: dict, path: str) -> str:
   lengths = [str(x) for x in result["lengths"]]
   depths = [f"{d:g}" for d in result["depths"]]
   grid = np.array([[result["accuracy"][L][d] for d in depths] for L in lengths])
-  fig, ax = plt.subplots(figsize=(1 + 0.6 * len(depths), 1 + 0.5 * len(lengths)))
+  fig, ax = plt.subplots(figsize=(max(5.5, 1.5 + 0.6 * len(depths)), max(3.0, 1.5 + 0.5 * len(lengths))))
   im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
   ax.set_xticks(range(len(depths)), depths)
   ax.set_yticks(range(len(lengths)), lengths)

@@ -208,3 +208,18 @@ def test_scoring_and_routing_on_a_mesh_equal_one_device(models):
     assert (greedy == greedy1).all()
   for a, b in zip(router_logits(sharded, seqs, mesh=mesh), router_logits(ours, seqs)):
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_perplexity_cli_writes_json_and_plot(models, tmp_path):
+  _, _, path = models
+  text = tmp_path / "t.txt"
+  text.write_text(open(json.__file__).read()[:1200])
+  out = tmp_path / "ppl"
+  assert cli(["eval", "perplexity", "--model", path, "--text", str(text), "--window", "64", "--context-lengths",
+              "48,96", "--target-tokens", "16", "--out", str(out), "--no-progress"]) == 0
+  result = json.loads((out / "perplexity.json").read_text())
+  assert result["strided"]["window"] == 64 and result["strided"]["bits_per_byte"] > 0
+  assert result["context"]["context_lengths"] == [48, 96] and len(result["context"]["mean_nll"]) == 2
+  assert (out / "perplexity_context.png").stat().st_size > 0
+  assert cli(["eval", "perplexity", "--model", path, "--text", str(text), "--context-lengths", "1k",
+              "--out", str(tmp_path / "ppl2")]) == 2

@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("mixtral_jax.generation_commands", "an interactive chat session with an instruct model"),
     "serve": ("mixtral_jax.inference.commands",
               "an OpenAI-compatible HTTP server with continuous batching (chat, completions, streaming, tools)"),
+    "eval": ("mixtral_jax.eval.commands",
+             "evaluate a model: lm-eval harness tasks, passkey retrieval, perplexity, routing analysis"),
 }
 
 EPILOG = """examples:
@@ -39,6 +41,7 @@ EPILOG = """examples:
   mixtral-jax convert ~/Mixtral-8x7B-v0.1 ckpt/8x7b
   mixtral-jax serve --model runs/tiny --port 8000 --max-batch 16
   mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096
+  mixtral-jax eval harness --model runs/tiny --tasks mixtral_jax_demo --limit 8 --out runs/eval
 
 Run 'mixtral-jax COMMAND --help' for a command's options."""
 

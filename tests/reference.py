@@ -57,3 +57,23 @@ def hf_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = None):
     out = model(torch.tensor(ids), attention_mask=None if attention_mask is None else torch.tensor(attention_mask),
                 output_router_logits=True)
   return out.logits.float().numpy(), np.stack([r.float().numpy() for r in out.router_logits])
+
+
+def save_hf_with_tokenizer(model, path: str | os.PathLike) -> str:
+  """``save_hf`` plus the Mistral v1 tokenizer beside the weights, as sentencepiece ``tokenizer.model``
+  (what mixtral-jax reads) and as an HF tokenizer (what lm-eval's ``hf`` model reads). The HF one is
+  built by ``AutoTokenizer`` from a folder holding only ``tokenizer.model``, which equals sentencepiece
+  (the model's vocabulary must be 32000)."""
+  import shutil
+  import tempfile
+
+  from transformers import AutoTokenizer
+
+  from mixtral_jax.tokenizer import bundled_path
+
+  path = save_hf(model, path)
+  with tempfile.TemporaryDirectory() as only:
+    shutil.copy(bundled_path("v1"), os.path.join(only, "tokenizer.model"))
+    AutoTokenizer.from_pretrained(only, add_bos_token=True).save_pretrained(path)
+  shutil.copy(bundled_path("v1"), os.path.join(path, "tokenizer.model"))
+  return path

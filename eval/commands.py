@@ -46,7 +46,8 @@ def _sub(sub, name: str, help_: str) -> argparse.ArgumentParser:
 def eval_parser(p: argparse.ArgumentParser) -> None:
   p.formatter_class = argparse.RawDescriptionHelpFormatter
   p.epilog = "examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES.values())
-  sub = p.add_subparsers(dest="what", metavar="SUBCOMMAND", required=True)
+  sub = p.add_subparsers(dest="what", metavar="SUBCOMMAND", required=True,
+                         help="what to evaluate (each has its own --help, e.g. mixtral-jax eval passkey --help)")
 
   h = _sub(sub, "harness", "lm-evaluation-harness tasks through the mixtral-jax adapter (HarnessLM)")
   _common(h)

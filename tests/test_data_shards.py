@@ -249,15 +249,6 @@ def test_sigkill_mid_tokenize_leaves_complete_shards_and_rerun_finishes(tmp_path
   assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
 
 
-def test_tokenize_help_ends_with_an_example(capsys):
-  from mixtral_jax.cli import main
-  with pytest.raises(SystemExit):
-    main(["tokenize", "--help"])
-  out = capsys.readouterr().out.rstrip()
-  assert out.splitlines()[-1].strip().startswith("--set 'data.sources=")
-  assert "example:" in out
-
-
 def test_chat_shards_keep_the_assistant_loss_mask(tmp_path):
   """Chat JSONL tokenized into shards: tokens and mask are assistant_spans' own, row by row."""
   convs = [[{"role": "user", "content": f"Count to {n}."},

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax import routing
-from mixtral_jax.config import MixtralConfig, get_config
+from mixtral_jax.config import ATTENTION_IMPLS, MixtralConfig, get_config
 from mixtral_jax.layers import LOGICAL_AXES
 from mixtral_jax.params import abstract_model
 from mixtral_jax.sharding.mesh import format_mesh, make_mesh, parse_mesh
@@ -259,9 +259,9 @@ def plan_parser(p):
                       "pass), dots (keep matmul outputs, recompute the rest)")
   p.add_argument("--capacity-factor", default="1.25", help="expert capacity factor, or 'none' for dropless")
   p.add_argument("--moe-impl", default="auto", help="auto | blocked | ragged | dense (dropless expert kernel)")
-  p.add_argument("--attention", default=None,
-                 help="attention implementation (MixtralConfig.attention_impl: auto | dense | blockwise | "
-                      "splash | cudnn), when this version has it")
+  p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
+                 help="attention implementation (MixtralConfig.attention_impl); auto picks by the mesh's platform "
+                      "and the shapes")
   p.add_argument("--topology", default=None,
                  help="compile with the TPU compiler for this Cloud TPU slice (v5p-128, v4-32, v5litepod-16, "
                       "v6e-64) or compiler topology (v5p:4x4x4); needs libtpu, not a TPU")
@@ -286,10 +286,7 @@ def model_config(args, **overrides) -> MixtralConfig:
   cf = None if str(args.capacity_factor).lower() in ("none", "null", "dropless") else float(args.capacity_factor)
   fields = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, capacity_factor=cf,
                 moe_impl=args.moe_impl, **overrides)
-  if args.attention is not None:
-    if "attention_impl" not in {f for f in MixtralConfig.__dataclass_fields__}:
-      raise ValueError("--attention: this version's MixtralConfig has no attention_impl")
-    fields["attention_impl"] = args.attention
+  fields["attention_impl"] = args.attention
   return get_config(args.preset, **fields)
 
 

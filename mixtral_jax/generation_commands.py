@@ -23,7 +23,8 @@ import sys
 EXIT_COMMANDS = ("/exit", "/quit")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def model_arguments(p: argparse.ArgumentParser) -> None:
+  """The options that say which model to load and how (shared by generate, chat and serve)."""
   p.add_argument("--model", required=True, help="checkpoint directory (HF, consolidated, ours, or a training run)")
   p.add_argument("--adapter", help="LoRA adapter merged into --model: a PEFT adapter directory or a mixtral-jax "
                  "LoRA training run")
@@ -31,6 +32,10 @@ def _common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--mesh", help="device mesh such as 'expert=4' or 'data=2,expert=4' (default: one device)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
   p.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization of every matmul weight")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+  model_arguments(p)
   p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per reply")
   p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy")
   p.add_argument("--top-k", type=int, help="sample only among the k most likely tokens (default: all)")

@@ -22,13 +22,9 @@ serve_example = "mixtral-jax serve --model runs/tiny --port 8000 --max-batch 16 
 
 
 def serve_parser(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--model", required=True, help="checkpoint directory (HF, consolidated, ours, or a training run)")
-  p.add_argument("--adapter", help="LoRA adapter merged into --model: a PEFT adapter directory or a mixtral-jax "
-                 "LoRA training run")
-  p.add_argument("--tokenizer", help="tokenizer.model path or bundled name v1/v3")
-  p.add_argument("--mesh", help="device mesh such as 'expert=4' (default: one device)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
-  p.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization of every matmul weight")
+  from mixtral_jax.generation_commands import model_arguments  # noqa: PLC0415
+
+  model_arguments(p)
   p.add_argument("--host", default="127.0.0.1", help="address to listen on")
   p.add_argument("--port", type=int, default=8000, help="port to listen on")
   p.add_argument("--max-batch", type=int, default=16, help="decode rows sharing the KV cache")

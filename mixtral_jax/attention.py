@@ -17,8 +17,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.attn import attend
-from mixtral_jax.attn.dense import dot_product_attention  # noqa: F401  (re-exported: the dense reference)
-from mixtral_jax.attn.mask import attention_mask  # noqa: F401  (re-exported: the mask rule)
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.inference.quantize import compute_weight
 from mixtral_jax.layers import apply_rope, param, rope_cos_sin

@@ -49,7 +49,8 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x_BTD, positions_BT, *, valid_BT=None, segment_ids_BT=None,
-               cache: LayerCache | None = None, cache_pos_BS=None, write_slots_BT=None, layer: int | None = None):
+               cache: LayerCache | None = None, cache_pos_BS=None, write_slots_BT=None, layer: int | None = None,
+               lora_key=None):
     """Returns (out_BTD, new_cache).
 
     ``valid_BT`` marks real tokens (pads are never attended to). Without a cache, keys are this
@@ -66,9 +67,9 @@ class Attention(nnx.Module):
     q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, compute_weight(self, "q_DNH", dt))
     k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, compute_weight(self, "k_DKH", dt))
     v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, compute_weight(self, "v_DKH", dt))
-    q_BTNH = lora.add(self.lora, "q", x_BTD, q_BTNH)  # LoRA: + (x A) B alpha/r (no-op without adapters)
-    k_BTKH = lora.add(self.lora, "k", x_BTD, k_BTKH)  # LoRA
-    v_BTKH = lora.add(self.lora, "v", x_BTD, v_BTKH)  # LoRA
+    q_BTNH = lora.add(self.lora, "q", x_BTD, q_BTNH, lora_key)  # LoRA: + (drop(x) A) B alpha/r (or no-op)
+    k_BTKH = lora.add(self.lora, "k", x_BTD, k_BTKH, lora_key)  # LoRA
+    v_BTKH = lora.add(self.lora, "v", x_BTD, v_BTKH, lora_key)  # LoRA
     q_BTNH = constrain(q_BTNH, ("batch", "seq", "act_heads", None))
     cos, sin = rope_cos_sin(positions_BT, cfg.head_size, cfg.rope_theta)
     q_BTNH = apply_rope(q_BTNH, cos, sin)
@@ -104,7 +105,7 @@ class Attention(nnx.Module):
     # As one [N*H] contraction: a view of o_NHD, where "btnh,nhd" let XLA copy o into [H, N, D] order.
     B, T, N, H = out_BTNH.shape
     out_BTD = jnp.einsum("bti,id->btd", out_BTNH.reshape(B, T, N * H), compute_weight(self, "o_NHD", dt).reshape(N * H, -1))
-    out_BTD = lora.add(self.lora, "o", out_BTNH, out_BTD)  # LoRA
+    out_BTD = lora.add(self.lora, "o", out_BTNH, out_BTD, lora_key)  # LoRA
     return out_BTD, new_cache
 
 

@@ -16,15 +16,21 @@ Implementations (``MixtralConfig.moe_impl``):
 * ``ragged`` (GPU/TPU default): ``jax.lax.ragged_dot`` on contiguous groups starting at row 0.
 * ``dense``: every expert on every row of its fixed-capacity bucket, one batched einsum
   (``[E, C, D] x [E, D, F]``); the natural choice for capacity-bucketed (dropping) dispatch.
+
+Each takes optional per-expert LoRA adapters (``lora``, a :class:`~mixtral_jax.expert_adapters.ExpertLoRA`)
+and applies them to its own rows: ``x W_e + (drop(x) A_e) B_e`` for each adapted weight, with ``rows``
+giving each row's (token, slot) pair id for the dropout mask (see ``mixtral_jax.expert_adapters``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from mixtral_jax.expert_adapters import ExpertLoRA, drop, project, project_buckets, project_ragged
 from mixtral_jax.sharding.mesh import current_platform
 
 f32 = jnp.float32
@@ -42,28 +48,33 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
 # ------------------------------------------------------------------------------------ dense
 
 
-def dense_expert_ffn(x_ECD: jax.Array, w1_EDF, w3_EDF, w2_EFD) -> jax.Array:
-  """Every expert on its own fixed-size bucket: three batched matmuls."""
+def dense_expert_ffn(x_ECD: jax.Array, w1_EDF, w3_EDF, w2_EFD, lora: ExpertLoRA | None = None,
+                     rows_EC=None) -> jax.Array:
+  """Every expert on its own fixed-size bucket: three batched matmuls (plus the adapters' thin ones)."""
   a1_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, w1_EDF)  # gate projection
+  a1_ECF = project_buckets(lora, "w1", x_ECD, a1_ECF, rows_EC)
   a3_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, w3_EDF)  # up projection
+  a3_ECF = project_buckets(lora, "w3", x_ECD, a3_ECF, rows_EC)
   h_ECF = jax.nn.silu(a1_ECF) * a3_ECF
-  return jnp.einsum("ecf,efd->ecd", h_ECF, w2_EFD)  # down projection
+  y_ECD = jnp.einsum("ecf,efd->ecd", h_ECF, w2_EFD)  # down projection
+  return project_buckets(lora, "w2", h_ECF, y_ECD, rows_EC)
 
 
 # ------------------------------------------------------------------------------------ ragged
 
 
-def ragged_expert_ffn(x_MD, sizes_E, w1_EDF, w3_EDF, w2_EFD) -> jax.Array:
+def ragged_expert_ffn(x_MD, sizes_E, w1_EDF, w3_EDF, w2_EFD, lora: ExpertLoRA | None = None,
+                      rows_M=None) -> jax.Array:
   """Contiguous groups from row 0 (sizes_E sum to at most M); rows past the groups give zero.
 
   16-bit inputs take the default precision explicitly: under ``jax_default_matmul_precision="highest"``
   the TPU's Mosaic grouped-matmul kernel is asked for fp32 contraction of bf16 operands and fails to
   compile ("Bad lhs type", libtpu 0.0.42); for float32 inputs the global setting still applies."""
   dot = functools.partial(jax.lax.ragged_dot, precision=None if x_MD.dtype == f32 else jax.lax.Precision.DEFAULT)
-  a1_MF = dot(x_MD, w1_EDF, sizes_E)
-  a3_MF = dot(x_MD, w3_EDF, sizes_E)
+  a1_MF = project_ragged(lora, "w1", x_MD, dot(x_MD, w1_EDF, sizes_E), sizes_E, dot, rows_M)
+  a3_MF = project_ragged(lora, "w3", x_MD, dot(x_MD, w3_EDF, sizes_E), sizes_E, dot, rows_M)
   h_MF = jax.nn.silu(a1_MF) * a3_MF
-  y_MD = dot(h_MF, w2_EFD, sizes_E)
+  y_MD = project_ragged(lora, "w2", h_MF, dot(h_MF, w2_EFD, sizes_E), sizes_E, dot, rows_M)
   covered_M = jnp.arange(x_MD.shape[0]) < jnp.sum(sizes_E)
   return jnp.where(covered_M[:, None], y_MD, 0).astype(x_MD.dtype)
 
@@ -80,7 +91,7 @@ def _valid(size, j, block):
 
 
 def _pad_rows(a, block):
-  return jnp.pad(a, ((0, block), (0, 0)))  # so a block starting at any row < M stays in bounds
+  return jnp.pad(a, ((0, block),) + ((0, 0),) * (a.ndim - 1))  # so a block at any row < M stays in bounds
 
 
 def _zeros(shape, dtype, *like):
@@ -91,20 +102,31 @@ def _zeros(shape, dtype, *like):
   return jax.lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
 
 
-def _blocked_fwd_impl(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block, save_residuals):
+def _like(*trees):
+  return tuple(a for t in trees for a in jax.tree.leaves(t) if jnp.issubdtype(a.dtype, jnp.floating))
+
+
+def _rows_of(rows_M, M):
+  return jnp.full((M,), -1, jnp.int32) if rows_M is None else rows_M.astype(jnp.int32)
+
+
+def _blocked_fwd_impl(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, lora, rows_M, block, save_residuals):
   M, D = x_MD.shape
   E, _, F = w1_EDF.shape
   G = starts_G.shape[0]
   per = G // E
   xp = _pad_rows(x_MD, block)
-  y = _zeros((M + block, D), x_MD.dtype, x_MD, w1_EDF, w3_EDF, w2_EFD)
-  a1_all = _zeros((M + block, F), x_MD.dtype, x_MD, w1_EDF, w3_EDF) if save_residuals else None
-  a3_all = _zeros((M + block, F), x_MD.dtype, x_MD, w1_EDF, w3_EDF) if save_residuals else None
+  rp = _pad_rows(_rows_of(rows_M, M), block)
+  like = _like(x_MD, w1_EDF, w3_EDF, w2_EFD, lora)
+  y = _zeros((M + block, D), x_MD.dtype, *like)
+  a1_all = _zeros((M + block, F), x_MD.dtype, *like) if save_residuals else None
+  a3_all = _zeros((M + block, F), x_MD.dtype, *like) if save_residuals else None
 
   for e in range(E):  # static: each expert's weights are a static slice, never copied per block
     w1, w3, w2 = w1_EDF[e], w3_EDF[e], w2_EFD[e]
+    lo = None if lora is None else lora.expert(e)
 
-    def group_body(g, carry, w1=w1, w3=w3, w2=w2, e=e):
+    def group_body(g, carry, w1=w1, w3=w3, w2=w2, lo=lo, e=e):
       start, size = starts_G[e * per + g], sizes_G[e * per + g]
       nblocks = (size + block - 1) // block
 
@@ -112,9 +134,11 @@ def _blocked_fwd_impl(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block, sa
         j, y, a1_all, a3_all = state
         r0 = _block_rows(start, j, block)
         xb = jax.lax.dynamic_slice_in_dim(xp, r0, block)
-        a1 = xb @ w1
-        a3 = xb @ w3
-        yb = (jax.nn.silu(a1) * a3) @ w2
+        rb = jax.lax.dynamic_slice_in_dim(rp, r0, block)
+        a1 = project(lo, "w1", xb, xb @ w1, rb)
+        a3 = project(lo, "w3", xb, xb @ w3, rb)
+        h = jax.nn.silu(a1) * a3
+        yb = project(lo, "w2", h, h @ w2, rb)
         keep = _valid(size, j, block)[:, None]
         y = jax.lax.dynamic_update_slice_in_dim(
             y, jnp.where(keep, yb, jax.lax.dynamic_slice_in_dim(y, r0, block)), r0, 0)
@@ -130,70 +154,110 @@ def _blocked_fwd_impl(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block, sa
   return y[:M], (a1_all, a3_all)
 
 
+def _lowrank_bwd(lo, target, x, dz, rows, like):
+  """For z = x W + (drop(x) A) B: (dx contribution through the adapter, dA, dB) of one block, given dz.
+  ``dx`` through W is the caller's (the base is frozen or not independently of the adapter)."""
+  A, B = lo.get(target)
+  dt = x.dtype
+  xd = drop(lo, target, x, rows)
+  u = xd @ A.astype(dt)  # [b, r]
+  du = dz @ B.astype(dt).T  # [b, r]
+  dB = jnp.einsum("br,bo->ro", u, dz, preferred_element_type=f32)
+  dA = jnp.einsum("bi,br->ir", xd, du, preferred_element_type=f32)
+  dx = drop(lo, target, du @ A.astype(dt).T, rows)  # dropout's derivative: the same mask and scale
+  return dx, dA, dB
+
+
 def _blocked_bwd_impl(block, res, dy_MD):
-  x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, a1_all, a3_all = res
+  x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, lora, rows_M, a1_all, a3_all, need_w = res
   M, D = x_MD.shape
   E, _, F = w1_EDF.shape
   G = starts_G.shape[0]
   per = G // E
   xp = _pad_rows(x_MD, block)
   dyp = _pad_rows(dy_MD, block)
-  like = (x_MD, dy_MD, w1_EDF, w3_EDF, w2_EFD)
+  rp = _pad_rows(_rows_of(rows_M, M), block)
+  like = _like(x_MD, dy_MD, w1_EDF, w3_EDF, w2_EFD, lora)
   dx = _zeros((M + block, D), x_MD.dtype, *like)
-  dw1s, dw3s, dw2s = [], [], []
+  targets = () if lora is None else tuple(t for t in ("w1", "w3", "w2") if lora.get(t) is not None)
+  dws, dlora = [], []
 
   for e in range(E):
     w1, w3, w2 = w1_EDF[e], w3_EDF[e], w2_EFD[e]
+    lo = None if lora is None else lora.expert(e)
 
-    def group_body(g, carry, w1=w1, w3=w3, w2=w2, e=e):
+    def group_body(g, carry, w1=w1, w3=w3, w2=w2, lo=lo, e=e):
       start, size = starts_G[e * per + g], sizes_G[e * per + g]
       nblocks = (size + block - 1) // block
 
       def body(state):
-        j, dx, dw1, dw3, dw2 = state
+        j, dx, dw, dab = state
         r0 = _block_rows(start, j, block)
         keep = _valid(size, j, block)[:, None]
         xb = jnp.where(keep, jax.lax.dynamic_slice_in_dim(xp, r0, block), 0)
         dyb = jnp.where(keep, jax.lax.dynamic_slice_in_dim(dyp, r0, block), 0)
+        rb = jax.lax.dynamic_slice_in_dim(rp, r0, block)
         a1 = jax.lax.dynamic_slice_in_dim(a1_all, r0, block)
         a3 = jax.lax.dynamic_slice_in_dim(a3_all, r0, block)
         sig = jax.nn.sigmoid(a1)
         silu = a1 * sig
         h = silu * a3
-        dw2 = dw2 + jnp.einsum("bf,bd->fd", h, dyb, preferred_element_type=f32)
+        dab = dict(dab)
         dh = dyb @ w2.T
+        if "w2" in dab:
+          dh_a, dA, dB = _lowrank_bwd(lo, "w2", h, dyb, rb, like)
+          dh, dab["w2"] = dh + dh_a, (dab["w2"][0] + dA, dab["w2"][1] + dB)
         da3 = dh * silu
         da1 = dh * a3 * (sig * (1 + a1 * (1 - sig)))  # d silu(a) / da
-        dw1 = dw1 + jnp.einsum("bd,bf->df", xb, da1, preferred_element_type=f32)
-        dw3 = dw3 + jnp.einsum("bd,bf->df", xb, da3, preferred_element_type=f32)
         dxb = da1 @ w1.T + da3 @ w3.T
+        for t, da in (("w1", da1), ("w3", da3)):
+          if t in dab:
+            dx_a, dA, dB = _lowrank_bwd(lo, t, xb, da, rb, like)
+            dxb, dab[t] = dxb + dx_a, (dab[t][0] + dA, dab[t][1] + dB)
+        if dw is not None:  # the base weights' gradients, only when they are differentiated
+          dw = (dw[0] + jnp.einsum("bd,bf->df", xb, da1, preferred_element_type=f32),
+                dw[1] + jnp.einsum("bd,bf->df", xb, da3, preferred_element_type=f32),
+                dw[2] + jnp.einsum("bf,bd->fd", h, dyb, preferred_element_type=f32))
         dx = jax.lax.dynamic_update_slice_in_dim(
             dx, jnp.where(keep, dxb, jax.lax.dynamic_slice_in_dim(dx, r0, block)), r0, 0)
-        return j + 1, dx, dw1, dw3, dw2
+        return j + 1, dx, dw, dab
 
       _, *rest = jax.lax.while_loop(lambda s: s[0] < nblocks, body, (0, *carry))
       return tuple(rest)
 
-    zeros = (_zeros((D, F), f32, *like), _zeros((D, F), f32, *like), _zeros((F, D), f32, *like))
-    dx, dw1, dw3, dw2 = jax.lax.fori_loop(0, per, group_body, (dx, *zeros))
-    dw1s.append(dw1)
-    dw3s.append(dw3)
-    dw2s.append(dw2)
+    dw0 = None if need_w is None else (
+        _zeros((D, F), f32, *like), _zeros((D, F), f32, *like), _zeros((F, D), f32, *like))
+    dab0 = {t: tuple(_zeros(a.shape, f32, *like) for a in lo.get(t)) for t in targets}
+    dx, dw, dab = jax.lax.fori_loop(0, per, group_body, (dx, dw0, dab0))
+    dws.append(dw)
+    dlora.append(dab)
 
-  cast = lambda ws, like: jnp.stack(ws).astype(like.dtype)
-  return (dx[:M], None, None, cast(dw1s, w1_EDF), cast(dw3s, w3_EDF), cast(dw2s, w2_EFD))
+  stack = lambda ws, like: jnp.stack(ws).astype(like.dtype)  # noqa: E731
+  dW = (None, None, None) if need_w is None else tuple(
+      stack([d[i] for d in dws], w) for i, w in enumerate((w1_EDF, w3_EDF, w2_EFD)))
+  dL = None
+  if lora is not None:
+    dL = dataclasses.replace(lora, key=None, **{
+        t: tuple(stack([d[t][i] for d in dlora], lora.get(t)[i]) for i in range(2)) for t in targets})
+  return dx[:M], dW, dL
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def blocked_expert_ffn(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block: int):
+def blocked_expert_ffn(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block: int, lora=None, rows_M=None):
   """Grouped FFN over row groups, computing only ``ceil(size / block)`` blocks per group."""
-  y, _ = _blocked_fwd_impl(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block, False)
+  y, _ = _blocked_fwd_impl(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, lora, rows_M, block, False)
   return y
 
 
-def _blocked_fwd(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block):
-  y, (a1, a3) = _blocked_fwd_impl(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block, True)
-  return y, (x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, a1, a3)
+def _blocked_fwd(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block, lora, rows_M):
+  """``symbolic_zeros``: the args arrive as (value, perturbed) records. The base weights' gradients are
+  computed only when some base weight is differentiated (not for LoRA's frozen base)."""
+  need_w = any(p.perturbed for p in (w1_EDF, w3_EDF, w2_EFD))
+  x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, lora, rows_M = jax.tree.map(
+      lambda p: p.value, (x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, lora, rows_M))
+  y, (a1, a3) = _blocked_fwd_impl(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, lora, rows_M, block, True)
+  # ``need_w`` rides in the residuals' tree structure (() or None), which is static.
+  return y, (x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, lora, rows_M, a1, a3, () if need_w else None)
 
 
 def _match_varying(ct, primal):
@@ -204,27 +268,34 @@ def _match_varying(ct, primal):
 
 
 def _blocked_bwd(block, res, dy):
-  grads = _blocked_bwd_impl(block, res, dy)
-  # Integer inputs take float0 cotangents.
-  starts, sizes = res[1], res[2]
-  zero_int = lambda a: jnp.zeros(a.shape, jax.dtypes.float0)
-  dx, dw1, dw3, dw2 = (_match_varying(g, p) for g, p in zip(
-      (grads[0], *grads[3:]), (res[0], *res[3:6])))
-  return (dx, zero_int(starts), zero_int(sizes), dw1, dw3, dw2)
+  if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+    dy = jnp.zeros(dy.shape, dy.dtype)
+  dx, dW, dL = _blocked_bwd_impl(block, res, dy)
+  x_MD, w1_EDF, w3_EDF, w2_EFD, lora = res[0], res[3], res[4], res[5], res[6]
+  dx = _match_varying(dx, x_MD)
+  dW = tuple(None if g is None else _match_varying(g, w) for g, w in zip(dW, (w1_EDF, w3_EDF, w2_EFD)))
+  if dL is not None:
+    dL = jax.tree.map(_match_varying, dL, dataclasses.replace(lora, key=None))
+    if lora.key is not None:  # the key is an integer input: a float0 cotangent
+      dL = dataclasses.replace(dL, key=jnp.zeros(lora.key.shape, jax.dtypes.float0))
+  return (dx, None, None, *dW, dL, None)  # block is nondiff: no entry
 
 
-blocked_expert_ffn.defvjp(_blocked_fwd, _blocked_bwd)
+blocked_expert_ffn.defvjp(_blocked_fwd, _blocked_bwd, symbolic_zeros=True)
 
 
 def grouped_expert_ffn(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, *, impl: str = "auto",
-                       block: int = 128, contiguous: bool = False) -> jax.Array:
+                       block: int = 128, contiguous: bool = False, lora: ExpertLoRA | None = None,
+                       rows_M=None) -> jax.Array:
   """Dispatches to the implementation for this backend. ``contiguous`` promises G = E groups packed
   from row 0 in expert order (what ``ragged_dot`` needs); otherwise ``ragged`` falls back to
-  ``blocked``."""
+  ``blocked``. ``lora``/``rows_M``: per-expert adapters and each row's pair id (for their dropout)."""
   impl = resolve_impl(impl)
   if impl == "ragged" and contiguous:
-    return ragged_expert_ffn(x_MD, sizes_G, w1_EDF, w3_EDF, w2_EFD)
+    return ragged_expert_ffn(x_MD, sizes_G, w1_EDF, w3_EDF, w2_EFD, lora, rows_M)
   if impl == "dense":
     raise ValueError("the dense implementation works on [E, C, D] buckets; call dense_expert_ffn")
   block = max(1, min(block, x_MD.shape[0]))
-  return blocked_expert_ffn(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block)
+  if lora is not None and not lora.dropping:
+    rows_M = None
+  return blocked_expert_ffn(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block, lora, rows_M)

@@ -67,12 +67,12 @@ class Block(nnx.Module):
     self.moe = MoE(cfg, rngs=rngs, lora_cfg=lora_cfg)
 
   def __call__(self, h_BTD, positions_BT, valid_BT, segment_ids_BT, cache, cache_pos_BS, write_slots_BT,
-               experts=None, layer=None):
+               experts=None, layer=None, lora_key=None):
     a_BTD, new_cache = self.attn(self.attn_norm(h_BTD), positions_BT, valid_BT=valid_BT,
                                  segment_ids_BT=segment_ids_BT, cache=cache, cache_pos_BS=cache_pos_BS,
-                                 write_slots_BT=write_slots_BT, layer=layer)
+                                 write_slots_BT=write_slots_BT, layer=layer, lora_key=lora_key)
     h_BTD = h_BTD + a_BTD
-    m_BTD, logits_BTE, stats = self.moe(self.moe_norm(h_BTD), valid_BT, experts)
+    m_BTD, logits_BTE, stats = self.moe(self.moe_norm(h_BTD), valid_BT, experts, lora_key)
     h_BTD = constrain(h_BTD + m_BTD, ("batch", "seq", "act_embed"))
     return h_BTD, new_cache, logits_BTE, stats
 
@@ -110,7 +110,7 @@ class Mixtral(nnx.Module):
     return constrain(h, ("batch", "seq", "act_embed"))
 
   def hidden(self, input_ids_BT, *, attention_mask=None, positions=None, segment_ids=None,
-             cache: KVCache | None = None, unroll: bool = False, layers: list | None = None):
+             cache: KVCache | None = None, unroll: bool = False, layers: list | None = None, lora_key=None):
     """Final-normed hidden states ``[B, T, D]`` and aux = {router_logits [L,B,T,E], load [L,E],
     dropped [L]} (plus ``cache`` when one is given).
 
@@ -118,6 +118,7 @@ class Mixtral(nnx.Module):
     positions is the caller's job (see ``mixtral_jax.generate``). ``unroll`` runs the layers in a Python
     loop instead of ``nnx.scan`` (for tests; same parameters, same maths). ``layers`` (from
     :func:`layer_views`) also unrolls, reading each layer's weights from its own arrays (CPU decode).
+    ``lora_key``: LoRA dropout key (training only); each layer gets its own ``fold_in(key, layer)``.
     """
     B, T = input_ids_BT.shape
     if positions is None:
@@ -133,21 +134,23 @@ class Mixtral(nnx.Module):
                                                      cache_pos, write_slots)
     else:
       h, new_layers, logits, stats = self._run_blocks(h, positions, valid, segment_ids, layer_cache, cache_pos,
-                                                      write_slots, unroll)
+                                                      write_slots, unroll, lora_key)
     aux: dict[str, Any] = {"router_logits": logits, **stats}
     if cache is not None:
       new_pos = jax.vmap(lambda p, s, q: p.at[s].set(q, mode="drop"))(cache.pos, write_slots, positions)
       aux["cache"] = KVCache(new_layers, new_pos)
     return self.final_norm(h), aux
 
-  def head(self) -> jax.Array:
-    """The LM head weight [D, V] (with its LoRA adapter added, if any)."""
-    return lora.adapted(self.lora_head, "lm_head", compute_weight(self, "head_DV", jnp.dtype(self.cfg.param_dtype)))
+  def head_operands(self, h_BTD: jax.Array, lora_key=None) -> tuple[jax.Array, jax.Array]:
+    """(h, W) with ``logits = h @ W``: the final hidden states and LM head weight [D, V] in the compute
+    dtype, with the head's LoRA adapter folded in if there is one (``lora.head_operands``)."""
+    dt = jnp.dtype(self.cfg.dtype)
+    w_DV = compute_weight(self, "head_DV", jnp.dtype(self.cfg.param_dtype)).astype(dt)
+    return lora.head_operands(self.lora_head, h_BTD.astype(dt), w_DV, lora_key)
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
-    dt = jnp.dtype(self.cfg.dtype)
-    return jnp.einsum("btd,dv->btv", h_BTD.astype(dt), self.head().astype(dt),
-                      preferred_element_type=jnp.float32)
+    h, w = self.head_operands(h_BTD)
+    return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids_BT, *, attention_mask=None, positions=None, segment_ids=None,
                return_router_logits: bool = False):
@@ -159,10 +162,15 @@ class Mixtral(nnx.Module):
 
   # ------------------------------------------------------------------------------ layer stack
 
-  def _run_blocks(self, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots, unroll):
-    def body(block: Block, h, layer_cache):
+  def _run_blocks(self, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots, unroll,
+                  lora_key=None):
+    # LoRA dropout: one key per layer, scanned beside the layer (None without dropout).
+    keys_L = None if lora_key is None else jax.vmap(lambda i: jax.random.fold_in(lora_key, i))(
+        jnp.arange(self.cfg.num_hidden_layers))
+
+    def body(block: Block, h, layer_cache, key=None):
       h, new_cache, logits, stats = block(h, positions, valid, segment_ids, layer_cache, cache_pos,
-                                          write_slots)
+                                          write_slots, lora_key=key)
       return h, (new_cache, logits, stats)
 
     policy = REMAT_POLICIES[self.cfg.remat]
@@ -173,14 +181,15 @@ class Mixtral(nnx.Module):
       outs = []
       for i in range(self.cfg.num_hidden_layers):
         block = _layer(self.blocks, i)
-        h, out = body(block, h, None if layer_cache is None else jax.tree.map(lambda a: a[i], layer_cache))
+        h, out = body(block, h, None if layer_cache is None else jax.tree.map(lambda a: a[i], layer_cache),
+                      None if keys_L is None else keys_L[i])
         outs.append(out)
       new_cache, logits, stats = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
       return h, new_cache, logits, stats
 
-    scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+    scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
                     transform_metadata=_STACK_METADATA)
-    h, (new_cache, logits, stats) = scan(self.blocks, h, layer_cache)
+    h, (new_cache, logits, stats) = scan(self.blocks, h, layer_cache, keys_L)
     return h, new_cache, logits, stats
 
   def _run_views(self, layers, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots):

@@ -15,6 +15,9 @@ the few tokens, so a step reads only the chosen experts (``dispatch_selected``).
 Dropping (``capacity_factor=cf``): pairs of rank < C = ceil(cf*N*k/E) are scattered into [E, C, D]
 buckets and run as one batched einsum (or, on CPU, the blocked kernel over each bucket's filled rows);
 later pairs contribute zero (no renormalisation).
+
+LoRA on the experts (``lora``, an ``ExpertLoRA``) is passed to whichever kernel runs and applied there to
+each row, ``x W_e + (drop(x) A_e) B_e``, with the row's pair id ``n * k + slot`` for its dropout mask.
 """
 
 from __future__ import annotations
@@ -27,27 +30,34 @@ from flax import nnx
 
 from mixtral_jax import routing
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.expert_adapters import ExpertLoRA, project
 from mixtral_jax.experts import dense_expert_ffn, grouped_expert_ffn, resolve_impl
 from mixtral_jax.inference.quantize import as_compute, compute_weight
 from mixtral_jax.layers import param
 from mixtral_jax.lora import adapters as lora
 
 
-def dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, impl="auto", block=128):
+def _dropping(lora: ExpertLoRA | None) -> bool:
+  return lora is not None and lora.dropping
+
+
+def dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, impl="auto", block=128,
+                      lora: ExpertLoRA | None = None):
   """Sorted-by-expert dropless dispatch on one device. Returns y_ND (in x's dtype)."""
   N, D = x_ND.shape
   E = w1_EDF.shape[0]
   k = ids_Nk.shape[1]
   order_M, counts_E, starts_E = routing.sort_by_expert(ids_Nk, E)
-  x_MD = x_ND[order_M // k]  # row r holds the token of sorted pair r
+  x_MD = x_ND[order_M // k]  # row r holds the token of sorted pair r (pair id order_M[r])
   y_MD = grouped_expert_ffn(x_MD, starts_E, counts_E, w1_EDF, w3_EDF, w2_EFD, impl=impl, block=block,
-                            contiguous=True)
+                            contiguous=True, lora=lora, rows_M=order_M if _dropping(lora) else None)
   inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(N * k, dtype=order_M.dtype))
   y_NkD = y_MD[inverse_M].reshape(N, k, D)
   return combine(y_NkD, weights_Nk)
 
 
-def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=None):
+def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=None,
+                      lora: ExpertLoRA | None = None):
   """Small-batch (decode) dropless dispatch that reads only the experts some token chose.
 
   With W_NE the weight token n gives expert e (0 when not routed there), y_n = sum_e W_ne * FFN_e(x_n).
@@ -62,6 +72,10 @@ def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=
   arrays for each of w1, w3, w2, e.g. :func:`mixtral_jax.model.layer_views`), a ``lax.switch`` on the
   id runs a branch whose matmuls read expert e_j's own array in place; and when M == E every expert
   runs anyway, so the slots are simply the experts in order (no switch).
+
+  With ``lora``, slot j adds expert e_j's adapters (sliced at its id) to its rows; a token's row there
+  has the pair id of its slot that chose e_j (for the dropout mask; tokens that did not choose e_j are
+  weighted by zero).
   """
   N, D = x_ND.shape
   E = w1_EDF.shape[0]
@@ -70,13 +84,24 @@ def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=
   M = min(E, ids_Nk.size)
   slots_M = jnp.argsort(~chosen_E, stable=True)[:M]
 
-  def ffn(w1_DF, w3_DF, w2_FD, x_ND):
-    h_NF = jax.nn.silu(x_ND @ w1_DF) * (x_ND @ w3_DF)
-    return (h_NF @ w2_FD).astype(jnp.float32)
+  k = ids_Nk.shape[1]
+
+  def ffn(w1_DF, w3_DF, w2_FD, x_ND, e=None):
+    if lora is None:
+      h_NF = jax.nn.silu(x_ND @ w1_DF) * (x_ND @ w3_DF)
+      return (h_NF @ w2_FD).astype(jnp.float32)
+    lo = lora.expert(e)
+    rows_N = None
+    if lora.dropping:  # the pair (n, slot) of token n that chose e
+      rows_N = jnp.arange(N) * k + jnp.argmax(ids_Nk == e, axis=1)
+    a1_NF = project(lo, "w1", x_ND, x_ND @ w1_DF, rows_N)
+    a3_NF = project(lo, "w3", x_ND, x_ND @ w3_DF, rows_N)
+    h_NF = jax.nn.silu(a1_NF) * a3_NF
+    return project(lo, "w2", h_NF, h_NF @ w2_FD, rows_N).astype(jnp.float32)
 
   # Expert i's FFN on its own arrays, for the per-expert path (built once; traced per use).
   branches = None if experts is None else [
-      functools.partial(ffn, *(as_compute(ws[i], x_ND.dtype) for ws in experts)) for i in range(E)]
+      functools.partial(ffn, *(as_compute(ws[i], x_ND.dtype) for ws in experts), e=i) for i in range(E)]
   y_ND = jnp.zeros((N, D), jnp.float32)
   for j in range(M):
     if branches is not None and M == E:
@@ -86,7 +111,7 @@ def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=
       y_j = jax.lax.switch(e, branches, x_ND)
     else:
       e = slots_M[j]
-      y_j = ffn(*(jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in (w1_EDF, w3_EDF, w2_EFD)), x_ND)
+      y_j = ffn(*(jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in (w1_EDF, w3_EDF, w2_EFD)), x_ND, e)
     y_ND = y_ND + jnp.take(W_NE, e, axis=1)[:, None] * y_j
   return y_ND.astype(x_ND.dtype)
 
@@ -121,20 +146,27 @@ def unbucket(y_ECD, ids_Nk, rank_Nk, kept_Nk):
 
 
 def dispatch_capacity(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, capacity: int, impl="dense",
-                      block=128):
+                      block=128, lora: ExpertLoRA | None = None):
   """Capacity-bucketed (dropping) dispatch on one device. Returns (y_ND, dropped fraction).
 
   ``impl="blocked"`` (the CPU default) runs each bucket only over its filled rows, so work follows the
   routed load (at most N*k rows) instead of the E*C bucket slots; otherwise one batched einsum."""
   E, C = w1_EDF.shape[0], capacity
   x_ECD, kept_Nk, rank_Nk, counts_E = bucket(x_ND, ids_Nk, capacity, E)
+  rows_EC = None
+  if _dropping(lora):  # each bucket row's pair id (-1: empty)
+    N, k = ids_Nk.shape
+    slot_M = jnp.where(kept_Nk, ids_Nk * C + rank_Nk, E * C).reshape(-1)
+    rows_EC = jnp.full((E * C,), -1, jnp.int32).at[slot_M].set(jnp.arange(N * k, dtype=jnp.int32),
+                                                               mode="drop").reshape(E, C)
   if resolve_impl(impl) == "blocked":
     starts_E = jnp.arange(E, dtype=jnp.int32) * C
     y_MD = grouped_expert_ffn(x_ECD.reshape(E * C, -1), starts_E, jnp.minimum(counts_E, C), w1_EDF, w3_EDF,
-                              w2_EFD, impl="blocked", block=block)
+                              w2_EFD, impl="blocked", block=block, lora=lora,
+                              rows_M=None if rows_EC is None else rows_EC.reshape(-1))
     y_ECD = y_MD.reshape(x_ECD.shape)
   else:
-    y_ECD = dense_expert_ffn(x_ECD, w1_EDF, w3_EDF, w2_EFD)
+    y_ECD = dense_expert_ffn(x_ECD, w1_EDF, w3_EDF, w2_EFD, lora, rows_EC)
   y_ND = combine(unbucket(y_ECD, ids_Nk, rank_Nk, kept_Nk), weights_Nk)
   return y_ND, jnp.mean((~kept_Nk).astype(jnp.float32))
 
@@ -159,36 +191,38 @@ class MoE(nnx.Module):
     self.lora = lora.make("moe", cfg, lora_cfg)  # LoRA adapters on router, w1, w3, w2 (or None)
     self.cfg = cfg
 
-  def __call__(self, x_BTD, mask_BT=None, experts=None):
+  def __call__(self, x_BTD, mask_BT=None, experts=None, lora_key=None):
     """Returns (y_BTD, router_logits_BTE float32, stats) with stats = {load_E, dropped}.
 
     ``experts``: optional per-expert views of this layer's weights for small-batch dispatch (see
-    :func:`dispatch_selected`); the other paths use the stacked parameters."""
+    :func:`dispatch_selected`); the other paths use the stacked parameters. ``lora_key``: this layer's
+    LoRA dropout key (training with ``lora.dropout > 0``), or None."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T, D = x_BTD.shape
     x_ND = x_BTD.reshape(B * T, D).astype(dt)
     logits_NE = jnp.einsum("nd,de->ne", x_ND, self.router_DE[...].astype(dt))
-    logits_NE = lora.add(self.lora, "router", x_ND, logits_NE).astype(jnp.float32)  # LoRA
+    logits_NE = lora.add(self.lora, "router", x_ND, logits_NE, lora_key).astype(jnp.float32)  # LoRA
     weights_Nk, ids_Nk = routing.top_k_route(logits_NE, cfg.num_experts_per_tok)
     w1, w3, w2 = (compute_weight(self, n, dt) for n in ("w1_EDF", "w3_EDF", "w2_EFD"))
-    # LoRA: per-expert W_e + A_e B_e alpha/r, formed on the expert's own shard; every dispatch below uses it.
-    w1, w3, w2 = (lora.adapted(self.lora, t, w) for t, w in (("w1", w1), ("w3", w3), ("w2", w2)))
+    # LoRA: per-expert adapters (or None), applied by whichever dispatch runs, inside its expert computation.
+    lo = lora.expert_adapters(self.lora, lora_key)
 
     if _expert_mesh_size() > 1:
       from mixtral_jax.sharding import expert_parallel  # layer 1; imported lazily only for clarity
       y_ND, dropped = expert_parallel.moe_expert_parallel(
           x_ND, weights_Nk, ids_Nk, w1, w3, w2, capacity_factor=cfg.capacity_factor,
-          impl=cfg.moe_impl, block=cfg.moe_block)
+          impl=cfg.moe_impl, block=cfg.moe_block, lora=lo)
     elif cfg.capacity_factor is None and B * T * cfg.num_experts_per_tok <= 2 * cfg.num_local_experts:
-      y_ND = dispatch_selected(x_ND, weights_Nk, ids_Nk, w1, w3, w2, experts)
+      y_ND = dispatch_selected(x_ND, weights_Nk, ids_Nk, w1, w3, w2, experts, lora=lo)
       dropped = jnp.zeros((), jnp.float32)
     elif cfg.capacity_factor is None:
-      y_ND = dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1, w3, w2, impl=cfg.moe_impl, block=cfg.moe_block)
+      y_ND = dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1, w3, w2, impl=cfg.moe_impl, block=cfg.moe_block,
+                               lora=lo)
       dropped = jnp.zeros((), jnp.float32)
     else:
       C = routing.capacity(B * T, cfg.num_experts_per_tok, cfg.num_local_experts, cfg.capacity_factor)
       y_ND, dropped = dispatch_capacity(x_ND, weights_Nk, ids_Nk, w1, w3, w2, capacity=C, impl=cfg.moe_impl,
-                                        block=cfg.moe_block)
+                                        block=cfg.moe_block, lora=lo)
 
     mask_N = None if mask_BT is None else mask_BT.reshape(-1)
     stats = {"load": routing.load_fractions(ids_Nk, cfg.num_local_experts, mask_N), "dropped": dropped}

@@ -30,12 +30,19 @@ only real rows travel; the receiver lays them out grouped by local expert (then 
 XLA:CPU does not implement ``ragged_all_to_all``, so on CPU a ``ragged`` request runs the bucketed
 dropless path.
 
+LoRA on the experts (``lora``, an ``ExpertLoRA``): A and B enter the ``shard_map`` split like their
+weight (``expert``, and F over ``tensor``), and the local experts apply them to the rows they received
+(``x W_e + (drop(x) A_e) B_e``; for w2 each tensor shard adds its partial sum, which step 6's ``psum``
+completes). With dropout, each row's pair id (global ``token * k + slot``) travels with it, so the
+masks are those of a single device.
+
 Tokens whose count N does not divide the batch shards are padded with pairs routed nowhere (expert id
 E): they take no capacity, are not counted in the dropped fraction, and are cut off on return.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -44,6 +51,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mixtral_jax import experts, routing
+from mixtral_jax.expert_adapters import ExpertLoRA, shard_specs
 from mixtral_jax.sharding.mesh import current_platform
 
 BATCH_AXES = ("data", "fsdp", "expert")  # the logical "batch" axis of sharding.rules
@@ -65,7 +73,7 @@ def dispatch_mode(capacity_factor: float | None, impl: str, backend: str | None 
 
 
 def moe_expert_parallel(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, capacity_factor=None,
-                        impl: str = "auto", block: int = 128):
+                        impl: str = "auto", block: int = 128, lora: ExpertLoRA | None = None):
   """MoE experts over the current mesh's ``expert`` axis. Returns (y_ND in x's dtype, dropped fraction).
 
   Call under ``jax.set_mesh(mesh)`` (inside or outside ``jit``); the router has already run:
@@ -91,27 +99,39 @@ def moe_expert_parallel(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, cap
 
   tok = P(batch_axes or None, None)
   w_in, w_out = P("expert", None, tensor), P("expert", tensor, None)
+  if lora is not None:
+    lora = dataclasses.replace(lora, tensor_axis=tensor)
   local = functools.partial(_local_moe, mode=dispatch_mode(capacity_factor, impl),
                             capacity_factor=capacity_factor, block=block, batch_axes=batch_axes,
                             tensor_axis=tensor)
   with jax.named_scope("moe_expert_parallel"):
-    y_ND, dropped = jax.shard_map(local, in_specs=(tok, tok, tok, w_in, w_in, w_out),
-                                  out_specs=(tok, P()))(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD)
+    y_ND, dropped = jax.shard_map(local, in_specs=(tok, tok, tok, w_in, w_in, w_out, shard_specs(lora, tensor)),
+                                  out_specs=(tok, P()))(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, lora)
   return y_ND[:N], dropped
 
 
-def _local_moe(x_nD, w_nk, ids_nk, w1_LDF, w3_LDF, w2_LFD, *, mode, capacity_factor, block, batch_axes,
+def _pair_ids(n, k, batch_axes):
+  """Global pair ids ``token * k + slot`` of this device's [n, k] pairs (tokens are split over
+  ``batch_axes`` in contiguous blocks, the first axis major)."""
+  shard = 0
+  for a in batch_axes:
+    shard = shard * jax.lax.axis_size(a) + jax.lax.axis_index(a)
+  return ((shard * n + jnp.arange(n, dtype=jnp.int32))[:, None] * k + jnp.arange(k, dtype=jnp.int32)).astype(jnp.int32)
+
+
+def _local_moe(x_nD, w_nk, ids_nk, w1_LDF, w3_LDF, w2_LFD, lora, *, mode, capacity_factor, block, batch_axes,
                tensor_axis):
   """The per-device body of the ``shard_map`` (L = E_l local experts)."""
   n, k = ids_nk.shape
   E = w1_LDF.shape[0] * jax.lax.axis_size("expert")
   valid_nk = ids_nk < E
+  pairs_nk = _pair_ids(n, k, batch_axes) if lora is not None and lora.dropping else None
   if mode == "ragged":
-    y_nkD = _ragged_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E)
+    y_nkD = _ragged_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, lora, pairs_nk)
     kept_nk = valid_nk
   else:
     C = routing.capacity(n, k, E, capacity_factor)
-    y_nkD, kept_nk = _bucket_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, C, mode, block)
+    y_nkD, kept_nk = _bucket_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, C, mode, block, lora, pairs_nk)
 
   y_nD = jnp.einsum("nkd,nk->nd", y_nkD.astype(f32), w_nk.astype(f32))  # as transformers: weights in f32
   if tensor_axis is not None:
@@ -122,7 +142,7 @@ def _local_moe(x_nD, w_nk, ids_nk, w1_LDF, w3_LDF, w2_LFD, *, mode, capacity_fac
   return y_nD.astype(x_nD.dtype), counts[0] / jnp.maximum(counts[1], 1.0)
 
 
-def _bucket_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, C, mode, block):
+def _bucket_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, C, mode, block, lora=None, pairs_nk=None):
   """Steps 1-5 with fixed-size buckets. Returns (y_nkD, kept_nk); dropped pairs come back as zero."""
   n, D = x_nD.shape
   k = ids_nk.shape[1]
@@ -137,8 +157,12 @@ def _bucket_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, C, mode, block):
   # [E, C, D] -> [L, S*C, D]: the bucket of expert e = d*L + l goes to device d, where source s's copy
   # lands in rows [s*C, (s+1)*C) of local expert l.
   x_LRD = jax.lax.all_to_all(x_ECD, "expert", 0, 1, tiled=True)
+  rows_LR = None
+  if pairs_nk is not None:  # dropout: every row's pair id travels with it (-1: empty)
+    rows_EC = jnp.full((E * C,), -1, jnp.int32).at[slot_nk.reshape(-1)].set(pairs_nk.reshape(-1), mode="drop")
+    rows_LR = jax.lax.all_to_all(rows_EC.reshape(E, C), "expert", 0, 1, tiled=True)
   if mode == "capacity" or mode == "dense":
-    y_LRD = experts.dense_expert_ffn(x_LRD, w1_LDF, w3_LDF, w2_LFD)
+    y_LRD = experts.dense_expert_ffn(x_LRD, w1_LDF, w3_LDF, w2_LFD, lora, rows_LR)
   else:
     S = E // L
     # Received counts, indexed [source, local expert] -> groups ordered (local expert, source).
@@ -146,7 +170,8 @@ def _bucket_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, C, mode, block):
     sizes_G = recv_SL.T.reshape(-1)
     starts_G = (jnp.arange(L * S, dtype=jnp.int32) * C).astype(jnp.int32)
     y_MD = experts.grouped_expert_ffn(x_LRD.reshape(L * S * C, D), starts_G, sizes_G, w1_LDF, w3_LDF,
-                                      w2_LFD, impl="blocked", block=block)
+                                      w2_LFD, impl="blocked", block=block, lora=lora,
+                                      rows_M=None if rows_LR is None else rows_LR.reshape(-1))
     y_LRD = y_MD.reshape(L, S * C, D)
   y_ECD = jax.lax.all_to_all(y_LRD, "expert", 1, 0, tiled=True)  # the inverse exchange
 
@@ -154,7 +179,7 @@ def _bucket_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, C, mode, block):
   return jnp.where(kept_nk[..., None], y_nkD, 0), kept_nk
 
 
-def _ragged_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E):
+def _ragged_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, lora=None, pairs_nk=None):
   """Dropless dispatch with ``ragged_all_to_all``: only the routed rows travel. Returns y_nkD."""
   n, D = x_nD.shape
   k = ids_nk.shape[1]
@@ -180,7 +205,12 @@ def _ragged_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E):
   R = S * n * min(k, L)  # worst case: every source sends each of its tokens to min(k, L) of my experts
   x_RD = jax.lax.ragged_all_to_all(x_MD, jnp.zeros((R, D), x_MD.dtype), starts_E, counts_E, out_offsets_E,
                                    recv_sizes, axis_name="expert")
-  y_RD = experts.ragged_expert_ffn(x_RD, jnp.sum(recv_SL, axis=0).astype(jnp.int32), w1_LDF, w3_LDF, w2_LFD)
+  rows_R = None
+  if pairs_nk is not None:  # dropout: every row's pair id travels with it
+    rows_R = jax.lax.ragged_all_to_all(pairs_nk.reshape(-1)[order_M], jnp.full((R,), -1, jnp.int32), starts_E,
+                                       counts_E, out_offsets_E, recv_sizes, axis_name="expert")
+  y_RD = experts.ragged_expert_ffn(x_RD, jnp.sum(recv_SL, axis=0).astype(jnp.int32), w1_LDF, w3_LDF, w2_LFD,
+                                   lora, rows_R)
 
   # Back along the same slices: what I received at out_offsets (as the sender computed them) returns
   # to where it started in the sender's sorted layout.

@@ -52,7 +52,7 @@ def with_random_adapters(base, lora=ALL, seed=3):
     (LoraSection(rank=-2), ["lora.rank=-2"]),
     (LoraSection(rank=65), ["larger than", "q (64 -> 64)"]),
     (LoraSection(rank=4, targets=("q", "gate_proj")), ["unknown", "gate_proj", "choose from"]),
-    (LoraSection(rank=4, dropout=0.1), ["lora.dropout=0.1"]),
+    (LoraSection(rank=4, dropout=1.0), ["lora.dropout=1.0"]),
 ])
 def test_bad_lora_section_names_the_problem(section, words):
   with pytest.raises(ValueError) as e:

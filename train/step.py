@@ -21,7 +21,9 @@ layout), the optax state, the ``step`` counter and a raw ``rng`` key. Compute ru
 LoRA (``train_cfg.lora.rank`` set): ``params`` are the adapters only (fp32, the tree of
 ``mixtral_jax.lora.LoRAParam`` variables), and ``base`` holds the frozen base weights in the compute
 dtype. Only the adapters are differentiated, so the base has no gradient buffer and no optimizer state;
-the step returns ``base`` untouched (donated in, aliased out).
+the step returns ``base`` untouched (donated in, aliased out). With ``lora.dropout > 0`` the adapters'
+dropout draws from ``fold_in(fold_in(rng, step), microbatch)``: the checkpointed rng and the step fix
+every mask, so a resumed run repeats the straight run exactly.
 
 Batch: a dict of ``[A, b, T]`` arrays, A = ``optimizer.grad_accum`` microbatches of b sequences:
 ``inputs``/``targets`` int32 token ids, ``weights`` float32 loss weights (0 for padding, prompt tokens and
@@ -163,14 +165,17 @@ def _merge(graphdef, template, params, base_template=None, base=None) -> Mixtral
   return nnx.merge(graphdef, *states)
 
 
-def microbatch_loss(model: Mixtral, mb: dict, train_cfg: TrainConfig, total_weight, num_microbatches: int):
-  """This microbatch's share of the step loss, and its metrics (see the module docstring)."""
+def microbatch_loss(model: Mixtral, mb: dict, train_cfg: TrainConfig, total_weight, num_microbatches: int,
+                    lora_key=None):
+  """This microbatch's share of the step loss, and its metrics (see the module docstring). ``lora_key``:
+  the LoRA dropout key of this microbatch (None: no dropout)."""
   cfg, loss_cfg = model.cfg, train_cfg.loss
   valid_BT = mb["segment_ids"] > 0
+  blocks_key, head_key = (None, None) if lora_key is None else jax.random.split(lora_key)
   h_BTD, aux = model.hidden(mb["inputs"], attention_mask=valid_BT, positions=mb["positions"],
-                            segment_ids=mb["segment_ids"])
-  nll = lm_head_cross_entropy(h_BTD, model.head(), mb["targets"], mb["weights"], loss_cfg.ce_chunk,
-                              jnp.dtype(cfg.dtype))
+                            segment_ids=mb["segment_ids"], lora_key=blocks_key)
+  nll = lm_head_cross_entropy(*model.head_operands(h_BTD, head_key), mb["targets"], mb["weights"],
+                              loss_cfg.ce_chunk, jnp.dtype(cfg.dtype))
   ce = nll / total_weight
   lb = load_balancing_loss(aux["router_logits"], cfg.num_experts_per_tok, valid_BT,
                            per_layer=loss_cfg.aux_mode == "per_layer")
@@ -195,24 +200,31 @@ def build_train_step(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax
   A = train_cfg.optimizer.grad_accum
   abstract_mesh = mesh.abstract_mesh
 
-  def grads_of(params, mb, total_weight, base):
+  dropout = lora is not None and lora.dropout > 0
+
+  def grads_of(params, mb, total_weight, base, key):
     def f(p):  # differentiated in the trainable params only (with LoRA, the adapters; never the base)
-      return microbatch_loss(_merge(graphdef, template, p, base_template, base), mb, train_cfg, total_weight, A)
+      return microbatch_loss(_merge(graphdef, template, p, base_template, base), mb, train_cfg, total_weight, A,
+                             key)
     return jax.value_and_grad(f, has_aux=True)(params)
 
   def step(state: TrainState, batch: dict):
     with jax.sharding.use_abstract_mesh(abstract_mesh):
       total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+      # LoRA dropout keys: from the rng and the step, one per microbatch (None without dropout).
+      step_key = jax.random.fold_in(state.rng, state.step) if dropout else None
+      key_of = lambda i: None if step_key is None else jax.random.fold_in(step_key, i)  # noqa: E731
       if A == 1:
         (loss, metrics), grads = grads_of(state.params, jax.tree.map(lambda a: a[0], batch), total_weight,
-                                          state.base)
+                                          state.base, key_of(0))
       else:  # one traced copy of the gradient, summed over microbatches by a scan
-        def body(carry, mb):
-          return jax.tree.map(jnp.add, carry, grads_of(state.params, mb, total_weight, state.base)), None
+        def body(carry, xs):
+          mb, i = xs
+          return jax.tree.map(jnp.add, carry, grads_of(state.params, mb, total_weight, state.base, key_of(i))), None
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                              jax.eval_shape(grads_of, state.params, jax.tree.map(lambda a: a[0], batch), total_weight,
-                                            state.base))
-        (loss, metrics), grads = jax.lax.scan(body, zeros, batch)[0]
+                                            state.base, key_of(0)))
+        (loss, metrics), grads = jax.lax.scan(body, zeros, (batch, jnp.arange(A)))[0]
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       rng, _ = jax.random.split(state.rng)
@@ -244,7 +256,7 @@ def build_eval_step(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.
              else _merge(graphdef, template, params[0], base_template, params[1]))
     h_BTD, _ = model.hidden(mb["inputs"], attention_mask=mb["segment_ids"] > 0, positions=mb["positions"],
                             segment_ids=mb["segment_ids"])
-    return lm_head_cross_entropy(h_BTD, model.head(), mb["targets"], mb["weights"], chunk, dtype)
+    return lm_head_cross_entropy(*model.head_operands(h_BTD), mb["targets"], mb["weights"], chunk, dtype)
 
   def evaluate(params, batch):
     with jax.sharding.use_abstract_mesh(abstract_mesh):

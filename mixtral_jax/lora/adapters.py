@@ -6,15 +6,25 @@ holds one :class:`Adapters` (or ``None``); the layer stack's ``nnx.vmap`` gives 
 ``layers`` axis like the weights it adapts, and the expert adapters carry the ``experts`` axis, so they
 are sharded with their expert.
 
-Two ways of applying an adapter, both exact in real arithmetic:
+One form everywhere, PEFT's: ``y = x W + (drop(x) A) B * alpha/r``, the adapter's two thin matmuls
+beside the frozen base's, which is never modified and never differentiated (the step differentiates the
+adapters only, so no gradient of any W is formed).
 
-* :func:`add` (attention, router): ``y + (x A) B * alpha/r``, two thin matmuls beside the base one;
-* :func:`adapted` (expert weights, LM head): the weight ``W + A B * alpha/r`` formed once per layer and
-  step on the devices that hold that expert (A, B and W share the expert sharding, so forming it needs
-  no communication), then used by whatever dispatch runs: dropless, selected, blocked, dense, capacity
-  or the expert-parallel ``shard_map``. It costs E*D*F*r*2 FLOPs per expert weight and layer (for 8x7B
-  r=16, 2.2% of one 8192-token sequence's expert FLOPs) and one transient weight-sized buffer. The
-  gradient of W itself is never formed for the optimizer: only A and B are differentiated.
+* :func:`add`: attention (q, k, v, o) and the router;
+* :func:`expert_adapters`: the expert weights. It hands the per-expert factors (A [E, in, r], B [E, r, out])
+  to the MoE dispatch as a ``mixtral_jax.expert_adapters.ExpertLoRA``, and every expert implementation
+  (dense, blocked with its hand-written VJP, ragged, the small-batch selected path, the expert-parallel
+  ``shard_map`` with A and B sharded with their expert) applies them to the rows it computes;
+* :func:`head_operands`: the LM head, as the fused cross-entropy's operands ``[h, drop(h) A]`` and
+  ``[W; B alpha/r]`` (the same sum, one matmul).
+
+Dropout (``lora.dropout``) is PEFT's: on the adapter's input, in training only (a key is given), each
+element kept with probability 1 - p and scaled by 1 / (1 - p); an independent mask per target. The train
+step derives the key from its rng and step (so a resumed run draws the same masks) and gives each layer
+its own. Expert rows draw their masks by (token, slot) pair, so every dispatch drops the same elements.
+
+Merging (``mixtral_jax.lora.merge``: export, and loading adapters for inference) does form W + A B alpha/r;
+there the weight is what is wanted.
 
 Adapters are created zero-valued (so building the model consumes no random numbers and a LoRA model's
 base weights equal the plain model's for the same seed); :func:`init_values` gives the training start:
@@ -31,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.expert_adapters import TARGET_STREAM, ExpertLoRA
 from mixtral_jax.layers import LOGICAL_AXES
 
 from .spec import LoraSection
@@ -76,6 +87,7 @@ class Adapters(nnx.Module):
   def __init__(self, cfg: MixtralConfig, lora: LoraSection, targets: tuple[str, ...]):
     self.targets = tuple(targets)
     self.scale = lora.scale
+    self.dropout = float(lora.dropout)
     for t in self.targets:
       (a_shape, b_shape), (a_axes, b_axes) = shapes(cfg, t, lora.rank), _LAYOUT[t]
       setattr(self, f"{t}_A", LoRAParam(jnp.zeros(a_shape, jnp.float32), **{LOGICAL_AXES: tuple(n for _, n in a_axes)}))
@@ -96,28 +108,49 @@ def make(group: str, cfg: MixtralConfig, lora: LoraSection | None) -> Adapters |
 # ------------------------------------------------------------------------------------ forward
 
 
-def add(adapters: Adapters | None, target: str, x, y):
-  """``y + (x A) B * scale`` (x's trailing dims are A's leading ones; y's shape is x's batch dims + B's
-  trailing ones), in x's dtype; ``y`` itself when ``target`` is not adapted."""
+def _dropout(adapters: Adapters, target: str, x, key):
+  """PEFT dropout on ``x`` for ``target`` (a no-op without a key or with p = 0)."""
+  if key is None or adapters.dropout == 0:
+    return x
+  keep = 1.0 - adapters.dropout
+  mask = jax.random.bernoulli(jax.random.fold_in(key, TARGET_STREAM[target]), keep, x.shape)
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), 0).astype(x.dtype)
+
+
+def add(adapters: Adapters | None, target: str, x, y, key=None):
+  """``y + (drop(x) A) B * scale`` (x's trailing dims are A's leading ones; y's shape is x's batch dims +
+  B's trailing ones), in x's dtype; ``y`` itself when ``target`` is not adapted. ``key``: dropout key."""
   if adapters is None or target not in adapters.targets:
     return y
   A, B = adapters.factors(target)
-  xa = jnp.tensordot(x, A.astype(x.dtype), axes=A.ndim - 1)  # [..., r]
+  xa = jnp.tensordot(_dropout(adapters, target, x, key), A.astype(x.dtype), axes=A.ndim - 1)  # [..., r]
   delta = jnp.tensordot(xa, B.astype(x.dtype), axes=1) * jnp.asarray(adapters.scale, x.dtype)
   return y + delta.astype(y.dtype)
 
 
-def adapted(adapters: Adapters | None, target: str, w):
-  """``w + A B * scale`` (per expert for the expert targets), summed in float32 and cast to w's dtype;
-  ``w`` itself when ``target`` is not adapted."""
-  if adapters is None or target not in adapters.targets:
-    return w
-  A, B = adapters.factors(target)
-  if is_expert(target):
-    delta = jnp.einsum("eir,ero->eio", A, B, preferred_element_type=jnp.float32)
-  else:
-    delta = jnp.tensordot(A, B, axes=1).reshape(w.shape)
-  return (w.astype(jnp.float32) + delta * adapters.scale).astype(w.dtype)
+def expert_adapters(adapters: Adapters | None, key=None) -> ExpertLoRA | None:
+  """The expert targets' factors for the MoE dispatch (B scaled by alpha/r in float32), or None."""
+  if adapters is None or not any(is_expert(t) for t in adapters.targets):
+    return None
+  pairs = {}
+  for t in ("w1", "w3", "w2"):
+    if t in adapters.targets:
+      A, B = adapters.factors(t)
+      pairs[t] = (A, B * adapters.scale)
+  dropping = key is not None and adapters.dropout > 0
+  return ExpertLoRA(**pairs, key=key if dropping else None, rate=adapters.dropout if dropping else 0.0)
+
+
+def head_operands(adapters: Adapters | None, h_BTD, w_DV, key=None):
+  """(h, W) for ``logits = h @ W`` with the LM head's adapter folded in: ``[h, drop(h) A] @ [W; B scale]``
+  equals ``h W + (drop(h) A) B scale``; (h_BTD, w_DV) themselves without an lm_head adapter. The concatenated
+  operands are in h's and W's dtypes (A, B cast)."""
+  if adapters is None or "lm_head" not in adapters.targets:
+    return h_BTD, w_DV
+  A, B = adapters.factors("lm_head")
+  u_BTr = jnp.tensordot(_dropout(adapters, "lm_head", h_BTD, key), A.astype(h_BTD.dtype), axes=1)
+  return (jnp.concatenate([h_BTD, u_BTr.astype(h_BTD.dtype)], axis=-1),
+          jnp.concatenate([w_DV, (B * adapters.scale).astype(w_DV.dtype)], axis=0))
 
 
 # ------------------------------------------------------------------------------------ training start

@@ -26,7 +26,7 @@ class LoraSection:
   """The run config's ``lora`` section. ``rank: null`` (the default) trains every weight in full."""
   rank: int | None = None  # r; set it (e.g. 16) to train adapters on a frozen base instead
   alpha: float = 32.0  # the adapter output is scaled by alpha / rank
-  dropout: float = 0.0  # dropout on the adapters' inputs (only 0.0 is implemented)
+  dropout: float = 0.0  # PEFT's dropout on the adapters' inputs, in training only
   targets: tuple = DEFAULT_TARGETS  # from q, k, v, o, w1, w2, w3, router, lm_head
 
   @property
@@ -52,9 +52,8 @@ class LoraSection:
       out.append(f"lora.targets is empty; choose from {', '.join(TARGETS)}")
     if len(set(self.targets)) != len(self.targets):
       out.append(f"lora.targets={list(self.targets)} names a target twice")
-    if self.dropout != 0.0:
-      out.append(f"lora.dropout={self.dropout}: only 0.0 is implemented (expert adapters are applied as a "
-                 "per-layer weight delta, which has no per-token input to drop); set lora.dropout=0")
+    if not 0.0 <= self.dropout < 1.0:
+      out.append(f"lora.dropout={self.dropout}; the dropout probability must be in [0, 1), e.g. 0.05")
     return out
 
 

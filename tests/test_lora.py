@@ -206,3 +206,35 @@ def test_unmappable_or_mismatched_adapters_are_refused(hf_base, tmp_path):
             str(wrong / "adapter_model.safetensors"))
   with pytest.raises(ValueError, match="another base model"):
     mixtral_jax.from_pretrained(path, adapter=wrong)
+
+
+# ------------------------------------------------------------------------------------ plan and MFU
+
+
+def test_plan_analytic_and_mfu_flops_are_lora_aware():
+  """plan's analytic column for a LoRA step: the frozen bf16 base and fp32 adapters with AdamW moments,
+  equal to the step's own abstract state shards (no compile); and the MFU FLOP count takes 4 per frozen
+  parameter and 6 per adapter parameter a token uses, counted here from the model's adapter shapes."""
+  from mixtral_jax.train import metrics, plan, step
+  from mixtral_jax.train.config import TrainConfig
+  cfg = CFG.replace(dtype="bfloat16")
+  mesh = make_mesh("expert=4", num_experts=cfg.num_local_experts, devices=jax.devices()[:4])
+  lora = LoraSection(rank=4)
+  train_cfg = TrainConfig().override({"data.batch_size": 4, "data.seq_len": 32, "lora.rank": 4})
+  _, abs_state, _ = step.build_train_step(cfg, train_cfg, mesh)
+  a = plan.analytic(cfg, mesh, 4, 32, 1, lora)
+  assert a["base_bytes"] == plan.shard_bytes(abs_state.base)
+  assert a["param_bytes"] == plan.shard_bytes(abs_state.base) + plan.shard_bytes(abs_state.params)
+  assert abs(a["opt_bytes"] - plan.shard_bytes(abs_state.opt_state)) < 64  # + AdamW's step counter
+  assert {np.dtype(x.dtype) for x in jax.tree.leaves(abs_state.base)} == {np.dtype("bfloat16")}
+  full = plan.analytic(cfg, mesh, 4, 32, 1)
+  assert a["flops"] < full["flops"]
+
+  E, k = cfg.num_local_experts, cfg.num_experts_per_tok
+  adapters = nnx.state(nnx.eval_shape(lambda: Mixtral(CFG, rngs=nnx.Rngs(0), lora_cfg=lora)), LoRAParam)
+  active = sum(np.prod(v.shape) * (k / E if "/w" in "/" + "/".join(map(str, p)) else 1)
+               for p, v in nnx.to_flat_state(adapters))
+  _, n_active = mixtral_jax.param_counts(CFG)
+  frozen = n_active - CFG.vocab_size * CFG.hidden_size
+  diff = metrics.train_flops_per_token(CFG, 64) - metrics.train_flops_per_token(CFG, 64, lora)
+  assert diff == pytest.approx(2 * frozen - 6 * active, rel=1e-12)

@@ -183,7 +183,7 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
   # ---- the loop
   bsh, gshape = step_lib.batch_sharding(mesh), abstract_batch["inputs"].shape
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  flops_per_step = train_flops_per_token(mcfg, cfg.data.seq_len) * tokens_per_step
+  flops_per_step = train_flops_per_token(mcfg, cfg.data.seq_len, cfg.lora) * tokens_per_step
   peak = (cfg.train.peak_flops or measure_peak_flops()) * jax.device_count()
   logger = MetricsLogger(workdir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress,
                          enabled=lead, log_every=cfg.train.log_every, print_every=cfg.train.print_every)

@@ -71,16 +71,22 @@ def lm_head_cross_entropy(h_BTD, head_DV, targets_BT, weights_BT, chunk: int, dt
   in the same pass, the gradient: dlogits = w * (softmax - onehot(target)), dh = dlogits @ head^T,
   dhead += h^T @ dlogits. The backward pass only scales these by the incoming cotangent, so the head
   matmul runs three times per step (forward, dh, dhead) instead of four with recomputation, and the
-  logits never reach memory whole.
+  logits never reach memory whole. When the head is not differentiated (LoRA's frozen base), dhead is
+  not computed: two head matmuls per step.
   """
   return _ce_scan(h_BTD, head_DV, targets_BT, weights_BT, chunk, dtype, with_grad=False)[0]
 
 
 def _ce_fwd(h_BTD, head_DV, targets_BT, weights_BT, chunk, dtype):
-  return _ce_scan(h_BTD, head_DV, targets_BT, weights_BT, chunk, dtype, with_grad=True)
+  """``symbolic_zeros``: args arrive as (value, perturbed) records; dhead only for a differentiated head."""
+  with_dhead = head_DV.perturbed
+  h_BTD, head_DV, targets_BT, weights_BT = (a.value for a in (h_BTD, head_DV, targets_BT, weights_BT))
+  nll, (dh_BTD, dhead_DV) = _ce_scan(h_BTD, head_DV, targets_BT, weights_BT, chunk, dtype, with_grad=True,
+                                     with_dhead=with_dhead)
+  return nll, (dh_BTD, dhead_DV)
 
 
-def _ce_scan(h_BTD, head_DV, targets_BT, weights_BT, chunk, dtype, *, with_grad: bool):
+def _ce_scan(h_BTD, head_DV, targets_BT, weights_BT, chunk, dtype, *, with_grad: bool, with_dhead: bool = True):
   """Forward (and, ``with_grad``, the gradient) of the chunked loss; see lm_head_cross_entropy."""
   B, T, D = h_BTD.shape
   c = min(chunk, T)
@@ -102,19 +108,22 @@ def _ce_scan(h_BTD, head_DV, targets_BT, weights_BT, chunk, dtype, *, with_grad:
     onehot_BcV = jax.nn.one_hot(t_Bc, logits_BcV.shape[-1], dtype=f32)
     dlogits_BcV = ((jnp.exp(logits_BcV - lse_Bc[..., None]) - onehot_BcV) * w_Bc[..., None]).astype(dtype)
     dh_BcD = jnp.einsum("bcv,dv->bcd", dlogits_BcV, head, preferred_element_type=f32)
-    dhead_DV = dhead_DV + jnp.einsum("bcd,bcv->dv", h_BcD, dlogits_BcV, preferred_element_type=f32)
+    if with_dhead:
+      dhead_DV = dhead_DV + jnp.einsum("bcd,bcv->dv", h_BcD, dlogits_BcV, preferred_element_type=f32)
     return dhead_DV, (nll, dh_BcD.astype(h_BTD.dtype))
 
-  dhead_DV, (nll_n, dh_nBcD) = jax.lax.scan(body, jnp.zeros(head_DV.shape if with_grad else (), f32), xs)
+  dhead0 = jnp.zeros(head_DV.shape if with_grad and with_dhead else (), f32)
+  dhead_DV, (nll_n, dh_nBcD) = jax.lax.scan(body, dhead0, xs)
   if not with_grad:
     return jnp.sum(nll_n), None
   dh_BTD = jnp.swapaxes(dh_nBcD, 0, 1).reshape(B, T, D)
-  return jnp.sum(nll_n), (dh_BTD, dhead_DV.astype(head_DV.dtype))
+  return jnp.sum(nll_n), (dh_BTD, dhead_DV.astype(head_DV.dtype) if with_dhead else None)
 
 
 def _ce_bwd(chunk, dtype, saved, g):
   dh_BTD, dhead_DV = saved
-  return (dh_BTD * g.astype(dh_BTD.dtype), dhead_DV * g.astype(dhead_DV.dtype), None, None)
+  dhead = None if dhead_DV is None else dhead_DV * g.astype(dhead_DV.dtype)
+  return (dh_BTD * g.astype(dh_BTD.dtype), dhead, None, None)
 
 
-lm_head_cross_entropy.defvjp(_ce_fwd, _ce_bwd)
+lm_head_cross_entropy.defvjp(_ce_fwd, _ce_bwd, symbolic_zeros=True)

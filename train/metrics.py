@@ -22,14 +22,22 @@ from mixtral_jax.config import MixtralConfig
 from mixtral_jax.params import param_counts
 
 
-def train_flops_per_token(cfg: MixtralConfig, seq_len: int) -> float:
+def train_flops_per_token(cfg: MixtralConfig, seq_len: int, lora=None) -> float:
   """Model FLOPs of one trained token (forward + backward = 3x forward), PaLM-style:
   6 * (active parameters that multiply: all but the embedding table) + 6 * L * N * H * T for the
   causal attention scores and values (half of PaLM's 12 * L * N * H * T, since half the pairs are masked).
+
+  LoRA (``lora``, an enabled ``LoraSection``): a frozen weight has no weight-gradient matmul, only the
+  forward and the input gradient, so the base counts 4 per parameter instead of 6; the adapters a token
+  uses (``lora.spec.adapter_params(active=True)``) count 6; the attention scores still 6 (both their
+  operands need gradients). Remat's recomputation is not model FLOPs and is never counted.
   """
   _, active = param_counts(cfg)
   matmul_params = active - cfg.vocab_size * cfg.hidden_size
   attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_size * seq_len
+  if lora is not None and lora.enabled:
+    from mixtral_jax.lora.spec import adapter_params  # noqa: PLC0415
+    return 4.0 * matmul_params + 6.0 * adapter_params(cfg, lora, active=True) + attn
   return 6.0 * matmul_params + attn
 
 

@@ -60,13 +60,29 @@ def _shards(axes, mesh) -> int:
   return math.prod(mesh.shape[n] for n in names)
 
 
-def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int) -> dict:
-  """Per-device expectations from the config, the mesh and the logical-axis table alone."""
+def _state_bytes(state, mesh, itemsize: int) -> float:
+  return sum(math.prod(var.shape) * itemsize / _shards(var.get_metadata()[LOGICAL_AXES], mesh)
+             for _, var in nnx.to_flat_state(state))
+
+
+def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lora=None) -> dict:
+  """Per-device expectations from the config, the mesh and the logical-axis table alone.
+
+  Full fine-tuning: params in ``param_dtype`` with AdamW's two moments and a gradient each; every
+  weight matmul costs 3x its forward (forward, input gradient, weight gradient). LoRA (``lora``, a
+  ``LoraSection``): the frozen base in the compute dtype with no gradient and no optimizer state, fp32
+  adapters with AdamW; a base matmul costs 2x its forward (no weight gradient), an adapter's 3x."""
   pbytes = np.dtype(cfg.param_dtype).itemsize
   cbytes = np.dtype(cfg.dtype).itemsize
-  params = 0.0
-  for _, var in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param)):
-    params += math.prod(var.shape) * pbytes / _shards(var.get_metadata()[LOGICAL_AXES], mesh)
+  if lora is None:
+    params = trained = _state_bytes(nnx.state(abstract_model(cfg), nnx.Param), mesh, pbytes)
+    base = 0.0  # no frozen weights
+  else:
+    from .step import _param_template  # noqa: PLC0415
+    _, adapters, frozen = _param_template(cfg, lora)
+    base = _state_bytes(frozen, mesh, cbytes)
+    trained = _state_bytes(adapters, mesh, 4)
+    params = base + trained
 
   D, F, E, k, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
                       cfg.num_hidden_layers, cfg.vocab_size)
@@ -92,6 +108,11 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int) ->
                      + routed * 2 * 3 * D * F)  # expert FFNs
   forward = batch * seq * (L * per_token_layer + 2 * D * V)
   passes = 3 + (cfg.remat == "full")  # backward is two forwards; full remat recomputes the forward
+  flops = forward * passes
+  if lora is not None:  # frozen weight matmuls lose their weight-gradient pass; the adapters add theirs
+    from mixtral_jax.lora.spec import adapter_params  # noqa: PLC0415
+    weights = forward - batch * seq * L * 2 * 2 * N * H * keys  # all but the scores
+    flops = forward * passes - weights + batch * seq * 2 * adapter_params(cfg, lora, active=True) * passes
 
   remat_saved = L * micro_local * seq * D * cbytes  # the residual stream entering each layer
   # One layer's f32 attention scores: [T, S] per head for dense, a [T, block] strip for the kernels.
@@ -99,10 +120,11 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int) ->
   moe = E * C * D * cbytes * 2 + (E // mesh.shape["expert"]) * mesh.shape["expert"] * C * 3 * (F // tp) * cbytes
   a2a_fwd = E * C * D * cbytes * 2 if mesh.shape["expert"] > 1 else 0  # dispatch and return, one layer
   return {
-      "param_bytes": params,
-      "opt_bytes": 2 * params,  # AdamW: mu and nu like the params
-      "temp_bytes": 2 * params + remat_saved + scores + moe,  # gradients and the clipped update, then activations
-      "flops": forward * passes / devices,
+      "param_bytes": params,  # LoRA: frozen base + adapters
+      "base_bytes": base,
+      "opt_bytes": 2 * trained,  # AdamW: mu and nu like the trained params
+      "temp_bytes": 2 * trained + remat_saved + scores + moe,  # gradients and the clipped update, then activations
+      "flops": flops / devices,
       "all_to_all_bytes": a2a_fwd * L * grad_accum * (passes - 1),  # fwd, remat fwd, and the transposes
       "a2a_per_token_layer": 2 * k * D * cbytes * (cfg.capacity_factor or E / k),
       "tokens_per_device": n_local * grad_accum,
@@ -186,10 +208,11 @@ def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1,
   with jax.set_mesh(mesh):  # kernels that need a concrete mesh (shard_map'd Pallas) see the target's
     lowered = step_fn.lower(abs_state, abs_batch)
   _, figures = compile_or_verdict(lowered, shard_bytes(abs_state) + shard_bytes(abs_batch))
+  base = 0.0 if abs_state.base is None else shard_bytes(abs_state.base)
   return {
-      "compiled": {"param_bytes": shard_bytes(abs_state.params), "opt_bytes": shard_bytes(abs_state.opt_state),
-                   **figures},
-      "analytic": analytic(cfg, mesh, batch, seq, grad_accum),
+      "compiled": {"param_bytes": shard_bytes(abs_state.params) + base, "base_bytes": base,
+                   "opt_bytes": shard_bytes(abs_state.opt_state), **figures},
+      "analytic": analytic(cfg, mesh, batch, seq, grad_accum, train_cfg.lora if lora_rank is not None else None),
       "compile_seconds": time.perf_counter() - t0,
   }
 

@@ -65,6 +65,20 @@ def target_dims(cfg: MixtralConfig) -> dict[str, tuple[int, int]]:
           "router": (D, E), "lm_head": (D, V)}
 
 
+def adapter_params(cfg: MixtralConfig, lora: LoraSection, *, active: bool = False) -> int:
+  """Adapter parameters of the model (``active``: those one token multiplies, k of the E experts' adapters
+  per expert target), (in + out) * r per adapted weight."""
+  dims = target_dims(cfg)
+  experts = cfg.num_experts_per_tok if active else cfg.num_local_experts
+  total = 0
+  for t in lora.targets:
+    per = sum(dims[t]) * lora.rank
+    if t in ("w1", "w2", "w3"):
+      per *= experts
+    total += per if t == "lm_head" else per * cfg.num_hidden_layers
+  return total
+
+
 def validate(lora: LoraSection, cfg: MixtralConfig) -> None:
   """Raises ValueError naming every problem of ``lora`` for this model (before anything compiles)."""
   problems = lora.problems()

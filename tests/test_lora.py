@@ -238,3 +238,30 @@ def test_plan_analytic_and_mfu_flops_are_lora_aware():
   frozen = n_active - CFG.vocab_size * CFG.hidden_size
   diff = metrics.train_flops_per_token(CFG, 64) - metrics.train_flops_per_token(CFG, 64, lora)
   assert diff == pytest.approx(2 * frozen - 6 * active, rel=1e-12)
+
+
+def test_dropout_only_with_a_key_and_rate_zero_changes_nothing(single_device_lora):
+  """The step's loss with adapter dropout: a key changes it (and another key differently); with
+  lora.dropout = 0 a key changes nothing, bit for bit (the no-dropout program)."""
+  from mixtral_jax.train.config import TrainConfig
+  from mixtral_jax.train.step import microbatch_loss
+  adapters, base_state = single_device_lora[:2]  # random values on every target, dense experts
+
+  def model(dropout):
+    cfg, lora = CFG.replace(capacity_factor=4.0, moe_impl="dense"), ALL.__class__(**{**vars(ALL), "dropout": dropout})
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0), lora_cfg=lora)))
+    fresh = lambda s: jax.tree.map(lambda x: x, s)  # noqa: E731
+    return nnx.merge(graphdef, fresh(adapters), fresh(base_state))
+
+  ids = np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 9)).astype(np.int32)
+  mb = {"inputs": ids, "targets": np.roll(ids, -1, 1), "weights": np.ones(ids.shape, np.float32),
+        "segment_ids": np.ones(ids.shape, np.int32), "positions": np.tile(np.arange(9, dtype=np.int32), (2, 1))}
+  tc = TrainConfig()
+  loss = nnx.jit(lambda m, key: microbatch_loss(m, mb, tc, 18.0, 1, key)[0])
+  k1, k2 = jax.random.key_data(jax.random.key(1)), jax.random.key_data(jax.random.key(2))
+  dropping = model(0.5)
+  a, b = (float(loss(dropping, k)) for k in (k1, k2))
+  still = model(0.0)
+  plain = float(nnx.jit(lambda m: microbatch_loss(m, mb, tc, 18.0, 1)[0])(still))
+  assert float(loss(still, k1)) == plain
+  assert len({plain, a, b}) == 3

@@ -1,7 +1,7 @@
 """LoRA training end to end through the CLI with the shipped lora-sft config, on a converted tiny base:
 the base stays bit for bit, the loss falls on chat data, checkpoints hold the adapters only and record
 the base, a resumed run repeats the straight run's losses exactly, another base is refused before
-compiling, and the run exports merged (transformers == our unmerged forward) and as a PEFT adapter
+compiling (all with adapter dropout), and the run exports merged (transformers == our unmerged forward) and as a PEFT adapter
 (peft on the HF base == ours)."""
 
 import json
@@ -28,6 +28,7 @@ from test_train_e2e import RUN, chat_lines, metrics
 from test_train_loop import compilation_cache
 
 STEPS = 4
+DROPOUT = 0.1  # PEFT dropout on the adapters' inputs: the resumed run must draw the same masks
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +53,8 @@ def chats(tmp_path_factory):
 def lora_train(workdir, base, chats, steps, *extra) -> int:
   return cli(["train", "--config", "lora-sft", "--workdir", str(workdir), "--checkpoint", str(base),
               "--set", f"data.paths=[{chats}]", *RUN, "--steps", str(steps), "--batch-size", "8", "--seq-len", "64",
-              "--lr", "1e-2", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=0", *extra])
+              "--lr", "1e-2", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=0", "--set", f"lora.dropout={DROPOUT}",
+              *extra])
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def test_base_is_bit_identical_after_lora_steps(base, chats):
   tc = load_config("lora-sft", [f"model.checkpoint={base}", f"data.paths=[{chats}]", "train.peak_flops=1e11",
                                 "train.progress=false", "optimizer.warmup_steps=1", f"train.steps={STEPS}",
                                 "data.batch_size=8", "data.seq_len=64", "optimizer.lr=1e-2",
-                                "train.checkpoint_every=2", "train.eval_every=0"])
+                                "train.checkpoint_every=2", "train.eval_every=0", f"lora.dropout={DROPOUT}"])
   mcfg = loop.model_config(tc)
   mesh = make_mesh(None, num_experts=mcfg.num_local_experts)
   fn, _, abstract_batch = step_lib.build_train_step(mcfg, tc, mesh)

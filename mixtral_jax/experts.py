@@ -298,4 +298,8 @@ def grouped_expert_ffn(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, *, impl:
   block = max(1, min(block, x_MD.shape[0]))
   if lora is not None and not lora.dropping:
     rows_M = None
-  return blocked_expert_ffn(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block, lora, rows_M)
+  # Under jit: a custom VJP with symbolic zeros cannot be traced by an eager (un-jitted) shard_map.
+  return _blocked_jit(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block, lora, rows_M)
+
+
+_blocked_jit = jax.jit(blocked_expert_ffn, static_argnums=6)

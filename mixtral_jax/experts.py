@@ -154,7 +154,7 @@ def _blocked_fwd_impl(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, lora, row
   return y[:M], (a1_all, a3_all)
 
 
-def _lowrank_bwd(lo, target, x, dz, rows, like):
+def _lowrank_bwd(lo, target, x, dz, rows):
   """For z = x W + (drop(x) A) B: (dx contribution through the adapter, dA, dB) of one block, given dz.
   ``dx`` through W is the caller's (the base is frozen or not independently of the adapter)."""
   A, B = lo.get(target)
@@ -205,14 +205,14 @@ def _blocked_bwd_impl(block, res, dy_MD):
         dab = dict(dab)
         dh = dyb @ w2.T
         if "w2" in dab:
-          dh_a, dA, dB = _lowrank_bwd(lo, "w2", h, dyb, rb, like)
+          dh_a, dA, dB = _lowrank_bwd(lo, "w2", h, dyb, rb)
           dh, dab["w2"] = dh + dh_a, (dab["w2"][0] + dA, dab["w2"][1] + dB)
         da3 = dh * silu
         da1 = dh * a3 * (sig * (1 + a1 * (1 - sig)))  # d silu(a) / da
         dxb = da1 @ w1.T + da3 @ w3.T
         for t, da in (("w1", da1), ("w3", da3)):
           if t in dab:
-            dx_a, dA, dB = _lowrank_bwd(lo, t, xb, da, rb, like)
+            dx_a, dA, dB = _lowrank_bwd(lo, t, xb, da, rb)
             dxb, dab[t] = dxb + dx_a, (dab[t][0] + dA, dab[t][1] + dB)
         if dw is not None:  # the base weights' gradients, only when they are differentiated
           dw = (dw[0] + jnp.einsum("bd,bf->df", xb, da1, preferred_element_type=f32),

@@ -220,10 +220,25 @@ def test_a_key_with_rate_zero_is_the_no_dropout_program():
   assert np.array_equal(np.asarray(f(keyed)), np.asarray(f(plain)))
 
 
-def test_expert_parallel_dropout_equals_single_device(mesh_spec="data=2,expert=2,tensor=2"):
+@pytest.mark.parametrize("impl", ["blocked", "ragged"])
+def test_expert_parallel_dropout_equals_single_device(impl, monkeypatch, mesh_spec="data=2,expert=2,tensor=2"):
   """Adapters sharded with their expert (F over tensor for w2's input), the pair ids travelling with the
   rows (tokens split over data and expert): outputs and adapter gradients equal the single-device
-  dropless dispatch with the same masks."""
+  dropless dispatch with the same masks. ``ragged``: the GPU/TPU path's bookkeeping, on CPU with
+  test_expert_parallel's emulated ``ragged_all_to_all`` (the pair ids travel by it too)."""
+  if impl == "ragged":
+    from test_expert_parallel import _emulated_ragged_all_to_all
+
+    from mixtral_jax.sharding import expert_parallel
+
+    def emulated(operand, output, *args, **kw):  # integer rows (pair ids) go through float32 exactly
+      if jnp.issubdtype(operand.dtype, jnp.integer):
+        return _emulated_ragged_all_to_all(operand.astype(jnp.float32), output.astype(jnp.float32), *args,
+                                           **kw).astype(operand.dtype)
+      return _emulated_ragged_all_to_all(operand, output, *args, **kw)
+
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated)
+    monkeypatch.setattr(expert_parallel, "dispatch_mode", lambda cf, impl, backend=None: "ragged")
   w, ab = _weights()
   x, weights, ids = _routing()
   wj = tuple(jnp.asarray(a, jnp.float32) for a in w)
@@ -234,7 +249,7 @@ def test_expert_parallel_dropout_equals_single_device(mesh_spec="data=2,expert=2
     return moe.dispatch_dropless(x, weights, ids, *wj, impl="blocked", block=4, lora=lora)
 
   def parallel(lora):
-    return moe_expert_parallel(x, weights, ids, *wj, impl="blocked", block=4, lora=lora)[0]
+    return moe_expert_parallel(x, weights, ids, *wj, impl=impl, block=4, lora=lora)[0]
 
   ref_y, (ref_g,) = jax.jit(lambda l: (single(l), _grad(lambda l: jnp.sum(single(l) * c), l)))(lora)
   mesh = make_mesh(mesh_spec, num_experts=E)

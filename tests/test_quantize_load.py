@@ -116,3 +116,20 @@ def test_bad_input_gives_the_loaders_errors(checkpoints, tmp_path, case):
   assert str(quantized.value) == str(plain.value) and name in str(plain.value)
   with pytest.raises(ValueError, match="unknown quantization 'int4'; supported: int8"):
     mixtral_jax.from_pretrained(checkpoints / "hf", quantize="int4")
+
+
+def test_cli_generate_quantize_reads_int8(tmp_path, capsys, monkeypatch):
+  """``generate --quantize int8`` loads through quantize-on-load and prints what the API gives for
+  the model quantized after loading."""
+  from mixtral_jax.checkpoint import loading
+
+  path = save_hf(hf_model(seed=3, num_hidden_layers=1, vocab_size=32000), tmp_path / "hf")  # v1's vocabulary
+  streamed = []
+  real = loading._create_quantized
+  monkeypatch.setattr(loading, "_create_quantized", lambda *a, **k: streamed.append(1) or real(*a, **k))
+  rc = cli(["generate", "--model", str(path), "--prompt", "Hello", "--max-new-tokens", "1", "--temperature", "0",
+            "--quantize", "int8", "--no-echo"])
+  out = capsys.readouterr()
+  want = mixtral_jax.generate(quantize(mixtral_jax.from_pretrained(path)), ["Hello"], 1, tokenizer="v1")
+  assert rc == 0 and len(streamed) == len(SITE_AXES)
+  assert out.out == want.texts[0] + "\n"

@@ -82,7 +82,8 @@ def main():
       g = res[label]["peak_rss"] - base
       print(f"{label} growth over baseline: {g / mib:.0f} MiB = {g / int8:.2f} x the int8 model "
             f"({int8 / mib:.0f} MiB), {g / total:.2f} x the fp32 model")
-    print(f"on-load / after-load growth: {(res['on-load']['peak_rss'] - base) / (res['after-load']['peak_rss'] - base):.2f}")
+    ratio = (res["on-load"]["peak_rss"] - base) / (res["after-load"]["peak_rss"] - base)
+    print(f"on-load / after-load growth: {ratio:.2f}")
 
 
 if __name__ == "__main__":

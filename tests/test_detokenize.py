@@ -11,7 +11,8 @@ from mixtral_jax.generate import _Row
 from mixtral_jax.inference.detokenize import IncrementalText
 from mixtral_jax.tokenizer import Tokenizer
 
-TEXTS = ["naïve café — 10€ über straße", "数学 是 科学的 语言 😀👍🏽", "Привет, мир! ¿Qué tal?", "  def f(x):\n\treturn x"]
+TEXTS = ["naïve café — 10€ über straße", "数学 是 科学的 语言 😀👍🏽", "Привет, мир! ¿Qué tal?",
+         "  def f(x):\n\treturn x"]
 
 
 class FullRedecodeRow:

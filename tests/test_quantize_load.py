@@ -133,3 +133,24 @@ def test_cli_generate_quantize_reads_int8(tmp_path, capsys, monkeypatch):
   want = mixtral_jax.generate(quantize(mixtral_jax.from_pretrained(path)), ["Hello"], 1, tokenizer="v1")
   assert rc == 0 and len(streamed) == len(SITE_AXES)
   assert out.out == want.texts[0] + "\n"
+
+
+def test_adapter_merged_before_quantizing(checkpoints, tmp_path):
+  """A weight a LoRA adapter changes is merged, then quantized: the same bits as quantizing the merged
+  model (attention, fused experts, router, LM head)."""
+  import peft
+
+  lc = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"],
+                       target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj"])
+  pm = peft.get_peft_model(hf_model(seed=4, **SMALL), lc)
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if "lora_" in name:
+        p.normal_(0.0, 0.05)
+  pm.save_pretrained(str(tmp_path / "adapter"))
+  kw = dict(adapter=tmp_path / "adapter")
+  merged = mixtral_jax.from_pretrained(checkpoints / "hf", **kw)
+  base = mixtral_jax.from_pretrained(checkpoints / "hf")
+  assert not np.array_equal(flat(merged)[("head_DV",)], flat(base)[("head_DV",)])
+  assert_same(mixtral_jax.from_pretrained(checkpoints / "hf", quantize="int8", **kw), quantize(merged))

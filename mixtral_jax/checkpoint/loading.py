@@ -5,6 +5,10 @@ The model is built as ``nnx.eval_shape`` (shapes only) and filled: foreign forma
 (each layer slice read from the mapped files and written into a preallocated, donated device buffer,
 so host memory holds one layer's slice, never a second copy of the model); our Orbax format through
 Orbax's restore into the target shardings.
+
+With ``quantize="int8"`` every format is read block by block (Orbax's through TensorStore), and each
+layer of each matmul weight is quantized on its devices as soon as it is there, before the next is
+read: the full-precision model never exists, only the int8 one and one layer in flight.
 """
 
 from __future__ import annotations
@@ -101,10 +105,11 @@ def _mesh(mesh, cfg: MixtralConfig):
 
 def _shardings(cfg: MixtralConfig, mesh, quantize: str | None = None) -> dict[Key, jax.sharding.Sharding]:
   """Every parameter's placement (with ``quantize``, the int8 model's, scales included)."""
-  flat = nnx.to_flat_state(nnx.state(abstract_model(cfg, quantize), nnx.Param))
+  state = nnx.state(abstract_model(cfg, quantize), nnx.Param)
   if mesh is None:
-    return {tuple(str(p) for p in path): SingleDeviceSharding(jax.local_devices()[0]) for path, _ in flat}
-  state = param_shardings(nnx.state(abstract_model(cfg, quantize), nnx.Param), mesh)
+    device = SingleDeviceSharding(jax.local_devices()[0])
+    return {tuple(str(p) for p in path): device for path, _ in nnx.to_flat_state(state)}
+  state = param_shardings(state, mesh)
   return {tuple(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.attention import Attention, LayerCache
+from mixtral_jax.attention import Attention, LayerCache, written_positions
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.inference.quantize import SCALE, compute_weight
 from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, param
@@ -136,8 +136,7 @@ class Mixtral(nnx.Module):
                                                       write_slots, unroll)
     aux: dict[str, Any] = {"router_logits": logits, **stats}
     if cache is not None:
-      new_pos = jax.vmap(lambda p, s, q: p.at[s].set(q, mode="drop"))(cache.pos, write_slots, positions)
-      aux["cache"] = KVCache(new_layers, new_pos)
+      aux["cache"] = KVCache(new_layers, written_positions(cache.pos, write_slots, positions))
     return self.final_norm(h), aux
 
   def head(self) -> jax.Array:
@@ -160,15 +159,22 @@ class Mixtral(nnx.Module):
   # ------------------------------------------------------------------------------ layer stack
 
   def _run_blocks(self, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots, unroll):
+    """The scanned layer stack. With a cache, the whole stacked ``[L, B, S, K, H]`` cache rides in the
+    scan's carry with a layer counter, and layer i writes its slots into it in place
+    (``Attention(layer=i)``): passing the layers' caches as the scan's xs and collecting the new ones as
+    its ys would hold a second whole cache. ``unroll`` (tests) slices each layer's cache out and
+    stacks the new ones: the reference for the in-place path."""
+    policy = REMAT_POLICIES[self.cfg.remat]
+
+    def checkpointed(body):
+      return body if self.cfg.remat == "none" else nnx.remat(body, policy=policy, prevent_cse=False)
+
     def body(block: Block, h, layer_cache):
       h, new_cache, logits, stats = block(h, positions, valid, segment_ids, layer_cache, cache_pos,
                                           write_slots)
       return h, (new_cache, logits, stats)
 
-    policy = REMAT_POLICIES[self.cfg.remat]
-    if self.cfg.remat != "none":
-      body = nnx.remat(body, policy=policy, prevent_cse=False)
-
+    body = checkpointed(body)
     if unroll:
       outs = []
       for i in range(self.cfg.num_hidden_layers):
@@ -178,9 +184,21 @@ class Mixtral(nnx.Module):
       new_cache, logits, stats = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
       return h, new_cache, logits, stats
 
-    scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+    if layer_cache is None:
+      scan = nnx.scan(body, in_axes=(0, nnx.Carry, None), out_axes=(nnx.Carry, 0),
+                      transform_metadata=_STACK_METADATA)
+      h, (_, logits, stats) = scan(self.blocks, h, None)
+      return h, None, logits, stats
+
+    @checkpointed
+    def cached_body(block: Block, carry):
+      h, cache, i = carry
+      h, cache, logits, stats = block(h, positions, valid, segment_ids, cache, cache_pos, write_slots, layer=i)
+      return (h, cache, i + 1), (logits, stats)
+
+    scan = nnx.scan(cached_body, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0),
                     transform_metadata=_STACK_METADATA)
-    h, (new_cache, logits, stats) = scan(self.blocks, h, layer_cache)
+    (h, new_cache, _), (logits, stats) = scan(self.blocks, (h, layer_cache, jnp.int32(0)))
     return h, new_cache, logits, stats
 
   def _run_views(self, layers, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots):

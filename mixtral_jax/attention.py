@@ -144,14 +144,16 @@ def _write_row(cache: LayerCache, layer, write_slots_BT, k_BTKH, v_BTKH) -> Laye
   """The stacked cache with one new row per sequence written into layer ``layer`` (T == 1), in place.
 
   A "drop" slot (S) rewrites slot S-1 with its own contents instead: XLA turns a dropping scatter
-  into a select over the whole cache, which is not an in-place update. The scatter is vmapped over
-  the batch (a batching dimension of the scatter), so a batch-sharded cache is written shard-locally."""
+  into a select over the whole cache, which is not an in-place update. The batch row is an explicit
+  (iota) index rather than a vmapped batching dimension: XLA:CPU lays a batched scatter's operand out
+  batch-major, which costs a transposed copy of the whole cache on the way in and out."""
+  B = k_BTKH.shape[0]
+  rows_B = jnp.arange(B)
   slots_B = jnp.minimum(write_slots_BT[:, 0], cache.k.shape[2] - 1)
   keep_B11 = (write_slots_BT[:, 0] == slots_B)[:, None, None]
 
-  def write(buf_LBSKH, new_BTKH):
-    def one(buf_LSKH, slot, keep_11, new_KH):
-      return buf_LSKH.at[layer, slot].set(jnp.where(keep_11, new_KH.astype(buf_LSKH.dtype), buf_LSKH[layer, slot]))
-    return jax.vmap(one, in_axes=(1, 0, 0, 0), out_axes=1)(buf_LBSKH, slots_B, keep_B11, new_BTKH[:, 0])
+  def write(buf, new_BTKH):
+    old_BKH = buf[layer, rows_B, slots_B]
+    return buf.at[layer, rows_B, slots_B].set(jnp.where(keep_B11, new_BTKH[:, 0].astype(buf.dtype), old_BKH))
 
   return LayerCache(k=write(cache.k, k_BTKH), v=write(cache.v, v_BTKH))

@@ -49,7 +49,8 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x_BTD, positions_BT, *, valid_BT=None, segment_ids_BT=None,
-               cache: LayerCache | None = None, cache_pos_BS=None, write_slots_BT=None, layer=None):
+               cache: LayerCache | None = None, cache_pos_BS=None, write_slots_BT=None, layer=None,
+               kept_rows: LayerCache | None = None):
     """Returns (out_BTD, new_cache).
 
     ``valid_BT`` marks real tokens (pads are never attended to). Without a cache, keys are this
@@ -61,7 +62,8 @@ class Attention(nnx.Module):
     the old slots followed by this call's tokens. With ``layer`` (an int or a traced layer counter),
     ``cache`` is the stacked ``[L, B, S, K, H]`` cache and layer ``layer`` of it is written in place,
     so a donated cache (or a scan's carried one) is never copied whole:
-      - T == 1 (decode): the new rows are scattered straight into the stacked arrays;
+      - T == 1 (decode): the new rows are written straight into the stacked arrays (``kept_rows``,
+        this layer's :func:`rows_at_slots`, is what a dropped row rewrites; read here when not given);
       - T > 1 (prefill chunks): layer ``layer`` is cut out, written, and put back (one layer's copy).
     The keys are then the written layer itself, its slots at their updated positions, whenever that is
     exact: always for T == 1 (the slot a new token overwrites held position q - W, outside its window),
@@ -94,12 +96,20 @@ class Attention(nnx.Module):
       elif T == 1:
         # Write first, then read layer i of the written cache: reading the old buffer while writing it
         # in place has no data dependency to order the two, so XLA would copy the whole stacked cache.
-        new_cache = _write_row(cache, layer, write_slots_BT, k_BTKH, v_BTKH)
+        if kept_rows is None:
+          kept_rows = jax.tree.map(lambda a: a[layer], rows_at_slots(cache, write_slots_BT))
+        new_cache = _write_row(cache, layer, write_slots_BT, k_BTKH, v_BTKH, kept_rows)
         written = LayerCache(new_cache.k[layer], new_cache.v[layer])
       else:
-        old = LayerCache(cache.k[layer], cache.v[layer])
+        # The barrier makes the slice a buffer of its own before the stacked cache is updated: fused
+        # into the update's operands, the read and the in-place write of one buffer would make XLA
+        # copy the whole stacked cache first (a second cache).
+        old = jax.lax.optimization_barrier(LayerCache(cache.k[layer], cache.v[layer]))
         written = LayerCache(k=_scatter(old.k, write_slots_BT, k_BTKH), v=_scatter(old.v, write_slots_BT, v_BTKH))
-        new_cache = LayerCache(k=cache.k.at[layer].set(written.k), v=cache.v.at[layer].set(written.v))
+        # dynamic_update_slice, not .at[layer].set: that is a scatter, bounds-checked by a select that
+        # reads (and XLA:CPU converts) the whole stacked cache.
+        put = lambda buf, new: jax.lax.dynamic_update_index_in_dim(buf, new, layer, 0)  # noqa: E731
+        new_cache = LayerCache(k=put(cache.k, written.k), v=put(cache.v, written.v))
       if layer is not None and (T == 1 or not may_roll(cfg, S)):
         keys, values = written.k.astype(dt), written.v.astype(dt)
         kv_pos = written_positions(cache_pos_BS, write_slots_BT, positions_BT)
@@ -140,20 +150,32 @@ def _scatter(buf_BSKH, write_slots_BT, new_BTKH):
       buf_BSKH, write_slots_BT, new_BTKH)
 
 
-def _write_row(cache: LayerCache, layer, write_slots_BT, k_BTKH, v_BTKH) -> LayerCache:
+def rows_at_slots(cache: LayerCache, write_slots_BT) -> LayerCache:
+  """k/v ``[L, B, K, H]``: what each row's write slot (clamped to S-1) holds in every layer of the stacked
+  cache, for decode (T == 1). A row whose write is dropped rewrites these. Read once before the layer
+  loop: reading a slot inside the loop right before updating the same buffer makes XLA copy it whole."""
+  slots_B = jnp.minimum(write_slots_BT[:, 0], cache.k.shape[2] - 1)
+  rows_B = jnp.arange(slots_B.shape[0])
+  return LayerCache(cache.k[:, rows_B, slots_B], cache.v[:, rows_B, slots_B])
+
+
+def _write_row(cache: LayerCache, layer, write_slots_BT, k_BTKH, v_BTKH, kept: LayerCache) -> LayerCache:
   """The stacked cache with one new row per sequence written into layer ``layer`` (T == 1), in place.
 
-  A "drop" slot (S) rewrites slot S-1 with its own contents instead: XLA turns a dropping scatter
-  into a select over the whole cache, which is not an in-place update. The batch row is an explicit
-  (iota) index rather than a vmapped batching dimension: XLA:CPU lays a batched scatter's operand out
-  batch-major, which costs a transposed copy of the whole cache on the way in and out."""
-  B = k_BTKH.shape[0]
-  rows_B = jnp.arange(B)
-  slots_B = jnp.minimum(write_slots_BT[:, 0], cache.k.shape[2] - 1)
-  keep_B11 = (write_slots_BT[:, 0] == slots_B)[:, None, None]
+  One ``dynamic_update_slice`` per sequence rather than one scatter: XLA:CPU computes a bfloat16
+  scatter in float32, converting the whole stacked cache there and back (a second cache, twice
+  over), and a scatter vmapped over the batch makes it lay the cache out batch-major (a transposed
+  copy). A "drop" slot (S) rewrites slot S-1 with its own contents ``kept`` ([B, K, H] of this layer,
+  from :func:`rows_at_slots`) instead."""
+  S = cache.k.shape[2]
+  slots_B = jnp.minimum(write_slots_BT[:, 0], S - 1)
+  keep_B = write_slots_BT[:, 0] == slots_B
 
-  def write(buf, new_BTKH):
-    old_BKH = buf[layer, rows_B, slots_B]
-    return buf.at[layer, rows_B, slots_B].set(jnp.where(keep_B11, new_BTKH[:, 0].astype(buf.dtype), old_BKH))
+  def write(buf_LBSKH, new_BTKH, kept_BKH):
+    new_BTKH = new_BTKH.astype(buf_LBSKH.dtype)
+    for b in range(new_BTKH.shape[0]):
+      row_KH = jnp.where(keep_B[b], new_BTKH[b, 0], kept_BKH[b].astype(buf_LBSKH.dtype))
+      buf_LBSKH = jax.lax.dynamic_update_slice(buf_LBSKH, row_KH[None, None, None], (layer, b, slots_B[b], 0, 0))
+    return buf_LBSKH
 
-  return LayerCache(k=write(cache.k, k_BTKH), v=write(cache.v, v_BTKH))
+  return LayerCache(k=write(cache.k, k_BTKH, kept.k), v=write(cache.v, v_BTKH, kept.v))

@@ -74,7 +74,7 @@ def bucket(n: int, minimum: int = 1) -> int:
 # ------------------------------------------------------------------------------ compiled steps
 
 
-PREFILL_CHUNK = 4096  # prompt columns per prefill call, at most (a power of two; see generate)
+PREFILL_CHUNK = 2048  # prompt columns per prefill call, at most (a power of two; see generate)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(5,))

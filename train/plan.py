@@ -280,7 +280,7 @@ def plan_parser(p):
   p.add_argument("--context", type=int, default=None,
                  help="--generate: tokens of the prompt and KV cache (default --seq)")
   p.add_argument("--prefill-chunk", type=int, default=None,
-                 help="--generate: prompt columns per prefill call, a power of two (default generate's, 4096); "
+                 help="--generate: prompt columns per prefill call, a power of two (default generate's, 2048); "
                       "prefill compiles generate's chunk program of batch x min(context, this) tokens")
   p.add_argument("--json", default=None, help="also write the figures to this JSON file")
   p.add_argument("--lora", type=int, default=None, metavar="RANK",

@@ -26,6 +26,7 @@ __all__ = [
 def from_pretrained(path, **kwargs):
   """Loads a model from a Hugging Face directory, a Mistral consolidated directory, or an Orbax
   checkpoint written by mixtral-jax (see :func:`mixtral_jax.checkpoint.load`). ``adapter=PATH`` merges a
-  LoRA adapter (a PEFT adapter directory or a mixtral-jax LoRA run) into the weights."""
+  LoRA adapter (a PEFT adapter directory or a mixtral-jax LoRA run) into the weights; ``quantize="int8"``
+  quantizes every matmul weight as it is read, so only the int8 model is ever held."""
   from mixtral_jax.checkpoint import load  # noqa: PLC0415  (keeps `import mixtral_jax` light)
   return load(path, **kwargs)

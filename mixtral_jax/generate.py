@@ -9,8 +9,13 @@ Algorithm, for a batch of prompts of different lengths:
      (batch bucket, P, S, sampling settings); the decode step has fixed shapes and is compiled once.
   2. Positions are per sequence: the cumulative sum of the attention mask minus one, as transformers
      computes them, so a prompt's first real token is at position 0 whatever its padding.
-  3. Prefill runs the prompts through ``model.hidden(..., cache=)`` and samples the first new token
-     from the logits of column P-1 only (the LM head never sees the other columns).
+  3. Prefill runs the prompts through ``model.hidden(..., cache=)`` in chunks of C = min(P,
+     ``prefill_chunk``) columns (both powers of two, so C divides P; one compilation per C), so a long
+     prompt never goes through the model in one piece: activations scale with B x C, not B x P. Each
+     chunk attends to the cache written by the chunks before it, which is exact (see
+     ``mixtral_jax.attention``), also for a rolling cache shorter than the prompt. The last chunk
+     samples the first new token from the logits of column P-1 only (the LM head never sees the
+     other columns).
   4. Decode: a jitted loop of up to MAX_CHUNK steps (one token per row at position
      ``len(prompt) + i``, the cache donated so it is updated in place) runs on device per call, so the
      host's dispatch (about 1 ms a call) is paid once per chunk. The chunk length is traced (one
@@ -41,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixtral_jax.inference.detokenize import IncrementalText
 from mixtral_jax.model import Mixtral, init_cache, layer_views
 from mixtral_jax.sampling import Sampling, sample
 
@@ -69,13 +75,25 @@ def bucket(n: int, minimum: int = 1) -> int:
 # ------------------------------------------------------------------------------ compiled steps
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(4,))
-def _prefill(graphdef, state, ids_BP, mask_BP, cache, key, sampling: Sampling):
+PREFILL_CHUNK = 2048  # prompt columns per prefill call, at most (a power of two; see generate)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(5,))
+def _prefill(graphdef, state, ids_BC, mask_BC, positions_BC, cache, key, sampling: Sampling):
+  """One prefill chunk: ``C`` prompt columns of every row into the cache; samples a token from the
+  chunk's last column (used only after the last chunk, whose last column is every prompt's end)."""
   model = nnx.merge(graphdef, state)
-  positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
-  h_BPD, aux = model.hidden(ids_BP, attention_mask=mask_BP, positions=positions_BP, cache=cache)
-  logits_BV = model.logits(h_BPD[:, -1:])[:, 0]
+  h_BCD, aux = model.hidden(ids_BC, attention_mask=mask_BC, positions=positions_BC, cache=cache)
+  logits_BV = model.logits(h_BCD[:, -1:])[:, 0]
   return sample(logits_BV, key, 0, sampling), aux["cache"]
+
+
+def prefill_chunk_size(prompt_len: int, prefill_chunk: int) -> int:
+  """Columns per prefill call for a left-padded prompt length ``prompt_len`` (a power of two): the
+  smaller of it and ``prefill_chunk`` (a power of two), so the chunks split it evenly."""
+  if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
+    raise ValueError(f"prefill_chunk must be a power of two >= 1, got {prefill_chunk}")
+  return min(prompt_len, prefill_chunk)
 
 
 MAX_CHUNK = 16  # decode steps per device call, at most
@@ -170,12 +188,18 @@ def _batch_shards(mesh) -> int:
 
 
 class _Row:
-  """Host-side state of one sequence: its tokens, its text, and what has been streamed."""
+  """Host-side state of one sequence: its tokens, its text, and what has been streamed.
+
+  The text is kept incrementally (:class:`mixtral_jax.inference.detokenize.IncrementalText`) and stop
+  strings are searched for only where new text could complete one, so a token costs O(1) in the
+  length of the reply, not O(n)."""
 
   def __init__(self, index: int, tokenizer, eos: frozenset[int], stop: tuple[str, ...], stream):
     self.index, self.tokenizer, self.eos, self.stop, self.stream = index, tokenizer, eos, stop, stream
     self.tokens: list[int] = []
+    self.decoder = IncrementalText(tokenizer, self.tokens) if tokenizer is not None else None
     self.text = ""
+    self.searched = 0  # characters of self.text already searched for stop strings (none found)
     self.streamed = 0  # characters of self.text already passed to stream
     self.finish: str | None = None
     # Text that could be the start of a stop string is held back from the stream until resolved.
@@ -186,17 +210,18 @@ class _Row:
       self._finish("eos", None)
       return
     self.tokens.append(token)
-    if self.tokenizer is not None:
-      text = self.tokenizer.decode(self.tokens)
+    if self.decoder is not None:
+      text = self.decoder.text()
       # A byte-fallback token may end mid-character: wait for the rest before taking the text.
       if not text.endswith("\ufffd"):
         self.text = text
-      for s in self.stop:
-        at = self.text.find(s)
+      for s in self.stop:  # a new occurrence ends in the new text, so starts at most len(s)-1 before it
+        at = self.text.find(s, max(0, self.searched - len(s) + 1))
         if at >= 0:
           self.text = self.text[:at]
           self._finish("stop", token)
           return
+      self.searched = len(self.text)
     if is_last_step:
       self._finish("length", token)
       return
@@ -204,8 +229,8 @@ class _Row:
 
   def _finish(self, reason: str, token: int | None) -> None:
     self.finish = reason
-    if reason == "length" and self.tokenizer is not None:
-      self.text = self.tokenizer.decode(self.tokens)  # a trailing partial character is final now
+    if reason == "length" and self.decoder is not None:
+      self.text = self.decoder.text()  # a trailing partial character is final now
     self._emit(token, self.text[self.streamed:])
 
   def _emit(self, token: int | None, delta: str) -> None:
@@ -220,7 +245,7 @@ class _Row:
 def generate(model: Mixtral, prompts, max_new_tokens: int = 128, *, tokenizer=None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop: str | Iterable[str] | None = None, eos_id=_MODEL_EOS, mesh=None,
-             stream: StreamFn | None = None) -> Generation:
+             stream: StreamFn | None = None, prefill_chunk: int = PREFILL_CHUNK) -> Generation:
   """Generates up to ``max_new_tokens`` tokens after each prompt (see the module docstring).
 
   Args:
@@ -236,6 +261,8 @@ def generate(model: Mixtral, prompts, max_new_tokens: int = 128, *, tokenizer=No
     stream: called as ``stream(row, token, text)`` for every new token of every unfinished row, with
       the newly printable text ("" without a tokenizer); a last call with ``token=None`` may flush
       text held back while it could have been the start of a stop string.
+    prefill_chunk: prompt columns per prefill call, at most (a power of two); bounds prefill's
+      activation memory to that many tokens per row.
   """
   if isinstance(tokenizer, (str, os.PathLike)):
     from mixtral_jax.tokenizer import Tokenizer  # noqa: PLC0415  (sentencepiece only when asked for)
@@ -259,11 +286,13 @@ def generate(model: Mixtral, prompts, max_new_tokens: int = 128, *, tokenizer=No
   B = bucket(n)
   B = -(-B // _batch_shards(mesh)) * _batch_shards(mesh)
   P = bucket(max(lengths), 16)
+  C = prefill_chunk_size(P, prefill_chunk)
   ids_BP = np.zeros((B, P), np.int32)
   mask_BP = np.zeros((B, P), np.int32)
   for i, p in enumerate(token_lists):
     ids_BP[i, P - len(p):] = p
     mask_BP[i, P - len(p):] = 1
+  positions_BP = np.maximum(np.cumsum(mask_BP, axis=1) - 1, 0).astype(np.int32)
   lengths_B = np.array(lengths + [0] * (B - n), np.int32)  # padding rows: no tokens, never read
 
   graphdef, state = nnx.split(model)
@@ -273,7 +302,9 @@ def generate(model: Mixtral, prompts, max_new_tokens: int = 128, *, tokenizer=No
   key = jax.random.key(seed)
   with _mesh_context(mesh):
     cache = init_cache(cfg, B, bucket(max(lengths) + max_new_tokens, 16))
-    tokens, cache = _prefill(graphdef, state, jnp.asarray(ids_BP), jnp.asarray(mask_BP), cache, key, sampling)
+    for c in range(0, P, C):
+      tokens, cache = _prefill(graphdef, state, jnp.asarray(ids_BP[:, c:c + C]), jnp.asarray(mask_BP[:, c:c + C]),
+                               jnp.asarray(positions_BP[:, c:c + C]), cache, key, sampling)
     lengths_dev = jnp.asarray(lengths_B)
     layers = _layer_views(model, mesh) if max_new_tokens > 1 else None
     decode = _decode_chunk(graphdef, sampling)

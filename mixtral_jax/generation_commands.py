@@ -31,7 +31,8 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tokenizer", help="tokenizer.model path or bundled name v1/v3 (default: found or by vocab)")
   p.add_argument("--mesh", help="device mesh such as 'expert=4' or 'data=2,expert=4' (default: one device)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
-  p.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization of every matmul weight")
+  p.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization of every matmul weight, "
+                 "done while loading (the full-precision model is never held whole)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                  help="sample only from the smallest set of tokens with this much probability; 1 turns it off")
   p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
   p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+  p.add_argument("--prefill-chunk", type=int, default=2048,
+                 help="prompt tokens per prefill call (a power of two); bounds prefill memory (plan --generate)")
 
 
 def _load(args):
@@ -50,7 +53,9 @@ def _load(args):
   from mixtral_jax.checkpoint import find_tokenizer  # noqa: PLC0415
   from mixtral_jax.tokenizer import BUNDLED_VOCAB, Tokenizer  # noqa: PLC0415
 
-  model = mixtral_jax.from_pretrained(args.model, mesh=args.mesh, dtype=args.dtype, adapter=args.adapter)
+  # int8 is quantized as it is read (the full-precision model is never resident; see checkpoint.load)
+  model = mixtral_jax.from_pretrained(args.model, mesh=args.mesh, dtype=args.dtype, adapter=args.adapter,
+                                      quantize=args.quantize)
   vocab = model.cfg.vocab_size
   name = args.tokenizer or find_tokenizer(args.model) or BUNDLED_VOCAB.get(vocab)
   if name is None:
@@ -58,15 +63,12 @@ def _load(args):
                      "pass --tokenizer PATH")
   tokenizer = Tokenizer.load(name)
   tokenizer.check_vocab(vocab)
-  if args.quantize:
-    from mixtral_jax.inference.quantize import quantize  # noqa: PLC0415
-    quantize(model, args.quantize)
   return model, tokenizer
 
 
 def _sampling(args) -> dict:
   return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              seed=args.seed, stop=args.stop, mesh=args.mesh)
+              seed=args.seed, stop=args.stop, mesh=args.mesh, prefill_chunk=args.prefill_chunk)
 
 
 def _print_stream(_row: int, _token, text: str) -> None:

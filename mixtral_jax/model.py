@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.attention import Attention, LayerCache
+from mixtral_jax.attention import Attention, LayerCache, rows_at_slots, written_positions
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.inference.quantize import SCALE, compute_weight
 from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, param
@@ -67,10 +67,11 @@ class Block(nnx.Module):
     self.moe = MoE(cfg, rngs=rngs, lora_cfg=lora_cfg)
 
   def __call__(self, h_BTD, positions_BT, valid_BT, segment_ids_BT, cache, cache_pos_BS, write_slots_BT,
-               experts=None, layer=None, lora_key=None):
+               experts=None, layer=None, kept_rows=None, lora_key=None):
     a_BTD, new_cache = self.attn(self.attn_norm(h_BTD), positions_BT, valid_BT=valid_BT,
                                  segment_ids_BT=segment_ids_BT, cache=cache, cache_pos_BS=cache_pos_BS,
-                                 write_slots_BT=write_slots_BT, layer=layer, lora_key=lora_key)
+                                 write_slots_BT=write_slots_BT, layer=layer, kept_rows=kept_rows,
+                                 lora_key=lora_key)
     h_BTD = h_BTD + a_BTD
     m_BTD, logits_BTE, stats = self.moe(self.moe_norm(h_BTD), valid_BT, experts, lora_key)
     h_BTD = constrain(h_BTD + m_BTD, ("batch", "seq", "act_embed"))
@@ -124,21 +125,22 @@ class Mixtral(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     valid = None if attention_mask is None else attention_mask.astype(bool)
-    cache_pos = write_slots = layer_cache = None
+    cache_pos = write_slots = layer_cache = kept = None
     if cache is not None:
       cache_pos, layer_cache = cache.pos, cache.layers
       write_slots = _write_slots(positions, valid, cache.size)
+      if T == 1 and not unroll:  # decode writes the stacked cache in place (see Attention)
+        kept = rows_at_slots(layer_cache, write_slots)
     h = self.embed(input_ids_BT)
     if layers is not None:
       h, new_layers, logits, stats = self._run_views(layers, h, positions, valid, segment_ids, layer_cache,
-                                                     cache_pos, write_slots)
+                                                     cache_pos, write_slots, kept)
     else:
       h, new_layers, logits, stats = self._run_blocks(h, positions, valid, segment_ids, layer_cache, cache_pos,
-                                                      write_slots, unroll, lora_key)
+                                                      write_slots, unroll, kept, lora_key)
     aux: dict[str, Any] = {"router_logits": logits, **stats}
     if cache is not None:
-      new_pos = jax.vmap(lambda p, s, q: p.at[s].set(q, mode="drop"))(cache.pos, write_slots, positions)
-      aux["cache"] = KVCache(new_layers, new_pos)
+      aux["cache"] = KVCache(new_layers, written_positions(cache.pos, write_slots, positions))
     return self.final_norm(h), aux
 
   def head_operands(self, h_BTD: jax.Array, lora_key=None) -> tuple[jax.Array, jax.Array]:
@@ -162,21 +164,27 @@ class Mixtral(nnx.Module):
 
   # ------------------------------------------------------------------------------ layer stack
 
-  def _run_blocks(self, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots, unroll,
+  def _run_blocks(self, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots, unroll, kept=None,
                   lora_key=None):
-    # LoRA dropout: one key per layer, scanned beside the layer (None without dropout).
+    """The scanned layer stack. With a cache, the whole stacked ``[L, B, S, K, H]`` cache rides in the
+    scan's carry with a layer counter, and layer i writes its slots into it in place
+    (``Attention(layer=i)``): passing the layers' caches as the scan's xs and collecting the new ones as
+    its ys would hold a second whole cache. ``unroll`` (tests) slices each layer's cache out and
+    stacks the new ones: the reference for the in-place path. ``lora_key`` (training with LoRA dropout,
+    no cache): layer i gets ``fold_in(lora_key, i)``, scanned beside its layer."""
+    policy = REMAT_POLICIES[self.cfg.remat]
     keys_L = None if lora_key is None else jax.vmap(lambda i: jax.random.fold_in(lora_key, i))(
         jnp.arange(self.cfg.num_hidden_layers))
+
+    def checkpointed(body):
+      return body if self.cfg.remat == "none" else nnx.remat(body, policy=policy, prevent_cse=False)
 
     def body(block: Block, h, layer_cache, key=None):
       h, new_cache, logits, stats = block(h, positions, valid, segment_ids, layer_cache, cache_pos,
                                           write_slots, lora_key=key)
       return h, (new_cache, logits, stats)
 
-    policy = REMAT_POLICIES[self.cfg.remat]
-    if self.cfg.remat != "none":
-      body = nnx.remat(body, policy=policy, prevent_cse=False)
-
+    body = checkpointed(body)
     if unroll:
       outs = []
       for i in range(self.cfg.num_hidden_layers):
@@ -187,20 +195,34 @@ class Mixtral(nnx.Module):
       new_cache, logits, stats = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
       return h, new_cache, logits, stats
 
-    scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+    if layer_cache is None:
+      scan = nnx.scan(body, in_axes=(0, nnx.Carry, None, 0), out_axes=(nnx.Carry, 0),
+                      transform_metadata=_STACK_METADATA)
+      h, (_, logits, stats) = scan(self.blocks, h, None, keys_L)
+      return h, None, logits, stats
+
+    @checkpointed
+    def cached_body(block: Block, carry, kept_rows):
+      h, cache, i = carry
+      h, cache, logits, stats = block(h, positions, valid, segment_ids, cache, cache_pos, write_slots, layer=i,
+                                      kept_rows=kept_rows)
+      return (h, cache, i + 1), (logits, stats)
+
+    scan = nnx.scan(cached_body, in_axes=(0, nnx.Carry, 0 if kept is not None else None), out_axes=(nnx.Carry, 0),
                     transform_metadata=_STACK_METADATA)
-    h, (new_cache, logits, stats) = scan(self.blocks, h, layer_cache, keys_L)
+    (h, new_cache, _), (logits, stats) = scan(self.blocks, (h, layer_cache, jnp.int32(0)), kept)
     return h, new_cache, logits, stats
 
-  def _run_views(self, layers, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots):
-    """The layer loop unrolled over :func:`layer_views`. Layer i scatters its new keys/values straight
+  def _run_views(self, layers, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots, kept=None):
+    """The layer loop unrolled over :func:`layer_views`. Layer i writes its new keys/values straight
     into the stacked cache (in place when the cache is donated), not into a copy of its layer."""
     graphdef = nnx.graphdef(self.blocks)
     outs = []
     for i, (state, experts) in enumerate(layers):
       block = nnx.merge(graphdef, state)
       h, new_cache, logits, stats = block(h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots,
-                                          experts, layer=None if layer_cache is None else i)
+                                          experts, layer=None if layer_cache is None else i,
+                                          kept_rows=None if kept is None else jax.tree.map(lambda a: a[i], kept))
       layer_cache = new_cache
       outs.append((logits, stats))
     logits, stats = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)

@@ -35,10 +35,11 @@ def v5p():
 def _train_hlo(cfg, mesh):
   tc = TrainConfig().override({"data.batch_size": BATCH, "data.seq_len": SEQ})
   fn, state, batch = build_train_step(cfg, tc, mesh)
-  # conftest sets jax_default_matmul_precision="highest" for CPU exactness; inside the splash kernel
-  # that asks Mosaic for fp32 contraction of bf16 operands, which it refuses ("Bad lhs type",
-  # libtpu 0.0.42). Training at scale runs with the default precision.
-  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+  # Under conftest's jax_default_matmul_precision="highest" (CPU exactness): the splash kernel must
+  # still compile, forward and backward (it traces its matmuls at the default precision, see
+  # mixtral_jax.attn.splash; otherwise Mosaic refuses fp32 contraction of bf16: "Bad lhs type").
+  assert jax.config.jax_default_matmul_precision == "highest"
+  with jax.set_mesh(mesh):
     return fn.lower(state, batch).compile()
 
 

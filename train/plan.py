@@ -269,7 +269,9 @@ def plan_parser(p):
               "--topology v5p-128\n"
               "  mixtral-jax plan --preset mixtral-8x7b --mesh fsdp=8 --batch 8 --seq 16384 --device h200\n"
               "  mixtral-jax plan --generate --preset mixtral-8x7b --mesh expert=2 --batch 8 --context 32768 "
-              "--device h200")
+              "--device h200\n"
+              "  mixtral-jax plan --generate --preset mixtral-8x7b --batch 8 --context 8192 --quantize int8 "
+              "--prefill-chunk 2048 --device 70")
   p.add_argument("--preset", default="mixtral-8x7b", help="model preset (mixtral_jax.config.PRESETS)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,expert=8 (default: all devices on data)")
   p.add_argument("--batch", type=int, default=256, help="global sequences per optimizer step (serving: rows)")
@@ -300,6 +302,9 @@ def plan_parser(p):
                  help="--generate: int8 weight-only quantization (as serve/generate --quantize int8)")
   p.add_argument("--context", type=int, default=None,
                  help="--generate: tokens of the prompt and KV cache (default --seq)")
+  p.add_argument("--prefill-chunk", type=int, default=None,
+                 help="--generate: prompt columns per prefill call, a power of two (default generate's, 2048); "
+                      "prefill compiles generate's chunk program of batch x min(context, this) tokens")
   p.add_argument("--json", default=None, help="also write the figures to this JSON file")
   p.add_argument("--lora", type=int, default=None, metavar="RANK",
                  help="compile the LoRA step of this rank (default targets) instead of full fine-tuning")

@@ -2,10 +2,13 @@
 
   mixtral-jax plan --generate --preset mixtral-8x7b --mesh tensor=2 --batch 8 --context 32768 --device h200
 
-The programs are generation's own (``mixtral_jax.generate``): ``_prefill`` (the prompt of ``--context``
-tokens through the model into a KV cache of ``--context`` slots, then the first token) and the decode
-chunk (one token per row against that cache), lowered from ``ShapeDtypeStruct``s on the mesh and
-compiled for its devices. Per device it prints the parameters, the KV cache, and each program's
+The programs are generation's own (``mixtral_jax.generate``): ``_prefill``, one prefill chunk of
+C = min(``--context``, ``--prefill-chunk``) columns of every row into a KV cache of ``--context`` slots
+(the largest program of a prefill; ``generate`` runs it context / C times, the last chunk sampling the
+first token), and the decode chunk (one token per row against that cache), lowered from
+``ShapeDtypeStruct``s on the mesh and compiled for its devices. Both carry the stacked cache through
+the layer scan and write it in place (donated), so neither holds a second cache. (``serve`` prefills one
+request's row at a time, in chunks of its own ``--prefill-chunk``: a smaller program than this one.) Per device it prints the parameters, the KV cache, and each program's
 temporaries and peak (arguments + outputs - donated + temporaries).
 
 Weights: a weight format is a function (config, mesh) -> (graphdef, abstract parameter state) in
@@ -80,9 +83,13 @@ def abstract_cache(cfg: MixtralConfig, mesh, batch: int, context: int) -> KVCach
                                                          sharding=NamedSharding(mesh, pos_spec)))
 
 
-def plan_serving(cfg: MixtralConfig, mesh, *, batch: int, context: int, weights: str = "bf16") -> dict:
-  """Compiles prefill (``context`` prompt tokens) and one decode chunk; figures per device."""
-  from mixtral_jax.generate import _decode_chunk, _prefill  # noqa: PLC0415  (generation's own programs)
+def plan_serving(cfg: MixtralConfig, mesh, *, batch: int, context: int, weights: str = "bf16",
+                 prefill_chunk: int | None = None) -> dict:
+  """Compiles one prefill chunk (``batch`` x min(``context``, ``prefill_chunk``) prompt tokens into a
+  ``context``-slot cache) and one decode chunk; figures per device."""
+  from mixtral_jax.generate import PREFILL_CHUNK, _decode_chunk, _prefill, bucket, prefill_chunk_size  # noqa: PLC0415
+
+  chunk = prefill_chunk_size(bucket(context, 16), prefill_chunk or PREFILL_CHUNK)
 
   if weights not in WEIGHT_FORMATS:
     raise ValueError(f"weight format {weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
@@ -92,18 +99,19 @@ def plan_serving(cfg: MixtralConfig, mesh, *, batch: int, context: int, weights:
   kv_spec, pos_spec = cache_sharding(mesh, batch, cfg.num_key_value_heads)
   rows = NamedSharding(mesh, pos_spec)
   replicated = NamedSharding(mesh, P())
-  ids = jax.ShapeDtypeStruct((batch, context), jnp.int32, sharding=rows)
+  ids = jax.ShapeDtypeStruct((batch, chunk), jnp.int32, sharding=rows)
   key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
   tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(mesh, P(pos_spec[0])))
   scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   sampling = Sampling()
   args_bytes = shard_bytes(state) + shard_bytes(cache)
 
-  out = {"param_bytes": shard_bytes(state), "kv_cache_bytes": shard_bytes(cache), "weights": weights}
+  out = {"param_bytes": shard_bytes(state), "kv_cache_bytes": shard_bytes(cache), "weights": weights,
+         "prefill_chunk": chunk}
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    lowered = _prefill.lower(graphdef, state, ids, ids, cache, key, sampling)
-    _, out["prefill"] = compile_or_verdict(lowered, args_bytes + 2 * shard_bytes(ids))
+    lowered = _prefill.lower(graphdef, state, ids, ids, ids, cache, key, sampling)
+    _, out["prefill"] = compile_or_verdict(lowered, args_bytes + 3 * shard_bytes(ids))
     decode = _decode_chunk(graphdef, sampling)
     lowered = decode.lower(state, tokens, tokens, cache, key, scalar, scalar, None)
     _, out["decode"] = compile_or_verdict(lowered, args_bytes)
@@ -119,11 +127,14 @@ def serve_main(args, count: int) -> int:
   cfg = model_config(args)
   devices = target_devices(args, count)
   mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
-  out = plan_serving(cfg, mesh, batch=args.batch, context=context, weights=getattr(args, "quantize", None) or "bf16")
+  out = plan_serving(cfg, mesh, batch=args.batch, context=context, weights=getattr(args, "quantize", None) or "bf16",
+                     prefill_chunk=getattr(args, "prefill_chunk", None))
   cfg = cfg.replace(param_dtype="bfloat16", capacity_factor=None)
   print(_header(args, cfg, mesh, f"serving batch {args.batch}, context {context}, {out['weights']} weights")
         + f"; compiled in {out['compile_seconds']:.1f} s")
   print(f"per device: parameters {out['param_bytes'] / GiB:.2f} GiB, KV cache {out['kv_cache_bytes'] / GiB:.2f} GiB")
+  print(f"  prefill: generate's chunk program, {args.batch} rows x {out['prefill_chunk']} prompt columns per call "
+        f"({-(-context // out['prefill_chunk'])} calls for a {context}-token prompt; --prefill-chunk)")
   for name in ("prefill", "decode"):
     f = out[name]
     if f.get("oom"):

@@ -51,6 +51,31 @@ def _kernel(num_heads: int, T: int, window: int | None, block: int, interpret: b
                             interpret=interpret)
 
 
+def _default_precision(f):
+  """``f(q, k, v, seg)`` traced forward and backward (for q, k, v) under the default matmul precision.
+
+  Why: the kernel's matmuls take their precision from ``jax_default_matmul_precision`` when traced,
+  and under "highest" Mosaic is asked for fp32 contract precision on bf16 operands and refuses to
+  compile. The kernel is written for the default (bf16 products, f32 accumulation). Its backward is
+  traced when the gradient is taken, outside this call, hence the custom VJP around its own VJP."""
+
+  @jax.custom_vjp
+  def g(q, k, v, seg):
+    with jax.default_matmul_precision("default"):
+      return f(q, k, v, seg)
+
+  def fwd(q, k, v, seg):
+    with jax.default_matmul_precision("default"):
+      return jax.vjp(lambda q, k, v: f(q, k, v, seg), q, k, v)
+
+  def bwd(vjp, ct):
+    with jax.default_matmul_precision("default"):
+      return (*vjp(ct), None)  # no cotangent for the integer segment ids
+
+  g.defvjp(fwd, bwd)
+  return g
+
+
 def splash_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT=None, *, sliding_window=None, block: int = DEFAULT_BLOCK,
                      interpret: bool = False) -> jax.Array:
   """Self-attention by the splash kernel. ``pos_BT`` is -1 at padding (only its sign is read: the
@@ -83,8 +108,8 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT=None, *, sliding_win
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds  # noqa: PLC0415
 
     def one(q_TNH, k_TKH, v_TKH, seg_T):
-      out_NTH = kernel(q_TNH.transpose(1, 0, 2), k_TKH.transpose(1, 0, 2), v_TKH.transpose(1, 0, 2),
-                       segment_ids=SegmentIds(q=seg_T, kv=seg_T))
+      out_NTH = _default_precision(lambda q, k, v, seg: kernel(q, k, v, segment_ids=SegmentIds(q=seg, kv=seg)))(
+          q_TNH.transpose(1, 0, 2), k_TKH.transpose(1, 0, 2), v_TKH.transpose(1, 0, 2), seg_T)
       return out_NTH.transpose(1, 0, 2)
 
     return jax.vmap(one)(q, k, v, seg)

@@ -5,6 +5,10 @@ The model is built as ``nnx.eval_shape`` (shapes only) and filled: foreign forma
 (each layer slice read from the mapped files and written into a preallocated, donated device buffer,
 so host memory holds one layer's slice, never a second copy of the model); our Orbax format through
 Orbax's restore into the target shardings.
+
+With ``quantize="int8"`` every format is read block by block (Orbax's through TensorStore), and each
+layer of each matmul weight is quantized on its devices as soon as it is there, before the next is
+read: the full-precision model never exists, only the int8 one and one layer in flight.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from mixtral_jax.checkpoint import consolidated, formats, hf, orbax_io
 from mixtral_jax.checkpoint.layout import Key, Plan
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.inference import quantize as quantize_lib
 from mixtral_jax.layers import LOGICAL_AXES
 from mixtral_jax.lora import merge as lora_merge
 from mixtral_jax.lora import run as lora_run
@@ -98,15 +103,18 @@ def _mesh(mesh, cfg: MixtralConfig):
   return make_mesh(mesh, num_experts=cfg.num_local_experts)
 
 
-def _shardings(cfg: MixtralConfig, mesh) -> dict[Key, jax.sharding.Sharding]:
-  shapes, _ = our_shapes(cfg)
+def _shardings(cfg: MixtralConfig, mesh, quantize: str | None = None) -> dict[Key, jax.sharding.Sharding]:
+  """Every parameter's placement (with ``quantize``, the int8 model's, scales included)."""
+  state = nnx.state(abstract_model(cfg, quantize), nnx.Param)
   if mesh is None:
-    return {k: SingleDeviceSharding(jax.local_devices()[0]) for k in shapes}
-  state = param_shardings(nnx.state(abstract_model(cfg), nnx.Param), mesh)
+    device = SingleDeviceSharding(jax.local_devices()[0])
+    return {tuple(str(p) for p in path): device for path, _ in nnx.to_flat_state(state)}
+  state = param_shardings(state, mesh)
   return {tuple(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
-def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, adapter=None, **runtime) -> Mixtral:
+def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, adapter=None, quantize=None,
+         **runtime) -> Mixtral:
   """Loads a Hugging Face directory, a Mistral consolidated directory or our Orbax checkpoint.
 
   ``adapter``: a PEFT LoRA adapter directory or a mixtral-jax LoRA run, merged into the weights
@@ -115,9 +123,18 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
   ``mesh``: a ``jax.sharding.Mesh`` or a string such as ``"expert=4"``; parameters are then created in
   their shards (``mixtral_jax.params.param_shardings``); call the model under ``jax.set_mesh(mesh)``.
   ``dtype`` / ``param_dtype`` and ``runtime`` override the config's runtime fields (``capacity_factor``...).
+
+  ``quantize="int8"``: the model :func:`mixtral_jax.inference.quantize.quantize` makes, quantized as it
+  is read: each matmul weight goes to its devices one layer at a time in ``param_dtype`` and is turned
+  into int8 values and scales there before the next layer is read, so the devices hold the int8 model
+  plus one layer of one weight in full precision (8x7B: 47 GB, plus at most 0.94 GB of bf16 and its
+  float32 working copy), never the 93 GB bf16 model. A weight an adapter changes is read whole,
+  merged, then quantized.
   """
   found = formats.detect(path)
   cfg = config_for(found, runtime_overrides(dtype, param_dtype, runtime))
+  if quantize is not None and quantize not in quantize_lib.MODES:
+    raise ValueError(f"unknown quantization {quantize!r}; supported: {', '.join(quantize_lib.MODES)}")
   factors = None
   if found.kind == "orbax" and lora_run.is_lora_run(os.path.dirname(found.config)):
     raise ValueError(f"{path} is a LoRA training run: its checkpoints hold adapters only. Load its base with the "
@@ -129,18 +146,36 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
   shapes, _ = our_shapes(cfg)
   if found.kind == "orbax":
     check_orbax_shapes(found.params, shapes, found.config)
-    arrays = _restore_orbax(found.params, cfg, mesh)
+    if quantize is None:
+      arrays = _restore_orbax(found.params, cfg, mesh)
+      return _merge(cfg, lora_merge.merge_arrays(arrays, factors) if factors else arrays)
+    reader = orbax_io.ParamsReader(found.params)
+    read_block = lambda key, idx, dtype: np.asarray(reader.read(key, tuple(idx))).astype(dtype)  # noqa: E731
   else:
     plan = open_plan(found, cfg)
     if found.kind == "consolidated" and param_dtype is None:  # params.json does not say; the tensors do
       cfg = cfg.replace(param_dtype=str(jnp.dtype(plan.dtype())))
-    arrays = {}
-    for key, sharding in _shardings(cfg, mesh).items():
-      read = functools.partial(plan.read, key, dtype=jnp.dtype(cfg.param_dtype))
-      arrays[key] = _create(shapes[key], jnp.dtype(cfg.param_dtype), sharding, read, stacked=key[0] == "blocks")
-  if factors:
-    arrays = lora_merge.merge_arrays(arrays, factors)
-  return _merge(cfg, arrays)
+    read_block = lambda key, idx, dtype: plan.read(key, idx, dtype=dtype)  # noqa: E731
+  shardings = _shardings(cfg, mesh, quantize)
+  dt = jnp.dtype(cfg.param_dtype)
+  adapted = {lora_merge.PARAM_KEYS[f.target]: f for f in factors or ()}
+  arrays = {}
+  for key, shape in shapes.items():
+    read = functools.partial(read_block, key, dtype=dt)
+    stacked = key[0] == "blocks"
+    axes = quantize_lib.SITE_AXES.get(key) if quantize else None
+    scale_key = key[:-1] + (key[-1] + quantize_lib.SCALE,)
+    if axes is not None and key not in adapted:
+      arrays[key], arrays[scale_key] = _create_quantized(
+          shape, dt, shardings[key], shardings[scale_key], axes, read, stacked=stacked)
+      continue
+    arrays[key] = _create(shape, dt, shardings[key], read, stacked=stacked)
+    if key in adapted:
+      arrays[key] = lora_merge.merge_arrays({key: arrays[key]}, [adapted[key]])[key]
+    if axes is not None:
+      arrays[key], arrays[scale_key] = quantize_lib.quantize_into(arrays[key], axes, shardings[key],
+                                                                   shardings[scale_key])
+  return _merge(cfg, arrays, quantize)
 
 
 def _restore_orbax(params_dir: str, cfg: MixtralConfig, mesh) -> dict[Key, jax.Array]:
@@ -151,8 +186,8 @@ def _restore_orbax(params_dir: str, cfg: MixtralConfig, mesh) -> dict[Key, jax.A
   return orbax_io.flatten(restored)
 
 
-def _merge(cfg: MixtralConfig, arrays: dict[Key, jax.Array]) -> Mixtral:
-  graphdef, state = nnx.split(abstract_model(cfg))
+def _merge(cfg: MixtralConfig, arrays: dict[Key, jax.Array], quantize: str | None = None) -> Mixtral:
+  graphdef, state = nnx.split(abstract_model(cfg, quantize))
   nnx.replace_by_pure_dict(state, orbax_io.unflatten(arrays))
   return nnx.merge(graphdef, state)
 
@@ -169,6 +204,27 @@ def _create(shape, dtype, sharding, read: Callable[[tuple], np.ndarray], *, stac
     read_layer = _once_per_block(lambda idx, l=layer: read((l,) + tuple(idx)))
     buf = _set_layer(buf, jax.make_array_from_callback(shape[1:], layer_sharding, read_layer), layer)
   return buf
+
+
+def _create_quantized(shape, dtype, sharding, scale_sharding, axes, read: Callable[[tuple], np.ndarray], *,
+                      stacked: bool) -> tuple[jax.Array, jax.Array]:
+  """One matmul weight as (int8 values, float32 scales) in their shardings, quantized as it is read:
+  each layer's slice is made on its devices in ``dtype`` (as :func:`_create` does), quantized there
+  and written into donated int8 and scale buffers, then dropped before the next slice is read."""
+  if not stacked:
+    w = jax.make_array_from_callback(shape, sharding, _once_per_block(read))
+    return quantize_lib.quantize_into(w, axes, sharding, scale_sharding)
+  layer_sharding, layer_scale_sharding = _drop_leading_axis(sharding), _drop_leading_axis(scale_sharding)
+  scale_shape = tuple(1 if i - len(shape) in axes else n for i, n in enumerate(shape))
+  q_buf = _zeros(tuple(shape), jnp.dtype(jnp.int8), sharding)
+  scale_buf = _zeros(scale_shape, jnp.dtype(jnp.float32), scale_sharding)
+  for layer in range(shape[0]):
+    read_layer = _once_per_block(lambda idx, l=layer: read((l,) + tuple(idx)))
+    w = jax.make_array_from_callback(shape[1:], layer_sharding, read_layer)
+    q, scale = quantize_lib.quantize_into(w, axes, layer_sharding, layer_scale_sharding)
+    del w  # the full-precision slice is gone before the next one is read
+    q_buf, scale_buf = _set_layer(q_buf, q, layer), _set_layer(scale_buf, scale, layer)
+  return q_buf, scale_buf
 
 
 def _once_per_block(read: Callable[[tuple], np.ndarray]) -> Callable[[tuple], np.ndarray]:

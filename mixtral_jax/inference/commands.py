@@ -8,7 +8,7 @@ Then, from another shell::
   curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "tiny", "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}'
 
-Start-up loads the model (``from_pretrained``), quantizes it when asked, compiles the decode step and
+Start-up loads the model (``from_pretrained``, quantizing as it reads when asked), compiles the decode step and
 the smallest prefill chunk, and only then listens, so ``GET /health`` answering means ready.
 """
 

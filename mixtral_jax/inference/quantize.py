@@ -21,6 +21,8 @@ a transient that XLA fuses into the matmul's input on GPU/TPU.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -41,6 +43,10 @@ SITES: tuple[tuple[tuple[str, ...], str, tuple[int, ...]], ...] = (
     (("blocks", "moe"), "w2_EFD", (-2,)),
     ((), "head_DV", (-2,)),
 )
+
+
+# our parameter's key in nnx.state(model, nnx.Param) -> its contracted axes (counted from the end)
+SITE_AXES: dict[tuple[str, ...], tuple[int, ...]] = {path + (name,): axes for path, name, axes in SITES}
 
 
 def compute_weight(module, name: str, dtype) -> jax.Array:
@@ -111,6 +117,17 @@ def _quantize_jit(w, axes):
   if isinstance(w, jax.core.Tracer):
     return quantize_array(w, axes)
   return _quantize_jit_fn(w, axes)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def quantize_into(w: jax.Array, axes: tuple[int, ...], q_sharding, scale_sharding) -> tuple[jax.Array, jax.Array]:
+  """:func:`quantize_array` of ``w`` with its int8 values placed in ``q_sharding`` and its scales in
+  ``scale_sharding`` (quantize-on-load: ``mixtral_jax.checkpoint.loading``). The same jitted arithmetic
+  as :func:`quantize`, so a block gives the bits the whole parameter would; the reduction axes lie
+  within one layer (and expert), so quantizing layer by layer equals quantizing the stack."""
+  q, scale = quantize_array(w, axes)
+  return (jax.lax.with_sharding_constraint(q, q_sharding),
+          jax.lax.with_sharding_constraint(scale, scale_sharding))
 
 
 def _module(model, path):

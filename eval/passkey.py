@@ -94,19 +94,13 @@ def parse_length(text: str) -> int:
     raise ValueError(f"cannot read length {text!r}; write tokens as 512, 1k, 32k") from None
 
 
-def _pad_to(tokenizer, text: str, total: int, repeat: str = "", rng: np.random.Generator | None = None) -> str | None:
+def _pad_to(tokenizer, text: str, total: int, repeat: str = "") -> str | None:
   """``text`` plus trailing filler words so that ``<s> text </s>`` is exactly ``total`` tokens (None if
-  no cut of the filler lands on it). A non-empty ``repeat`` is first appended while it fits, each time
-  after 0-4 filler sentences drawn by ``rng`` (the question and its answer again: more retrieval signal
-  per row than filler; the random gaps keep the copies from sitting at one fixed distance apart, which
-  would teach copying from an offset rather than finding the key)."""
-  sentences = [s if s.endswith(".") else s + "." for s in FILLER.split(". ")]
-  while repeat:
-    gap = sentences[:int(rng.integers(0, 5))] if rng is not None else []
-    more = " ".join(gap + [repeat])
-    if len(tokenizer.encode(text + " " + more, bos=True, eos=True)) > total:
-      break
-    text += " " + more
+  no cut of the filler lands on it). A non-empty ``repeat`` is first appended as many whole times as fit
+  (the question and its answer again: more retrieval signal per row than filler)."""
+  if repeat:
+    while len(tokenizer.encode(text + " " + repeat, bos=True, eos=True)) <= total:
+      text += " " + repeat
   filler_ids = tokenizer.encode(" ".join([FILLER] * (total // 4 + 2)), bos=False)
   for r in range(0, len(filler_ids)):
     padded = text + (" " + tokenizer.decode(filler_ids[:r]) if r else "")
@@ -127,9 +121,8 @@ def write_training_text(tokenizer, out_dir: str, count: int, min_len: int, max_l
   With ``row`` equal to the run's ``data.seq_len``, the training rows (windows of ``seq_len`` tokens
   over the concatenated documents) are then exactly the documents: no question is cut off from its key.
   ``pad``: what fills the row after the answer: ``filler`` sentences, or ``question`` (the question and
-  its answer repeated while they fit, each after 0-4 filler sentences, then filler): the copy of the key
-  is then learnt from several answers per row rather than one, which is what lets the ``tiny`` model
-  learn retrieval in minutes."""
+  its answer repeated while they fit, then filler): the copy of the key is then learnt from several
+  answers per row rather than one, which is what lets the ``tiny`` model learn retrieval in minutes."""
   if pad not in ("filler", "question"):
     raise ValueError(f"passkey padding must be filler or question, got {pad!r}")
   import os  # noqa: PLC0415
@@ -140,7 +133,7 @@ def write_training_text(tokenizer, out_dir: str, count: int, min_len: int, max_l
     p = make_prompt(tokenizer, int(rng.integers(min_len, max_len + 1)), float(rng.uniform()), random_key(rng),
                     answer=True)
     repeat = f"{QUESTION} {p.key}." if pad == "question" else ""
-    text = p.text if row is None else _pad_to(tokenizer, p.text, row, repeat, rng)
+    text = p.text if row is None else _pad_to(tokenizer, p.text, row, repeat)
     if text is None:
       continue
     path = os.path.join(out_dir, f"passkey-{len(paths):05d}.txt")

@@ -122,7 +122,8 @@ def write_training_text(tokenizer, out_dir: str, count: int, min_len: int, max_l
   over the concatenated documents) are then exactly the documents: no question is cut off from its key.
   ``pad``: what fills the row after the answer: ``filler`` sentences, or ``question`` (the question and
   its answer repeated while they fit, then filler): the copy of the key is then learnt from several
-  answers per row rather than one, which is what lets the ``tiny`` model learn retrieval in minutes."""
+  answers per row rather than one, which took ``tiny`` off its no-copy plateau (though the repeats' fixed
+  spacing also taught it a copy at a fixed distance: docs/benchmarks.md, "Evaluation (issue 12)")."""
   if pad not in ("filler", "question"):
     raise ValueError(f"passkey padding must be filler or question, got {pad!r}")
   import os  # noqa: PLC0415

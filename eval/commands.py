@@ -71,6 +71,9 @@ def eval_parser(p: argparse.ArgumentParser) -> None:
   k.add_argument("--data-lengths", default="80,120", help="min,max tokens of --write-data prompts")
   k.add_argument("--data-row", type=int, help="pad --write-data documents to exactly this many tokens (the "
                  "run's data.seq_len, so that no training row cuts a question from its key)")
+  k.add_argument("--data-pad", choices=("filler", "question"), default="filler",
+                 help="what fills a --data-row document after its answer: filler sentences, or the question and "
+                 "answer repeated while they fit (more retrieval signal per row), then filler")
 
   q = _sub(sub, "perplexity", "strided perplexity with bits per byte, and perplexity against context length")
   _common(q)
@@ -152,7 +155,7 @@ def _passkey(args) -> int:
       raise ValueError(f"--data-row {args.data_row} leaves no room after prompts of up to {hi} tokens; "
                        f"make it at least {hi + 8}")
     paths = write_training_text(Tokenizer.load(args.tokenizer or "v1"), out, args.count, lo, hi, args.seed,
-                                row=args.data_row)
+                                row=args.data_row, pad=args.data_pad)
     print(f"wrote {len(paths)} passkey documents (prompts of {lo}-{hi} tokens) to {out}")
     return 0
   if not args.out or not args.model:

@@ -94,9 +94,13 @@ def parse_length(text: str) -> int:
     raise ValueError(f"cannot read length {text!r}; write tokens as 512, 1k, 32k") from None
 
 
-def _pad_to(tokenizer, text: str, total: int) -> str | None:
+def _pad_to(tokenizer, text: str, total: int, repeat: str = "") -> str | None:
   """``text`` plus trailing filler words so that ``<s> text </s>`` is exactly ``total`` tokens (None if
-  no cut of the filler lands on it)."""
+  no cut of the filler lands on it). A non-empty ``repeat`` is first appended as many whole times as fit
+  (the question and its answer again: more retrieval signal per row than filler)."""
+  if repeat:
+    while len(tokenizer.encode(text + " " + repeat, bos=True, eos=True)) <= total:
+      text += " " + repeat
   filler_ids = tokenizer.encode(" ".join([FILLER] * (total // 4 + 2)), bos=False)
   for r in range(0, len(filler_ids)):
     padded = text + (" " + tokenizer.decode(filler_ids[:r]) if r else "")
@@ -109,13 +113,19 @@ def _pad_to(tokenizer, text: str, total: int) -> str | None:
 
 
 def write_training_text(tokenizer, out_dir: str, count: int, min_len: int, max_len: int, seed: int = 0,
-                        row: int | None = None) -> list[str]:
+                        row: int | None = None, pad: str = "filler") -> list[str]:
   """``count`` passkey documents with their answers, one per ``.txt`` file in ``out_dir``, of random
   lengths in [min_len, max_len] tokens and random depths: plain text for a run config's data.paths.
 
   ``row``: pad every document with filler after its answer to exactly ``row`` tokens with BOS and EOS.
   With ``row`` equal to the run's ``data.seq_len``, the training rows (windows of ``seq_len`` tokens
-  over the concatenated documents) are then exactly the documents: no question is cut off from its key."""
+  over the concatenated documents) are then exactly the documents: no question is cut off from its key.
+  ``pad``: what fills the row after the answer: ``filler`` sentences, or ``question`` (the question and
+  its answer repeated while they fit, then filler): the copy of the key is then learnt from several
+  answers per row rather than one, which took ``tiny`` off its no-copy plateau (though the repeats' fixed
+  spacing also taught it a copy at a fixed distance: docs/benchmarks.md, "Evaluation (issue 12)")."""
+  if pad not in ("filler", "question"):
+    raise ValueError(f"passkey padding must be filler or question, got {pad!r}")
   import os  # noqa: PLC0415
   rng = np.random.default_rng(seed)
   os.makedirs(out_dir, exist_ok=True)
@@ -123,7 +133,8 @@ def write_training_text(tokenizer, out_dir: str, count: int, min_len: int, max_l
   while len(paths) < count:
     p = make_prompt(tokenizer, int(rng.integers(min_len, max_len + 1)), float(rng.uniform()), random_key(rng),
                     answer=True)
-    text = p.text if row is None else _pad_to(tokenizer, p.text, row)
+    repeat = f"{QUESTION} {p.key}." if pad == "question" else ""
+    text = p.text if row is None else _pad_to(tokenizer, p.text, row, repeat)
     if text is None:
       continue
     path = os.path.join(out_dir, f"passkey-{len(paths):05d}.txt")

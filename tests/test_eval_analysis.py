@@ -11,7 +11,7 @@ import torch
 
 import mixtral_jax
 from mixtral_jax.cli import main as cli
-from mixtral_jax.eval.passkey import FILLER, QUESTION, make_prompt, score_answer
+from mixtral_jax.eval.passkey import FILLER, KEY_LINE, QUESTION, make_prompt, score_answer, write_training_text
 from mixtral_jax.eval.text_perplexity import against_context, strided
 from mixtral_jax.eval.routing import router_logits, routing_stats, uniform_baselines
 from mixtral_jax.tokenizer import Tokenizer
@@ -158,6 +158,26 @@ def test_passkey_cli_and_its_limits(models, tmp_path, capsys):
     key = text[text.index("The pass key is ") + 16:][:5]
     assert len(tok.encode(text, bos=True, eos=True)) == 128 and text.count(f"The pass key is {key}.") == 2
 
+
+
+def test_passkey_training_rows_padded_with_repeated_answers(tmp_path):
+  """--data-pad question: each document is still exactly one row, holds its key line once, and its
+  question-and-answer as many whole times as fit in the row (checked by counting with the tokenizer)."""
+  tok = Tokenizer.load("v1")
+  paths = write_training_text(tok, str(tmp_path), 3, 74, 136, seed=1, row=144, pad="question")
+  qa_tokens = len(tok.encode(QUESTION + " 12345.", bos=False))  # the tokens one more repeat adds
+  for path in paths:
+    text = open(path).read()
+    key = text[text.index("The pass key is ") + 16:][:5]
+    assert len(tok.encode(text, bos=True, eos=True)) == 144
+    assert text.count(KEY_LINE.format(key=key)) == 1
+    qa = f"{QUESTION} {key}."
+    n = text.count(qa)
+    assert n >= 1 and text.count("The pass key is") == 1 + n  # no other key anywhere
+    head = text[:text.rindex(qa) + len(qa)]
+    assert len(tok.encode(head, bos=True, eos=True)) + qa_tokens > 144  # one more would not have fit
+  with pytest.raises(ValueError, match="filler or question"):
+    write_training_text(tok, str(tmp_path / "x"), 1, 74, 136, row=144, pad="answers")
 
 # ------------------------------------------------------------------------------ perplexity
 

@@ -44,8 +44,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                  help="sample only from the smallest set of tokens with this much probability; 1 turns it off")
   p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
   p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
-  p.add_argument("--prefill-chunk", type=int, default=2048,
-                 help="prompt tokens per prefill call (a power of two); bounds prefill memory (plan --generate)")
+  p.add_argument("--prefill-chunk", type=int, default=None,
+                 help="prompt tokens per prefill call, a power of two (default generate's, 2048); bounds prefill "
+                      "memory (plan --generate)")
 
 
 def _load(args):
@@ -68,7 +69,9 @@ def _load(args):
 
 def _sampling(args) -> dict:
   return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              seed=args.seed, stop=args.stop, mesh=args.mesh, prefill_chunk=args.prefill_chunk)
+              seed=args.seed, stop=args.stop, mesh=args.mesh,
+              # unset: generate's own default (mixtral_jax.generate.PREFILL_CHUNK), one value for API and CLI
+              **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}))
 
 
 def _print_stream(_row: int, _token, text: str) -> None:

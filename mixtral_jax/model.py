@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.attention import Attention, LayerCache, rows_at_slots, written_positions
+from mixtral_jax.attention import Attention
+from mixtral_jax import kv_cache
+from mixtral_jax.kv_cache import KVCache, LayerCache, init_cache, rows_at_slots, written_positions  # noqa: F401  (re-exported)
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.inference.quantize import SCALE, compute_weight
 from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, param
@@ -34,28 +36,6 @@ REMAT_POLICIES = {
 }
 
 _STACK_METADATA = {nnx.PARTITION_NAME: None, LOGICAL_AXES: "layers"}
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-  """Keys/values of every layer ``[L, B, S, K, H]`` and the position held by each slot ``[B, S]``
-  (-1 when empty). A token at position p lives in slot p % S, so with S equal to the sliding window the
-  cache rolls, and with S >= the total length it never wraps."""
-  layers: LayerCache
-  pos: jax.Array
-
-  @property
-  def size(self) -> int:
-    return self.pos.shape[1]
-
-
-def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (fewer slots with a window)."""
-  S = max_len if cfg.sliding_window is None else min(max_len, cfg.sliding_window)
-  shape = (cfg.num_hidden_layers, batch, S, cfg.num_key_value_heads, cfg.head_size)
-  dt = jnp.dtype(dtype or cfg.dtype)
-  return KVCache(LayerCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt)), jnp.full((batch, S), -1, jnp.int32))
 
 
 class Block(nnx.Module):
@@ -128,7 +108,7 @@ class Mixtral(nnx.Module):
     cache_pos = write_slots = layer_cache = kept = None
     if cache is not None:
       cache_pos, layer_cache = cache.pos, cache.layers
-      write_slots = _write_slots(positions, valid, cache.size)
+      write_slots = kv_cache.write_slots(positions, valid, cache.size)
       if T == 1 and not unroll:  # decode writes the stacked cache in place (see Attention)
         kept = rows_at_slots(layer_cache, write_slots)
     h = self.embed(input_ids_BT)
@@ -265,15 +245,3 @@ def _layer(blocks: Block, i: int) -> Block:
   """Block i of the stacked blocks, as a standalone module (for the unrolled reference path)."""
   graphdef, state = nnx.split(blocks)
   return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
-
-
-def _write_slots(positions_BT, valid_BT, size: int):
-  """Cache slot of each new token: p % S; pads, and tokens that a later token of this call will
-  overwrite in a rolling cache, get slot S (dropped)."""
-  slots = positions_BT % size
-  newest = jnp.max(jnp.where(valid_BT, positions_BT, -1) if valid_BT is not None else positions_BT,
-                   axis=1, keepdims=True)
-  keep = positions_BT > newest - size
-  if valid_BT is not None:
-    keep &= valid_BT
-  return jnp.where(keep, slots, size).astype(jnp.int32)

@@ -21,7 +21,7 @@ from flax import nnx
 from mixtral_jax.attention import Attention, LayerCache, rows_at_slots, written_positions
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax import param_paths
-from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, param
+from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, registry_param
 from mixtral_jax.lora import adapters as lora
 from mixtral_jax.moe import MoE
 from mixtral_jax.projection import Projection
@@ -88,10 +88,9 @@ class Mixtral(nnx.Module):
   head = Projection("lm_head", "btd,dv->btv", lora_attr="lora_head")  # head_DV [D, V] and its adapter
 
   def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs, lora_cfg=None):
-    V, D, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
-    pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+    D, L, pd = cfg.hidden_size, cfg.num_hidden_layers, jnp.dtype(cfg.param_dtype)
     self.cfg = cfg
-    self.embed_VD = param(rngs, (V, D), ("vocab", "embed"), pd, std=std)
+    self.embed_VD = registry_param("embed", cfg, rngs)
 
     @nnx.split_rngs(splits=L)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_STACK_METADATA)

@@ -1,6 +1,6 @@
 """Mistral's own release format: ``params.json`` plus ``consolidated*.safetensors`` or ``consolidated.00.pth``.
 
-  ours                       consolidated
+  ours                       consolidated  (names spelled once, in ``mixtral_jax.param_paths``)
   embed_VD                   tok_embeddings.weight [V, D]
   head_DV                    output.weight [V, D] (transposed)
   final_norm.scale           norm.weight
@@ -16,7 +16,7 @@
 Rotary layout: Mistral rotates interleaved pairs (rows 2i, 2i+1 of a head), Hugging Face and we rotate
 halves (rows i, i + H/2). Within each head, our row s*H/2 + i is Mistral's row 2i + s, so the rows of
 wq/wk are regrouped ``[N, H/2, 2, D] -> [N, 2, H/2, D]``, the permutation transformers' conversion script
-applies. A ``params.json`` without ``rope_theta`` means 1e6, as in mistral-inference.
+applies (``mixtral_jax.param_paths.torch_to_ours(..., interleaved=True)``). A ``params.json`` without ``rope_theta`` means 1e6, as in mistral-inference.
 
 ``.pth`` files load with ``torch.load(weights_only=True, mmap=True)``: no pickled code runs, and
 tensors are read lazily from the mapped file. torch is needed only for them.

@@ -25,7 +25,7 @@ from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, registry_param
 from mixtral_jax.lora import adapters as lora
 from mixtral_jax.moe import MoE
 from mixtral_jax.projection import Projection
-from mixtral_jax.quant import SCALE
+from mixtral_jax.quant import stored
 from mixtral_jax.sharding.rules import constrain
 
 # What to keep for the backward pass of each block (``MixtralConfig.remat``).
@@ -247,10 +247,8 @@ def layer_views(model: Mixtral) -> list:
   (device,) = {d for a in leaves for d in a.devices()}
   stacked = [np.asarray(a) for a in leaves]  # zero-copy on CPU
   moe = state["moe"]
-  # A quantized expert is an (int8 values, scale) pair (see mixtral_jax.quant.as_compute).
-  names = [param_paths.attr(id_) for id_ in param_paths.EXPERT_IDS]
-  experts = [(np.asarray(moe[name][...]), np.asarray(moe[name + SCALE][...])) if name + SCALE in moe
-             else np.asarray(moe[name][...]) for name in names]
+  # A quantized expert is a (values, {suffix: array}) pair (see mixtral_jax.quant.as_compute).
+  experts = [jax.tree.map(np.asarray, stored(moe, param_paths.attr(id_))) for id_ in param_paths.EXPERT_IDS]
   E = model.cfg.num_local_experts
   out = []
   for i in range(model.cfg.num_hidden_layers):
@@ -262,7 +260,7 @@ def layer_views(model: Mixtral) -> list:
 
 
 def _at(w, i, e):
-  return (w[0][i, e], w[1][i, e]) if isinstance(w, tuple) else w[i, e]
+  return jax.tree.map(lambda a: a[i, e], w)
 
 
 def _layer(blocks: Block, i: int) -> Block:

@@ -50,6 +50,11 @@ class Int8:
     q, scale = quantize_array(w, axes)
     return q, {SCALE: scale}
 
+  def extra_axes(self, logical: tuple, axes: tuple[int, ...]) -> dict[str, tuple]:
+    """Logical axes of each sibling leaf: the weight's, with the contracted ``axes`` (size 1) unsharded."""
+    ndim = len(logical)
+    return {SCALE: tuple(None if (i - ndim) in axes else a for i, a in enumerate(logical))}
+
 
 FLOAT = Float()
 FORMS = {"int8": Int8()}  # quantization mode -> form; a new mode (nf4) is one more entry
@@ -74,11 +79,22 @@ def dequantize(q, scale, dtype) -> jax.Array:
   return (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype)
 
 
+def stored(module_state, name: str):
+  """Weight ``name`` of a module's state (a mapping of leaves) as :func:`as_compute` takes it: the array
+  itself when float, else (values, {suffix: sibling array}) of its quantized form."""
+  for form in FORMS.values():
+    if all(name + s in module_state for s in form.suffixes):
+      return module_state[name][...], {s: module_state[name + s][...] for s in form.suffixes}
+  return module_state[name][...]
+
+
 def as_compute(w, dtype) -> jax.Array:
-  """An array, or a (int8 values, scale) pair as :func:`mixtral_jax.model.layer_views` gives for a
-  quantized expert, as a matmul operand in ``dtype``."""
+  """An array, or a (values, {suffix: array}) pair of a quantized form (:func:`stored`, cut per expert by
+  :func:`mixtral_jax.model.layer_views`), as a matmul operand in ``dtype``."""
   if isinstance(w, tuple):
-    return dequantize(w[0], w[1], dtype)
+    values, extras = w
+    form = next(f for f in FORMS.values() if set(f.suffixes) == set(extras))
+    return form.operand(values, extras, dtype)
   return w.astype(dtype)
 
 

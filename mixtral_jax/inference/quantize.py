@@ -59,12 +59,10 @@ def quantize(model, mode: str = "int8"):
     var = getattr(module, name)
     logical = tuple(var.get_metadata().get("logical_axes", ()))
     q, extras = _quantize_jit(var[...], axes, mode)
-    ndim = q.ndim
-    scale_axes = tuple(None if (i - ndim) in axes else a for i, a in enumerate(logical)) if logical else None
-    meta = {"logical_axes": scale_axes} if scale_axes else {}
+    extra_axes = quant.FORMS[mode].extra_axes(logical, axes) if logical else {}
     setattr(module, name, nnx.Param(q, **({"logical_axes": logical} if logical else {})))
     for suffix, value in extras.items():
-      setattr(module, name + suffix, nnx.Param(value, **meta))
+      setattr(module, name + suffix, nnx.Param(value, **({"logical_axes": extra_axes[suffix]} if logical else {})))
   return model
 
 

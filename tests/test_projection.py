@@ -17,7 +17,7 @@ import mixtral_jax
 from mixtral_jax import param_paths
 from mixtral_jax.config import get_config
 from mixtral_jax.inference.quantize import SITE_AXES, quantize
-from mixtral_jax.lora import LoraSection
+from mixtral_jax.lora import LoraSection, merge, spec
 from mixtral_jax.lora.adapters import LAYOUT, LoRAParam, adapter_key
 from mixtral_jax.model import Mixtral
 from mixtral_jax.params import abstract_model
@@ -73,6 +73,10 @@ def test_lora_layout_and_keys():
   flat = _flat(nnx.state(model, LoRAParam))
   assert set(flat) == {adapter_key(t, f) for t in LAYOUT for f in "AB"}
   assert param_paths.lora_keys()["lm_head"] == ("head_DV",)
+  # lora/merge.py still spells its own tables; until it reads these, they must agree.
+  assert merge.PARAM_KEYS == param_paths.lora_keys()
+  assert all(merge.adapter_key(t, f) == adapter_key(t, f) for t in LAYOUT for f in "AB")
+  assert set(spec.TARGETS) == set(LAYOUT)
 
 
 def _np(a):

@@ -17,22 +17,24 @@ from flax import nnx
 from mixtral_jax.attn import attend
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.kv_cache import LayerCache, NewTokens, write
-from mixtral_jax.inference.quantize import compute_weight
-from mixtral_jax.layers import apply_rope, param, rope_cos_sin
+from mixtral_jax.layers import apply_rope, rope_cos_sin
 from mixtral_jax.lora import adapters as lora
+from mixtral_jax.projection import Projection
 from mixtral_jax.sharding.rules import constrain
 
 
 class Attention(nnx.Module):
-  """q/k/v/o projections stored as [D, N, H], [D, K, H], [D, K, H], [N, H, D]."""
+  """q/k/v/o projections stored as [D, N, H], [D, K, H], [D, K, H], [N, H, D] (``mixtral_jax.param_paths``)."""
+
+  q = Projection("q", "btd,dnh->btnh")
+  k = Projection("k", "btd,dkh->btkh")
+  v = Projection("v", "btd,dkh->btkh")
+  # As one [N*H] contraction: a view of o_NHD, where "btnh,nhd" let XLA copy o into [H, N, D] order.
+  o = Projection("o", "bti,id->btd", flatten=True)
 
   def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs, lora_cfg=None):
-    D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
-    pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
-    self.q_DNH = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd, std=std)
-    self.k_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, std=std)
-    self.v_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, std=std)
-    self.o_NHD = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd, std=std)
+    for proj in (self.q, self.k, self.v, self.o):
+      proj.init(cfg, rngs)
     self.lora = lora.make("attn", cfg, lora_cfg)  # LoRA adapters on q, k, v, o (or None)
     self.cfg = cfg
 
@@ -53,12 +55,8 @@ class Attention(nnx.Module):
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     x_BTD = x_BTD.astype(dt)
-    q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, compute_weight(self, "q_DNH", dt))
-    k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, compute_weight(self, "k_DKH", dt))
-    v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, compute_weight(self, "v_DKH", dt))
-    q_BTNH = lora.add(self.lora, "q", x_BTD, q_BTNH, lora_key)  # LoRA: + (drop(x) A) B alpha/r (or no-op)
-    k_BTKH = lora.add(self.lora, "k", x_BTD, k_BTKH, lora_key)  # LoRA
-    v_BTKH = lora.add(self.lora, "v", x_BTD, v_BTKH, lora_key)  # LoRA
+    # x W (+ (drop(x) A) B alpha/r with a LoRA adapter), W dequantised if stored quantized.
+    q_BTNH, k_BTKH, v_BTKH = (proj(x_BTD, lora_key) for proj in (self.q, self.k, self.v))
     q_BTNH = constrain(q_BTNH, ("batch", "seq", "act_heads", None))
     cos, sin = rope_cos_sin(positions_BT, cfg.head_size, cfg.rope_theta)
     q_BTNH = apply_rope(q_BTNH, cos, sin)
@@ -79,8 +77,5 @@ class Attention(nnx.Module):
                       q_seg_BT=segment_ids_BT if kv_seg is not None else None, kv_seg_BS=kv_seg,
                       sliding_window=cfg.sliding_window, impl=cfg.attention_impl, block=cfg.attention_block,
                       index_aligned=cache is None, padded=valid_BT is not None)
-    # As one [N*H] contraction: a view of o_NHD, where "btnh,nhd" let XLA copy o into [H, N, D] order.
-    B, T, N, H = out_BTNH.shape
-    out_BTD = jnp.einsum("bti,id->btd", out_BTNH.reshape(B, T, N * H), compute_weight(self, "o_NHD", dt).reshape(N * H, -1))
-    out_BTD = lora.add(self.lora, "o", out_BTNH, out_BTD, lora_key)  # LoRA
+    out_BTD = self.o(out_BTNH, lora_key, dt)
     return out_BTD, new_cache

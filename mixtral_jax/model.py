@@ -22,10 +22,12 @@ from mixtral_jax.attention import Attention
 from mixtral_jax import kv_cache
 from mixtral_jax.kv_cache import KVCache, LayerCache, init_cache, rows_at_slots, written_positions  # noqa: F401  (re-exported)
 from mixtral_jax.config import MixtralConfig
-from mixtral_jax.inference.quantize import SCALE, compute_weight
-from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, param
+from mixtral_jax import param_paths
+from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, registry_param
 from mixtral_jax.lora import adapters as lora
 from mixtral_jax.moe import MoE
+from mixtral_jax.projection import Projection
+from mixtral_jax.quant import stored
 from mixtral_jax.sharding.rules import constrain
 
 # What to keep for the backward pass of each block (``MixtralConfig.remat``).
@@ -63,11 +65,12 @@ class Mixtral(nnx.Module):
 
   ``lora_cfg`` (a ``mixtral_jax.lora.LoraSection``) adds LoRA adapters (see ``mixtral_jax.lora``)."""
 
+  head = Projection("lm_head", "btd,dv->btv", lora_attr="lora_head")  # head_DV [D, V] and its adapter
+
   def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs, lora_cfg=None):
-    V, D, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
-    pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+    D, L, pd = cfg.hidden_size, cfg.num_hidden_layers, jnp.dtype(cfg.param_dtype)
     self.cfg = cfg
-    self.embed_VD = param(rngs, (V, D), ("vocab", "embed"), pd, std=std)
+    self.embed_VD = registry_param("embed", cfg, rngs)
 
     @nnx.split_rngs(splits=L)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_STACK_METADATA)
@@ -76,7 +79,7 @@ class Mixtral(nnx.Module):
 
     self.blocks = make_blocks(rngs)
     self.final_norm = RMSNorm(D, cfg.rms_norm_eps, pd)
-    self.head_DV = param(rngs, (D, V), ("embed", "vocab"), pd, std=std)
+    self.head.init(cfg, rngs)
     self.lora_head = lora.make("head", cfg, lora_cfg)  # LoRA adapter on the LM head (or None)
 
   # ------------------------------------------------------------------------------ forward pieces
@@ -127,8 +130,8 @@ class Mixtral(nnx.Module):
     """(h, W) with ``logits = h @ W``: the final hidden states and LM head weight [D, V] in the compute
     dtype, with the head's LoRA adapter folded in if there is one (``lora.head_operands``)."""
     dt = jnp.dtype(self.cfg.dtype)
-    w_DV = compute_weight(self, "head_DV", jnp.dtype(self.cfg.param_dtype)).astype(dt)
-    return lora.head_operands(self.lora_head, h_BTD.astype(dt), w_DV, lora_key)
+    w_DV = self.head.operand(jnp.dtype(self.cfg.param_dtype)).astype(dt)
+    return self.head.head_operands(h_BTD.astype(dt), w_DV, lora_key)
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     h, w = self.head_operands(h_BTD)
@@ -224,9 +227,8 @@ def layer_views(model: Mixtral) -> list:
   (device,) = {d for a in leaves for d in a.devices()}
   stacked = [np.asarray(a) for a in leaves]  # zero-copy on CPU
   moe = state["moe"]
-  # A quantized expert is an (int8 values, scale) pair (see mixtral_jax.inference.quantize.as_compute).
-  experts = [(np.asarray(moe[name][...]), np.asarray(moe[name + SCALE][...])) if name + SCALE in moe
-             else np.asarray(moe[name][...]) for name in ("w1_EDF", "w3_EDF", "w2_EFD")]
+  # A quantized expert is a (values, {suffix: array}) pair (see mixtral_jax.quant.as_compute).
+  experts = [jax.tree.map(np.asarray, stored(moe, param_paths.attr(id_))) for id_ in param_paths.EXPERT_IDS]
   E = model.cfg.num_local_experts
   out = []
   for i in range(model.cfg.num_hidden_layers):
@@ -238,7 +240,7 @@ def layer_views(model: Mixtral) -> list:
 
 
 def _at(w, i, e):
-  return (w[0][i, e], w[1][i, e]) if isinstance(w, tuple) else w[i, e]
+  return jax.tree.map(lambda a: a[i, e], w)
 
 
 def _layer(blocks: Block, i: int) -> Block:

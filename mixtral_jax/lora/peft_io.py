@@ -34,7 +34,7 @@ import numpy as np
 
 from mixtral_jax.config import MixtralConfig
 
-from .merge import Factors
+from .factors import Factors
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."

@@ -20,7 +20,7 @@ from mixtral_jax.lora.peft_io import write_peft
 from mixtral_jax.model import Mixtral
 from mixtral_jax.params import param_shardings
 from mixtral_jax.sharding import make_mesh
-from reference import TINY, hf_logits, hf_model, save_hf
+from reference import TINY
 
 CFG = MixtralConfig(**{**TINY, "num_hidden_layers": 2, "intermediate_size": 96}, moe_block=8)
 ALL = LoraSection(rank=4, alpha=8.0, targets=TARGETS)
@@ -124,7 +124,7 @@ def test_per_expert_adapters_on_expert_meshes_equal_single_device(single_device_
 
 
 @pytest.fixture(scope="module")
-def hf_base(tmp_path_factory):
+def hf_base(hf_model, save_hf, tmp_path_factory):
   """A random transformers Mixtral saved as a Hub directory, and our model loaded from it."""
   hf = hf_model(seed=0, num_hidden_layers=2, intermediate_size=96)
   path = save_hf(hf, tmp_path_factory.mktemp("hf") / "base")
@@ -138,7 +138,7 @@ def _ids():
   return np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 11)).astype(np.int32)
 
 
-def test_peft_made_adapter_loads_into_ours(hf_base, tmp_path):
+def test_peft_made_adapter_loads_into_ours(hf_logits, hf_model, hf_base, tmp_path):
   import peft
   import torch
 
@@ -159,7 +159,7 @@ def test_peft_made_adapter_loads_into_ours(hf_base, tmp_path):
   assert _rel(ours, hf_logits(hf, ids)[0]) > 1e-3  # the adapter matters
 
 
-def test_ours_to_peft_and_merged_export_match_transformers(hf_base, tmp_path):
+def test_ours_to_peft_and_merged_export_match_transformers(hf_logits, hf_model, hf_base, tmp_path):
   import peft
   import transformers
 

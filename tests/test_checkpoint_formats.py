@@ -15,6 +15,8 @@ import mixtral_jax
 from mixtral_jax import checkpoint
 from mixtral_jax.cli import main as cli
 
+pytestmark = pytest.mark.slow
+
 IDS = np.random.default_rng(1).integers(0, TINY["vocab_size"], (8, 7)).astype(np.int32)
 forward = nnx.jit(lambda model, ids: model(ids))
 

@@ -16,6 +16,8 @@ from mixtral_jax.eval.text_perplexity import against_context, strided
 from mixtral_jax.eval.routing import router_logits, routing_stats, uniform_baselines
 from mixtral_jax.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def models(hf_model, save_hf_with_tokenizer, tmp_path_factory):

@@ -9,6 +9,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from mixtral_jax.eval.harness import HarnessLM, run_tasks, task_manager  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 TASKS = ["mixtral_jax_demo_choice", "mixtral_jax_demo_rolling", "mixtral_jax_demo_generate"]
 
 

@@ -15,6 +15,8 @@ from reference import TINY, VARIANTS
 
 import mixtral_jax
 
+pytestmark = pytest.mark.slow
+
 IDS = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 11)).astype(np.int32)
 # Compiled once per config: models loaded from different files of one config reuse it.
 forward = nnx.jit(lambda model, ids: model(ids, return_router_logits=True))

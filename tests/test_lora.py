@@ -138,6 +138,7 @@ def _ids():
   return np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 11)).astype(np.int32)
 
 
+@pytest.mark.slow
 def test_peft_made_adapter_loads_into_ours(hf_logits, hf_model, hf_base, tmp_path):
   import peft
   import torch
@@ -159,6 +160,7 @@ def test_peft_made_adapter_loads_into_ours(hf_logits, hf_model, hf_base, tmp_pat
   assert _rel(ours, hf_logits(hf, ids)[0]) > 1e-3  # the adapter matters
 
 
+@pytest.mark.slow
 def test_ours_to_peft_and_merged_export_match_transformers(hf_logits, hf_model, hf_base, tmp_path):
   import peft
   import transformers
@@ -184,6 +186,7 @@ def test_ours_to_peft_and_merged_export_match_transformers(hf_logits, hf_model, 
   assert _rel(hf_logits(hf_merged, ids)[0], ours) <= 1e-5
 
 
+@pytest.mark.slow
 def test_unmappable_or_mismatched_adapters_are_refused(hf_base, tmp_path):
   from safetensors.numpy import save_file
 

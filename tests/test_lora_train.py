@@ -26,6 +26,8 @@ from mixtral_jax.sharding.mesh import make_mesh
 from test_train_e2e import RUN, chat_lines, metrics
 from test_train_loop import compilation_cache
 
+pytestmark = pytest.mark.slow
+
 STEPS = 4
 DROPOUT = 0.1  # PEFT dropout on the adapters' inputs: the resumed run must draw the same masks
 

@@ -30,6 +30,8 @@ from mixtral_jax.train import loop
 from mixtral_jax.train.checkpointing import CheckpointError, Checkpointer
 from test_train_loop import compilation_cache, small_config
 
+pytestmark = pytest.mark.slow
+
 T = 32  # continue-pretrain sequence length
 ROWS = 16  # rows of the continue-pretrain corpus: exactly one batch, so batch 1 is all of them
 HEAD_SCALE = 8.0  # sharpens the checkpoint's predictions: its loss (about 12) is its own, not ln V

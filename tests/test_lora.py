@@ -70,6 +70,7 @@ def test_run_config_rejects_bad_lora_before_compiling():
 # ------------------------------------------------------------------------------------ model level
 
 
+@pytest.mark.slow
 def test_step0_is_the_base_model_and_adapters_change_it():
   base = Mixtral(CFG, rngs=nnx.Rngs(0))
   ids = jax.random.randint(jax.random.key(1), (2, 9), 0, CFG.vocab_size)
@@ -102,6 +103,7 @@ def single_device_lora():
   return adapters, base_state, ids, logits, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec", ["expert=4", "data=2,expert=4"])
 def test_per_expert_adapters_on_expert_meshes_equal_single_device(single_device_lora, mesh_spec):
   adapters, base_state, ids, ref_logits, ref_grads = single_device_lora
@@ -243,6 +245,7 @@ def test_plan_analytic_and_mfu_flops_are_lora_aware():
   assert diff == pytest.approx(2 * frozen - 6 * active, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_dropout_only_with_a_key_and_rate_zero_changes_nothing(single_device_lora):
   """The step's loss with adapter dropout: a key changes it (and another key differently); with
   lora.dropout = 0 a key changes nothing, bit for bit (the no-dropout program)."""

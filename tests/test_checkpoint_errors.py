@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from reference import hf_model, save_hf
 from safetensors.numpy import load_file, save_file
 
 import mixtral_jax
@@ -19,7 +18,7 @@ SMALL = dict(num_hidden_layers=2, vocab_size=300)
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
+def pristine(hf_model, save_hf, tmp_path_factory):
   root = tmp_path_factory.mktemp("pristine")
   hf = hf_model(seed=2, **SMALL)
   save_hf(hf, root / "single")

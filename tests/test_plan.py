@@ -28,6 +28,7 @@ def _run_plan(tmp_path, preset, mesh, *extra):
   return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.subprocess_cli
 @pytest.mark.parametrize("preset,mesh,fsdp,expert,device", [
     ("mixtral-8x7b", "data=2,fsdp=4,expert=8", 4, 8, "v5e"),
     ("mixtral-8x22b", "fsdp=8,expert=8", 8, 8, "h100"),
@@ -93,6 +94,7 @@ def test_expert_mesh_holds_an_eighth_of_every_weight():
     assert math.prod(shard) * 8 == math.prod(var.shape), (path, var.shape, shard)
 
 
+@pytest.mark.subprocess_cli
 def test_cli_error_without_enough_devices_names_simulate(tmp_path):
   """When JAX already runs (here: in a process that has started its 8 CPU devices) and the mesh needs
   more, the error says what to add."""

@@ -22,6 +22,8 @@ from mixtral_jax.train.plan import compile_or_verdict
 from mixtral_jax.train.step import build_train_step
 from reference import TINY
 
+pytestmark = pytest.mark.libtpu
+
 # Small enough to compile for TPU in seconds; bf16 compute as in training at scale.
 CFG = MixtralConfig(**{**TINY, "num_hidden_layers": 2, "vocab_size": 512}, dtype="bfloat16", remat="full")
 BATCH, SEQ = 8, 128

@@ -10,8 +10,8 @@ import pytest
 
 from mixtral_jax.config import get_config
 from mixtral_jax.params import param_counts
-from mixtral_jax.train.plan import hlo_stats
-from mixtral_jax.train.topology import DEVICE_MEMORY
+from mixtral_jax.train.plan.hlo_stats import hlo_stats
+from mixtral_jax.train.plan.topology import DEVICE_MEMORY
 
 
 def _run_plan(tmp_path, preset, mesh, *extra):
@@ -100,7 +100,7 @@ def test_cli_error_without_enough_devices_names_simulate(tmp_path):
 
   import jax
 
-  from mixtral_jax.train.plan import target_devices
+  from mixtral_jax.train.plan.training import target_devices
 
   assert jax.device_count() == 8
   with pytest.raises(ValueError, match="add --simulate"):
@@ -111,7 +111,7 @@ def test_plan_generate_kv_cache_and_peaks():
   """Serving plan on tensor=2,expert=4 (8 CPU devices): the KV cache and parameter shards equal the
   closed form, and both programs report their peak from the compiler's memory analysis."""
   from mixtral_jax.sharding import make_mesh
-  from mixtral_jax.train.plan_serve import plan_serving
+  from mixtral_jax.train.plan.serving import plan_serving
 
   cfg = get_config("tiny", num_hidden_layers=2, vocab_size=512)
   B, S = 4, 64

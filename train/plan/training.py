@@ -78,7 +78,7 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
     params = trained = _state_bytes(nnx.state(abstract_model(cfg), nnx.Param), mesh, pbytes)
     base = 0.0  # no frozen weights
   else:
-    from .step import _param_template  # noqa: PLC0415
+    from ..step import _param_template  # noqa: PLC0415
     _, adapters, frozen = _param_template(cfg, lora)
     base = _state_bytes(frozen, mesh, cbytes)
     trained = _state_bytes(adapters, mesh, 4)
@@ -348,7 +348,7 @@ def plan_main(args) -> int:
   if args.topology and args.simulate:
     raise ValueError("--topology compiles for TPU devices; drop --simulate")
   if args.generate:
-    from .plan_serve import serve_main  # noqa: PLC0415
+    from .serving import serve_main  # noqa: PLC0415
     return serve_main(args, count)
   cfg = model_config(args)
   devices = target_devices(args, count)

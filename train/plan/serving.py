@@ -35,7 +35,7 @@ from mixtral_jax.sampling import Sampling
 from mixtral_jax.sharding.mesh import format_mesh, make_mesh
 
 from . import topology
-from .plan import GiB, compile_or_verdict, fit_lines, model_config, shard_bytes, target_devices, _header
+from .training import GiB, compile_or_verdict, fit_lines, model_config, shard_bytes, target_devices, _header
 
 BATCH_AXES = ("data", "fsdp", "expert")
 

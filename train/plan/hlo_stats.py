@@ -7,9 +7,14 @@ trip counts of the ``while`` loops around it), and sums:
   compiler writes most matmuls as convolutions inside fusions: 2 x the multiply-adds of the window,
   counting only kernel positions that land on real, non-padding input, as XLA's own cost analysis);
 * bytes and count of ``all-to-all``; count and output-buffer bytes of ``ragged-all-to-all`` (its real
-  traffic depends on the routing; the buffer is the worst case);
+  traffic depends on the routing; the buffer is the worst case). An async collective is a
+  ``-start``/``-done`` pair (XLA:GPU writes every all-to-all so); it is counted once, at its ``-done``,
+  whose type is the output alone: the ``-start``'s type is a tuple of the input *and* output buffers,
+  and summing it counted every GPU all-to-all twice (the "2x analytic" capacity figure of issue 18);
 * custom calls by target (``tpu_custom_call`` is a Mosaic/Pallas kernel, whose FLOPs are not counted),
-  and the Mosaic kernels by name (``splash_mha_fwd_segmented_residuals``, ``ragged-dot-none``, ...).
+  the Mosaic kernels by name (``splash_mha_fwd_segmented_residuals``, ``ragged-dot-none``, ...), and
+  ``kernels``: the fused kernels in words (cuDNN attention, Triton and Mosaic GPU kernels such as
+  tokamax's grouped GEMM, TPU Mosaic kernels, ragged all-to-all).
 
 Trip counts: XLA:CPU/GPU print ``known_trip_count`` in the loop's backend config. The TPU compiler
 does not; there the count is read from the loop condition, ``counter < constant`` (JAX's scans and
@@ -35,6 +40,14 @@ _CALLEES = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+# Custom-call target prefix -> what the kernel is, for ``kernels``.
+_KERNEL_KINDS = (("__cudnn$fmha", "cuDNN fused attention"), ("__gpu$xla.gpu.triton", "Triton kernel"),
+                 ("mosaic_gpu", "Mosaic GPU kernel"), ("tpu_custom_call", "TPU Mosaic kernel"))
+
+
+def kernel_kind(target: str) -> str | None:
+  """'cuDNN fused attention' for ``__cudnn$fmhaSoftmax``, ...; None for a target that is not a fused kernel."""
+  return next((kind for prefix, kind in _KERNEL_KINDS if target.startswith(prefix)), None)
 
 
 def arrays(text: str):
@@ -169,7 +182,8 @@ def hlo_stats(hlo: str) -> dict:
   """Trip-count-weighted FLOPs and collective traffic of an optimised HLO module's text.
 
   Returns {flops, all_to_all_bytes, all_to_all_ops, ragged_all_to_all_ops, ragged_all_to_all_buffer_bytes,
-  custom_calls: {target: count}, mosaic_kernels: {name: count}, unknown_trip_loops}. A computation's weight is the sum over its call
+  custom_calls: {target: count}, mosaic_kernels: {name: count}, kernels: {description: count},
+  unknown_trip_loops}. A computation's weight is the sum over its call
   sites of the caller's weight times the site's trip count (1 for fusions, calls and branches, so
   branches count as if all ran).
   """
@@ -221,23 +235,27 @@ def hlo_stats(hlo: str) -> dict:
     return weights[c]
 
   out = {"flops": 0, "all_to_all_bytes": 0, "all_to_all_ops": 0, "ragged_all_to_all_ops": 0,
-         "ragged_all_to_all_buffer_bytes": 0, "custom_calls": {}, "mosaic_kernels": {},
+         "ragged_all_to_all_buffer_bytes": 0, "custom_calls": {}, "mosaic_kernels": {}, "kernels": {},
          "unknown_trip_loops": unknown}
   for comp, op, type_text, rest, name in instrs:
     if op == "dot":
       out["flops"] += weight(comp) * _dot_flops(type_text, rest, shapes)
     elif op == "convolution":
       out["flops"] += weight(comp) * _conv_flops(type_text, rest, shapes)
-    elif op in ("all-to-all", "all-to-all-start"):
+    elif op in ("all-to-all", "all-to-all-done"):  # not -start: its type holds the input buffers too
       out["all_to_all_bytes"] += weight(comp) * nbytes(arrays(type_text))
       out["all_to_all_ops"] += weight(comp)
-    elif op in ("ragged-all-to-all", "ragged-all-to-all-start"):
+    elif op in ("ragged-all-to-all", "ragged-all-to-all-done"):
       out["ragged_all_to_all_ops"] += weight(comp)
       out["ragged_all_to_all_buffer_bytes"] += weight(comp) * nbytes(arrays(type_text)[:1])
     elif op == "custom-call":
       target = _CUSTOM_TARGET.search(rest)
       if target:
         out["custom_calls"][target.group(1)] = out["custom_calls"].get(target.group(1), 0) + weight(comp)
+        kind = kernel_kind(target.group(1))
+        if kind:
+          label = f"{kind} ({target.group(1)})"
+          out["kernels"][label] = out["kernels"].get(label, 0) + weight(comp)
       if target and target.group(1) == "tpu_custom_call":
         kernel = re.sub(r"(\.\d+)+$", "", name)
         out["mosaic_kernels"][kernel] = out["mosaic_kernels"].get(kernel, 0) + weight(comp)

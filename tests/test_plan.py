@@ -34,7 +34,7 @@ def _run_plan(tmp_path, preset, mesh, *extra):
 ])
 def test_plan_full_presets_on_64_devices(tmp_path, preset, mesh, fsdp, expert, device):
   result, stdout = _run_plan(tmp_path, preset, mesh, "--device", device)
-  assert "(64 x cpu)" in stdout  # simulated by itself
+  assert "(64 x cpu: XLA:CPU simulation" in stdout  # simulated by itself, and labelled so
   c, a = result["compiled"], result["analytic"]
   # The peak from the compiler's own memory analysis, and the verdict against the device's memory.
   assert c["peak_bytes"] == c["argument_bytes"] + c["output_bytes"] - c["alias_bytes"] + c["temp_bytes"]

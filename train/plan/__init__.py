@@ -8,6 +8,7 @@ Modules, imported one way (``commands`` -> ``training``/``serving`` -> ``compili
 optimised HLO text).
 """
 
+from . import compiling, topology  # noqa: F401
 from .commands import plan_example, plan_main, plan_parser  # noqa: F401
 from .compiling import compile_or_verdict, shard_bytes  # noqa: F401
 from .hlo_stats import hlo_stats  # noqa: F401

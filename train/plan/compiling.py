@@ -86,16 +86,7 @@ def _accelerator_possible() -> bool:
 def topology_devices(name: str, count: int):
   """The first ``count`` compile-only devices of ``--topology`` (TPU slice or NVIDIA GPUs); a mesh larger
   than the topology is refused."""
-  if topology.is_gpu_topology(name):
-    from jax._src import xla_bridge  # noqa: PLC0415  (the only way to ask without starting a backend)
-
-    # No GPU here: keep JAX's own backend on the CPU, so nothing starts (or fails) on a missing card;
-    # the CUDA plugin still makes compile-only devices for the target.
-    if not xla_bridge.backends_are_initialized() and not os.path.exists("/dev/nvidiactl"):
-      jax.config.update("jax_platforms", "cpu")
-    devices = topology.gpu_devices(name)
-  else:
-    devices = topology.tpu_devices(name)
+  devices = topology.gpu_devices(name) if topology.is_gpu_topology(name) else topology.tpu_devices(name)
   if count > len(devices):
     raise ValueError(f"the mesh needs {count} devices but --topology {name} has {len(devices)}; "
                      f"choose a larger topology or a smaller --mesh")

@@ -100,12 +100,16 @@ def _operand_shape(text: str, shapes: dict) -> tuple[int, ...] | None:
   return known[0][1] if known else None
 
 
-def _dot_flops(type_text, rest, shapes) -> int:
+def _contracted(rest, shapes) -> int:
+  """The contracted size of a dot (product of the lhs contracting dims; 0 when the lhs is unknown)."""
   lhs = _operand_shape(_operands(rest)[0], shapes)
   m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
   dims = [int(d) for d in m.group(1).split(",") if d] if m else []
-  contracted = math.prod(lhs[d] for d in dims) if lhs is not None else 0
-  return 2 * math.prod(arrays(type_text)[0][1]) * contracted
+  return math.prod(lhs[d] for d in dims) if lhs is not None else 0
+
+
+def _dot_flops(type_text, rest, shapes) -> int:
+  return 2 * math.prod(arrays(type_text)[0][1]) * _contracted(rest, shapes)
 
 
 def _valid_pairs(in_size, out_size, size, stride, lo, lhs_dil, rhs_dil) -> int:
@@ -183,7 +187,8 @@ def hlo_stats(hlo: str) -> dict:
 
   Returns {flops, all_to_all_bytes, all_to_all_ops, ragged_all_to_all_ops, ragged_all_to_all_buffer_bytes,
   custom_calls: {target: count}, mosaic_kernels: {name: count}, kernels: {description: count},
-  unknown_trip_loops}. A computation's weight is the sum over its call
+  dot_contracted_sizes: {contracted size: count} (an expanded grouped matmul shows as a dot contracting
+  groups x features), unknown_trip_loops}. A computation's weight is the sum over its call
   sites of the caller's weight times the site's trip count (1 for fusions, calls and branches, so
   branches count as if all ran).
   """
@@ -236,10 +241,12 @@ def hlo_stats(hlo: str) -> dict:
 
   out = {"flops": 0, "all_to_all_bytes": 0, "all_to_all_ops": 0, "ragged_all_to_all_ops": 0,
          "ragged_all_to_all_buffer_bytes": 0, "custom_calls": {}, "mosaic_kernels": {}, "kernels": {},
-         "unknown_trip_loops": unknown}
+         "dot_contracted_sizes": {}, "unknown_trip_loops": unknown}
   for comp, op, type_text, rest, name in instrs:
     if op == "dot":
       out["flops"] += weight(comp) * _dot_flops(type_text, rest, shapes)
+      size = _contracted(rest, shapes)
+      out["dot_contracted_sizes"][size] = out["dot_contracted_sizes"].get(size, 0) + weight(comp)
     elif op == "convolution":
       out["flops"] += weight(comp) * _conv_flops(type_text, rest, shapes)
     elif op in ("all-to-all", "all-to-all-done"):  # not -start: its type holds the input buffers too

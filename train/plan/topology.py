@@ -119,14 +119,21 @@ def gpu_devices(name: str):
 
     raise ValueError(f"--topology {name}: compiling for NVIDIA GPUs needs JAX's CUDA plugin; install it with "
                      f'pip install "jax[cuda12]=={jax.__version__}"')
+  import jax  # noqa: PLC0415
+  from jax._src import xla_bridge  # noqa: PLC0415  (the only way to ask without starting a backend)
   from jax.experimental import topologies  # noqa: PLC0415
 
+  # With no GPU here the plugin's start-up check (cuInit) fails unless JAX's own backend is the CPU; the
+  # plugin still makes compile-only devices for the target.
+  if not xla_bridge.backends_are_initialized() and not os.path.exists("/dev/nvidiactl"):
+    jax.config.update("jax_platforms", "cpu")
   try:
     desc = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(card),
                                         topology=f"1x{hosts}x{gpus}")
-  except Exception as e:  # noqa: BLE001 - a plugin that does not match jax, or refuses the target config
+  except Exception as e:  # noqa: BLE001 - the plugin failed to start, or refuses the target config
     raise ValueError(f"--topology {name}: the CUDA plugin cannot make compile-only devices "
-                     f"({str(e).splitlines()[0][:200]}); reinstall it to match jax") from None
+                     f"({str(e).splitlines()[0][:200]}); on a host without a GPU run with JAX_PLATFORMS=cpu "
+                     f"in a fresh process") from None
   return list(desc.devices)
 
 

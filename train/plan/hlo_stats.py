@@ -239,31 +239,38 @@ def hlo_stats(hlo: str) -> dict:
       weights[c] = (1 if c == entry else 0) + sum(weight(p) * n for p, n in edges.get(c, ()))
     return weights[c]
 
+  return _tally(instrs, shapes, weight, unknown)
+
+
+def _tally(instrs, shapes, weight, unknown: int) -> dict:
+  """Sums FLOPs, collectives and kernels over ``instrs``, each instruction weighted by its computation's
+  run count ``weight(computation)``."""
   out = {"flops": 0, "all_to_all_bytes": 0, "all_to_all_ops": 0, "ragged_all_to_all_ops": 0,
          "ragged_all_to_all_buffer_bytes": 0, "custom_calls": {}, "mosaic_kernels": {}, "kernels": {},
          "dot_contracted_sizes": {}, "unknown_trip_loops": unknown}
   for comp, op, type_text, rest, name in instrs:
+    w = weight(comp)
     if op == "dot":
-      out["flops"] += weight(comp) * _dot_flops(type_text, rest, shapes)
+      out["flops"] += w * _dot_flops(type_text, rest, shapes)
       size = _contracted(rest, shapes)
-      out["dot_contracted_sizes"][size] = out["dot_contracted_sizes"].get(size, 0) + weight(comp)
+      out["dot_contracted_sizes"][size] = out["dot_contracted_sizes"].get(size, 0) + w
     elif op == "convolution":
-      out["flops"] += weight(comp) * _conv_flops(type_text, rest, shapes)
+      out["flops"] += w * _conv_flops(type_text, rest, shapes)
     elif op in ("all-to-all", "all-to-all-done"):  # not -start: its type holds the input buffers too
-      out["all_to_all_bytes"] += weight(comp) * nbytes(arrays(type_text))
-      out["all_to_all_ops"] += weight(comp)
+      out["all_to_all_bytes"] += w * nbytes(arrays(type_text))
+      out["all_to_all_ops"] += w
     elif op in ("ragged-all-to-all", "ragged-all-to-all-done"):
-      out["ragged_all_to_all_ops"] += weight(comp)
-      out["ragged_all_to_all_buffer_bytes"] += weight(comp) * nbytes(arrays(type_text)[:1])
+      out["ragged_all_to_all_ops"] += w
+      out["ragged_all_to_all_buffer_bytes"] += w * nbytes(arrays(type_text)[:1])
     elif op == "custom-call":
       target = _CUSTOM_TARGET.search(rest)
       if target:
-        out["custom_calls"][target.group(1)] = out["custom_calls"].get(target.group(1), 0) + weight(comp)
+        out["custom_calls"][target.group(1)] = out["custom_calls"].get(target.group(1), 0) + w
         kind = kernel_kind(target.group(1))
         if kind:
           label = f"{kind} ({target.group(1)})"
-          out["kernels"][label] = out["kernels"].get(label, 0) + weight(comp)
+          out["kernels"][label] = out["kernels"].get(label, 0) + w
       if target and target.group(1) == "tpu_custom_call":
         kernel = re.sub(r"(\.\d+)+$", "", name)
-        out["mosaic_kernels"][kernel] = out["mosaic_kernels"].get(kernel, 0) + weight(comp)
+        out["mosaic_kernels"][kernel] = out["mosaic_kernels"].get(kernel, 0) + w
   return out

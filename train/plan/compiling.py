@@ -162,11 +162,12 @@ def header(args, cfg, mesh, extra: str) -> str:
           f"{cfg.dtype} compute, {cfg.param_dtype} params, capacity factor {cfg.capacity_factor or 'dropless'}")
 
 
-def kernel_lines(figures: dict) -> list[str]:
-  """The kernels ``hlo_stats`` found, in words (their FLOPs are not in the HLO count)."""
+def kernel_lines(figures: dict, ragged: bool = True) -> list[str]:
+  """The kernels ``hlo_stats`` found, in words (their FLOPs are not in the HLO count); ``ragged``: with
+  the count of ragged all-to-alls."""
   lines = [f"  kernel: {name}: {n} per program (its FLOPs are not in the HLO count)"
            for name, n in figures.get("kernels", {}).items()]
-  if figures.get("ragged_all_to_all_ops"):
+  if ragged and figures.get("ragged_all_to_all_ops"):
     lines.append(f"  kernel: ragged all-to-all: {figures['ragged_all_to_all_ops']} per program")
   return lines
 

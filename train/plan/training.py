@@ -217,7 +217,7 @@ def train_main(args, count: int) -> int:
     if c["ragged_all_to_all_ops"]:
       print(f"  ragged-all-to-all: {c['ragged_all_to_all_ops']} per step, worst-case buffers "
             f"{c['ragged_all_to_all_buffer_bytes'] / GiB:.3f} GiB (the traffic itself follows the routing)")
-    for line in kernel_lines(c):
+    for line in kernel_lines(c, ragged=False):  # the ragged all-to-all line above has the count
       print(line)
     print("  (analytic temporaries: gradients and update plus a rough sum of saved residuals, one layer's attention "
           "scores and MoE buffers; all-to-all counts forward, remat and backward exchanges)")

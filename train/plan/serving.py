@@ -19,7 +19,6 @@ layout. Serving is dropless (no capacity factor): generation must not drop token
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax

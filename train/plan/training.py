@@ -51,7 +51,7 @@ from mixtral_jax.sharding.mesh import format_mesh, make_mesh
 from mixtral_jax.sharding.rules import logical_to_spec
 
 from . import topology
-from .compiling import (GiB, compile_or_verdict, compiler_label, fit_lines, header, kernel_lines, model_config,
+from .compiling import (GiB, compile_or_verdict, fit_lines, header, kernel_lines, model_config,
                         shard_bytes, target_devices)
 
 # ------------------------------------------------------------------------------------ analytic side

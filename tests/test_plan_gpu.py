@@ -122,8 +122,8 @@ def test_train_step_capacity_on_h100x8(h100):
 
 def test_train_step_dropless_uses_fused_kernels(h100):
   """Dropless expert parallelism on 8 H100s (attention "auto", packed rows): ragged all-to-all, a fused
-  attention kernel, a grouped-GEMM kernel, and no dense dot contracting every local expert's features
-  (the expansion of lax.ragged_dot on XLA:GPU). Fails until issue 18's GPU kernels are merged."""
+  attention kernel, a grouped-GEMM kernel, and no dense dot over every expert (the expansion of
+  lax.ragged_dot on XLA:GPU). Fails until issue 18's GPU kernels are merged (today: the dense dots)."""
   cfg = CFG.replace(capacity_factor=None, moe_impl="auto", attention_impl="auto")
   mesh = make_mesh("data=2,expert=4", devices=h100, num_experts=8)
   text = _train_text(cfg, mesh)
@@ -134,6 +134,10 @@ def test_train_step_dropless_uses_fused_kernels(h100):
   expanded = {g * n for g in (cfg.num_local_experts // 4, cfg.num_local_experts)
               for n in (cfg.hidden_size, cfg.intermediate_size, 2 * cfg.intermediate_size)}
   assert not expanded & set(stats["dot_contracted_sizes"]), stats["dot_contracted_sizes"]
+  # Nor a dot that XLA made of a ragged_dot: on XLA:GPU that is a batched dot of every group over every
+  # row, then a sum over the groups (f32[groups, rows, F] here); a grouped GEMM is a kernel, not a dot.
+  dense = [line for line in text.splitlines() if " dot(" in line and "ragged_dot" in line]
+  assert not dense, dense[0][:300]
   targets = _targets(text)
   assert any(t.startswith(GROUPED_GEMM) for t in targets), targets
   assert any(t.startswith(FUSED_ATTENTION) for t in targets), targets

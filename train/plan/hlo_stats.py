@@ -19,7 +19,9 @@ trip counts of the ``while`` loops around it), and sums:
 Trip counts: XLA:CPU/GPU print ``known_trip_count`` in the loop's backend config. The TPU compiler
 does not; there the count is read from the loop condition, ``counter < constant`` (JAX's scans and
 ``fori_loop``s start their counter at 0 and step by 1). A loop whose bound is data (the blocked
-dropless kernel's ``while_loop``) is counted once and reported in ``unknown_trip_loops``.
+dropless kernel's ``while_loop``, blockwise attention's live key blocks) is counted once and reported
+in ``unknown_trip_loops``, with the FLOPs of its body in ``unknown_trip_flops``; ``plan`` scales
+blockwise attention's by the key blocks a causal (or windowed) query block visits on average.
 
 Why not ``compiled.cost_analysis()["flops"]``: it counts each loop body once, so a scanned layer
 stack of L layers is counted as one layer (and a gradient-accumulation scan as one microbatch).
@@ -188,7 +190,7 @@ def hlo_stats(hlo: str) -> dict:
   Returns {flops, all_to_all_bytes, all_to_all_ops, ragged_all_to_all_ops, ragged_all_to_all_buffer_bytes,
   custom_calls: {target: count}, mosaic_kernels: {name: count}, kernels: {description: count},
   dot_contracted_sizes: {contracted size: count} (an expanded grouped matmul shows as a dot contracting
-  groups x features), unknown_trip_loops}. A computation's weight is the sum over its call
+  groups x features), unknown_trip_loops, unknown_trip_flops (the FLOPs inside those loops, counted once)}. A computation's weight is the sum over its call
   sites of the caller's weight times the site's trip count (1 for fusions, calls and branches, so
   branches count as if all ran).
   """
@@ -225,11 +227,13 @@ def hlo_stats(hlo: str) -> dict:
       for callee in group.split(","):
         edges.setdefault(callee.strip().lstrip("%"), []).append((comp, 1))
 
-  unknown = 0
+  unknown_bodies = set()
   for caller, body, cond, known in bodies:
     trip = int(known) if known is not None else _trip_from_condition(comp_lines.get(cond, []))
-    unknown += trip is None
+    if trip is None:
+      unknown_bodies.add(body)
     edges.setdefault(body, []).append((caller, trip or 1))
+  unknown = len(unknown_bodies)
 
   weights: dict[str, int] = {}
 
@@ -239,23 +243,34 @@ def hlo_stats(hlo: str) -> dict:
       weights[c] = (1 if c == entry else 0) + sum(weight(p) * n for p, n in edges.get(c, ()))
     return weights[c]
 
-  return _tally(instrs, shapes, weight, unknown)
+  inside: dict[str, bool] = {}
+
+  def in_unknown_loop(c: str) -> bool:
+    """Whether ``c`` runs inside the body of a loop whose trip count is data (counted once)."""
+    if c not in inside:
+      inside[c] = False  # first: a cycle (none in HLO) cannot recurse forever
+      inside[c] = c in unknown_bodies or any(in_unknown_loop(p) for p, _ in edges.get(c, ()))
+    return inside[c]
+
+  return _tally(instrs, shapes, weight, unknown, in_unknown_loop)
 
 
-def _tally(instrs, shapes, weight, unknown: int) -> dict:
+def _tally(instrs, shapes, weight, unknown: int, in_unknown_loop) -> dict:
   """Sums FLOPs, collectives and kernels over ``instrs``, each instruction weighted by its computation's
-  run count ``weight(computation)``."""
+  run count ``weight(computation)``; FLOPs inside loops of data-dependent trip count (counted once) are
+  also summed apart, so a caller that knows the expected trips can scale them."""
   out = {"flops": 0, "all_to_all_bytes": 0, "all_to_all_ops": 0, "ragged_all_to_all_ops": 0,
          "ragged_all_to_all_buffer_bytes": 0, "custom_calls": {}, "mosaic_kernels": {}, "kernels": {},
-         "dot_contracted_sizes": {}, "unknown_trip_loops": unknown}
+         "dot_contracted_sizes": {}, "unknown_trip_loops": unknown, "unknown_trip_flops": 0}
   for comp, op, type_text, rest, name in instrs:
     w = weight(comp)
+    if op in ("dot", "convolution"):
+      flops = w * (_dot_flops if op == "dot" else _conv_flops)(type_text, rest, shapes)
+      out["flops"] += flops
+      out["unknown_trip_flops"] += flops if in_unknown_loop(comp) else 0
     if op == "dot":
-      out["flops"] += w * _dot_flops(type_text, rest, shapes)
       size = _contracted(rest, shapes)
       out["dot_contracted_sizes"][size] = out["dot_contracted_sizes"].get(size, 0) + w
-    elif op == "convolution":
-      out["flops"] += w * _conv_flops(type_text, rest, shapes)
     elif op in ("all-to-all", "all-to-all-done"):  # not -start: its type holds the input buffers too
       out["all_to_all_bytes"] += w * nbytes(arrays(type_text))
       out["all_to_all_ops"] += w

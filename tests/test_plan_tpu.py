@@ -15,10 +15,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.sharding.mesh import make_mesh
-from mixtral_jax.train import topology
+from mixtral_jax.train.plan import topology
 from mixtral_jax.train.config import TrainConfig
-from mixtral_jax.train.hlo_stats import hlo_stats
-from mixtral_jax.train.plan import compile_or_verdict
+from mixtral_jax.train.plan.hlo_stats import hlo_stats
+from mixtral_jax.train.plan.training import compile_or_verdict
 from mixtral_jax.train.step import build_train_step
 from reference import TINY
 

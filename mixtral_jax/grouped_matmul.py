@@ -1,0 +1,92 @@
+"""The grouped matmul under the dropless expert kernels: ``x_MK @ w_GKN`` with rows in G contiguous groups.
+
+``out[r] = x[r] @ w[g]`` for the rows ``r`` of group ``g`` (groups packed from row 0 in order, sizes
+``sizes_G``; rows past them give zero). Kernels (``KERNELS``):
+
+  lax         ``jax.lax.ragged_dot``. On TPU, XLA's own Mosaic grouped matmul (exact FLOPs); on CPU a slow
+              reference. On GPU, XLA expands it into one dense dot over a masked copy of x for *every*
+              group (G times the FLOPs; checked with a deviceless H100 compile), so it is refused there.
+  triton      ``tokamax.ragged_dot(implementation="triton")``: a Pallas-Triton grouped GEMM (any NVIDIA
+              GPU from sm80), forward and both backward products (dlhs, drhs) as the same kind of kernel.
+  mosaic_gpu  tokamax's Pallas Mosaic-GPU grouped GEMM (Hopper and later).
+  xla         tokamax's reference implementation (``lax.ragged_dot``); CPU tests run our code through
+              tokamax's entry point with it.
+
+The kernel is chosen by the platform of the mesh the program is traced for, never by
+``jax.default_backend()``: on a CPU host compiling for GPUs (``jax.experimental.topologies``) tokamax's
+own hardware check would look at the CPU, so the call runs under ``tokamax.config.cross_compile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+
+KERNELS = ("lax", "triton", "mosaic_gpu", "xla")
+GPU_KERNELS = ("triton", "mosaic_gpu")
+
+
+def kernel_problem(kernel: str, platform: str) -> str | None:
+  """Why ``kernel`` cannot (or must not) run on ``platform``, or None."""
+  if kernel not in KERNELS:
+    return f"unknown grouped-matmul kernel {kernel!r} (one of {', '.join(KERNELS)})"
+  if kernel in GPU_KERNELS and platform != "gpu":
+    return f"{kernel} is a GPU kernel and the devices are {platform}"
+  if kernel == "lax" and platform == "gpu":
+    return ("XLA:GPU expands lax.ragged_dot into a dense dot over every expert (E times the FLOPs), "
+            "so dropless experts on GPU need a grouped GEMM")
+  return None
+
+
+def _cross_compiling(kernel: str):
+  """tokamax checks the default device's hardware; when the target GPUs are not this process's
+  devices (a deviceless compile), say so to tokamax. On a real GPU this is a no-op."""
+  if kernel in GPU_KERNELS and jax.default_backend() != "gpu":
+    import tokamax  # noqa: PLC0415
+    return tokamax.config.cross_compile(True)
+  return contextlib.nullcontext()
+
+
+def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, kernel: str) -> jax.Array:
+  """``[M, K] x [G, K, N] -> [M, N]`` per contiguous group, in x's dtype (see the module docstring).
+
+  16-bit inputs take the default precision explicitly: under ``jax_default_matmul_precision="highest"``
+  the TPU's Mosaic grouped matmul is asked for fp32 contraction of bf16 operands and fails to compile
+  ("Bad lhs type", libtpu 0.0.42); float32 inputs keep the global setting."""
+  precision = None if x_MK.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+  sizes_G = sizes_G.astype(jnp.int32)
+  if kernel == "lax":
+    return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G, precision=precision)
+  return _tokamax_matmul(x_MK, w_GKN.astype(x_MK.dtype), sizes_G, kernel, precision)
+
+
+def _tokamax_call(x_MK, w_GKN, sizes_G, kernel, precision):
+  import tokamax  # noqa: PLC0415
+  with _cross_compiling(kernel):
+    return tokamax.ragged_dot(x_MK, w_GKN, sizes_G, precision=precision, implementation=kernel).astype(x_MK.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _tokamax_matmul(x_MK, w_GKN, sizes_G, kernel, precision):
+  """tokamax's kernel and its own VJP (dlhs and drhs as grouped GEMMs), both traced under
+  :func:`_cross_compiling`: the backward is traced after the forward's ``with`` has closed."""
+  return _tokamax_call(x_MK, w_GKN, sizes_G, kernel, precision)
+
+
+def _tokamax_fwd(x_MK, w_GKN, sizes_G, kernel, precision):
+  return _tokamax_call(x_MK, w_GKN, sizes_G, kernel, precision), (x_MK, w_GKN, sizes_G)
+
+
+def _tokamax_bwd(kernel, precision, res, dy_MN):
+  x_MK, w_GKN, sizes_G = res
+  with _cross_compiling(kernel):
+    _, pullback = jax.vjp(lambda x, w: _tokamax_call(x, w, sizes_G, kernel, precision), x_MK, w_GKN)
+    dx_MK, dw_GKN = pullback(dy_MN.astype(x_MK.dtype))
+  sizes_ct = jnp.zeros(sizes_G.shape, jax.dtypes.float0)  # integer input: a float0 cotangent
+  return dx_MK, dw_GKN, sizes_ct
+
+
+_tokamax_matmul.defvjp(_tokamax_fwd, _tokamax_bwd)

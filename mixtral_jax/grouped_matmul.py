@@ -13,17 +13,18 @@
               tokamax's entry point with it.
 
 The kernel is chosen by the platform of the mesh the program is traced for, never by
-``jax.default_backend()``: on a CPU host compiling for GPUs (``jax.experimental.topologies``) tokamax's
-own hardware check would look at the CPU, so the call runs under ``tokamax.config.cross_compile``.
+``jax.default_backend()``; tokamax is loaded and told about deviceless compiles by
+``mixtral_jax.tokamax_lib``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
+
+from mixtral_jax import tokamax_lib
 
 KERNELS = ("lax", "triton", "mosaic_gpu", "xla")
 GPU_KERNELS = ("triton", "mosaic_gpu")
@@ -41,15 +42,6 @@ def kernel_problem(kernel: str, platform: str) -> str | None:
   return None
 
 
-def _cross_compiling(kernel: str):
-  """tokamax checks the default device's hardware; when the target GPUs are not this process's
-  devices (a deviceless compile), say so to tokamax. On a real GPU this is a no-op."""
-  if kernel in GPU_KERNELS and jax.default_backend() != "gpu":
-    import tokamax  # noqa: PLC0415
-    return tokamax.config.cross_compile(True)
-  return contextlib.nullcontext()
-
-
 def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, kernel: str) -> jax.Array:
   """``[M, K] x [G, K, N] -> [M, N]`` per contiguous group, in x's dtype (see the module docstring).
 
@@ -64,15 +56,15 @@ def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, kernel
 
 
 def _tokamax_call(x_MK, w_GKN, sizes_G, kernel, precision):
-  import tokamax  # noqa: PLC0415
-  with _cross_compiling(kernel):
-    return tokamax.ragged_dot(x_MK, w_GKN, sizes_G, precision=precision, implementation=kernel).astype(x_MK.dtype)
+  with tokamax_lib.cross_compiling(kernel in GPU_KERNELS):
+    out_MN = tokamax_lib.load().ragged_dot(x_MK, w_GKN, sizes_G, precision=precision, implementation=kernel)
+  return out_MN.astype(x_MK.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _tokamax_matmul(x_MK, w_GKN, sizes_G, kernel, precision):
   """tokamax's kernel and its own VJP (dlhs and drhs as grouped GEMMs), both traced under
-  :func:`_cross_compiling`: the backward is traced after the forward's ``with`` has closed."""
+  ``tokamax_lib.cross_compiling``: the backward is traced after the forward's ``with`` has closed."""
   return _tokamax_call(x_MK, w_GKN, sizes_G, kernel, precision)
 
 
@@ -82,7 +74,7 @@ def _tokamax_fwd(x_MK, w_GKN, sizes_G, kernel, precision):
 
 def _tokamax_bwd(kernel, precision, res, dy_MN):
   x_MK, w_GKN, sizes_G = res
-  with _cross_compiling(kernel):
+  with tokamax_lib.cross_compiling(kernel in GPU_KERNELS):
     _, pullback = jax.vjp(lambda x, w: _tokamax_call(x, w, sizes_G, kernel, precision), x_MK, w_GKN)
     dx_MK, dw_GKN = pullback(dy_MN.astype(x_MK.dtype))
   sizes_ct = jnp.zeros(sizes_G.shape, jax.dtypes.float0)  # integer input: a float0 cotangent

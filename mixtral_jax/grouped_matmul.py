@@ -55,30 +55,44 @@ def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, kernel
   return _tokamax_matmul(x_MK, w_GKN.astype(x_MK.dtype), sizes_G, kernel, precision)
 
 
-def _tokamax_call(x_MK, w_GKN, sizes_G, kernel, precision):
+def _tokamax_general(lhs, rhs, sizes_G, dims, kernel, precision, out_dtype):
+  """One tokamax grouped GEMM with ``lax.ragged_dot_general``'s dimension numbers
+  ``(contracting, lhs ragged dims, rhs group dims)``."""
+  contract, lhs_ragged, rhs_group = dims
+  numbers = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(contract, ((), ())),
+                                              lhs_ragged_dimensions=lhs_ragged, rhs_group_dimensions=rhs_group)
+
+  def call(lhs, rhs, sizes_G):
+    return tokamax_lib.load().ragged_dot_general(lhs, rhs, sizes_G, numbers, precision=precision,
+                                                 preferred_element_type=out_dtype, implementation=kernel)
   with tokamax_lib.cross_compiling(kernel in GPU_KERNELS):
-    out_MN = tokamax_lib.load().ragged_dot(x_MK, w_GKN, sizes_G, precision=precision, implementation=kernel)
-  return out_MN.astype(x_MK.dtype)
+    return tokamax_lib.per_device(call, lhs, rhs, sizes_G).astype(out_dtype)
+
+
+# [M, K] x [G, K, N] -> [M, N] and its two backward products, as tokamax's own VJP computes them:
+FORWARD = (((1,), (1,)), (0,), (0,))
+DLHS = (((1,), (2,)), (0,), (0,))  # dy [M, N] x w [G, K, N] -> dx [M, K], rows in the same groups
+DRHS = (((0,), (0,)), (0,), ())  # x [M, K] x dy [M, N] -> dw [G, K, N], each group's rows summed
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _tokamax_matmul(x_MK, w_GKN, sizes_G, kernel, precision):
-  """tokamax's kernel and its own VJP (dlhs and drhs as grouped GEMMs), both traced under
-  ``tokamax_lib.cross_compiling``: the backward is traced after the forward's ``with`` has closed."""
-  return _tokamax_call(x_MK, w_GKN, sizes_G, kernel, precision)
+  """tokamax's kernel, with the backward products (dlhs, drhs) as two more of its grouped GEMMs, each
+  traced under ``tokamax_lib.cross_compiling`` and ``tokamax_lib.per_device``."""
+  return _tokamax_general(x_MK, w_GKN, sizes_G, FORWARD, kernel, precision, x_MK.dtype)
 
 
 def _tokamax_fwd(x_MK, w_GKN, sizes_G, kernel, precision):
-  return _tokamax_call(x_MK, w_GKN, sizes_G, kernel, precision), (x_MK, w_GKN, sizes_G)
+  return _tokamax_matmul(x_MK, w_GKN, sizes_G, kernel, precision), (x_MK, w_GKN, sizes_G)
 
 
 def _tokamax_bwd(kernel, precision, res, dy_MN):
   x_MK, w_GKN, sizes_G = res
-  with tokamax_lib.cross_compiling(kernel in GPU_KERNELS):
-    _, pullback = jax.vjp(lambda x, w: _tokamax_call(x, w, sizes_G, kernel, precision), x_MK, w_GKN)
-    dx_MK, dw_GKN = pullback(dy_MN.astype(x_MK.dtype))
+  dy_MN = dy_MN.astype(x_MK.dtype)
+  dx_MK = _tokamax_general(dy_MN, w_GKN, sizes_G, DLHS, kernel, precision, x_MK.dtype)
+  dw_GKN = _tokamax_general(x_MK, dy_MN, sizes_G, DRHS, kernel, precision, w_GKN.dtype)
   sizes_ct = jnp.zeros(sizes_G.shape, jax.dtypes.float0)  # integer input: a float0 cotangent
-  return dx_MK, dw_GKN, sizes_ct
+  return tokamax_lib.cotangent_for(dx_MK, x_MK), tokamax_lib.cotangent_for(dw_GKN, w_GKN), sizes_ct
 
 
 _tokamax_matmul.defvjp(_tokamax_fwd, _tokamax_bwd)

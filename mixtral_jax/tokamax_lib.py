@@ -9,6 +9,11 @@ two things set right for this project.
   compiled for GPUs that are not this process's devices (a deviceless compile on a CPU host, through
   ``jax.experimental.topologies``), that check looks at the CPU; :func:`cross_compiling` tells tokamax
   so. On a real GPU it is a no-op.
+* Inside ``shard_map`` (the expert-parallel dispatch) with ``check_vma`` on, Pallas refuses output
+  shapes that do not say over which manual mesh axes they vary, and tokamax's do not.
+  :func:`per_device` runs a kernel with that check off and types its outputs as varying over every
+  axis its inputs vary over (what a per-device computation is). Only for calls inside a
+  ``jax.custom_vjp`` whose backward is again such a call: the retyping is never transposed.
 """
 
 from __future__ import annotations
@@ -32,3 +37,22 @@ def cross_compiling(gpu_kernel: bool):
   if gpu_kernel and jax.default_backend() != "gpu":
     return load().config.cross_compile(True)
   return contextlib.nullcontext()
+
+
+def per_device(fn, *arrays):
+  """``fn(*arrays)`` (a tokamax kernel call); inside ``shard_map``, run as the module docstring says."""
+  axes = frozenset().union(*(jax.typeof(a).mat.varying for a in arrays if hasattr(a, "dtype")))
+  if not axes:
+    return fn(*arrays)
+  from jax._src import config as jax_config  # noqa: PLC0415  (no public switch for one call)
+  with jax_config._check_vma(False):  # noqa: SLF001
+    out = fn(*arrays)
+  to_varying = lambda o: jax.lax.pcast(o, tuple(sorted(axes - jax.typeof(o).mat.varying)), to="varying")  # noqa: E731
+  return jax.tree.map(lambda o: o if axes <= jax.typeof(o).mat.varying else to_varying(o), out)
+
+
+def cotangent_for(ct, primal):
+  """Inside ``shard_map``: ``ct`` summed over the mesh axes it varies over and ``primal`` does not (the
+  transpose of the implicit broadcast that made an invariant primal's uses vary)."""
+  extra = jax.typeof(ct).mat.varying - jax.typeof(primal).mat.varying
+  return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct

@@ -40,15 +40,18 @@ def cross_compiling(gpu_kernel: bool):
 
 
 def per_device(fn, *arrays):
-  """``fn(*arrays)`` (a tokamax kernel call); inside ``shard_map``, run as the module docstring says."""
-  axes = frozenset().union(*(jax.typeof(a).mat.varying for a in arrays if hasattr(a, "dtype")))
+  """``fn(*arrays)`` (a tokamax kernel call); inside ``shard_map``, run as the module docstring says:
+  inputs and outputs typed as varying over every manual axis any input varies over."""
+  axes = frozenset().union(*(jax.typeof(a).mat.varying for a in arrays))
   if not axes:
     return fn(*arrays)
+  vary = lambda a: a if axes <= jax.typeof(a).mat.varying else jax.lax.pcast(  # noqa: E731
+      a, tuple(sorted(axes - jax.typeof(a).mat.varying)), to="varying")
+  arrays = tuple(map(vary, arrays))  # before the switch: under it pcast does not retype
   from jax._src import config as jax_config  # noqa: PLC0415  (no public switch for one call)
   with jax_config._check_vma(False):  # noqa: SLF001
     out = fn(*arrays)
-  to_varying = lambda o: jax.lax.pcast(o, tuple(sorted(axes - jax.typeof(o).mat.varying)), to="varying")  # noqa: E731
-  return jax.tree.map(lambda o: o if axes <= jax.typeof(o).mat.varying else to_varying(o), out)
+  return jax.tree.map(vary, out)
 
 
 def cotangent_for(ct, primal):

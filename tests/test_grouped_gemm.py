@@ -103,3 +103,31 @@ def test_expansion_is_an_error_not_a_slow_run():
   assert "dense dot over every expert" in grouped_matmul.kernel_problem("lax", "gpu")
   assert grouped_matmul.kernel_problem("triton", "gpu") is None
   assert grouped_matmul.kernel_problem("lax", "tpu") is None
+
+
+def test_inside_shard_map_outputs_vary_and_invariant_weights_get_summed_gradients():
+  """The expert-parallel dispatch calls the kernel inside ``shard_map`` (vma checks on): each device's
+  rows through a weight that is replicated (invariant), so its gradient is the sum over devices. Against
+  lax.ragged_dot in the same shard_map, where JAX's own transpose rules do that sum."""
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((4,), ("expert",), devices=jax.devices()[:4])
+  r = np.random.default_rng(5)
+  x = jnp.asarray(r.normal(size=(4 * M, D)), jnp.float32)
+  w = jnp.asarray(r.normal(size=(E, D, F)) / 4, jnp.float32)
+  sizes = jnp.asarray(np.tile(SIZES, 4), jnp.int32)
+
+  def loss(kernel):
+    def local(x, w, sizes):
+      if kernel == "lax":  # lax.ragged_dot wants matching vma: JAX's pcast, whose transpose is the psum
+        w = jax.lax.pcast(w, ("expert",), to="varying")
+      y = grouped_matmul.grouped_matmul(x, w, sizes, kernel)
+      return jax.lax.psum(jnp.sum(jnp.sin(y)), "expert")
+    body = jax.shard_map(local, mesh=mesh, in_specs=(P("expert"), P(), P("expert")), out_specs=P())
+    return jax.jit(jax.value_and_grad(body, argnums=(0, 1)))
+
+  shard = jax.sharding.NamedSharding(mesh, P("expert"))
+  x, w, sizes = jax.device_put(x, shard), jax.device_put(w, jax.sharding.NamedSharding(mesh, P())), jax.device_put(sizes, shard)
+  (v, (gx, gw)), (rv, (rgx, rgw)) = loss("xla")(x, w, sizes), loss("lax")(x, w, sizes)
+  np.testing.assert_allclose(float(v), float(rv), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(rgx), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(gw), np.asarray(rgw), rtol=2e-5, atol=2e-5)

@@ -9,6 +9,7 @@ it (returning an exit code) and ``NAME_example``, one example command line that 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -44,6 +45,21 @@ EPILOG = """examples:
   mixtral-jax eval harness --model runs/tiny --tasks mixtral_jax_demo --limit 8 --out runs/eval
 
 Run 'mixtral-jax COMMAND --help' for a command's options."""
+
+
+# Storage errors that are the user's to fix (permissions, a read-only mount, a full disk or quota): one
+# line naming the path and the fix instead of a traceback.
+DISK_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+               errno.EDQUOT: "disk quota exceeded"}
+
+
+def disk_error_line(e: OSError) -> str:
+  """``cannot write PATH: no space left on device; ...`` for an OSError whose errno is in DISK_ERRNOS."""
+  where = e.filename or "the destination"
+  fix = ("free some space or choose a destination on another disk" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+         else "choose a writable destination or fix its permissions")
+  return f"cannot write {where}: {DISK_ERRNOS[e.errno]}; {fix}"
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -106,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     return 130
   except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no trace
     print(f"mixtral-jax {name}: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    if e.errno not in DISK_ERRNOS:
+      raise
+    print(f"mixtral-jax {name}: error: {disk_error_line(e)}", file=sys.stderr)
     return 2
 
 

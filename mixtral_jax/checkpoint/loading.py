@@ -9,6 +9,11 @@ Orbax's restore into the target shardings.
 With ``quantize="int8"`` every format is read block by block (Orbax's through TensorStore), and each
 layer of each matmul weight is quantized on its devices as soon as it is there, before the next is
 read: the full-precision model never exists, only the int8 one and one layer in flight.
+
+Nothing non-finite gets in: foreign formats count NaN/Inf in every block as it is read; our Orbax format
+is read once through TensorStore first (``integrity.verify``: each array's CRC-32 against
+``params.crc32.json`` and its NaN/Inf count) and then restored. The error names the tensor and the count;
+``allow_nonfinite=True`` lets such weights through with a warning.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from mixtral_jax.checkpoint import consolidated, formats, hf, orbax_io
+from mixtral_jax.checkpoint import consolidated, formats, hf, integrity, orbax_io
 from mixtral_jax.checkpoint.layout import Key, Plan
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.inference import quantize as quantize_lib
@@ -114,7 +119,7 @@ def _shardings(cfg: MixtralConfig, mesh, quantize: str | None = None) -> dict[Ke
 
 
 def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, adapter=None, quantize=None,
-         **runtime) -> Mixtral:
+         allow_nonfinite: bool = False, **runtime) -> Mixtral:
   """Loads a Hugging Face directory, a Mistral consolidated directory or our Orbax checkpoint.
 
   ``adapter``: a PEFT LoRA adapter directory or a mixtral-jax LoRA run, merged into the weights
@@ -130,6 +135,9 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
   plus one layer of one weight in full precision (8x7B: 47 GB, plus at most 0.94 GB of bf16 and its
   float32 working copy), never the 93 GB bf16 model. A weight an adapter changes is read whole,
   merged, then quantized.
+
+  ``allow_nonfinite``: load weights holding NaN/Inf (warned) instead of raising
+  ``integrity.NonFiniteError``. A checksum mismatch is always an error (``integrity.ChecksumError``).
   """
   found = formats.detect(path)
   cfg = config_for(found, runtime_overrides(dtype, param_dtype, runtime))
@@ -144,8 +152,11 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
     factors = lora_merge.load_factors(adapter, cfg)  # checked against this base before any weight is read
   mesh = _mesh(mesh, cfg)
   shapes, _ = our_shapes(cfg)
+  finite = integrity.FiniteCheck(found.directory, allow=allow_nonfinite)
   if found.kind == "orbax":
+    integrity.verify(found.params, allow_nonfinite=allow_nonfinite)  # first: it names damaged storage
     check_orbax_shapes(found.params, shapes, found.config)
+    finite = integrity.FiniteCheck(found.directory, allow=True)  # verified above; not counted twice
     if quantize is None:
       arrays = _restore_orbax(found.params, cfg, mesh)
       return _merge(cfg, lora_merge.merge_arrays(arrays, factors) if factors else arrays)
@@ -155,7 +166,7 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
     plan = open_plan(found, cfg)
     if found.kind == "consolidated" and param_dtype is None:  # params.json does not say; the tensors do
       cfg = cfg.replace(param_dtype=str(jnp.dtype(plan.dtype())))
-    read_block = lambda key, idx, dtype: plan.read(key, idx, dtype=dtype)  # noqa: E731
+    read_block = lambda key, idx, dtype: finite.add(".".join(key), plan.read(key, idx, dtype=dtype))  # noqa: E731
   shardings = _shardings(cfg, mesh, quantize)
   dt = jnp.dtype(cfg.param_dtype)
   adapted = {lora_merge.PARAM_KEYS[f.target]: f for f in factors or ()}
@@ -168,8 +179,10 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
     if axes is not None and key not in adapted:
       arrays[key], arrays[scale_key] = _create_quantized(
           shape, dt, shardings[key], shardings[scale_key], axes, read, stacked=stacked)
+      finite.done(".".join(key), int(np.prod(shape)))
       continue
     arrays[key] = _create(shape, dt, shardings[key], read, stacked=stacked)
+    finite.done(".".join(key), int(np.prod(shape)))
     if key in adapted:
       arrays[key] = lora_merge.merge_arrays({key: arrays[key]}, [adapted[key]])[key]
     if axes is not None:

@@ -98,3 +98,35 @@ def test_tokenize_rebuilds_a_deleted_or_corrupt_shard(tmp_path):
   logged = len(logs)
   assert data_lib.tokenize([str(src)], out, spec, progress=False, log=logs.append) == manifest
   assert len(logs) == logged  # nothing left to rebuild
+
+
+# ------------------------------------------------------------------------------------ CLI environment
+
+@pytest.mark.parametrize("argv, extra, module", [
+    (["serve", "--model", "runs/x"], "serve", "fastapi"), (["eval", "harness", "--model", "runs/x"], "eval", "lm_eval")])
+def test_missing_extra_is_one_line_naming_it(argv, extra, module, monkeypatch, capsys):
+  real = cli_lib.importlib.util.find_spec
+  monkeypatch.setattr(cli_lib.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+  assert cli(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"pip install 'mixtral-jax[{extra}]'" in err and module in err
+
+
+QUIET = ("import sys; from mixtral_jax.cli import quiet_libtpu; {call}; import jax; jax.devices(); "
+         "print('ok', flush=True)")
+
+
+def test_libtpu_start_up_line_is_silenced_without_a_tpu(tmp_path):
+  import importlib.util
+  import subprocess
+  import sys
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.fail("this check needs libtpu installed (the test extra pins it)")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  # JAX_PLATFORMS unset, as for a user: every installed plugin (libtpu among them) is tried
+  run = lambda call: subprocess.run([sys.executable, "-c", QUIET.format(call=call)], env=env, cwd=tmp_path,  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+  before, after = run("pass"), run("quiet_libtpu('generate')")
+  assert "TPU_WORKER_HOSTNAMES" in before.stderr  # the line, as users saw it
+  assert after.returncode == 0 and "ok" in after.stdout
+  assert "TPU_WORKER_HOSTNAMES" not in after.stderr and "E0000" not in after.stderr, after.stderr[-2000:]

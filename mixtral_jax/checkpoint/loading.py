@@ -1,18 +1,18 @@
 """``load(path)``: any supported checkpoint -> a callable ``Mixtral``, every parameter created directly in
 its final place (and, with a mesh, in its shards) from the files, without a random model first.
 
-The model is built as ``nnx.eval_shape`` (shapes only) and filled: foreign formats one layer at a time
-(each layer slice read from the mapped files and written into a preallocated, donated device buffer,
-so host memory holds one layer's slice, never a second copy of the model); our Orbax format through
-Orbax's restore into the target shardings.
+The model is built as ``nnx.eval_shape`` (shapes only) and filled one layer at a time, every format
+alike (each layer slice read from the mapped files, or from our Orbax checkpoint through TensorStore,
+and written into a preallocated, donated device buffer, so host memory holds one layer's slice, or one
+storage chunk of an Orbax array, never a second copy of the model).
 
-With ``quantize="int8"`` every format is read block by block (Orbax's through TensorStore), and each
+With ``quantize="int8"`` every format is read the same way, and each
 layer of each matmul weight is quantized on its devices as soon as it is there, before the next is
 read: the full-precision model never exists, only the int8 one and one layer in flight.
 
-Nothing non-finite gets in: foreign formats count NaN/Inf in every block as it is read; our Orbax format
-is read once through TensorStore first (``integrity.verify``: each array's CRC-32 against
-``params.crc32.json`` and its NaN/Inf count) and then restored. The error names the tensor and the count;
+Nothing non-finite or damaged gets in: foreign formats count NaN/Inf in every block as it is read; our
+Orbax format is read block by block through TensorStore (``integrity.VerifiedReader``: each layer's
+CRC-32 against ``params.crc32.json`` and its NaN/Inf count as it is read), as the int8 path always did. The error names the tensor and the count;
 ``allow_nonfinite=True`` lets such weights through with a warning.
 """
 
@@ -154,13 +154,9 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
   shapes, _ = our_shapes(cfg)
   finite = integrity.FiniteCheck(found.directory, allow=allow_nonfinite)
   if found.kind == "orbax":
-    integrity.verify(found.params, allow_nonfinite=allow_nonfinite)  # first: it names damaged storage
+    reader = integrity.VerifiedReader(found.params, allow_nonfinite=allow_nonfinite)  # names damaged storage
     check_orbax_shapes(found.params, shapes, found.config)
-    finite = integrity.FiniteCheck(found.directory, allow=True)  # verified above; not counted twice
-    if quantize is None:
-      arrays = _restore_orbax(found.params, cfg, mesh)
-      return _merge(cfg, lora_merge.merge_arrays(arrays, factors) if factors else arrays)
-    reader = orbax_io.ParamsReader(found.params)
+    finite = integrity.FiniteCheck(found.directory, allow=True)  # the reader checks; not counted twice
     read_block = lambda key, idx, dtype: np.asarray(reader.read(key, tuple(idx))).astype(dtype)  # noqa: E731
   else:
     plan = open_plan(found, cfg)
@@ -189,14 +185,6 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
       arrays[key], arrays[scale_key] = quantize_lib.quantize_into(arrays[key], axes, shardings[key],
                                                                    shardings[scale_key])
   return _merge(cfg, arrays, quantize)
-
-
-def _restore_orbax(params_dir: str, cfg: MixtralConfig, mesh) -> dict[Key, jax.Array]:
-  shapes, _ = our_shapes(cfg)
-  dt = jnp.dtype(cfg.param_dtype)
-  target = orbax_io.abstract_target({k: (s, dt) for k, s in shapes.items()}, _shardings(cfg, mesh))
-  restored = orbax_io.restore_params(params_dir, target)
-  return orbax_io.flatten(restored)
 
 
 def _merge(cfg: MixtralConfig, arrays: dict[Key, jax.Array], quantize: str | None = None) -> Mixtral:

@@ -186,6 +186,10 @@ class ParamsReader:
   def read(self, key: Key, index: tuple = ()) -> np.ndarray:
     return self._arrays[key][index].read().result()
 
+  def chunk_shape(self, key: Key) -> tuple[int, ...]:
+    """The shape of one stored chunk (the unit the storage decompresses)."""
+    return tuple(self._arrays[key].chunk_layout.read_chunk.shape)
+
   def nbytes(self) -> int:
     return sum(math.prod(s) * self.dtype(k).itemsize for k, s in self.shapes.items())
 

@@ -12,8 +12,9 @@ Orbax writes a step into a temporary directory and renames it when every item is
 killed mid-save leaves the previous steps intact. Once a save has finished, its ``params`` get a digest
 file, ``<step>/params.crc32.json`` (``mixtral_jax.checkpoint.integrity``: a CRC-32 per layer of every
 array, read back from disk). Resuming takes the newest step that verifies (checksums, no NaN/Inf) and
-restores; a step that does not is reported and moved aside to ``checkpoints/corrupt-<step>``, so the run
-continues from the previous good one and later saves that step again without conflict. If checkpoints
+restores; a step that does not is reported, and once an older step has restored it is moved aside to
+``checkpoints/corrupt-<step>``, so the run continues from that good one and later saves the step again
+without conflict. If checkpoints
 exist but none restores the run stops, naming them, instead of starting again from step 0
 (``--restart`` moves them aside explicitly).
 
@@ -174,22 +175,21 @@ class Checkpointer:
             progress=ocp.args.StandardRestore({"step": abstract_state.step, "rng": abstract_state.rng}),
             data=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 - any unreadable step is reported, then an older one tried
-        failures.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
-        moved = self.move_aside(step)
-        log.warning("checkpoint step %d in %s cannot be restored (%s); moved it to %s and trying an older one",
-                    step, self.directory, e, moved)
+        failures.append((step, f"step {step}: {type(e).__name__}: {str(e)[:300]}"))
+        log.warning("checkpoint step %d in %s cannot be restored (%s); trying an older one", step,
+                    self.directory, e)
         continue
       self._sealed.add(step)
-      if failures:
-        log.warning("resumed from step %d; newer checkpoints were unreadable: %s", step, "; ".join(failures))
+      if failures:  # only now, with a good step in hand: the unreadable newer ones go aside
+        moved = [self.move_aside(bad) for bad, _ in failures]
+        log.warning("resumed from step %d; newer checkpoints were unreadable and are moved aside to %s: %s", step,
+                    ", ".join(moved), "; ".join(m for _, m in failures))
       state = TrainState(out.params, out.opt_state, out.progress["step"], out.progress["rng"])
       return state, dict(out.data)
     found = self.leftovers()
-    if found or failures:
-      detail = "; ".join(failures) if failures else "no complete checkpoint among them"
-      moved = f" (unreadable ones moved to {CORRUPT_PREFIX}<step>)" if failures else ""
+    if found:
+      detail = "; ".join(m for _, m in failures) if failures else "no complete checkpoint among them"
       raise CheckpointError(
-          f"{self.directory} holds checkpoints {found or 'none readable'}{moved} but none can be restored "
-          f"({detail}). Not starting from step 0 silently: fix or remove them, use a new --workdir, or pass "
-          "--restart to move them aside")
+          f"{self.directory} holds checkpoints {found} but none can be restored ({detail}). Not starting "
+          "from step 0 silently: fix or remove them, use a new --workdir, or pass --restart to move them aside")
     return None

@@ -233,8 +233,8 @@ def _load_digests(params_dir: str) -> dict | None:
     with open(digest_path(params_dir)) as f:
       return json.load(f)["arrays"]
   except FileNotFoundError:
-    log.warning("note: %s has no %s (written before mixtral-jax recorded checksums); loading it unverified",
-                os.path.dirname(params_dir), DIGEST_FILE)
+    log.warning("note: %s has no %s (written before mixtral-jax recorded checksums, or a training step whose run "
+                "stopped before sealing it); loading it unverified", os.path.dirname(params_dir), DIGEST_FILE)
     return None
   except (ValueError, KeyError) as e:
     raise ChecksumError(f"{digest_path(params_dir)} is corrupt ({e}); restore it from a copy, or delete it to "

@@ -123,7 +123,9 @@ def test_libtpu_start_up_line_is_silenced_without_a_tpu(tmp_path):
   if importlib.util.find_spec("libtpu") is None:
     pytest.fail("this check needs libtpu installed (the test extra pins it)")
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-  # JAX_PLATFORMS unset, as for a user: every installed plugin (libtpu among them) is tried
+  # JAX_PLATFORMS unset, as for a user: every installed plugin (libtpu among them) is tried; another process
+  # holding libtpu's lockfile (a parallel test) would keep libtpu from starting at all, hiding the line
+  env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
   run = lambda call: subprocess.run([sys.executable, "-c", QUIET.format(call=call)], env=env, cwd=tmp_path,  # noqa: E731
                                     capture_output=True, text=True, timeout=300)
   before, after = run("pass"), run("quiet_libtpu('generate')")

@@ -84,5 +84,7 @@ def save(model: Mixtral, dst: str | os.PathLike, *, overwrite: bool = False) -> 
   dst = os.path.abspath(os.fspath(dst))
   with formats.atomic_dir(dst, overwrite=overwrite) as tmp:
     model.cfg.save(os.path.join(tmp, formats.CONFIG))
-    orbax_io.save_params(os.path.join(tmp, formats.PARAMS_DIR), nnx.state(model, nnx.Param).to_pure_dict())
+    params_dir = os.path.join(tmp, formats.PARAMS_DIR)
+    orbax_io.save_params(params_dir, nnx.state(model, nnx.Param).to_pure_dict())
+    integrity.seal(params_dir)
   return dst

@@ -22,7 +22,9 @@ import zlib
 
 import numpy as np
 
-DIGEST_FILE = "params.crc32.json"
+from mixtral_jax.checkpoint.digests import DIGEST_FILE, Digests, block_count, digest_path  # noqa: F401 (re-exported)
+from mixtral_jax.checkpoint.orbax_io import ParamsReader
+
 ALLOW_HINT = "pass --allow-nonfinite (allow_nonfinite=True) if this is deliberate"
 log = logging.getLogger("mixtral_jax.checkpoint")
 
@@ -94,37 +96,6 @@ def raise_nonfinite(where: str, counts: dict[tuple, int], sizes: dict[tuple, int
 
 # ------------------------------------------------------------------------------------ checksums
 
-def block_count(key: tuple[str, ...], shape: tuple[int, ...]) -> int:
-  """Blocks a digest covers: one per layer for a stacked parameter (``blocks.*``), else one."""
-  return shape[0] if key and key[0] == "blocks" and len(shape) >= 2 else 1
-
-
-class Digests:
-  """CRC-32 per block of every array, fed in C order (any split into consecutive pieces works)."""
-
-  def __init__(self):
-    self.arrays: dict[str, dict] = {}
-
-  def start(self, key: tuple[str, ...], shape: tuple[int, ...], dtype) -> None:
-    self.arrays[".".join(key)] = {"shape": list(shape), "dtype": np.dtype(dtype).name,
-                                  "crc32": [0] * block_count(key, shape)}
-
-  def add(self, key: tuple[str, ...], block_index: int, data: np.ndarray) -> None:
-    entry = self.arrays[".".join(key)]
-    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    entry["crc32"][block_index] = zlib.crc32(raw, entry["crc32"][block_index])
-
-  def save(self, params_dir: str) -> None:
-    path = digest_path(params_dir)
-    with open(path + ".tmp", "w") as f:
-      json.dump({"algorithm": "crc32", "blocks": "per layer of blocks.*, else whole", "arrays": self.arrays}, f)
-    os.replace(path + ".tmp", path)
-
-
-def digest_path(params_dir: str) -> str:
-  return os.path.join(os.path.dirname(os.path.abspath(params_dir)), DIGEST_FILE)
-
-
 def _blocks(reader, key):
   """(block index, data) over an array, one digest block at a time. Reads go in whole storage chunks
   along the layer axis (a chunk spanning several layers is decompressed once, not once per layer), so
@@ -143,8 +114,6 @@ def _blocks(reader, key):
 def seal(params_dir: str) -> None:
   """Writes the digest file of an existing Orbax params directory by reading it back (a checkpoint
   written by Orbax itself, e.g. a training step)."""
-  from mixtral_jax.checkpoint.orbax_io import ParamsReader  # noqa: PLC0415 - orbax_io imports this module
-
   reader = ParamsReader(params_dir)
   digests = Digests()
   for key in sorted(reader.shapes):
@@ -185,8 +154,6 @@ class VerifiedReader:
   once. ``expected`` is None (after a note) for a checkpoint written before digests existed."""
 
   def __init__(self, params_dir: str, *, allow_nonfinite: bool = False):
-    from mixtral_jax.checkpoint.orbax_io import ParamsReader  # noqa: PLC0415 - orbax_io imports this module
-
     self.params_dir = os.path.abspath(params_dir)
     self.where = os.path.dirname(self.params_dir)
     self.expected = _load_digests(self.params_dir)

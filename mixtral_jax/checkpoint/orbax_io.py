@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from mixtral_jax.checkpoint import integrity
+from mixtral_jax.checkpoint import digests
 
 Key = tuple[str, ...]
 METADATA = "_METADATA"
@@ -69,11 +69,10 @@ def unflatten(flat: dict[Key, object]) -> dict:
 # ------------------------------------------------------------------------------ whole trees (Orbax)
 
 def save_params(directory: str, params: dict) -> None:
-  """Orbax save of a tree of arrays that is already in memory (a model, a demo), then its digest file
-  (``integrity.seal``: the arrays read back, so the digest is of what is on disk)."""
+  """Orbax save of a tree of arrays that is already in memory (a model, a demo). The caller writes its
+  digest file after (``integrity.seal``: the arrays read back, so the digest is of what is on disk)."""
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(directory), params)
-  integrity.seal(directory)
 
 
 def restore_params(directory: str, target: dict) -> dict:
@@ -133,7 +132,7 @@ class StreamingWriter:
     self.specs = specs
     self._context = ts.Context(_TS_CONTEXT)
     self._arrays = {}
-    self.digests = integrity.Digests()
+    self.digests = digests.Digests()
     for key, (shape, dtype, chunks) in specs.items():
       self.digests.start(key, shape, dtype)
       spec = {"driver": "zarr", "kvstore": _kvstore(self.directory, _name(key), ocdbt=True),
@@ -143,7 +142,7 @@ class StreamingWriter:
 
   def write(self, key: Key, index: tuple, value: np.ndarray) -> None:
     self._arrays[key][index].write(value).result()
-    block = index[0] if integrity.block_count(key, self.specs[key][0]) > 1 else 0
+    block = index[0] if digests.block_count(key, self.specs[key][0]) > 1 else 0
     self.digests.add(key, block, np.asarray(value, self.specs[key][1]))
 
   def finalize(self) -> None:

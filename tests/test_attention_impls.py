@@ -93,7 +93,8 @@ def _value_and_grads(q, k, v, w, q_pos, kv_pos, seg, *, impl, window):
 SELF_ATTENTION = ("leftpad_mha_window5", "mqa_window_longer", "packed_gqa")  # no cache: index-aligned
 
 
-@pytest.mark.parametrize("impl, name", [("blockwise", n) for n in sorted(CASES)] + [("flash", n) for n in SELF_ATTENTION])
+@pytest.mark.parametrize("impl, name",
+                         [("blockwise", n) for n in sorted(CASES)] + [("flash", n) for n in SELF_ATTENTION])
 def test_kernel_matches_dense_values_and_gradients(impl, name):
   """flash: the index ranges (run starts, window) handed to the GPU kernel express our mask exactly,
   checked through tokamax's reference kernel with the same mask object."""

@@ -126,7 +126,8 @@ def test_inside_shard_map_outputs_vary_and_invariant_weights_get_summed_gradient
     return jax.jit(jax.value_and_grad(body, argnums=(0, 1)))
 
   shard = jax.sharding.NamedSharding(mesh, P("expert"))
-  x, w, sizes = jax.device_put(x, shard), jax.device_put(w, jax.sharding.NamedSharding(mesh, P())), jax.device_put(sizes, shard)
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  x, w, sizes = jax.device_put(x, shard), jax.device_put(w, replicated), jax.device_put(sizes, shard)
   (v, (gx, gw)), (rv, (rgx, rgw)) = loss("xla")(x, w, sizes), loss("lax")(x, w, sizes)
   np.testing.assert_allclose(float(v), float(rv), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(gx), np.asarray(rgx), rtol=2e-5, atol=2e-5)

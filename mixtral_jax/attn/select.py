@@ -8,8 +8,8 @@
              (segments as contiguous runs), causal + window; what packed training rows get on GPU
 
 ``auto`` picks by the platform of the mesh's devices (``sharding.mesh.current_platform``) and the
-shapes: the kernel where it can express the mask (on GPU cuDNN, else flash), else dense when T * S <= :data:`DENSE_MAX_SCORES`
-and S <= :data:`DENSE_MAX_KEYS`, else blockwise. A specific implementation that cannot run (wrong
+shapes: the kernel where it can express the mask (on GPU cuDNN, else flash), else dense when
+T * S <= :data:`DENSE_MAX_SCORES` and S <= :data:`DENSE_MAX_KEYS`, else blockwise. A specific implementation that cannot run (wrong
 platform, head dim or mask) is an error naming the setting and the alternative, never a silent
 fallback.
 """

@@ -8,11 +8,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from processes import child_env
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
+@pytest.mark.subprocess_cli
 def test_smoke_run_writes_every_section(tmp_path):
   p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "accelerator.py"), "--smoke", "--out",
                       str(tmp_path)], env=child_env(JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,

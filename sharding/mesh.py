@@ -1,8 +1,18 @@
-"""Device meshes from strings such as ``"data=2,expert=4"``.
+"""Device meshes from strings such as ``"data=2,expert=4"`` or ``"dcn_data=2,fsdp=8,expert=8"``.
 
 Axes are always ``data, fsdp, expert, tensor`` in that order (outermost first: ``data`` crosses hosts
 and slow links, ``tensor`` stays on the fastest ones). Unspecified axes are 1. We build
 ``AxisType.Auto`` meshes (see ``sharding.rules`` for why).
+
+Multi-slice (TPU pods joined by the data-center network, DCN): a ``dcn_`` prefix gives an axis's size
+*across* slices; the plain name gives its size inside one slice (ICI). As in MaxText, the two are
+merged into one mesh axis of size ``dcn x ici`` whose outer (slowest-varying) part steps across
+slices, built by ``mesh_utils.create_hybrid_device_mesh`` from the devices' ``slice_index``. So
+``dcn_data=2,fsdp=8,expert=8`` on two 64-chip slices is the mesh ``data=2,fsdp=8,expert=8`` in which
+each ``data`` index is one slice: only what reduces over ``data`` (the gradient all-reduce) crosses
+DCN, while the expert all-to-all and the FSDP gathers stay on a slice's inter-chip links. Keeping the
+axis names unchanged means the logical-axis table, the batch split and checkpoints (restore on any
+slice count) need nothing new.
 """
 
 from __future__ import annotations
@@ -12,16 +22,25 @@ from typing import Mapping
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+DCN = "dcn_"  # prefix of an axis size that spans slices
 
 
 def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
-  """``"data=2,expert=4"`` -> {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}.
+  """``"data=2,expert=4"`` -> {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}: each axis's whole size
+  (a ``dcn_`` part multiplied in; :func:`parse_hybrid` keeps the two apart).
 
   One axis may be ``-1``: it takes whatever the device count leaves (resolved in :func:`make_mesh`).
   """
+  ici, dcn = parse_hybrid(spec)
+  return {a: ici[a] * dcn[a] if ici[a] != -1 else -1 for a in MESH_AXES}
+
+
+def parse_hybrid(spec: str | Mapping[str, int] | None) -> tuple[dict[str, int], dict[str, int]]:
+  """``"dcn_data=2,fsdp=8"`` -> (sizes inside a slice, sizes across slices), each over all four axes."""
   if spec is None or spec == "" or spec == "none":
     sizes: dict[str, int] = {}
   elif isinstance(spec, Mapping):
@@ -38,13 +57,14 @@ def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
         sizes[name] = int(value)
       except ValueError:
         raise ValueError(f"mesh {spec!r}: size of {name!r} must be an integer, got {value!r}") from None
-  unknown = set(sizes) - set(MESH_AXES)
+  unknown = set(sizes) - set(MESH_AXES) - {DCN + a for a in MESH_AXES}
   if unknown:
-    raise ValueError(f"mesh {spec!r}: unknown axis {sorted(unknown)}; axes are {', '.join(MESH_AXES)}")
-  bad = {k: v for k, v in sizes.items() if v == 0 or v < -1}
+    raise ValueError(f"mesh {spec!r}: unknown axis {sorted(unknown)}; axes are {', '.join(MESH_AXES)} "
+                     f"(a {DCN} prefix, as in {DCN}data=2, spans slices)")
+  bad = {k: v for k, v in sizes.items() if v == 0 or v < -1 or (k.startswith(DCN) and v < 1)}
   if bad or sum(v == -1 for v in sizes.values()) > 1:
-    raise ValueError(f"mesh {spec!r}: sizes must be positive (one axis may be -1)")
-  return {a: sizes.get(a, 1) for a in MESH_AXES}
+    raise ValueError(f"mesh {spec!r}: sizes must be positive (one axis inside a slice may be -1)")
+  return {a: sizes.get(a, 1) for a in MESH_AXES}, {a: sizes.get(DCN + a, 1) for a in MESH_AXES}
 
 
 def make_mesh(spec: str | Mapping[str, int] | None = None, *, devices=None, num_experts: int | None = None) -> Mesh:
@@ -54,7 +74,10 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, *, devices=None, num_
   divide ``num_experts``, naming both numbers.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = parse_mesh(spec)
+  ici, dcn = parse_hybrid(spec)
+  if any(v > 1 for v in dcn.values()):
+    return _hybrid_mesh(spec, ici, dcn, devices, num_experts)
+  sizes = ici
   if not sizes or all(v == 1 for v in sizes.values()):
     sizes = {**sizes, "data": -1} if len(devices) > 1 else sizes
   if -1 in sizes.values():
@@ -80,10 +103,53 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, *, devices=None, num_
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def device_slices(devices) -> dict[int, list]:
+  """slice index -> that slice's devices (devices without ``slice_index``, as CPU and GPU ones, are one slice)."""
+  slices: dict[int, list] = {}
+  for d in devices:
+    slices.setdefault(getattr(d, "slice_index", 0) or 0, []).append(d)
+  return slices
+
+
+def _hybrid_mesh(spec, ici: dict, dcn: dict, devices: list, num_experts: int | None) -> Mesh:
+  """A multi-slice mesh: ``dcn`` sizes across slices, ``ici`` sizes inside each (see the module doc)."""
+  slices = device_slices(devices)
+  n_dcn = math.prod(dcn.values())
+  dcn_text = ",".join(f"{DCN}{a}={v}" for a, v in dcn.items() if v > 1)
+  if len(slices) == 1:
+    raise ValueError(f"mesh {spec!r}: {dcn_text} spans slices but the {len(devices)} devices are one slice; "
+                     f"drop the {DCN} prefix (e.g. {dcn_text.replace(DCN, '')}) on a single slice")
+  counts = {i: len(ds) for i, ds in sorted(slices.items())}
+  if len(set(counts.values())) > 1:
+    raise ValueError(f"mesh {spec!r}: slices of unequal size (devices per slice {counts}); "
+                     f"a multi-slice mesh needs the same number of devices in every slice")
+  if n_dcn != len(slices):
+    raise ValueError(f"mesh {spec!r}: the {DCN} axes multiply to {n_dcn} but there are {len(slices)} slices; "
+                     f"make them multiply to {len(slices)}")
+  per_slice = len(devices) // len(slices)
+  try:  # resolve -1 and check the sizes inside one slice as a mesh over one slice's devices
+    ici = dict(make_mesh(ici, devices=next(iter(slices.values()))).shape)
+  except ValueError as e:
+    raise ValueError(f"mesh {spec!r}, inside each slice of {per_slice} devices: {e}") from None
+  merged = {a: ici[a] * dcn[a] for a in MESH_AXES}
+  if num_experts is not None and num_experts % merged["expert"]:
+    raise ValueError(f"mesh axis expert={merged['expert']} does not divide the {num_experts} experts; "
+                     f"use a divisor of {num_experts}")
+  ici_shape, dcn_shape = [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES]
+  try:
+    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):  # a shape the torus cannot hold whole: split axes
+    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices,
+                                                allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def format_mesh(sizes: Mapping[str, int] | Mesh) -> str:
+  """``data=2,fsdp=4,expert=8``; a mesh over several slices adds how many (``..., 2 slices``)."""
+  slices = len(device_slices(sizes.devices.flat)) if isinstance(sizes, Mesh) else 1
   if isinstance(sizes, Mesh):
     sizes = dict(sizes.shape)
-  return ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if a in sizes)
+  return ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if a in sizes) + (f", {slices} slices" if slices > 1 else "")
 
 
 def current_platform() -> str:

@@ -42,6 +42,13 @@ _CALLEES = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+# Collectives whose participants ``collectives`` records (an async pair is counted at its -start, which
+# carries the groups). Replica groups are written {{0,1},{2,3}} or in iota form [2,2]<=[4] / [2,2]<=[2,2]T(1,0).
+_GROUPED = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "ragged-all-to-all")
+# Multi-slice TPU programs: the compiled module is one slice's (partition ids local to a slice), and what
+# crosses slices is a host-transfer send/recv pair that the Megascale runtime carries over DCN.
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="([A-Z_]+)"')
+_GROUPS = re.compile(r"(replica_groups|source_target_pairs)=(\{[{}0-9, ]*\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?)")
 # Custom-call target prefix -> what the kernel is, for ``kernels``.
 _KERNEL_KINDS = (("__cudnn$fmha", "cuDNN fused attention"), ("__gpu$xla.gpu.triton", "Triton kernel"),
                  ("mosaic_gpu", "Mosaic GPU kernel"), ("tpu_custom_call", "TPU Mosaic kernel"))
@@ -100,6 +107,12 @@ def _operand_shape(text: str, shapes: dict) -> tuple[int, ...] | None:
     return inline[0][1]
   known = shapes.get(text.split()[-1].lstrip("%")) if text else None
   return known[0][1] if known else None
+
+
+def _operand_bytes(text: str, shapes: dict) -> int:
+  """Bytes of one operand, typed inline ('f32[8]{0} %x') or by name ('%x')."""
+  inline = arrays(text)
+  return nbytes(inline) if inline else nbytes(shapes.get(text.split()[-1].lstrip("%"), []) if text else [])
 
 
 def _contracted(rest, shapes) -> int:
@@ -190,7 +203,11 @@ def hlo_stats(hlo: str) -> dict:
   Returns {flops, all_to_all_bytes, all_to_all_ops, ragged_all_to_all_ops, ragged_all_to_all_buffer_bytes,
   custom_calls: {target: count}, mosaic_kernels: {name: count}, kernels: {description: count},
   dot_contracted_sizes: {contracted size: count} (an expanded grouped matmul shows as a dot contracting
-  groups x features), unknown_trip_loops, unknown_trip_flops (the FLOPs inside those loops, counted once)}. A computation's weight is the sum over its call
+  groups x features), unknown_trip_loops, unknown_trip_flops (the FLOPs inside those loops, counted once),
+  collectives: [{op, name, weight, groups (replica groups or source-target pairs as written), bytes (operand
+  bytes per device)}] for ``dcn``, including multi-slice TPU's DCN sends as op ``dcn-all-reduce`` etc.,
+  num_partitions (of the module header; a multi-slice TPU module counts one slice's)}. A computation's
+  weight is the sum over its call
   sites of the caller's weight times the site's trip count (1 for fusions, calls and branches, so
   branches count as if all ran).
   """
@@ -252,7 +269,10 @@ def hlo_stats(hlo: str) -> dict:
       inside[c] = c in unknown_bodies or any(in_unknown_loop(p) for p, _ in edges.get(c, ()))
     return inside[c]
 
-  return _tally(instrs, shapes, weight, unknown, in_unknown_loop)
+  out = _tally(instrs, shapes, weight, unknown, in_unknown_loop)
+  parts = re.search(r"num_partitions=(\d+)", hlo.split("\n", 1)[0])
+  out["num_partitions"] = int(parts.group(1)) if parts else None
+  return out
 
 
 def _tally(instrs, shapes, weight, unknown: int, in_unknown_loop) -> dict:
@@ -261,9 +281,18 @@ def _tally(instrs, shapes, weight, unknown: int, in_unknown_loop) -> dict:
   also summed apart, so a caller that knows the expected trips can scale them."""
   out = {"flops": 0, "all_to_all_bytes": 0, "all_to_all_ops": 0, "ragged_all_to_all_ops": 0,
          "ragged_all_to_all_buffer_bytes": 0, "custom_calls": {}, "mosaic_kernels": {}, "kernels": {},
-         "dot_contracted_sizes": {}, "unknown_trip_loops": unknown, "unknown_trip_flops": 0}
+         "dot_contracted_sizes": {}, "unknown_trip_loops": unknown, "unknown_trip_flops": 0, "collectives": []}
   for comp, op, type_text, rest, name in instrs:
     w = weight(comp)
+    base = op.removesuffix("-start")
+    groups = _GROUPS.search(rest) if base in _GROUPED else None
+    megascale = _MEGASCALE.search(rest) if op == "send" else None
+    if megascale:  # the buffer sent over DCN: the first element of the send's (buffer, context, token)
+      out["collectives"].append({"op": "dcn-" + megascale.group(1).lower().replace("_", "-"), "name": name,
+                                 "weight": w, "groups": "", "bytes": nbytes(arrays(type_text)[:1])})
+    if groups:  # operand bytes per device: what this device puts into the collective
+      out["collectives"].append({"op": base, "name": name, "weight": w, "groups": groups.group(2),
+                                 "bytes": sum(_operand_bytes(t, shapes) for t in _operands(rest))})
     if op in ("dot", "convolution"):
       flops = w * (_dot_flops if op == "dot" else _conv_flops)(type_text, rest, shapes)
       out["flops"] += flops

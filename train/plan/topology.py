@@ -61,8 +61,20 @@ def tpu_topology(name: str) -> str:
   return f"{gen}:{grids[count // per_chip]}"
 
 
+def tpu_slices(name: str) -> tuple[int, str]:
+  """``2xv5p-128`` -> (2, "v5p-128"): several slices joined by DCN; ``v5p-128`` -> (1, "v5p-128")."""
+  m = re.fullmatch(r"(\d+)x(.+)", name.strip().lower())
+  if m is None:
+    return 1, name
+  if int(m.group(1)) < 1:
+    raise ValueError(f"--topology {name!r}: the slice count must be at least 1")
+  return int(m.group(1)), m.group(2)
+
+
 def tpu_devices(name: str):
-  """The devices of a TPU slice, for ahead-of-time compilation on any host with libtpu."""
+  """The devices of a TPU slice, or of ``N`` slices (``2xv5p-128``: each device has a ``slice_index``),
+  for ahead-of-time compilation on any host with libtpu."""
+  num_slices, name = tpu_slices(name)
   topology = tpu_topology(name)
   # libtpu looks for a TPU and its workers on start-up; these keep it quiet on a host without one.
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.split(":")[0] + "-8")
@@ -74,7 +86,7 @@ def tpu_devices(name: str):
   from jax.experimental import topologies  # noqa: PLC0415
 
   try:
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, num_slices=num_slices).devices)
   except Exception as e:  # noqa: BLE001 - no libtpu, or a topology it does not know
     raise ValueError(f"cannot get TPU topology {topology!r} ({str(e).splitlines()[0][:200]}); "
                      f"install the TPU compiler with pip install 'jax[tpu]' (libtpu) matching jax") from None

@@ -14,12 +14,14 @@ from mixtral_jax.train.config import TrainConfig
 from mixtral_jax.train.plan import dcn, topology
 from mixtral_jax.train.plan.compiling import shard_bytes
 from mixtral_jax.train.plan.hlo_stats import hlo_stats
+from mixtral_jax.train.plan.training import plan
 from mixtral_jax.train.step import build_train_step
 from reference import TINY
 
 import jax
 
 CFG = MixtralConfig(**{**TINY, "num_hidden_layers": 2, "vocab_size": 512}, dtype="bfloat16", remat="full")
+TC = TrainConfig().override({"data.batch_size": 8, "data.seq_len": 128})
 
 
 def test_parse_dcn_axes():
@@ -65,26 +67,24 @@ def test_multislice_mesh_and_bad_input(two_slices):
 
 
 @pytest.mark.libtpu
-def test_two_slice_train_step_keeps_expert_and_fsdp_collectives_in_a_slice(two_slices):
+def test_two_slice_train_step_keeps_expert_and_fsdp_collectives_in_a_slice(two_slices, tmp_path):
   mesh = make_mesh("dcn_data=2,fsdp=2,expert=2", devices=two_slices, num_experts=8)
-  tc = TrainConfig().override({"data.batch_size": 8, "data.seq_len": 128})
-  fn, state, batch = build_train_step(CFG, tc, mesh)
-  with jax.set_mesh(mesh):
-    hlo = fn.lower(state, batch).compile().as_text()
-  stats = hlo_stats(hlo)
-  slices = dcn.partition_slices(mesh)
-  assert slices == [0, 0, 0, 0, 1, 1, 1, 1]
+  out = plan(CFG, mesh, batch=8, seq=128, dump_hlo=str(tmp_path / "step.hlo"))
+  stats = hlo_stats((tmp_path / "step.hlo").read_text())
+  assert out["partition_slices"] == [0, 0, 0, 0, 1, 1, 1, 1]
   # The TPU compiler writes one slice's module: 4 partitions, on-chip (ICI) replica groups among them,
   # and DCN transfers as Megascale host sends.
   assert stats["num_partitions"] == 4
   local = [c for c in stats["collectives"] if not c["op"].startswith("dcn-")]
   ops = {c["op"] for c in local}
-  assert {"all-to-all", "all-gather", "reduce-scatter"} <= ops | {"ragged-all-to-all"}, ops
+  assert {"all-to-all", "all-gather", "reduce-scatter"} <= ops, ops
   for c in local:  # every group a set of this slice's partitions: the expert and FSDP traffic stays on ICI
     groups = dcn.parse_groups(c["groups"])
-    assert all(0 <= i < 4 for g in groups for i in g), (c["op"], c["groups"])
-  traffic = dcn.dcn_traffic(stats["collectives"], slices, stats["num_partitions"])
-  assert set(traffic["ops"]) == {"dcn-all-reduce"}, traffic["ops"]  # the gradient reduction only
-  # It reduces the gradients: about one parameter shard per device (f32 master weights here).
-  param_bytes = shard_bytes(state.params)
-  assert 0.9 * param_bytes <= traffic["dcn_bytes"] <= 1.2 * param_bytes, (traffic["dcn_bytes"], param_bytes)
+    assert groups and all(0 <= i < 4 for g in groups for i in g), (c["op"], c["groups"])
+  assert set(out["dcn_ops"]) == {"dcn-all-reduce"}, out["dcn_ops"]  # the gradient reduction only
+  # It reduces the gradients: about one f32 parameter shard per device (the ideal). Measured 1.127x
+  # here: the expert, embedding and head gradients cross exactly once (14 sends of their 32 KiB shards),
+  # while the small attention gradients cross as 2x larger buffers, all-reduced over DCN before the
+  # in-slice reduce-scatter ends; at 8x7B scale the expert weights dominate.
+  assert out["dcn_ideal_bytes"] == shard_bytes(build_train_step(CFG, TC, mesh)[1].params)
+  assert out["dcn_ideal_bytes"] <= out["dcn_bytes"] <= 1.2 * out["dcn_ideal_bytes"], out

@@ -25,7 +25,8 @@ def plan_parser(p):
               "  mixtral-jax plan --generate --preset mixtral-8x7b --batch 8 --context 8192 --quantize int8 "
               "--prefill-chunk 2048 --device 70")
   p.add_argument("--preset", default="mixtral-8x7b", help="model preset (mixtral_jax.config.PRESETS)")
-  p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,expert=8 (default: all devices on data)")
+  p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,expert=8 (default: all devices on data); "
+                                              "dcn_data=2,fsdp=8,expert=8: data across slices (--topology 2xv5p-128)")
   p.add_argument("--batch", type=int, default=256, help="global sequences per optimizer step (serving: rows)")
   p.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
   p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step")
@@ -41,7 +42,7 @@ def plan_parser(p):
                       "and the shapes")
   p.add_argument("--topology", default=None,
                  help="compile deviceless for this target: a Cloud TPU slice (v5p-128, v4-32, v5litepod-16, v6e-64) "
-                      "or compiler topology (v5p:4x4x4), with libtpu; or NVIDIA GPUs as [hosts x]card[xGPUs] "
+                      "or compiler topology (v5p:4x4x4), or N such slices joined by DCN (2xv5p-128), with libtpu; or NVIDIA GPUs as [hosts x]card[xGPUs] "
                       f"({', '.join(topology.GPU_CARDS)}: h100x8, 2xh100x8, h200x8), with the CUDA plugin")
   p.add_argument("--simulate", action="store_true",
                  help="compile for simulated CPU devices, as many as the mesh has (automatic on a CPU-only host)")
@@ -59,6 +60,8 @@ def plan_parser(p):
                  help="--generate: prompt columns per prefill call, a power of two (default generate's, 2048); "
                       "prefill compiles generate's chunk program of batch x min(context, this) tokens")
   p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+  p.add_argument("--dump-hlo", default=None, metavar="FILE",
+                 help="write the compiled program's optimised HLO text to FILE (check the collectives yourself)")
   p.add_argument("--lora", type=int, default=None, metavar="RANK",
                  help="compile the LoRA step of this rank (default targets) instead of full fine-tuning")
 

@@ -54,9 +54,10 @@ def compiled_figures(compiled) -> dict:
   return out
 
 
-def compile_or_verdict(lowered, argument_bytes: float) -> tuple[object | None, dict]:
+def compile_or_verdict(lowered, argument_bytes: float, dump_hlo: str | None = None) -> tuple[object | None, dict]:
   """(compiled, figures); when the TPU compiler refuses for lack of memory, (None, its verdict):
-  {oom, temp_bytes (what it needed for temporaries), available_bytes, peak_bytes (arguments + that)}."""
+  {oom, temp_bytes (what it needed for temporaries), available_bytes, peak_bytes (arguments + that)}.
+  ``dump_hlo``: also write the optimised HLO text to this file."""
   try:
     compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - XlaRuntimeError; only RESOURCE_EXHAUSTED becomes a verdict
@@ -66,6 +67,9 @@ def compile_or_verdict(lowered, argument_bytes: float) -> tuple[object | None, d
     needed, available = parsed
     return None, {"oom": True, "temp_bytes": needed, "available_bytes": available,
                   "peak_bytes": argument_bytes + needed, "message": str(e).splitlines()[0][:400]}
+  if dump_hlo:
+    with open(dump_hlo, "w") as f:
+      f.write(compiled.as_text())
   return compiled, compiled_figures(compiled)
 
 

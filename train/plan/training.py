@@ -50,7 +50,7 @@ from mixtral_jax.params import abstract_model
 from mixtral_jax.sharding.mesh import format_mesh, make_mesh
 from mixtral_jax.sharding.rules import logical_to_spec
 
-from . import topology
+from . import dcn, topology
 from .compiling import (GiB, compile_or_verdict, fit_lines, header, kernel_lines, model_config,
                         shard_bytes, target_devices)
 
@@ -184,9 +184,11 @@ def scaled_loop_flops(figures: dict, cfg: MixtralConfig, mesh, seq: int) -> dict
           "flops": figures["flops"] + figures["unknown_trip_flops"] * (trips - 1)}
 
 
-def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1, lora_rank: int | None = None) -> dict:
+def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1, lora_rank: int | None = None,
+         dump_hlo: str | None = None) -> dict:
   """Compiles the train step for ``mesh`` and returns the compiled and analytic figures per device
-  (``lora_rank``: the LoRA step, default targets, frozen base in the compute dtype)."""
+  (``lora_rank``: the LoRA step, default targets, frozen base in the compute dtype). On a mesh over
+  several slices, also the bytes per step that cross DCN against the ideal (``dcn``)."""
   from mixtral_jax.train.config import TrainConfig  # noqa: PLC0415
   from mixtral_jax.train.step import build_train_step  # noqa: PLC0415
 
@@ -199,11 +201,18 @@ def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1,
   step_fn, abs_state, abs_batch = build_train_step(cfg, train_cfg, mesh)
   with jax.set_mesh(mesh):  # kernels that need a concrete mesh (shard_map'd Pallas) see the target's
     lowered = step_fn.lower(abs_state, abs_batch)
-  _, figures = compile_or_verdict(lowered, shard_bytes(abs_state) + shard_bytes(abs_batch))
+  _, figures = compile_or_verdict(lowered, shard_bytes(abs_state) + shard_bytes(abs_batch), dump_hlo)
   if "flops" in figures:
     figures.update(scaled_loop_flops(figures, cfg, mesh, seq))
   base = 0.0 if abs_state.base is None else shard_bytes(abs_state.base)
-  return {
+  slices = dcn.partition_slices(mesh)
+  multi = {}
+  if len(set(slices)) > 1 and "collectives" in figures:
+    traffic = dcn.dcn_traffic(figures["collectives"], slices, figures.get("num_partitions"))
+    multi = {"dcn_bytes": traffic["dcn_bytes"], "dcn_ideal_bytes": shard_bytes(abs_state.params),
+             "dcn_ops": traffic["ops"], "partition_slices": slices}
+  figures.pop("collectives", None)  # per-instruction detail: --dump-hlo has it all
+  return {**multi,
       "compiled": {"param_bytes": shard_bytes(abs_state.params) + base, "base_bytes": base,
                    "opt_bytes": shard_bytes(abs_state.opt_state), **figures},
       "analytic": analytic(cfg, mesh, batch, seq, grad_accum, train_cfg.lora if lora_rank is not None else None),
@@ -216,7 +225,8 @@ def train_main(args, count: int) -> int:
   cfg = model_config(args)
   devices = target_devices(args, count)
   mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
-  out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum, lora_rank=args.lora)
+  out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum, lora_rank=args.lora,
+             dump_hlo=args.dump_hlo)
   c, a = out["compiled"], out["analytic"]
   print(header(args, cfg, mesh, f"batch {args.batch} x {args.seq}, {args.grad_accum} microbatch(es), "
                                  f"remat {cfg.remat}") + f"; compiled in {out['compile_seconds']:.1f} s")
@@ -240,6 +250,9 @@ def train_main(args, count: int) -> int:
     for name, got, want in rows:
       print(f"  {name:<30}{got:12.3f}{want:12.3f}")
     print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB")
+    if "dcn_bytes" in out:
+      for line in dcn.dcn_lines({"dcn_bytes": out["dcn_bytes"], "ops": out["dcn_ops"]}, out["dcn_ideal_bytes"]):
+        print(line)
     if c["cost_analysis_flops"] is not None:
       print(f"  XLA cost_analysis: {c['cost_analysis_flops'] / 1e12:.3f} TFLOPs (each loop body counted once: the "
             f"layer scan, microbatch scan and loss chunks run many times; the row above weights them)")

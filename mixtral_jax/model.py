@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mixtral_jax.attention import Attention
 from mixtral_jax import kv_cache
@@ -30,12 +31,46 @@ from mixtral_jax.projection import Projection
 from mixtral_jax.quant import stored
 from mixtral_jax.sharding.rules import constrain
 
-# What to keep for the backward pass of each block (``MixtralConfig.remat``).
+# Activations a block names with ``checkpoint_name`` so that remat policies can keep them by name:
+# the attention output (after the output projection) and the MoE block's input (the normalised hidden
+# state that the router reads and the expert FFNs are dispatched from).
+ATTN_OUT, MOE_IN = "attn_out", "moe_in"
+_cp = jax.checkpoint_policies
+
+# What to keep for the backward pass of each block (``MixtralConfig.remat``), from most kept to least.
+# The backward recomputes whatever a policy does not keep, from the block's input (which the layer
+# scan always keeps).
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "none": None,  # keep everything: no recompute, most memory
+    # the q/k/v/o projections and the router (matmuls without batch dimensions); attention scores and
+    # expert FFNs are recomputed
+    "save_projections": _cp.checkpoint_dots_with_no_batch_dims,
+    "dots": _cp.checkpoint_dots_with_no_batch_dims,  # the older name of save_projections
+    # the attention output and the MoE input: the backward recomputes each sublayer once, not the
+    # attention again to reach the MoE block
+    "save_attn_moe_in": _cp.save_only_these_names(ATTN_OUT, MOE_IN),
+    # the same two kept in pinned host memory instead of device memory (TPU and GPU hosts, and CPU)
+    "offload": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=(ATTN_OUT, MOE_IN),
+        offload_src="device", offload_dst="pinned_host"),
+    "full": _cp.nothing_saveable,  # keep only the block input: recompute the whole block
 }
+
+
+def remat_policy(name: str, devices=None):
+  """The checkpoint policy named ``name``; with ``devices``, also checks that ``offload`` has pinned host
+  memory to go to. Unknown names and offload without host memory are refused in one line."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat {name!r}: no such policy; choose one of {', '.join(REMAT_POLICIES)}")
+  if name == "offload" and devices:
+    try:
+      kinds = {m.kind for m in devices[0].addressable_memories()}
+    except Exception:  # noqa: BLE001 - a backend without memory spaces
+      kinds = set()
+    if "pinned_host" not in kinds:
+      raise ValueError(f"remat 'offload' needs pinned host memory, which {devices[0].platform} devices lack "
+                       f"(memory kinds {sorted(kinds) or 'none'}); use remat save_attn_moe_in or full")
+  return REMAT_POLICIES[name]
 
 _STACK_METADATA = {nnx.PARTITION_NAME: None, LOGICAL_AXES: "layers"}
 
@@ -54,8 +89,8 @@ class Block(nnx.Module):
                                  segment_ids_BT=segment_ids_BT, cache=cache, cache_pos_BS=cache_pos_BS,
                                  write_slots_BT=write_slots_BT, layer=layer, kept_rows=kept_rows,
                                  lora_key=lora_key)
-    h_BTD = h_BTD + a_BTD
-    m_BTD, logits_BTE, stats = self.moe(self.moe_norm(h_BTD), valid_BT, experts, lora_key)
+    h_BTD = h_BTD + checkpoint_name(a_BTD, ATTN_OUT)
+    m_BTD, logits_BTE, stats = self.moe(checkpoint_name(self.moe_norm(h_BTD), MOE_IN), valid_BT, experts, lora_key)
     h_BTD = constrain(h_BTD + m_BTD, ("batch", "seq", "act_embed"))
     return h_BTD, new_cache, logits_BTE, stats
 
@@ -155,7 +190,7 @@ class Mixtral(nnx.Module):
     its ys would hold a second whole cache. ``unroll`` (tests) slices each layer's cache out and
     stacks the new ones: the reference for the in-place path. ``lora_key`` (training with LoRA dropout,
     no cache): layer i gets ``fold_in(lora_key, i)``, scanned beside its layer."""
-    policy = REMAT_POLICIES[self.cfg.remat]
+    policy = remat_policy(self.cfg.remat)
     keys_L = None if lora_key is None else jax.vmap(lambda i: jax.random.fold_in(lora_key, i))(
         jnp.arange(self.cfg.num_hidden_layers))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from mixtral_jax.config import ATTENTION_IMPLS
+from mixtral_jax.model import REMAT_POLICIES
 from mixtral_jax.sharding.mesh import parse_mesh
 
 from . import topology
@@ -32,9 +33,10 @@ def plan_parser(p):
   p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step")
   p.add_argument("--dtype", default="bfloat16", help="compute dtype")
   p.add_argument("--param-dtype", default="float32", help="master weight dtype (serving: bfloat16)")
-  p.add_argument("--remat", default="full", choices=("none", "full", "dots"),
-                 help="activation rematerialisation: none (keep all), full (recompute each layer in the backward "
-                      "pass), dots (keep matmul outputs, recompute the rest)")
+  p.add_argument("--remat", default="full", choices=tuple(REMAT_POLICIES),
+                 help="activation rematerialisation (mixtral_jax.model.REMAT_POLICIES): none (keep all), "
+                      "save_projections (keep q/k/v/o and router outputs), save_attn_moe_in (keep attention output "
+                      "and MoE input), offload (those two in pinned host memory), full (recompute each layer)")
   p.add_argument("--capacity-factor", default="1.25", help="expert capacity factor, or 'none' for dropless")
   p.add_argument("--moe-impl", default="auto", help="auto | blocked | ragged | dense (dropless expert kernel)")
   p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,

@@ -45,7 +45,7 @@ from mixtral_jax import lora as lora_lib
 from mixtral_jax import routing
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.layers import LOGICAL_AXES
-from mixtral_jax.model import Mixtral
+from mixtral_jax.model import Mixtral, remat_policy
 from mixtral_jax.params import abstract_model
 from mixtral_jax.sharding.mesh import format_mesh, make_mesh
 from mixtral_jax.sharding.rules import logical_to_spec
@@ -212,10 +212,18 @@ def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1,
     multi = {"dcn_bytes": traffic["dcn_bytes"], "dcn_ideal_bytes": shard_bytes(abs_state.params),
              "dcn_ops": traffic["ops"], "partition_slices": slices}
   figures.pop("collectives", None)  # per-instruction detail: --dump-hlo has it all
+  lora = train_cfg.lora if lora_rank is not None else None
+  expected = analytic(cfg, mesh, batch, seq, grad_accum, lora)
+  # Recompute factor: compiled FLOPs over the analytic FLOPs of the same step without remat (which the
+  # analytic count matches within a few percent; compiling a second, no-remat program would double the
+  # compile time, and at full size it often does not fit, so the compiler gives no FLOPs for it).
+  no_remat = analytic(cfg.replace(remat="none"), mesh, batch, seq, grad_accum, lora)["flops"]
+  if "flops" in figures and no_remat:
+    figures["recompute_factor"] = figures["flops"] / no_remat
   return {**multi,
       "compiled": {"param_bytes": shard_bytes(abs_state.params) + base, "base_bytes": base,
                    "opt_bytes": shard_bytes(abs_state.opt_state), **figures},
-      "analytic": analytic(cfg, mesh, batch, seq, grad_accum, train_cfg.lora if lora_rank is not None else None),
+      "analytic": {**expected, "flops_no_remat": no_remat},
       "compile_seconds": time.perf_counter() - t0,
   }
 
@@ -224,6 +232,7 @@ def train_main(args, count: int) -> int:
   """``mixtral-jax plan`` for training: compile, then print each figure beside its expectation."""
   cfg = model_config(args)
   devices = target_devices(args, count)
+  remat_policy(cfg.remat, devices)  # offload needs pinned host memory on the target
   mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
   out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum, lora_rank=args.lora,
              dump_hlo=args.dump_hlo)
@@ -249,7 +258,8 @@ def train_main(args, count: int) -> int:
             ("all-to-all GiB per step", c["all_to_all_bytes"] / GiB, a["all_to_all_bytes"] / GiB)]
     for name, got, want in rows:
       print(f"  {name:<30}{got:12.3f}{want:12.3f}")
-    print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB")
+    print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB; recompute "
+          f"factor {c.get('recompute_factor', float('nan')):.3f}x (compiled FLOPs / analytic FLOPs without remat)")
     if "dcn_bytes" in out:
       for line in dcn.dcn_lines({"dcn_bytes": out["dcn_bytes"], "ops": out["dcn_ops"]}, out["dcn_ideal_bytes"]):
         print(line)

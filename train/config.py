@@ -85,6 +85,10 @@ class TrainSection:
   peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: measure a large matmul
   progress: bool = True  # a progress bar when stdout and stderr are terminals
   barrier_timeout_s: float = 300.0  # multi-process barriers give up (naming the late process) after this
+  # activation remat policy (mixtral_jax.model.REMAT_POLICIES: none, save_projections, save_attn_moe_in,
+  # offload, full); None: the model's (model.overrides.remat, else the preset's)
+  remat: str | None = None
+  profile: str | None = None  # "START:END": a jax.profiler trace of those steps in <workdir>/profile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +115,7 @@ class TrainConfig:
       problems.append(f"data.seq_len={self.data.seq_len} is not a multiple of loss.ce_chunk={self.loss.ce_chunk}")
     if self.model.preset is None and self.model.checkpoint is None:
       problems.append("set model.preset or model.checkpoint")
+    problems += _pod_problems(self.train)
     if problems:
       raise ValueError("invalid run config: " + "; ".join(problems))
 
@@ -165,6 +170,21 @@ _AT_LEAST = (("data.batch_size", 1), ("data.seq_len", 1), ("data.workers", 1), (
              ("optimizer.warmup_steps", 0), ("optimizer.grad_accum", 1), ("loss.ce_chunk", 1),
              ("train.steps", 1), ("train.checkpoint_every", 1), ("train.keep", 1), ("train.log_every", 1),
              ("train.print_every", 1), ("train.eval_every", 0), ("train.eval_batches", 1))
+
+
+def _pod_problems(train: TrainSection) -> list[str]:
+  """train.remat names a policy; train.profile is a START:END range inside the run's steps."""
+  from mixtral_jax.model import REMAT_POLICIES  # noqa: PLC0415 - the model only when validating
+  from .profiling import parse_profile  # noqa: PLC0415
+
+  problems = []
+  if train.remat is not None and train.remat not in REMAT_POLICIES:
+    problems.append(f"train.remat={train.remat!r} is no remat policy; choose one of {', '.join(REMAT_POLICIES)}")
+  try:
+    parse_profile(train.profile, train.steps)
+  except ValueError as e:
+    problems.append(str(e))
+  return problems
 
 
 def _range_problems(cfg: "TrainConfig") -> list[str]:

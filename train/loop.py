@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mixtral_jax import lora as lora_lib
 from mixtral_jax.config import MixtralConfig, get_config
 from mixtral_jax.lora import run as lora_run
+from mixtral_jax.model import remat_policy
 from mixtral_jax.sharding import distributed
 from mixtral_jax.sharding.mesh import format_mesh, make_mesh
 from mixtral_jax.tokenizer import Tokenizer
@@ -35,6 +36,7 @@ from . import step as step_lib
 from .checkpointing import Checkpointer, barrier
 from .config import TrainConfig
 from .metrics import MetricsLogger, measure_peak_flops, train_flops_per_token
+from .profiling import Goodput, ProfileWindow, summary_line
 
 log = logging.getLogger("mixtral_jax.train")
 
@@ -53,7 +55,7 @@ class RunResult:
 
 
 def model_config(cfg: TrainConfig) -> MixtralConfig:
-  overrides = dict(cfg.model.overrides)
+  overrides = dict(cfg.model.overrides, **({"remat": cfg.train.remat} if cfg.train.remat else {}))
   if cfg.model.checkpoint:
     from mixtral_jax.checkpoint import load_config  # noqa: PLC0415 - checkpoint I/O only when used
     return load_config(cfg.model.checkpoint).replace(**overrides)
@@ -149,6 +151,7 @@ def _check_inputs(cfg: TrainConfig, workdir: str, *, restart: bool):
   tokenizer = Tokenizer.load(cfg.data.tokenizer)
   tokenizer.check_vocab(mcfg.vocab_size)
   mesh = make_mesh(cfg.train.mesh, num_experts=mcfg.num_local_experts)
+  remat_policy(mcfg.remat, list(mesh.devices.flat))  # offload needs pinned host memory
   shards = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
   if cfg.microbatch % shards:
     raise ValueError(f"the microbatch of {cfg.microbatch} sequences (data.batch_size / optimizer.grad_accum) "
@@ -248,12 +251,18 @@ def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, sta
   preempt = _Preemption()
   result = RunResult(start, start, {}, {})
   last_saved = start if resumed else None
+  timer, window = Goodput(), ProfileWindow(cfg.train.profile, cfg.train.steps, workdir)
   try:
     t_prev = time.perf_counter()
     for step in range(start + 1, cfg.train.steps + 1):
-      state, metrics = step_fn(state, _device_batch(next(it), bsh, global_batch_shape))
+      window.before(step)
+      with timer.phase("data_wait"):
+        batch = _device_batch(next(it), bsh, global_batch_shape)
+      with timer.phase("compute"):
+        state, metrics = step_fn(state, batch)
+        metrics = jax.device_get(metrics)
+      window.after(step)
       ckpt.check_for_errors()
-      metrics = jax.device_get(metrics)
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
         raise _diverged(loss, step, ckpt, last_saved)
@@ -264,11 +273,12 @@ def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, sta
                 **{f"data_tokens/{n}": t for n, t in it.source_tokens.items()}}  # realised mixture
       result.losses[step] = loss
       if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-        record["eval_loss"] = _evaluate(eval_fn, step_lib.eval_params(state), eval_batches, bsh,
-                                        global_batch_shape)
+        with timer.phase("eval"):
+          record["eval_loss"] = _evaluate(eval_fn, step_lib.eval_params(state), eval_batches, bsh,
+                                          global_batch_shape)
         result.eval_losses[step] = record["eval_loss"]
         t_prev = time.perf_counter()  # evaluation time is not step time
-      logger.log(step, record)  # it decides what goes to the file and the console
+      logger.log(step, {**record, **timer.step_record()})  # it decides what goes to the file and the console
       result.final_step = step
       if preempt.requested:
         ckpt.save(state, it.state(), force=True)
@@ -277,11 +287,20 @@ def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, sta
         result.stopped_by_signal = True
         break
       if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-        ckpt.save(state, it.state(), force=True)
+        with timer.phase("checkpoint"):  # in the next step's record
+          ckpt.save(state, it.state(), force=True)
         last_saved = step
-    ckpt.wait()
+    with timer.phase("checkpoint"):
+      ckpt.wait()
     barrier("done", cfg.train.barrier_timeout_s)
+    totals = timer.summary()
+    logger.write(summary_line(totals))
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "goodput.json"), "w") as f:
+        json.dump(totals, f, indent=2)
   finally:
+    window.stop()
+    timer.close()
     preempt.restore()
     it.close()
     logger.close()

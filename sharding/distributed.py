@@ -37,7 +37,9 @@ def _cluster_detected() -> bool:
   if any(int(os.environ.get(v, "1") or 1) > 1 for v in _CLUSTER_SIZE_ENV):
     return True
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")  # set on multi-host Cloud TPU VMs
-  return len([h for h in hosts.split(",") if h]) > 1
+  # Multi-slice Cloud TPU (even of one host per slice) announces its slices to JAX's detection here.
+  slices = int(os.environ.get("MEGASCALE_NUM_SLICES", "1") or 1)
+  return len([h for h in hosts.split(",") if h]) > 1 or slices > 1
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,

@@ -4,7 +4,9 @@ Parameters carry logical axis names from creation (``nnx.Param(..., logical_axes
 are pinned with :func:`constrain` at block boundaries. Nothing else in the package names a mesh axis,
 except the expert-parallel ``shard_map``, which owns the ``expert`` axis by construction.
 
-Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters sharded),
+Mesh axes: ``data`` (pure data parallel; on several slices its outer part is the ``dcn_data`` of the
+mesh spec, merged into this axis by ``sharding.mesh``, so ``batch`` splits over slices with no rule of
+its own), ``fsdp`` (data parallel with parameters sharded),
 ``expert`` (experts split across devices; the batch is split over it too outside the MoE block),
 ``tensor`` (Megatron-style split of heads and FFN width).
 

@@ -17,6 +17,7 @@ Bytes are counted per device as the operand bytes each device puts into a crossi
 weighted by how often its computation runs (``hlo_stats``'s trip counts). The ideal for data
 parallelism over slices is one reduction of the gradients across slices: every device contributes its
 shard of the trainable parameters' gradients once (the bytes of its parameter shard, in the parameters'
+dtype, and, since XLA may reduce gradients in the compute dtype before converting them, also in that
 dtype). ``dcn_bytes / dcn_ideal_bytes`` is 1.0 when nothing else crosses; a gather of weights or an
 expert all-to-all over DCN shows up as more, and as ``ops`` other than all-reduce/reduce-scatter.
 """
@@ -68,11 +69,13 @@ def dcn_traffic(collectives: list[dict], slices: list[int], num_partitions: int 
   return {"dcn_bytes": float(total), "ops": ops, "crossing": names}
 
 
-def dcn_lines(figures: dict, ideal: float) -> list[str]:
-  """The DCN figures in words."""
+def dcn_lines(figures: dict, ideal: float, ideal_compute: float, param_dtype: str, dtype: str) -> list[str]:
+  """The DCN figures in words: against the ideal with gradients in the parameters' dtype, and in the
+  compute dtype (XLA may reduce bf16 gradients before converting them: at 8x7B it does)."""
   got = figures["dcn_bytes"]
   ops = ", ".join(f"{op} x{n}" for op, n in sorted(figures["ops"].items())) or "none"
-  ratio = f"{got / ideal:.3f}x ideal" if ideal else "no ideal"
-  return [f"  DCN bytes per step per device: {got / 2**30:.3f} GiB against {ideal / 2**30:.3f} GiB ideal "
-          f"(one cross-slice gradient reduction) = {ratio}",
+  ratio = lambda i: f"{got / i:.3f}x" if i else "n/a"  # noqa: E731
+  return [f"  DCN bytes per step per device: {got / 2**30:.3f} GiB; ideal (one cross-slice gradient reduction) "
+          f"{ideal / 2**30:.3f} GiB in {param_dtype} = {ratio(ideal)}, {ideal_compute / 2**30:.3f} GiB in {dtype} "
+          f"= {ratio(ideal_compute)}",
           f"  collectives crossing slices per step: {ops}"]

@@ -209,8 +209,10 @@ def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1,
   multi = {}
   if len(set(slices)) > 1 and "collectives" in figures:
     traffic = dcn.dcn_traffic(figures["collectives"], slices, figures.get("num_partitions"))
-    multi = {"dcn_bytes": traffic["dcn_bytes"], "dcn_ideal_bytes": shard_bytes(abs_state.params),
-             "dcn_ops": traffic["ops"], "partition_slices": slices}
+    ideal = shard_bytes(abs_state.params)  # gradients reduced in the parameters' dtype
+    ideal_compute = ideal * np.dtype(cfg.dtype).itemsize / np.dtype(cfg.param_dtype).itemsize
+    multi = {"dcn_bytes": traffic["dcn_bytes"], "dcn_ideal_bytes": ideal,
+             "dcn_ideal_compute_dtype_bytes": ideal_compute, "dcn_ops": traffic["ops"], "partition_slices": slices}
   figures.pop("collectives", None)  # per-instruction detail: --dump-hlo has it all
   lora = train_cfg.lora if lora_rank is not None else None
   expected = analytic(cfg, mesh, batch, seq, grad_accum, lora)
@@ -261,7 +263,8 @@ def train_main(args, count: int) -> int:
     print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB; recompute "
           f"factor {c.get('recompute_factor', float('nan')):.3f}x (compiled FLOPs / analytic FLOPs without remat)")
     if "dcn_bytes" in out:
-      for line in dcn.dcn_lines({"dcn_bytes": out["dcn_bytes"], "ops": out["dcn_ops"]}, out["dcn_ideal_bytes"]):
+      for line in dcn.dcn_lines({"dcn_bytes": out["dcn_bytes"], "ops": out["dcn_ops"]}, out["dcn_ideal_bytes"],
+                                out["dcn_ideal_compute_dtype_bytes"], cfg.param_dtype, cfg.dtype):
         print(line)
     if c["cost_analysis_flops"] is not None:
       print(f"  XLA cost_analysis: {c['cost_analysis_flops'] / 1e12:.3f} TFLOPs (each loop body counted once: the "

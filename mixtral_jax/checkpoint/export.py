@@ -88,9 +88,9 @@ def export(ckpt: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     raise ValueError(f"{ckpt} is a {found.kind} checkpoint; export reads mixtral-jax Orbax checkpoints "
                      "(convert it first with 'mixtral-jax convert', or load it directly)")
   dst = os.path.abspath(os.fspath(dst))
-  staging.refuse_inside(found.directory, dst, "export")  # --overwrite would delete the checkpoint itself
   if os.path.lexists(dst) and not overwrite:
     raise FileExistsError(f"{dst} already exists; choose another destination or pass --overwrite")
+  staging.refuse_inside(found.directory, dst, "export")  # --overwrite would delete the checkpoint itself
   limit = parse_size(max_shard_size)
   cfg = config_for(found, {})
   # One read of every array against its CRC-32 and for NaN/Inf before anything is written: a corrupt

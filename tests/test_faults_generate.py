@@ -105,3 +105,22 @@ def test_serve_checks_its_port_and_sizes_before_loading(capsys):
     _one_line(capsys, f"{flag} must be >=")
   assert cli(["serve", "--model", NOWHERE, "--host", "no-such-host.invalid", "--port", str(port)]) == 2
   _one_line(capsys, "cannot be resolved")
+
+
+CUDA_CHILD = ("import sys; from mixtral_jax.cli import quiet_cuda_plugin\n"  # as cli.main: before JAX loads
+              "if sys.argv[1] == 'quiet': quiet_cuda_plugin('generate')\n"
+              "import jax; print(jax.devices()[0].platform)")
+
+
+@pytest.mark.subprocess_cli
+def test_cuda_plugin_traceback_is_silenced_without_a_gpu(child_env):
+  import glob
+  import importlib.util
+  import subprocess
+  if glob.glob("/dev/nvidia[0-9]*") or importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    pytest.skip("needs the CUDA plugin installed on a host without a GPU (the case being fixed)")
+  env = {k: v for k, v in child_env().items() if k != "JAX_PLATFORMS"}
+  loud, quiet = (subprocess.run([sys.executable, "-c", CUDA_CHILD, mode], env=env, capture_output=True, text=True,
+                                timeout=120) for mode in ("loud", "quiet"))
+  assert "CUDA error 303" in loud.stderr  # the reference: what every command printed before
+  assert quiet.returncode == 0 and quiet.stdout.strip() == "cpu" and "CUDA" not in quiet.stderr, quiet.stderr

@@ -178,11 +178,27 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no trace
     print(f"mixtral-jax {name}: error: {e}", file=sys.stderr)
     return 2
-  except OSError as e:
-    if e.errno not in DISK_ERRNOS:
+  except Exception as e:  # noqa: BLE001 - only a full or read-only disk somewhere in the chain is caught
+    disk = disk_cause(e)
+    if disk is None:
       raise
-    print(f"mixtral-jax {name}: error: {disk_error_line(e)}", file=sys.stderr)
+    # A wrapped one (a training save that failed in the background) keeps its own message, which names
+    # the step and the checkpoints kept, instead of the chained tracebacks.
+    line = disk_error_line(disk) if disk is e else f"{disk_error_line(disk)} ({e})"
+    print(f"mixtral-jax {name}: error: {line}", file=sys.stderr)
     return 2
+
+
+def disk_cause(e: BaseException) -> OSError | None:
+  """The first OSError with an errno in DISK_ERRNOS in ``e``'s chain (``raise ... from``, or raised while
+  handling), else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
 
 
 if __name__ == "__main__":

@@ -89,3 +89,34 @@ def test_sigterm_exits_with_the_preempted_code_and_resumes(straight, tmp_path, m
   monkeypatch.setattr(loop.MetricsLogger, "log", log)
   assert _train(tmp_path, 6) == 0
   assert _steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6]
+
+
+def test_disk_full_during_a_training_save_is_one_line(monkeypatch, tmp_path, capsys):
+  """The loop's CheckpointError raised from the storage's ENOSPC (as ``Checkpointer._surfacing`` makes it),
+  with a second error raised while the loop's ``finally`` closes things: one line, not the chain."""
+  import errno
+
+  from mixtral_jax.train import commands
+  from mixtral_jax.train.checkpointing import CheckpointError
+
+  def full(args):
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoints" / "4"))
+    except OSError as e:
+      raise CheckpointError("the checkpoint save of step 4 in ... failed; the checkpoints of steps [2] are "
+                            "kept. Fix the cause, then rerun the same command to resume") from e
+
+  def closing_fails(args):
+    try:
+      full(args)
+    finally:
+      raise RuntimeError("close failed")  # noqa: B012 - as an exception raised while closing the manager
+
+  for main in (full, closing_fails):
+    monkeypatch.setattr(commands, "train_main", main)
+    assert cli(["train", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no space left on device" in err and str(tmp_path / "checkpoints") in err, err
+  monkeypatch.setattr(commands, "train_main", lambda args: (_ for _ in ()).throw(RuntimeError("not a disk")))
+  with pytest.raises(RuntimeError, match="not a disk"):  # anything else still raises
+    cli(["train", "--workdir", str(tmp_path)])

@@ -39,7 +39,7 @@ class Sampling:
     # NaN fails every comparison and inf divides the logits to zero (a uniform draw): both are refused
     # by name, never sampled from.
     if not math.isfinite(self.temperature) or self.temperature < 0:
-      raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature}")
+      raise ValueError(f"temperature must be >= 0 and finite (0 means greedy), got {self.temperature}")
     if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) != self.top_k
                                    or self.top_k < 1):
       raise ValueError(f"top_k must be a positive integer, or None for all tokens, got {self.top_k}")

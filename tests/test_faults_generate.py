@@ -48,7 +48,7 @@ def test_sampling_api_refuses_nonfinite_settings():
     with pytest.raises(ValueError, match="temperature|top_p|top_k"):
       Sampling(**kwargs)
   model = mixtral_jax.create_model(mixtral_jax.get_config("tiny", num_hidden_layers=1), seed=0)
-  with pytest.raises(ValueError, match="temperature must be a finite number"):
+  with pytest.raises(ValueError, match="temperature must be >= 0 and finite"):
     generate(model, [[1, 2, 3]], 4, temperature=math.nan)  # before anything compiles
 
 

@@ -120,3 +120,24 @@ def test_disk_full_during_a_training_save_is_one_line(monkeypatch, tmp_path, cap
   monkeypatch.setattr(commands, "train_main", lambda args: (_ for _ in ()).throw(RuntimeError("not a disk")))
   with pytest.raises(RuntimeError, match="not a disk"):  # anything else still raises
     cli(["train", "--workdir", str(tmp_path)])
+
+
+def test_a_climbing_loss_warns_through_the_loop(straight, tmp_path, monkeypatch, capsys):
+  """The train step's reported loss scaled up from step 3 on (x3, x5, x8, x12: finite, so no NaN stop):
+  the run warns once that the loss may be diverging (``MetricsLogger``'s ``DivergenceWatch``, fed by the
+  loop every step) and still finishes."""
+  build = loop.step_lib.build_train_step
+  scale = {1: 1.0, 2: 1.0, 3: 3.0, 4: 5.0, 5: 8.0, 6: 12.0}
+
+  def climbing(*args, **kwargs):
+    step_fn, *rest = build(*args, **kwargs)
+
+    def scaled(state, batch):
+      state, metrics = step_fn(state, batch)
+      return state, {**metrics, "loss": metrics["loss"] * scale[int(state.step)]}
+    return (scaled, *rest)
+
+  monkeypatch.setattr(loop.step_lib, "build_train_step", climbing)
+  assert _train(tmp_path, 6) == 0
+  out = capsys.readouterr().out
+  assert out.count("the loss may be diverging") == 1 and "at step 5" in out, out

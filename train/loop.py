@@ -33,7 +33,7 @@ from mixtral_jax.tokenizer import Tokenizer
 from . import data as data_lib
 from . import step as step_lib
 from .checkpointing import Checkpointer, barrier
-from .config import TrainConfig
+from .config import TrainConfig, check_resume
 from .metrics import MetricsLogger, measure_peak_flops, train_flops_per_token
 
 log = logging.getLogger("mixtral_jax.train")
@@ -154,8 +154,9 @@ def _check_inputs(cfg: TrainConfig, workdir: str, *, restart: bool):
     raise ValueError(f"the microbatch of {cfg.microbatch} sequences (data.batch_size / optimizer.grad_accum) "
                      f"does not split over the {shards} batch shards of mesh {format_mesh(mesh)}; make it a "
                      "multiple, or choose another train.mesh")
-  if not restart:
+  if not restart:  # a resume keeps the model and the data settings its checkpoints were made with
     _check_resumable(workdir, mcfg)
+    check_resume(workdir, cfg)
   return mcfg, lora_record, tokenizer, mesh
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 serve_example = "mixtral-jax serve --model runs/tiny --port 8000 --max-batch 16 --quantize int8"
@@ -38,13 +39,37 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
                  help="instruct format: v1 (8x7B-Instruct) or v3 (8x22B-Instruct, tools) (default: v3 for a 32768 vocabulary, else v1)")
 
 
+def check_serve_args(args: argparse.Namespace) -> None:
+  """Every serve setting that can be wrong, checked before the model loads and compiles (minutes at full
+  size): the sizes, and whether ``--host:--port`` can be listened on now (bound once with the options
+  uvicorn uses, then released; a port taken between this check and the listen still fails there)."""
+  if not 1 <= args.port <= 65535:
+    raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+  for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                           ("--max-context", args.max_context, 2), ("--prefill-chunk", args.prefill_chunk, 1)):
+    if value is not None and value < low:
+      raise ValueError(f"{flag} must be >= {low}, got {value}")
+  try:
+    infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+  except socket.gaierror as e:
+    raise ValueError(f"--host {args.host!r} cannot be resolved ({e.strerror}); pass an address such as "
+                     "127.0.0.1 or 0.0.0.0") from None
+  family, kind, proto, _, address = infos[0]
+  with socket.socket(family, kind, proto) as probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
+    try:
+      probe.bind(address)
+    except OSError as e:
+      raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); stop what holds it, or pass "
+                       "another --port") from None
+
+
 def serve_main(args: argparse.Namespace) -> int:
   from mixtral_jax.generation_commands import load_model  # noqa: PLC0415 - keep `mixtral-jax --help` fast
   from mixtral_jax.inference.engine import Engine  # noqa: PLC0415
   from mixtral_jax.inference.server import build_app  # noqa: PLC0415
 
-  if not 1 <= args.port <= 65535:
-    raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+  check_serve_args(args)
   model, tokenizer = load_model(args)
   version = args.chat_version or ("v3" if model.cfg.vocab_size == 32768 else "v1")
   name = args.served_model_name or os.path.basename(os.path.normpath(args.model))

@@ -19,6 +19,8 @@ import secrets
 import time
 from typing import Any
 
+from mixtral_jax.text_input import first_undecodable
+
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
@@ -108,8 +110,25 @@ def parse_params(body: dict, default_max_tokens: int | None) -> Params:
   if not isinstance(options, dict):
     raise ApiError(400, "'stream_options' must be an object", param="stream_options")
   return Params(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=top_p,
-                top_k=_number(body, "top_k", 0, -1, 1 << 30, int), stop=stop, seed=seed, stream=stream,
+                top_k=_top_k(body), stop=stop, seed=seed, stream=stream,
                 include_usage=bool(options.get("include_usage", False)))
+
+
+def _top_k(body: dict) -> int:
+  """``top_k``: 0 or absent for all tokens, else >= 1 (vLLM's -1 for "off" is refused by name, not guessed)."""
+  top_k = _number(body, "top_k", 0, -(1 << 30), 1 << 30, int)
+  if top_k < 0:
+    raise ApiError(400, f"'top_k' must be >= 1, or 0 / absent for all tokens, got {top_k}", param="top_k")
+  return top_k
+
+
+def check_text(value, param: str) -> None:
+  """A 400 naming ``param`` when a string in ``value`` cannot be tokenized (a lone surrogate such as
+  JSON's "\\ud800"; see ``mixtral_jax.text_input``)."""
+  problem = first_undecodable(value)
+  if problem:
+    raise ApiError(400, f"'{param}' is not valid Unicode text: {problem}; send well-formed UTF-8",
+                   param=param, code="invalid_text")
 
 
 def parse_chat(body: dict, version: str) -> tuple[list[dict], list[dict] | None]:
@@ -125,6 +144,8 @@ def parse_chat(body: dict, version: str) -> tuple[list[dict], list[dict] | None]
     raise ApiError(400, f"this model uses the {version} chat format, which has no tool calling", param="tools")
   # OpenAI clients send assistant turns with "tool_calls": null and tool turns with extra keys.
   cleaned = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
+  check_text(cleaned, "messages")
+  check_text(tools, "tools")
   return cleaned, (tools or None) if choice != "none" else None
 
 
@@ -134,6 +155,7 @@ def parse_prompt(body: dict, tokenizer) -> list[int]:
   if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
     prompt = prompt[0]
   if isinstance(prompt, str):
+    check_text(prompt, "prompt")
     return tokenizer.encode(prompt, bos=True)
   if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
     bad = [t for t in prompt if not 0 <= t < tokenizer.vocab_size]
@@ -145,11 +167,12 @@ def parse_prompt(body: dict, tokenizer) -> list[int]:
                  param="prompt")
 
 
-def check_length(n: int, max_tokens: int | None, context: int) -> int:
-  """max_tokens (default: the rest of the context), or a 400 naming the prompt length and the context."""
+def check_length(n: int, max_tokens: int | None, context: int, prompt_param: str = "messages") -> int:
+  """max_tokens (default: the rest of the context), or a 400 naming the prompt length and the context
+  (and ``prompt_param``: "messages" for chat, "prompt" for completions); the prompt is not echoed."""
   if n >= context:
     raise ApiError(400, f"the prompt has {n} tokens but the context is {context} tokens (--max-context); "
-                   "shorten the prompt", param="messages", code="context_length_exceeded")
+                   "shorten the prompt", param=prompt_param, code="context_length_exceeded")
   if max_tokens is None:
     return context - n
   if n + max_tokens > context:

@@ -94,7 +94,8 @@ class Server:
 
   async def _generate(self, http, prompt, params, kind, tool_calls_id):
     """Submits the request to the engine; its tokens arrive on ``events`` (this event loop)."""
-    max_tokens = P.check_length(len(prompt), params.max_tokens, self.engine.max_context)
+    max_tokens = P.check_length(len(prompt), params.max_tokens, self.engine.max_context,
+                                "messages" if kind == "chat" else "prompt")
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     put = lambda *e: loop.call_soon_threadsafe(events.put_nowait, e)  # noqa: E731

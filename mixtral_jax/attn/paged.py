@@ -1,0 +1,108 @@
+"""Paged attention: keys and values in a pool of fixed-size pages, read through a page table per row.
+
+One layer's pool is ``k_pages, v_pages`` ``[P, p, K, H]`` (P pages of p token slots). Row b's token at
+position s lives in slot ``s % p`` of page ``table[b, s // p]``; the first ``kv_len[b]`` positions are
+filled, the table's unused tail points at page 0 (the null page, see
+:mod:`mixtral_jax.inference.pages`).
+
+Write (:func:`write_pages`, decode steps and prefill chunks alike): a scatter of each new token's key
+and value to its slot; padding tokens get an index past the pool and ``mode="drop"`` discards them, so
+no row ever writes into a page it does not own.
+
+Read (:func:`paged_attention`): the online softmax of :mod:`mixtral_jax.attn.blockwise`, over key
+blocks of ``pages_per_block`` pages gathered through the table, never a ``[T, S]`` score matrix:
+
+  for j in live blocks:   k_j, v_j = k_pages[table[:, j]], v_pages[table[:, j]]   ([B, blk, K, H])
+    s = q k_j^T / sqrt(H), -inf where key position >= kv_len or the mask rule hides it
+    m' = max(m, rowmax s); a = exp(m - m'); l = a l + rowsum exp(s - m'); acc = a acc + exp(s - m') v_j
+  out = acc / l   (0 for a query that sees no key: padding rows)
+
+Key positions come from the table index (``j * blk + offset``), not from stored positions. The live
+blocks run from the first one a window can reach (``min q_pos - W + 1``) to the last filled one
+(``max kv_len``), over the whole batch; the exact mask is applied inside each block. Query heads stay
+grouped ``[K, G]`` against their kv head (GQA without repeating K/V). Inference only (no VJP).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mixtral_jax.attn.mask import visible
+
+_f32 = jnp.float32
+
+
+def write_pages(k_pages_PpKH, v_pages_PpKH, k_BTKH, v_BTKH, table_BM, pos_BT, valid_BT):
+  """Pools with each valid token's key/value stored at its position's slot; padding tokens dropped.
+
+  ``pos_BT`` are the tokens' positions in their rows, ``valid_BT`` which are real. Donate the pools to
+  the surrounding jit so the scatter is in place.
+  """
+  P, p, K, H = k_pages_PpKH.shape
+  pos = jnp.maximum(pos_BT, 0)
+  page_BT = jnp.take_along_axis(table_BM, jnp.minimum(pos // p, table_BM.shape[1] - 1), axis=1)
+  flat_BT = jnp.where(valid_BT, page_BT * p + pos % p, P * p)  # P * p: past the pool, dropped
+  def put(pages, x_BTKH):
+    flat = pages.reshape(P * p, K, H).at[flat_BT.reshape(-1)].set(
+        x_BTKH.reshape(-1, K, H).astype(pages.dtype), mode="drop")
+    return flat.reshape(P, p, K, H)
+  return put(k_pages_PpKH, k_BTKH), put(v_pages_PpKH, v_BTKH)
+
+
+def paged_attention(q_BTNH, k_pages_PpKH, v_pages_PpKH, table_BM, q_pos_BT, kv_len_B, *, sliding_window=None,
+                    pages_per_block: int = 1) -> jax.Array:
+  """Attention of ``q`` ``[B, T, N, H]`` (at positions ``q_pos_BT``; -1 for padding queries) over each
+  row's first ``kv_len_B`` cached tokens, read page by page; ``[B, T, N, H]`` in q's dtype."""
+  B, T, N, H = q_BTNH.shape
+  P, p, K, _ = k_pages_PpKH.shape
+  G, M = N // K, table_BM.shape[1]
+  nb = -(-M // pages_per_block)
+  if nb * pages_per_block != M:  # whole blocks: pad the table with the null page
+    table_BM = jnp.pad(table_BM, ((0, 0), (0, nb * pages_per_block - M)))
+  blk = pages_per_block * p
+  table_BnJ = table_BM.reshape(B, nb, pages_per_block)
+  q_BKGTH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+  q_pos_BT = q_pos_BT.astype(jnp.int32)
+  kv_len_B = kv_len_B.astype(jnp.int32)
+
+  hi = -(-jnp.max(kv_len_B) // blk)
+  lo = jnp.int32(0)
+  if sliding_window is not None:
+    real = q_pos_BT >= 0
+    q_min = jnp.min(jnp.where(real, q_pos_BT, jnp.iinfo(jnp.int32).max))
+    lo = jnp.clip((q_min - sliding_window + 1) // blk, 0, hi)
+
+  def visit(j, carry):
+    m, l, acc = carry
+    pages_BJ = jax.lax.dynamic_index_in_dim(table_BnJ, j, axis=1, keepdims=False)
+    k_BSKH = k_pages_PpKH[pages_BJ].reshape(B, blk, K, H)
+    v_BSKH = v_pages_PpKH[pages_BJ].reshape(B, blk, K, H)
+    kv_pos_BS = j * blk + jnp.arange(blk, dtype=jnp.int32)[None, :]
+    kv_pos_BS = jnp.where(kv_pos_BS < kv_len_B[:, None], kv_pos_BS, -1)  # unfilled slots are padding
+    ok_BTS = visible(q_pos_BT[:, :, None], kv_pos_BS[:, None, :], sliding_window=sliding_window)
+    # einsum: per kv head k, the G query heads' rows against the block's keys.
+    s = jnp.einsum("bkgth,bskh->bkgts", q_BKGTH, k_BSKH, preferred_element_type=_f32) * (H ** -0.5)
+    s = jnp.where(ok_BTS[:, None, None], s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(-1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen nothing yet
+    pr = jnp.exp(s - m_safe[..., None])
+    a = jnp.exp(m - m_safe)
+    l = a * l + pr.sum(-1)
+    acc = a[..., None] * acc + jnp.einsum("bkgts,bskh->bkgth", pr.astype(v_BSKH.dtype), v_BSKH,
+                                          preferred_element_type=_f32)
+    return m_new, l, acc
+
+  stat = (B, K, G, T)
+  init = (jnp.full(stat, -jnp.inf, _f32), jnp.zeros(stat, _f32), jnp.zeros(stat + (H,), _f32))
+  _, l, acc = jax.lax.fori_loop(lo, hi, visit, init)
+  out_BKGTH = acc / jnp.where(l == 0, 1.0, l)[..., None]
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+def gather_pages(pages_PpKH, table_BM) -> jax.Array:
+  """The contiguous ``[B, M * p, K, H]`` view of each row's pages (tests and debugging; attention never
+  builds it)."""
+  B, M = table_BM.shape
+  _, p, K, H = pages_PpKH.shape
+  return pages_PpKH[table_BM].reshape(B, M * p, K, H)

@@ -18,7 +18,8 @@ import pytest
 import sentencepiece
 
 from mixtral_jax.inference.grammar import (GrammarError, MaskBatch, StructuredOutput, allowed, apply_bitmask,
-                                           consume, piece_bytes, schema_of)
+                                           consume, schema_of)
+from mixtral_jax.inference.pieces import piece_bytes
 from mixtral_jax.tokenizer import Tokenizer
 
 NAMES = ["id", "name", "tags", "score", "ok", "kind", "items", "meta", "x", "city"]

@@ -1,9 +1,8 @@
 """Structured output: OpenAI's ``response_format`` as per-step token masks over our real vocabulary.
 
 The grammar engine is llguidance (PyPI ``llguidance``; no dependencies, no torch). Per tokenizer, once
-(about 0.3 s for 32k pieces): every sentencepiece piece becomes the bytes it stands for (``▁`` -> space,
-``<0x0A>`` -> the byte 0x0A, control tokens -> ``0xFF`` + their name, llguidance's mark for specials),
-and llguidance builds its token trie from them. Per request: ``response_format`` ->
+(about 0.3 s for 32k pieces): every sentencepiece piece becomes the bytes it stands for
+(:mod:`mixtral_jax.inference.pieces`), and llguidance builds its token trie from them. Per request: ``response_format`` ->
 
   * ``{"type": "text"}`` or absent: no constraint;
   * ``{"type": "json_object"}``: any JSON object (the schema ``{"type": "object"}``);
@@ -35,6 +34,8 @@ import numpy as np
 import sentencepiece
 from sentencepiece import sentencepiece_model_pb2
 
+from mixtral_jax.inference.pieces import SPECIAL_MARK, piece_bytes
+
 # No free whitespace between JSON tokens: random or weak models otherwise emit whitespace until
 # max_tokens, and the compact form is what json.dumps(separators=(",", ":")) writes.
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -65,20 +66,6 @@ def schema_of(response_format: Any) -> dict | None:
   raise GrammarError(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}")
 
 
-def piece_bytes(sp: sentencepiece.SentencePieceProcessor) -> list[bytes]:
-  """The bytes each token id of a sentencepiece model stands for, llguidance's way."""
-  out = []
-  for i in range(sp.get_piece_size()):
-    piece = sp.id_to_piece(i)
-    if sp.is_control(i) or sp.is_unknown(i):
-      out.append(b"\xff" + piece.encode())
-    elif sp.is_byte(i):  # <0xNN>
-      out.append(bytes([int(piece[3:-1], 16)]))
-    else:
-      out.append(piece.replace("\u2581", " ").encode())
-  return out
-
-
 class _SentencePieceForLlguidance:
   """What ``llguidance.TokenizerWrapper`` reads: the token bytes, BOS/EOS, specials and an encoder.
 
@@ -96,7 +83,7 @@ class _SentencePieceForLlguidance:
     self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
     self.tokens = piece_bytes(self._sp)
     self.eos_token_id, self.bos_token_id = self._sp.eos_id(), self._sp.bos_id()
-    self.special_token_ids = [i for i, t in enumerate(self.tokens) if t.startswith(b"\xff")]
+    self.special_token_ids = [i for i, t in enumerate(self.tokens) if t.startswith(SPECIAL_MARK)]
 
   def __call__(self, text):
     return self._sp.encode(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mixtral_jax.attn.dense import dense_attention
-from mixtral_jax.attn.paged import gather_pages, paged_attention, write_pages
+from mixtral_jax.attn.paged import gather_pages, paged_attention, write_layer, write_pages
 
 K, G, H = 2, 3, 8
 N = K * G
@@ -172,3 +172,26 @@ def test_no_score_matrix_over_the_whole_cache():
   hlo = jax.jit(paged_attention).lower(q, kp, kp, table, pos, ln).as_text()
   assert "x4096x" not in hlo and "16x4096" not in hlo
   assert "tensor<1x2x3x16x16xf32>" in hlo  # one block of scores: [B, K, G, T, block]
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_write_layer_into_the_stacked_pool_equals_write_pages(T):
+  """Layer 1 of a stacked [L, P, p, K, H] pool written by write_layer (decode: one update per row;
+  chunks: the layer's scatter) holds what write_pages writes into a single pool; other layers are
+  untouched; a padding row (decode) writes only into the null page."""
+  rng = np.random.default_rng(5)
+  L, P, p, B, width = 3, 10, 4, 3, 3
+  pool = rng.standard_normal((L, P, p, K, H)).astype(np.float32)
+  table = np.array([[3, 5, 9], [7, 1, 2], [0, 0, 0]], np.int32)
+  pos = np.array([[6 + t for t in range(T)], [1 + t for t in range(T)], [0] * T], np.int32)
+  valid = np.ones((B, T), bool)
+  valid[2] = False
+  x = rng.standard_normal((B, T, K, H)).astype(np.float32)
+  got = np.asarray(jax.jit(write_layer)(pool, 1, x, table, pos, valid))
+  from mixtral_jax.attn.paged import write_pool
+  want = np.asarray(write_pool(jnp.asarray(pool[1]), x, table, pos, valid))
+  np.testing.assert_array_equal(got[1, 1:], want[1:])  # every page but the null page
+  np.testing.assert_array_equal(got[0], pool[0])
+  np.testing.assert_array_equal(got[2], pool[2])
+  if T == 5:
+    np.testing.assert_array_equal(got[1, 0], pool[1, 0])  # chunks drop padding entirely

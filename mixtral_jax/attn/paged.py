@@ -33,21 +33,51 @@ from mixtral_jax.attn.mask import visible
 _f32 = jnp.float32
 
 
-def write_pages(k_pages_PpKH, v_pages_PpKH, k_BTKH, v_BTKH, table_BM, pos_BT, valid_BT):
-  """Pools with each valid token's key/value stored at its position's slot; padding tokens dropped.
-
-  ``pos_BT`` are the tokens' positions in their rows, ``valid_BT`` which are real. Donate the pools to
-  the surrounding jit so the scatter is in place.
-  """
-  P, p, K, H = k_pages_PpKH.shape
+def write_pool(pages_PpKH, x_BTKH, table_BM, pos_BT, valid_BT):
+  """One pool ``[P, p, K, H]`` with each valid token's key (or value) stored at its position's slot;
+  padding tokens get an index past the pool and are dropped."""
+  P, p, K, H = pages_PpKH.shape
   pos = jnp.maximum(pos_BT, 0)
   page_BT = jnp.take_along_axis(table_BM, jnp.minimum(pos // p, table_BM.shape[1] - 1), axis=1)
   flat_BT = jnp.where(valid_BT, page_BT * p + pos % p, P * p)  # P * p: past the pool, dropped
-  def put(pages, x_BTKH):
-    flat = pages.reshape(P * p, K, H).at[flat_BT.reshape(-1)].set(
-        x_BTKH.reshape(-1, K, H).astype(pages.dtype), mode="drop")
-    return flat.reshape(P, p, K, H)
-  return put(k_pages_PpKH, k_BTKH), put(v_pages_PpKH, v_BTKH)
+  flat = pages_PpKH.reshape(P * p, K, H).at[flat_BT.reshape(-1)].set(
+      x_BTKH.reshape(-1, K, H).astype(pages_PpKH.dtype), mode="drop")
+  return flat.reshape(P, p, K, H)
+
+
+def write_pages(k_pages_PpKH, v_pages_PpKH, k_BTKH, v_BTKH, table_BM, pos_BT, valid_BT):
+  """Both pools written by :func:`write_pool` (``pos_BT``: the tokens' positions in their rows,
+  ``valid_BT``: which are real). Donate the pools to the surrounding jit so the scatter is in place."""
+  return (write_pool(k_pages_PpKH, k_BTKH, table_BM, pos_BT, valid_BT),
+          write_pool(v_pages_PpKH, v_BTKH, table_BM, pos_BT, valid_BT))
+
+
+def write_layer(pool_LPpKH, layer, x_BTKH, table_BM, pos_BT, valid_BT):
+  """The stacked pool ``[L, P, p, K, H]`` with this call's keys (or values) written into layer ``layer``
+  (an int or a traced layer counter), in place when the pool is donated or carried by a scan.
+
+  Decode (T == 1): one ``dynamic_update_slice`` per row at (layer, page, slot); a padding row writes
+  into the null page's slot 0, which no row ever reads unmasked. (XLA:CPU computes a bfloat16 scatter
+  in float32 over the whole operand, so the stacked pool is never a scatter's operand.) Prefill chunks
+  (T > 1): the layer is cut out, written with :func:`write_pool`'s scatter, and put back.
+  """
+  L, P, p, K, H = pool_LPpKH.shape
+  B, T = pos_BT.shape
+  x_BTKH = x_BTKH.astype(pool_LPpKH.dtype)
+  if T == 1:
+    pos_B = jnp.maximum(pos_BT[:, 0], 0)
+    page_B = jnp.take_along_axis(table_BM, jnp.minimum(pos_B // p, table_BM.shape[1] - 1)[:, None], axis=1)[:, 0]
+    page_B = jnp.where(valid_BT[:, 0], page_B, 0)
+    slot_B = jnp.where(valid_BT[:, 0], pos_B % p, 0)
+    for b in range(B):
+      pool_LPpKH = jax.lax.dynamic_update_slice(pool_LPpKH, x_BTKH[b, 0][None, None, None],
+                                                (layer, page_B[b], slot_B[b], 0, 0))
+    return pool_LPpKH
+  # The barrier makes the slice a buffer of its own, so the in-place update below does not copy the
+  # whole stacked pool first (as attention.py does for the contiguous cache).
+  one = jax.lax.optimization_barrier(pool_LPpKH[layer])
+  one = write_pool(one, x_BTKH, table_BM, pos_BT, valid_BT)
+  return jax.lax.dynamic_update_index_in_dim(pool_LPpKH, one, layer, 0)
 
 
 def paged_attention(q_BTNH, k_pages_PpKH, v_pages_PpKH, table_BM, q_pos_BT, kv_len_B, *, sliding_window=None,

@@ -195,3 +195,48 @@ def test_write_layer_into_the_stacked_pool_equals_write_pages(T):
   np.testing.assert_array_equal(got[2], pool[2])
   if T == 5:
     np.testing.assert_array_equal(got[1, 0], pool[1, 0])  # chunks drop padding entirely
+
+
+def test_stacked_pool_read_by_layer_equals_the_layer_alone():
+  rng = np.random.default_rng(6)
+  L, P, p = 3, 9, 4
+  kp = rng.standard_normal((L, P, p, K, H)).astype(np.float32)
+  vp = rng.standard_normal((L, P, p, K, H)).astype(np.float32)
+  table = np.array([[2, 5, 7], [4, 0, 0]], np.int32)
+  q = rng.standard_normal((2, 3, N, H)).astype(np.float32)
+  q_pos = np.array([[8, 9, 10], [1, 2, 3]], np.int32)
+  kv_len = np.array([11, 4], np.int32)
+  stacked = jax.jit(functools.partial(paged_attention, pages_per_block=2))(q, kp, vp, table, q_pos, kv_len, layer=1)
+  alone = _paged(q, kp[1], vp[1], table, q_pos, kv_len, pages_per_block=2)
+  np.testing.assert_array_equal(np.asarray(stacked), np.asarray(alone))
+
+
+def test_paged_layer_writes_then_attends_and_keeps_other_layers():
+  """paged_layer on layer 1 of a 2-layer cache: the output equals dense attention over the row's whole
+  token list (cached part + this chunk), layer 0 is untouched, the table and lengths pass through."""
+  from mixtral_jax.attn.paged import PagedKVCache, init_pools, paged_layer
+  rng = np.random.default_rng(7)
+  p, P = 4, 12
+  T = 3
+  k_all = rng.standard_normal((2, 9, K, H)).astype(np.float32)
+  v_all = rng.standard_normal((2, 9, K, H)).astype(np.float32)
+  table = np.array([[3, 8, 0], [5, 0, 0]], np.int32)
+  kp, vp = init_pools(2, P, p, K, H, jnp.float32)
+  pos0 = np.array([[0, 1, 2, 3, 4, 5], [0] * 6], np.int32)
+  k1, v1 = write_pages(kp[1], vp[1], k_all[:, :6], v_all[:, :6], table, pos0, np.array([[True] * 6, [False] * 6]))
+  kp, vp = kp.at[1].set(k1), vp.at[1].set(v1)  # row 0's first 6 tokens are cached
+  pos = np.array([[6, 7, 8], [0, 1, 2]], np.int32)
+  valid = np.array([[True] * 3, [True, True, False]])
+  kv_len = np.array([9, 2], np.int32)
+  q = rng.standard_normal((2, T, N, H)).astype(np.float32)
+  cache = PagedKVCache(kp, vp, jnp.asarray(table), jnp.asarray(kv_len))
+  k_new = np.stack([k_all[0, 6:9], k_all[1, 0:3]])
+  v_new = np.stack([v_all[0, 6:9], v_all[1, 0:3]])
+  out, new = jax.jit(paged_layer, static_argnames=("sliding_window", "pages_per_block"))(
+      cache, 1, q, k_new, v_new, pos, valid)
+  kv_pos = np.array([list(range(9)), [0, 1] + [-1] * 7], np.int32)
+  want = np.asarray(dense_attention(q, k_all, v_all, np.where(valid, pos, 0), kv_pos))
+  np.testing.assert_allclose(np.asarray(out)[valid], want[valid], rtol=1e-5, atol=1e-5)
+  assert not np.asarray(out)[~valid].any()
+  np.testing.assert_array_equal(np.asarray(new.k[0]), 0)
+  np.testing.assert_array_equal(np.asarray(new.table), table)

@@ -25,12 +25,51 @@ grouped ``[K, G]`` against their kv head (GQA without repeating K/V). Inference 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from mixtral_jax.attn.mask import visible
 
 _f32 = jnp.float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKVCache:
+  """The paged cache of every layer as the model's layer scan carries it: pools ``k, v`` ``[L, P, p, K,
+  H]``, the rows' page tables ``[B, M]`` and their filled lengths ``kv_len`` ``[B]`` counted after this
+  call's writes (the host's :mod:`mixtral_jax.inference.pages` owns which page is whose)."""
+  k: jax.Array
+  v: jax.Array
+  table: jax.Array
+  kv_len: jax.Array
+
+  @property
+  def page_size(self) -> int:
+    return self.k.shape[2]
+
+
+def init_pools(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype):
+  """Zeroed ``k, v`` pools ``[L, P, p, K, H]``."""
+  shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def paged_layer(cache: PagedKVCache, layer, q_BTNH, k_BTKH, v_BTKH, positions_BT, valid_BT, *,
+                sliding_window=None, pages_per_block: int = 1):
+  """One attention layer over the paged cache: this call's keys/values written into layer ``layer``'s
+  pages (:func:`write_layer`), then the queries attend through the tables (:func:`paged_attention`,
+  reading the written pool). Returns (out ``[B, T, N, H]``, the cache with the written pools)."""
+  if valid_BT is None:
+    valid_BT = jnp.ones(positions_BT.shape, bool)
+  k = write_layer(cache.k, layer, k_BTKH, cache.table, positions_BT, valid_BT)
+  v = write_layer(cache.v, layer, v_BTKH, cache.table, positions_BT, valid_BT)
+  q_pos_BT = jnp.where(valid_BT, positions_BT, -1)
+  out = paged_attention(q_BTNH, k, v, cache.table, q_pos_BT, cache.kv_len, sliding_window=sliding_window,
+                        pages_per_block=pages_per_block, layer=layer)
+  return out, PagedKVCache(k, v, cache.table, cache.kv_len)
 
 
 def write_pool(pages_PpKH, x_BTKH, table_BM, pos_BT, valid_BT):
@@ -81,11 +120,14 @@ def write_layer(pool_LPpKH, layer, x_BTKH, table_BM, pos_BT, valid_BT):
 
 
 def paged_attention(q_BTNH, k_pages_PpKH, v_pages_PpKH, table_BM, q_pos_BT, kv_len_B, *, sliding_window=None,
-                    pages_per_block: int = 1) -> jax.Array:
+                    pages_per_block: int = 1, layer=None) -> jax.Array:
   """Attention of ``q`` ``[B, T, N, H]`` (at positions ``q_pos_BT``; -1 for padding queries) over each
-  row's first ``kv_len_B`` cached tokens, read page by page; ``[B, T, N, H]`` in q's dtype."""
+  row's first ``kv_len_B`` cached tokens, read page by page; ``[B, T, N, H]`` in q's dtype.
+
+  With ``layer`` the pools are the stacked ``[L, P, p, K, H]`` ones and each block is gathered straight
+  from layer ``layer`` (slicing the layer out first could copy it, a whole layer's pool per step)."""
   B, T, N, H = q_BTNH.shape
-  P, p, K, _ = k_pages_PpKH.shape
+  P, p, K, _ = k_pages_PpKH.shape[-4:]
   G, M = N // K, table_BM.shape[1]
   nb = -(-M // pages_per_block)
   if nb * pages_per_block != M:  # whole blocks: pad the table with the null page
@@ -106,8 +148,12 @@ def paged_attention(q_BTNH, k_pages_PpKH, v_pages_PpKH, table_BM, q_pos_BT, kv_l
   def visit(j, carry):
     m, l, acc = carry
     pages_BJ = jax.lax.dynamic_index_in_dim(table_BnJ, j, axis=1, keepdims=False)
-    k_BSKH = k_pages_PpKH[pages_BJ].reshape(B, blk, K, H)
-    v_BSKH = v_pages_PpKH[pages_BJ].reshape(B, blk, K, H)
+    if layer is None:
+      k_BSKH = k_pages_PpKH[pages_BJ].reshape(B, blk, K, H)
+      v_BSKH = v_pages_PpKH[pages_BJ].reshape(B, blk, K, H)
+    else:
+      k_BSKH = k_pages_PpKH[layer, pages_BJ].reshape(B, blk, K, H)
+      v_BSKH = v_pages_PpKH[layer, pages_BJ].reshape(B, blk, K, H)
     kv_pos_BS = j * blk + jnp.arange(blk, dtype=jnp.int32)[None, :]
     kv_pos_BS = jnp.where(kv_pos_BS < kv_len_B[:, None], kv_pos_BS, -1)  # unfilled slots are padding
     ok_BTS = visible(q_pos_BT[:, :, None], kv_pos_BS[:, None, :], sliding_window=sliding_window)

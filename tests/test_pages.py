@@ -14,7 +14,8 @@ import random
 import numpy as np
 import pytest
 
-from mixtral_jax.inference.pages import NULL_PAGE, PagePool, bytes_per_token, page_key, pages_for_budget
+from mixtral_jax.inference.pages import (NULL_PAGE, PagePool, bytes_per_token, page_key, pages_for_budget,
+                                         tokens_that_fit)
 
 
 class Device:
@@ -288,3 +289,14 @@ def test_budget_too_small_is_refused_with_the_arithmetic():
   msg = str(e.value)
   assert "holds 256 pages" in msg and "needs 512 pages" in msg and "8 MiB each" in msg
   assert "raise --kv-cache-gib or lower --max-context" in msg
+
+
+def test_tokens_that_fit_the_issue_target():
+  """8x7B with int8 weights on one 80 GB card (70 GiB budget): the parameters take about 43.7 GiB
+  (46.7e9 int8 weights + per-channel scales, embeddings/norms kept bf16, counted roughly here as 1 byte
+  each plus 1 GiB); the rest holds >= 150k bf16 cache tokens, against 8 x 8192 = 65k fixed rows."""
+  params = 46_702_792_704 + 2**30
+  fit = tokens_that_fit(70 * 2**30, params, num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2)
+  assert fit % 64 == 0 and fit >= 150_000
+  assert fit == ((70 * 2**30 - params) // (131072 * 64) - 1) * 64
+  assert tokens_that_fit(10, 20, num_layers=1, num_kv_heads=1, head_dim=1, dtype_bytes=1) == 0

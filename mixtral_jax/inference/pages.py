@@ -247,3 +247,12 @@ def pages_for_budget(gib: float, *, num_layers: int, num_kv_heads: int, head_dim
         f"one --max-context {max_context} request needs {need - 1} pages plus the null page "
         f"({need * per_page / 2**30:.3f} GiB); raise --kv-cache-gib or lower --max-context")
   return num_pages
+
+
+def tokens_that_fit(budget_bytes: int, reserved_bytes: int, *, num_layers: int, num_kv_heads: int, head_dim: int,
+                    dtype_bytes: int, page_size: int = PAGE_SIZE) -> int:
+  """Cache tokens (whole pages, the null page left out) that fit in a device's ``budget_bytes`` after
+  ``reserved_bytes`` of parameters and temporaries; what ``plan --generate`` reports."""
+  per_page = bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes) * page_size
+  pages = max((budget_bytes - reserved_bytes) // per_page - 1, 0)
+  return int(pages * page_size)

@@ -21,7 +21,6 @@ layout. Serving is dropless (no capacity factor): generation must not drop token
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -36,7 +35,7 @@ from mixtral_jax.params import abstract_model, param_shardings
 from mixtral_jax.sharding.mesh import format_mesh, make_mesh
 
 from . import topology
-from .plan import GiB, compile_or_verdict, fit_lines, model_config, shard_bytes, target_devices, _header
+from .compiling import GiB, compile_or_verdict, fit_lines, header, kernel_lines, model_config, shard_bytes, target_devices
 
 BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -126,7 +125,7 @@ def serve_main(args, count: int) -> int:
   out = plan_serving(cfg, mesh, batch=args.batch, context=context, weights=getattr(args, "quantize", None) or "bf16",
                      prefill_chunk=getattr(args, "prefill_chunk", None))
   cfg = cfg.replace(param_dtype="bfloat16", capacity_factor=None)
-  print(_header(args, cfg, mesh, f"serving batch {args.batch}, context {context}, {out['weights']} weights")
+  print(header(args, cfg, mesh, f"serving batch {args.batch}, context {context}, {out['weights']} weights")
         + f"; compiled in {out['compile_seconds']:.1f} s")
   print(f"per device: parameters {out['param_bytes'] / GiB:.2f} GiB, KV cache {out['kv_cache_bytes'] / GiB:.2f} GiB")
   print(f"  prefill: generate's chunk program, {args.batch} rows x {out['prefill_chunk']} prompt columns per call "
@@ -139,6 +138,8 @@ def serve_main(args, count: int) -> int:
     else:
       print(f"  {name:<8} temporaries {f['temp_bytes'] / GiB:8.2f} GiB   peak {f['peak_bytes'] / GiB:8.2f} GiB   "
             f"{f['flops'] / 1e12:9.3f} TFLOPs")
+      for line in kernel_lines(f):
+        print("  " + line)
   device = topology.device_memory(args.device, list(mesh.devices.flat))
   tips = topology.advice(0, 1, mesh_sizes=dict(mesh.shape), remat="none", grad_accum=1, batch=args.batch,
                          serving=True)

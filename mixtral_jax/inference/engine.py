@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import threading
 import time
@@ -49,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixtral_jax.inference.logprobs import MAX_TOP_LOGPROBS, rows_to_host, token_logprobs
 from mixtral_jax.inference.pages import PAGE_SIZE, Sequence, pages_for_budget
 from mixtral_jax.inference.paged_runner import PagedRunner
 from mixtral_jax.inference.placement import decode_views, mesh_context, place, resolve_mesh
@@ -84,6 +86,10 @@ class Request:
   first_token_at: float | None = None
   cancelled: bool = False
   row: Row | None = None
+  top_logprobs: int | None = None  # logprobs wanted (paged cache only): alternatives per token
+  grammar: str | None = None  # structured output (paged cache only): an llguidance grammar
+  matcher: object = None  # its matcher, following the sampled tokens (made at submit)
+  logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprobs of each token in row.tokens
 
   def cancel(self) -> None:
     """Safe from any thread: the engine frees the request's row (or queue place) at its next step."""
@@ -139,6 +145,8 @@ class Engine:
     self.running: list[Request] = []  # paged: admitted requests, oldest first
     self.seqs: dict[int, Sequence] = {}  # paged: request id -> its pages
     self._sample = jax.jit(sample_rows)
+    self._structured = None
+    self._logprobs = jax.jit(functools.partial(token_logprobs, k=MAX_TOP_LOGPROBS))
     self._prefill, self._decode = prefill_program(self.graphdef), decode_program(self.graphdef)
     self._chunk = 1  # decode steps per call, adapted to CHUNK_SECONDS
     B = self.B
@@ -160,6 +168,11 @@ class Engine:
     """Queues a request (raises :class:`QueueFull` when ``max_queue`` wait already, ValueError when it
     cannot fit the context)."""
     n = len(req.prompt)
+    if (req.top_logprobs is not None or req.grammar is not None) and self.runner is None:
+      raise ValueError("logprobs and response_format need the paged KV cache: pass kv_cache_gib "
+                       "(serve --kv-cache-gib)")
+    if req.grammar is not None:
+      req.matcher = self.structured().matcher(req.grammar)
     if n + req.max_tokens > self.max_context:
       raise ValueError(f"the prompt has {n} tokens and max_tokens is {req.max_tokens}, {n + req.max_tokens} in "
                        f"all, but the context is {self.max_context} tokens")
@@ -376,12 +389,35 @@ class Engine:
     seq = self.seqs[req.id]
     return seq.computed < len(seq.tokens) - 1
 
+  def structured(self):
+    """The structured-output compiler for this engine's tokenizer (llguidance, loaded when first used)."""
+    if self._structured is None:
+      from mixtral_jax.inference.grammar import StructuredOutput, apply_bitmask  # noqa: PLC0415 - llguidance when used
+      self._structured = StructuredOutput(self.tokenizer)
+      self._apply_mask = jax.jit(apply_bitmask)
+    return self._structured
+
   def _paged_sample(self, reqs: list[Request], logits_RV) -> None:
     """Samples each request's next token (its step: the tokens it has so far, as ``generate`` counts)
-    and passes it on; a finished request frees its pages."""
+    and passes it on; a finished request frees its pages. Grammar masks are filled on the host while
+    the device still computes ``logits_RV`` (they depend only on the tokens so far), then applied."""
     steps_R = np.array([len(r.row.tokens) for r in reqs], np.int32)
-    tokens_R = np.asarray(self._sample(logits_RV, self._settings(reqs), steps_R))
-    for req, token in zip(reqs, tokens_R.tolist()):
+    raw_RV = logits_RV
+    if any(r.matcher is not None for r in reqs):
+      from mixtral_jax.inference.grammar import MaskBatch  # noqa: PLC0415
+      bits = MaskBatch(len(reqs), self.structured().vocab_size).fill([r.matcher for r in reqs])
+      logits_RV = self._apply_mask(logits_RV, bits)
+    tokens_R = self._sample(logits_RV, self._settings(reqs), steps_R)
+    wanted = [r.top_logprobs for r in reqs]
+    entries = [None] * len(reqs)
+    if any(k is not None for k in wanted):  # the raw distribution's, before temperature and filters
+      entries = rows_to_host(*self._logprobs(raw_RV, tokens_R), tokens_R, wanted)
+    tokens_R = np.asarray(tokens_R)
+    for req, token, entry in zip(reqs, tokens_R.tolist(), entries):
+      if entry is not None and token not in req.eos:
+        req.logprobs.append(entry)
+      if req.matcher is not None and token not in req.eos:
+        req.matcher.consume_token(token)
       if req.first_token_at is None:
         self.metrics.prompt_tokens += len(req.prompt)
       self.runner.append(self.seqs[req.id], token)

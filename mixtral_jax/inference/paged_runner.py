@@ -8,7 +8,7 @@ and calls:
   * ``admit(id, tokens, adapter)``: a :class:`Sequence` holding pages for the prompt (its longest cached
     prefix reused), or None when the pool cannot take it now (the request keeps waiting);
   * ``prefill(seq)``: the sequence's next chunk of uncached tokens; the logits ``[V]`` of its last token
-    once the whole prompt is in the cache, else None;
+    once the whole prompt is in the cache, else None (logits are device arrays, not waited for);
   * ``append(seq, token)`` after sampling; then ``ensure_room(seqs)`` before a decode step (returns
     the sequences preempted for lack of pages: released, to be admitted again with their tokens);
   * ``decode(seqs)``: one step of these sequences compacted into the first rows of the next compiled
@@ -23,8 +23,8 @@ Memory: ``num_pages`` from ``--kv-cache-gib`` (:func:`~mixtral_jax.inference.pag
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mixtral_jax.attn.paged import PagedKVCache, init_pools
 from mixtral_jax.inference.paged_batch import StepArrays, compiled_sizes, decode_arrays, prefill_arrays
@@ -55,7 +55,7 @@ class PagedRunner:
   def admit(self, seq_id: int, tokens: list[int], adapter: str | None = None) -> Sequence | None:
     return self.pool.admit(seq_id, tokens, adapter)
 
-  def prefill(self, seq: Sequence) -> np.ndarray | None:
+  def prefill(self, seq: Sequence) -> jax.Array | None:
     a = prefill_arrays(self.pool, seq, self.prefill_chunk, self.width)
     logits = self._step(a, None)
     self.pool.mark_computed(seq, int(a.kv_len_R[0]))
@@ -67,7 +67,7 @@ class PagedRunner:
   def ensure_room(self, seqs: list[Sequence]) -> list[Sequence]:
     return self.pool.ensure_room(seqs)
 
-  def decode(self, seqs: list[Sequence]) -> np.ndarray:
+  def decode(self, seqs: list[Sequence]) -> jax.Array:
     a = decode_arrays(self.pool, seqs, self.width, self.sizes)
     logits = self._step(a, self.layers)
     for seq in seqs:
@@ -79,11 +79,11 @@ class PagedRunner:
 
   # ------------------------------------------------------------------ device
 
-  def _step(self, a: StepArrays, layers) -> np.ndarray:
+  def _step(self, a: StepArrays, layers) -> jax.Array:
     cache = PagedKVCache(self.k, self.v, jnp.asarray(a.table_RM), jnp.asarray(a.kv_len_R))
     logits, cache = self._run(self.state, a.ids_RC, a.positions_RC, a.valid_RC, cache, a.last_R, layers)
     self.k, self.v = cache.k, cache.v
-    return np.asarray(logits)
+    return logits  # not waited for: the caller prepares sampling (grammar masks) while it runs
 
   def warmup(self) -> None:
     """Compiles the decode step for every compiled batch size (padding rows only: nothing is written)."""

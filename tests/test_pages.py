@@ -300,3 +300,15 @@ def test_tokens_that_fit_the_issue_target():
   assert fit % 64 == 0 and fit >= 150_000
   assert fit == ((70 * 2**30 - params) // (131072 * 64) - 1) * 64
   assert tokens_that_fit(10, 20, num_layers=1, num_kv_heads=1, head_dim=1, dtype_bytes=1) == 0
+
+
+def test_plan_generate_paged_cache_line():
+  """plan --generate's paged-cache line: 8x7B int8 weights (about 44 GiB per device on one card) and
+  1 GiB of temporaries leave room for >= 150k bf16 cache tokens in a 70 GiB budget (fixed rows: 65k)."""
+  from mixtral_jax.train.plan.serving import paged_cache_line
+  out = {"kv_cache_bytes": 8 * 8192 * 131072, "param_bytes": 44 * 2**30,
+         "prefill": {"temp_bytes": 2**30}, "decode": {"temp_bytes": 2**29}}
+  line = paged_cache_line(out, ("70 GiB", 70.0), 8 * 8192)
+  tokens = int(line.split(": ")[1].split(" tokens")[0].replace(",", ""))
+  assert tokens == ((25 * 2**30) // (131072 * 64) - 1) * 64 and tokens >= 150_000
+  assert "128 KiB per token per device" in line and "--kv-cache-gib 25.0" in line

@@ -214,9 +214,12 @@ class Engine:
           self.step()
       else:
         done.wait()
-    if self.runner is not None:  # every compiled decode batch size
+    if self.runner is not None:  # every compiled decode batch size, and the sampler at each
       with mesh_context(self.mesh):
         self.runner.warmup()
+        for R in self.runner.sizes:
+          self._sample(jnp.zeros((R, self.cfg.vocab_size), jnp.float32), self._settings([None] * R),
+                       np.zeros(R, np.int32))
     elif self.B > 1:  # the batch prefill (two or more rows at once), every chunk width, writing nothing
       with mesh_context(self.mesh):
         C = 16
@@ -401,15 +404,16 @@ class Engine:
     """Samples each request's next token (its step: the tokens it has so far, as ``generate`` counts)
     and passes it on; a finished request frees its pages. Grammar masks are filled on the host while
     the device still computes ``logits_RV`` (they depend only on the tokens so far), then applied."""
-    steps_R = np.array([len(r.row.tokens) for r in reqs], np.int32)
+    padded = list(reqs) + [None] * (logits_RV.shape[0] - len(reqs))  # rows past reqs: batch padding
+    steps_R = np.array([len(r.row.tokens) if r else 0 for r in padded], np.int32)
     raw_RV = logits_RV
     if any(r.matcher is not None for r in reqs):
       from mixtral_jax.inference.grammar import MaskBatch  # noqa: PLC0415
-      bits = MaskBatch(len(reqs), self.structured().vocab_size).fill([r.matcher for r in reqs])
+      bits = MaskBatch(len(padded), self.structured().vocab_size).fill([r and r.matcher for r in padded])
       logits_RV = self._apply_mask(logits_RV, bits)
-    tokens_R = self._sample(logits_RV, self._settings(reqs), steps_R)
-    wanted = [r.top_logprobs for r in reqs]
-    entries = [None] * len(reqs)
+    tokens_R = self._sample(logits_RV, self._settings(padded), steps_R)
+    wanted = [r and r.top_logprobs for r in padded]
+    entries = [None] * len(padded)
     if any(k is not None for k in wanted):  # the raw distribution's, before temperature and filters
       entries = rows_to_host(*self._logprobs(raw_RV, tokens_R), tokens_R, wanted)
     tokens_R = np.asarray(tokens_R)

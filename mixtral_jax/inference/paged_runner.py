@@ -12,7 +12,7 @@ and calls:
   * ``append(seq, token)`` after sampling; then ``ensure_room(seqs)`` before a decode step (returns
     the sequences preempted for lack of pages: released, to be admitted again with their tokens);
   * ``decode(seqs)``: one step of these sequences compacted into the first rows of the next compiled
-    batch size; logits ``[len(seqs), V]``;
+    batch size R; logits ``[R, V]`` (rows past len(seqs) are padding);
   * ``release(seq)`` when a request ends.
 
 ``layers`` (the single-CPU-device per-layer weight views, :func:`mixtral_jax.model.layer_views`) serve
@@ -68,11 +68,13 @@ class PagedRunner:
     return self.pool.ensure_room(seqs)
 
   def decode(self, seqs: list[Sequence]) -> jax.Array:
+    """Logits ``[R, V]`` of the compiled batch size R >= len(seqs): row r < len(seqs) is seqs[r]'s,
+    the rest padding (kept, so the sampler too sees only compiled sizes)."""
     a = decode_arrays(self.pool, seqs, self.width, self.sizes)
     logits = self._step(a, self.layers)
     for seq in seqs:
       self.pool.mark_computed(seq, len(seq.tokens))
-    return logits[:len(seqs)]
+    return logits
 
   def release(self, seq: Sequence) -> None:
     self.pool.release(seq)

@@ -4,7 +4,8 @@ Requests are read from plain JSON dicts so every problem becomes an :class:`ApiE
 error body ``{"error": {"message", "type", "param", "code"}}`` and a status: 400 for bad input, 404
 for an unknown model. Fields OpenAI defines that change nothing here (``user``, ``n`` = 1,
 ``logprobs`` false, ...) are accepted; ones that would change the answer and are not implemented
-(``n`` > 1, ``logprobs``, ``tool_choice`` "required") are refused by name rather than ignored.
+(``n`` > 1, ``tool_choice`` "required") are refused by name rather than ignored. ``logprobs`` /
+``top_logprobs`` are :mod:`mixtral_jax.inference.logprobs`'s.
 
 Sampling fields: ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (OpenAI's default
 1.0; 0 is greedy), ``top_p``, ``top_k`` (an extension, as vLLM has), ``stop`` (a string or up to 4),
@@ -19,6 +20,7 @@ import secrets
 import time
 from typing import Any
 
+from mixtral_jax.inference.logprobs import LogprobsError, requested_top
 from mixtral_jax.text_input import first_undecodable
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "tool_calls": "tool_calls"}
@@ -47,6 +49,8 @@ class Params:
   seed: int
   stream: bool
   include_usage: bool
+  top_logprobs: int | None = None  # logprobs asked for: alternatives per token (0: the chosen one's only)
+  response_format: Any = None  # as sent; compiled by mixtral_jax.inference.grammar
 
 
 def parse_json(raw: bytes) -> dict:
@@ -79,12 +83,15 @@ def _number(body, key, default, lo, hi, kind=float):
   return kind(value)
 
 
-def parse_params(body: dict, default_max_tokens: int | None) -> Params:
-  """The sampling and streaming fields shared by both completion routes."""
+def parse_params(body: dict, default_max_tokens: int | None, route: str = "completions") -> Params:
+  """The sampling and streaming fields shared by both completion routes (``route``: "chat" or
+  "completions", whose ``logprobs`` fields differ, see :mod:`mixtral_jax.inference.logprobs`)."""
   if _number(body, "n", 1, 1, 1 << 30, int) != 1:
     raise ApiError(400, "'n' > 1 is not supported; send n requests (they are batched together)", param="n")
-  if body.get("logprobs") not in (None, False, 0):
-    raise ApiError(400, "'logprobs' is not supported by this server", param="logprobs")
+  try:
+    top_logprobs = requested_top(body, route)
+  except LogprobsError as e:
+    raise ApiError(400, str(e), param=e.param) from None
   max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
   max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, 1, 1 << 30, int)
   top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
@@ -111,7 +118,8 @@ def parse_params(body: dict, default_max_tokens: int | None) -> Params:
     raise ApiError(400, "'stream_options' must be an object", param="stream_options")
   return Params(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=top_p,
                 top_k=_top_k(body), stop=stop, seed=seed, stream=stream,
-                include_usage=bool(options.get("include_usage", False)))
+                include_usage=bool(options.get("include_usage", False)), top_logprobs=top_logprobs,
+                response_format=body.get("response_format"))
 
 
 def _top_k(body: dict) -> int:
@@ -200,30 +208,30 @@ def tool_calls_json(calls: list[dict]) -> list[dict]:
            "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in calls]
 
 
-def chat_response(rid, model, text, calls, finish, use) -> dict:
+def chat_response(rid, model, text, calls, finish, use, logprobs=None) -> dict:
   message: dict[str, Any] = {"role": "assistant", "content": None if calls else text}
   if calls:
     message["tool_calls"] = tool_calls_json(calls)
   return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-          "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}], "usage": use}
+          "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}], "usage": use}
 
 
-def completion_response(rid, model, text, finish, use) -> dict:
+def completion_response(rid, model, text, finish, use, logprobs=None) -> dict:
   return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-          "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": use}
+          "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}], "usage": use}
 
 
-def chat_chunk(rid, model, delta: dict, finish=None, use=None) -> dict:
+def chat_chunk(rid, model, delta: dict, finish=None, use=None, logprobs=None) -> dict:
   chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
   if use is not None:
     chunk["usage"] = use
   return chunk
 
 
-def completion_chunk(rid, model, text: str, finish=None, use=None) -> dict:
+def completion_chunk(rid, model, text: str, finish=None, use=None, logprobs=None) -> dict:
   chunk = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-           "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+           "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
   if use is not None:
     chunk["usage"] = use
   return chunk

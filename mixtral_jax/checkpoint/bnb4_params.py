@@ -1,0 +1,87 @@
+"""Our parameters from a bitsandbytes nf4 checkpoint: nf4 for attention and experts, float for the rest.
+
+The sites kept in nf4 are attention q/k/v/o and every expert's w1/w3/w2 (QLoRA's frozen base). Each is
+stored in the orientation of :func:`mixtral_jax.quant_nf4.contracted_last` - the Hugging Face
+``[out, in]`` weight - stacked over layers (and experts): for example ``q_DNH`` ``[L, D, N, H]`` becomes
+codes ``[L, N, H, D / 2]`` and absmax ``[L, N, H, D / 64]``.
+
+Algorithm, one source tensor at a time (a unit = one layer's, or one layer-and-expert's, tensor):
+  - a unit that the file holds in nf4 (always attention; experts in transformers-4 files): its codes and
+    scales are copied into the stacked arrays, no arithmetic;
+  - a unit that the file holds in float (experts in transformers-5 files): mapped to our layout by the
+    Hugging Face rules, then quantized with :func:`mixtral_jax.quant_nf4.quantize` (bnb's codes);
+  - every other parameter (embedding, norms, router, LM head) is read in float, the router dequantized
+    from nf4 if the file quantized it.
+So the largest float array alive is one unit or one non-site parameter, never the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+
+from mixtral_jax import quant_nf4
+from mixtral_jax.checkpoint import hf
+from mixtral_jax.checkpoint.bnb4 import Bnb4Source, Nf4Tensor, quantization_config
+from mixtral_jax.checkpoint.layout import Plan
+from mixtral_jax.config import MixtralConfig
+
+Key = tuple[str, ...]
+
+# our nf4 site -> its contracted axes counted from the end (valid for the stacked and the unit shape)
+NF4_SITES: dict[Key, tuple[int, ...]] = {
+    ("blocks", "attn", "q_DNH"): (-3,), ("blocks", "attn", "k_DKH"): (-3,), ("blocks", "attn", "v_DKH"): (-3,),
+    ("blocks", "attn", "o_NHD"): (-3, -2), ("blocks", "moe", "w1_EDF"): (-2,), ("blocks", "moe", "w3_EDF"): (-2,),
+    ("blocks", "moe", "w2_EFD"): (-2,),
+}
+
+
+def open_bnb4(directory: str) -> Bnb4Source:
+  """The checked :class:`Bnb4Source` of an HF directory whose config says bitsandbytes nf4."""
+  if quantization_config(directory) is None:
+    raise ValueError(f"{directory}/config.json has no bitsandbytes quantization_config; load it as a float "
+                     "checkpoint (quantize='nf4' quantizes it while loading)")
+  return Bnb4Source(hf.open_source(directory))
+
+
+def read_params(directory: str, cfg: MixtralConfig, shapes: dict[Key, tuple[int, ...]], dtype=None
+                ) -> dict[Key, np.ndarray | Nf4Tensor]:
+  """Every parameter of the model described by ``shapes`` (our key -> full float shape): an
+  :class:`Nf4Tensor` for each of :data:`NF4_SITES`, a float array (``dtype``, default the file's) for the
+  rest. Validates names and shapes against ``cfg`` first, as the float loader does."""
+  source = open_bnb4(directory)
+  plan = Plan(source, hf.rules(cfg, source.names()), hf.dims(cfg), shapes, directory)
+  plan.validate()
+  dtype = np.dtype(dtype) if dtype is not None else plan.dtype()
+  out: dict[Key, np.ndarray | Nf4Tensor] = {}
+  for key, shape in shapes.items():
+    if key in NF4_SITES:
+      out[key] = _read_site(plan, source, key, shape, dtype)
+    else:
+      out[key] = plan.read(key, (), dtype)
+  return out
+
+
+def _read_site(plan: Plan, source: Bnb4Source, key: Key, shape: tuple[int, ...], dtype) -> Nf4Tensor:
+  """The stacked nf4 arrays of one site, filled unit by unit (see the module docstring)."""
+  rule, axes = plan.rules[key], NF4_SITES[key]
+  codes_shape, absmax_shape = quant_nf4.stored_shapes(shape, axes)
+  codes = np.empty(codes_shape, np.uint8)
+  absmax = np.empty(absmax_shape, np.float32)
+  unit_codes, unit_absmax = codes_shape[rule.unit:], absmax_shape[rule.unit:]
+  for idx in itertools.product(*(range(n) for n in shape[:rule.unit])):
+    name = rule.tensor(*idx)
+    if source.is_quantized(name):
+      t = source.read_nf4(name)
+      if t.codes.size != np.prod(unit_codes):
+        raise ValueError(f"{source.where(name)}: nf4 tensor {name!r} has {t.codes.size} bytes of codes, expected "
+                         f"{np.prod(unit_codes)} for {'.'.join(key)}; the config disagrees with the file")
+      codes[idx], absmax[idx] = t.codes.reshape(unit_codes), t.absmax.reshape(unit_absmax)
+    else:
+      w = rule.to_ours(np.asarray(source.read(name)))
+      source.release(name)
+      c, a = quant_nf4.quantize(quant_nf4.contracted_last(jnp.asarray(w), axes))
+      codes[idx], absmax[idx] = np.asarray(c), np.asarray(a)
+  return Nf4Tensor(codes, absmax, np.dtype(dtype))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mixtral_jax.train import dpo
-from mixtral_jax.train.data import preference
+from mixtral_jax.train.data import preference, synthetic_preference
 
 
 def _logsig(x):
@@ -127,12 +127,16 @@ def test_pairs_encode_through_the_chat_template(tmp_path):
   assert first.prompt == list(want)
   assert sp.decode(first.chosen[:-1]).strip() == "5" and first.chosen[-1] == sp.eos_id
   assert sp.decode(second.chosen[:-1]).strip() == "It is 2." and sp.decode(second.rejected[:-1]).strip() == "3"
-  tokens, weights = preference.pair_batch([first, second], seq_len=64)
-  assert tokens.shape == (4, 64)
+  batch = preference.pair_batch([first, second], seq_len=64)
+  assert batch["inputs"].shape == (4, 64) and set(batch) == {"inputs", "targets", "weights", "segment_ids", "positions"}
   n = len(first.prompt)
-  np.testing.assert_array_equal(tokens[0, :n + len(first.chosen)], first.prompt + first.chosen)
-  np.testing.assert_array_equal(tokens[2, :n + len(first.rejected)], first.prompt + first.rejected)
-  assert weights[0].sum() == len(first.chosen) and weights[0, :n].sum() == 0
+  row0 = first.prompt + first.chosen
+  np.testing.assert_array_equal(batch["inputs"][0, :len(row0)], row0)
+  np.testing.assert_array_equal(batch["targets"][0, :len(row0) - 1], row0[1:])
+  np.testing.assert_array_equal(batch["inputs"][2, :n + len(first.rejected)], first.prompt + first.rejected)
+  # the answer's tokens are the weighted targets; the prompt predicts none of them
+  np.testing.assert_array_equal(batch["targets"][0][batch["weights"][0] > 0], first.chosen)
+  assert batch["segment_ids"][0].sum() == len(row0) and batch["segment_ids"][3].sum() == len(second.prompt + second.rejected)
 
 
 @pytest.mark.parametrize("record,match", [
@@ -146,6 +150,16 @@ def test_bad_lines_name_file_and_line(tmp_path, record, match):
   path = _write(tmp_path, [{"prompt": "fine", "chosen": "a", "rejected": "b"}, record])
   with pytest.raises(ValueError, match=rf"prefs\.jsonl:{match}" if match.startswith("2:") else match):
     list(preference.preference_pairs(path))
+
+
+def test_synthetic_sums_are_a_valid_learnable_set(tmp_path):
+  train_path, held_path = synthetic_preference.write(str(tmp_path), pairs=50, heldout=10)
+  records = [json.loads(line) for line in open(train_path)]
+  assert len(records) == 50 and records == synthetic_preference.sum_pairs(50, 0)
+  for r in records:
+    a, b = (int(x) for x in r["prompt"][len("What is "):-1].split("+"))
+    assert int(r["chosen"]) == a + b and int(r["rejected"]) != a + b and int(r["rejected"]) >= 0
+  assert len(list(preference.preference_pairs(held_path))) == 10
 
 
 def test_a_prompt_too_long_for_seq_len_is_refused():

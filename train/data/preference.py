@@ -84,25 +84,32 @@ def preference_pairs(path: str, version: str = "v1", start: int = 0,
 
 
 def pair_rows(pair: Pair, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens int32 ``[2, T]``, weights float32 ``[2, T]``): the chosen row, then the rejected row, each
-  ``prompt + answer`` right-padded with 0; weight 1 on answer tokens. An answer that does not fit is cut
-  at ``T`` (both rows keep their full prompt, so the pair stays comparable)."""
-  tokens = np.zeros((2, seq_len), np.int32)
-  weights = np.zeros((2, seq_len), np.float32)
+  """(tokens int32 ``[2, T + 1]``, weights float32 ``[2, T + 1]``): the chosen row, then the rejected row,
+  each ``prompt + answer`` right-padded with 0; weight 1 on answer tokens. An answer that does not fit is
+  cut (both rows keep their full prompt, so the pair stays comparable). T + 1 tokens give T next-token
+  predictions, as the LM rows do."""
+  tokens = np.zeros((2, seq_len + 1), np.int32)
+  weights = np.zeros((2, seq_len + 1), np.float32)
   if len(pair.prompt) >= seq_len:
     raise ValueError(f"a prompt of {len(pair.prompt)} tokens leaves no room for its answer in seq_len={seq_len}; "
-                     "raise train.seq_len or shorten the prompts")
+                     "raise data.seq_len or shorten the prompts")
   for row, answer in enumerate((pair.chosen, pair.rejected)):
-    seq = (pair.prompt + answer)[:seq_len]
+    seq = (pair.prompt + answer)[:seq_len + 1]
     tokens[row, :len(seq)] = seq
     weights[row, len(pair.prompt):len(seq)] = 1.0
   return tokens, weights
 
 
-def pair_batch(pairs: list[Pair], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens ``[2B, T]``, weights ``[2B, T]``): all chosen rows first, then all rejected rows, so one
-  forward scores every answer and ``mixtral_jax.train.dpo.split_pairs`` halves the result."""
+def pair_batch(pairs: list[Pair], seq_len: int) -> dict[str, np.ndarray]:
+  """The train step's batch fields (``inputs``, ``targets``, ``weights``, ``segment_ids``, ``positions``,
+  each ``[2B, T]``) for ``pairs``: all chosen rows first, then all rejected rows, so one forward scores
+  every answer and ``mixtral_jax.train.dpo.split_pairs`` halves the result. ``weights`` marks the answer
+  tokens among the targets; ``segment_ids`` is 1 on real tokens and 0 on padding."""
   rows = [pair_rows(p, seq_len) for p in pairs]
   tokens = np.concatenate([np.stack([t[0] for t, _ in rows]), np.stack([t[1] for t, _ in rows])])
   weights = np.concatenate([np.stack([w[0] for _, w in rows]), np.stack([w[1] for _, w in rows])])
-  return tokens, weights
+  lengths = np.array([len(p.prompt) + len(a) for a, p in
+                      [(p.chosen, p) for p in pairs] + [(p.rejected, p) for p in pairs]])
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (len(lengths), seq_len))
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights[:, 1:],
+          "segment_ids": (positions < lengths[:, None]).astype(np.int32), "positions": positions.copy()}

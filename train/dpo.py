@@ -94,3 +94,62 @@ def split_pairs(x_2B: jax.Array) -> tuple[jax.Array, jax.Array]:
   layout of :func:`mixtral_jax.train.data.preference.pair_batch`, so one forward scores both)."""
   b = x_2B.shape[0] // 2
   return x_2B[:b], x_2B[b:]
+
+
+# ---------------------------------------------------------------------------- on the model
+
+
+def adapters_off(model):
+  """The reference model: ``model`` with every LoRA adapter factor zeroed, sharing its base weights.
+  With B = 0 (and A = 0) each adapter adds exactly 0, so this is the frozen base - no second model is
+  held, and under ``jit`` the zeros are constants. Refuses a model without adapters (DPO needs LoRA)."""
+  from flax import nnx  # noqa: PLC0415
+
+  from mixtral_jax.lora import LoRAParam  # noqa: PLC0415
+  graphdef, adapters, rest = nnx.split(model, LoRAParam, ...)
+  if not jax.tree.leaves(adapters):
+    raise ValueError("DPO takes its reference from the base with the LoRA adapters off, and this model has "
+                     "none: set lora.rank (e.g. --set lora.rank=16)")
+  return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, adapters), rest)
+
+
+def answer_logprobs(model, mb: dict, chunk: int, average: bool = False, lora_key=None) -> tuple[jax.Array, dict]:
+  """(log p(answer) per row ``[2B]``, the forward's aux) for a batch of :func:`pair_batch` rows. Uses the
+  chunked LM-head cross-entropy one row at a time (``vmap``), so the ``[2B, T, V]`` logits are never
+  held: ``-sum_t w_t * nll_t`` of a row is the log-probability of its weighted targets."""
+  from .losses import lm_head_cross_entropy  # noqa: PLC0415
+  dtype = jnp.dtype(model.cfg.dtype)
+  blocks_key, head_key = (None, None) if lora_key is None else jax.random.split(lora_key)
+  valid_BT = mb["segment_ids"] > 0
+  h_BTD, aux = model.hidden(mb["inputs"], attention_mask=valid_BT, positions=mb["positions"],
+                            segment_ids=mb["segment_ids"], lora_key=blocks_key)
+  h_BTD, w_DV = model.head_operands(h_BTD, head_key)
+  row = lambda h, w, t, wt: lm_head_cross_entropy(h[None], w, t[None], wt[None], chunk, dtype)  # noqa: E731
+  nll_B = jax.vmap(row, in_axes=(0, None, 0, 0))(h_BTD, w_DV, mb["targets"], mb["weights"])
+  logp_B = -nll_B
+  if average:
+    logp_B = logp_B / jnp.maximum(jnp.sum(mb["weights"] > 0, axis=-1), 1)
+  return logp_B, aux
+
+
+def microbatch_loss(model, mb: dict, *, beta: float, label_smoothing: float, loss_type: str, chunk: int,
+                    num_microbatches: int, lora_key=None) -> tuple[jax.Array, dict]:
+  """This microbatch's share of the DPO step loss and its metrics: the policy forward (adapters on, with
+  dropout) and the reference forward (adapters off, no gradient) over the same ``[2B, T]`` rows, then
+  :func:`dpo_loss` (IPO on per-token averaged log-probs, as TRL), plus the router load-balancing loss of
+  the policy forward times the config's coefficient, as the LM step adds it."""
+  from .losses import load_balancing_loss  # noqa: PLC0415
+  average = loss_type == "ipo"
+  policy_B, aux = answer_logprobs(model, mb, chunk, average, lora_key)
+  ref_B, _ = answer_logprobs(adapters_off(model), mb, chunk, average)
+  pc, pr = split_pairs(policy_B)
+  rc, rr = split_pairs(jax.lax.stop_gradient(ref_B))
+  w_chosen, w_rejected = split_pairs(jnp.sum(mb["weights"], axis=-1))
+  pair_mask = ((w_chosen > 0) & (w_rejected > 0)).astype(jnp.float32)
+  loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type,
+                           pair_mask_B=pair_mask)
+  cfg = model.cfg
+  lb = load_balancing_loss(aux["router_logits"], cfg.num_experts_per_tok, mb["segment_ids"] > 0)
+  total = (loss + cfg.router_aux_loss_coef * lb) / num_microbatches
+  metrics = {k: v / num_microbatches for k, v in {**metrics, "dpo_loss": loss, "aux_loss": lb}.items()}
+  return total, metrics

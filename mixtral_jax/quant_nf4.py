@@ -18,6 +18,11 @@ quantizes a torch ``nn.Linear`` weight ``[out, in]`` flattened; when ``in`` is a
 (every Mixtral shape) its flat buffer reshapes to exactly these arrays, so a bitsandbytes checkpoint
 loads with no re-quantization and dequantizes to the same bits.
 
+Our parameters keep their own orientation (``q_DNH``, ``w1_EDF``...): the packing runs along one
+contracted axis (``axis``; for ``o_NHD``, whose contraction is N*H, along H, the fastest-varying part
+of N*H, so the blocks are bnb's when H is a multiple of the block). The stored arrays have the
+parameter's rank and logical axes, with that axis halved (codes) or divided by the block (absmax).
+
 Double quantization: not used for storage. Scales stay float32 (0.5 bit per weight; 8x7B: 2.7 GiB of
 absmax beside 21.7 GiB of codes). Checkpoints that double-quantized their scales
 (``bnb_4bit_use_double_quant``) are read by expanding the scales to float32 once, with bnb's own
@@ -56,9 +61,10 @@ def check_shape(shape: tuple[int, ...], block: int = BLOCK, what: str = "weight"
                      f"the block size {block}; quantize it as int8 or keep it in float")
 
 
-def quantize(w_xK: jax.Array, block: int = BLOCK) -> tuple[jax.Array, jax.Array]:
-  """(codes uint8 ``[..., K // 2]``, absmax float32 ``[..., K // block]``) of ``w_xK``: see the module
-  docstring for the algorithm; the codes equal bitsandbytes' ``quantize_4bit`` codes."""
+def quantize(w: jax.Array, block: int = BLOCK, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+  """(codes uint8, absmax float32) of ``w`` packed along ``axis`` (``[..., K // 2]`` and ``[..., K // block]``
+  for the last axis): see the module docstring; the codes equal bitsandbytes' ``quantize_4bit`` codes."""
+  w_xK = jnp.moveaxis(w, axis, -1)
   check_shape(w_xK.shape, block)
   *lead, k = w_xK.shape
   w_xbB = w_xK.astype(jnp.float32).reshape(*lead, k // block, block)
@@ -69,22 +75,35 @@ def quantize(w_xK: jax.Array, block: int = BLOCK) -> tuple[jax.Array, jax.Array]
   s_xbB = jnp.clip(w_xbB * recip_xb[..., None], -1.0, 1.0)
   # q = number of midpoints strictly below s (torch.bucketize, right=False): 15 compares, fused.
   q_xbB = jnp.sum(s_xbB[..., None] > jnp.asarray(MIDPOINTS), axis=-1, dtype=jnp.uint8)
-  return pack(q_xbB.reshape(*lead, k)), absmax_xb
+  codes = pack(q_xbB.reshape(*lead, k))
+  return jnp.moveaxis(codes, -1, axis), jnp.moveaxis(absmax_xb, -1, axis)
 
 
-def dequantize(codes_xK2: jax.Array, absmax_xKb: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
-  """``w_xK`` in ``dtype``: ``CODE[q] * absmax`` in float32, then one cast (bnb's ``dequantize_4bit``
-  to the last bit). Runs on one layer's arrays inside the layer scan, so only that layer's weights are
-  ever in float at once; the block size is read off the shapes."""
+def packed_axis(codes_shape: tuple[int, ...], absmax_shape: tuple[int, ...]) -> int:
+  """The axis the codes are packed along: the one where codes and absmax differ (negative index)."""
+  differ = [i for i, (c, a) in enumerate(zip(codes_shape, absmax_shape)) if c != a]
+  if len(codes_shape) != len(absmax_shape) or len(differ) != 1:
+    raise ValueError(f"nf4: codes {tuple(codes_shape)} and absmax {tuple(absmax_shape)} do not describe one "
+                     "blocked weight (they must differ in exactly the packed axis); the arrays are mismatched")
+  return differ[0] - len(codes_shape)
+
+
+def dequantize(codes: jax.Array, absmax: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+  """The weight in ``dtype``: ``CODE[q] * absmax`` in float32, then one cast (bnb's ``dequantize_4bit``
+  to the last bit). The packed axis and the block size are read off the shapes. Runs on one layer's
+  arrays inside the layer scan, so only that layer's weights are ever in float at once."""
+  axis = packed_axis(codes.shape, absmax.shape)
+  codes_xK2, absmax_xKb = jnp.moveaxis(codes, axis, -1), jnp.moveaxis(absmax, axis, -1)
   *lead, k2 = codes_xK2.shape
   nblocks = absmax_xKb.shape[-1]
   block = 2 * k2 // nblocks
-  if block * nblocks != 2 * k2 or tuple(absmax_xKb.shape[:-1]) != tuple(lead):
-    raise ValueError(f"nf4: codes {tuple(codes_xK2.shape)} and absmax {tuple(absmax_xKb.shape)} do not describe "
-                     "one blocked weight (expected absmax [..., 2 * K2 / block]); the arrays are mismatched")
+  if block * nblocks != 2 * k2:
+    raise ValueError(f"nf4: codes {tuple(codes.shape)} and absmax {tuple(absmax.shape)} do not describe one "
+                     "blocked weight (2 x codes must be a multiple of absmax along the packed axis); the arrays "
+                     "are mismatched")
   vals_xbB = jnp.asarray(CODE)[unpack(codes_xK2)].reshape(*lead, nblocks, block)
   w_xbB = vals_xbB * absmax_xKb.astype(jnp.float32)[..., None]
-  return w_xbB.reshape(*lead, 2 * k2).astype(dtype)
+  return jnp.moveaxis(w_xbB.reshape(*lead, 2 * k2).astype(dtype), -1, axis)
 
 
 def pack(q_xK: jax.Array) -> jax.Array:
@@ -99,38 +118,15 @@ def unpack(codes_xK2: jax.Array) -> jax.Array:
   return jnp.stack([c >> 4, c & 0xF], axis=-1).reshape(*codes_xK2.shape[:-1], 2 * codes_xK2.shape[-1])
 
 
-def contracted_last(w: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """``w`` with its contracted ``axes`` (negative, counted from the end, as in
-  ``mixtral_jax.inference.quantize.SITES``) moved last and flattened in order: our ``q_DNH`` becomes
-  ``[N, H, D]``, ``o_NHD`` becomes ``[D, N*H]``, ``w1_EDF`` becomes ``[E, F, D]`` - the orientation of
-  the Hugging Face ``[out, in]`` weight, so blocks run along the same entries as bitsandbytes'."""
-  nd = w.ndim
-  contracted = [a % nd for a in axes]
-  kept = [a for a in range(nd) if a not in contracted]
-  moved = jnp.transpose(w, kept + contracted)
-  return moved.reshape(*moved.shape[:len(kept)], math.prod(w.shape[a] for a in contracted))
-
-
-def restore_layout(w_xK: jax.Array, axes: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
-  """The inverse of :func:`contracted_last`: back to our parameter's ``shape``."""
-  nd = len(shape)
-  contracted = [a % nd for a in axes]
-  kept = [a for a in range(nd) if a not in contracted]
-  order = kept + contracted
-  w = w_xK.reshape(*(shape[a] for a in order))
-  return jnp.transpose(w, np.argsort(order))
-
-
 def stored_shapes(shape: tuple[int, ...], axes: tuple[int, ...], block: int = BLOCK
                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """(codes shape, absmax shape) of a parameter of ``shape`` whose contracted ``axes`` are given, without
-  touching data (for planning memory and building abstract states)."""
-  nd = len(shape)
-  contracted = [a % nd for a in axes]
-  kept = tuple(shape[a] for a in range(nd) if a not in contracted)
-  k = math.prod(shape[a] for a in contracted)
-  check_shape(kept + (k,), block)
-  return kept + (k // 2,), kept + (k // block,)
+  """(codes shape, absmax shape) of a parameter of ``shape`` whose contracted ``axes`` (negative, from the
+  end) are given: packed along the last of them. No data is touched (for plans and abstract states)."""
+  axis = axes[-1] % len(shape)
+  check_shape((shape[axis],), block, what=f"weight of shape {tuple(shape)} (axis {axis})")
+  codes = tuple(n // 2 if i == axis else n for i, n in enumerate(shape))
+  absmax = tuple(n // block if i == axis else n for i, n in enumerate(shape))
+  return codes, absmax
 
 
 def nbytes(shape: tuple[int, ...], axes: tuple[int, ...], block: int = BLOCK) -> int:

@@ -104,26 +104,39 @@ def test_other_block_sizes_match_bitsandbytes():
                                 _bits(bnbf.dequantize_4bit(ref_codes, state)))
 
 
-@pytest.mark.parametrize("shape,axes,stored", [
-    ((64, 4, 32), (-3,), (4, 32, 64)),      # q_DNH -> [N, H, D]
-    ((4, 32, 64), (-3, -2), (64, 128)),     # o_NHD -> [D, N*H]
-    ((2, 3, 64, 128), (-2,), (2, 3, 128, 64)),  # w1_EDF with a layer axis -> [L, E, F, D]
+@pytest.mark.parametrize("shape,axes,codes_shape,absmax_shape", [
+    ((128, 4, 32), (-3,), (64, 4, 32), (2, 4, 32)),          # q_DNH: packed along D
+    ((4, 64, 128), (-3, -2), (4, 32, 128), (4, 1, 128)),     # o_NHD: along H, the fast part of N*H
+    ((2, 3, 64, 128), (-2,), (2, 3, 32, 128), (2, 3, 1, 128)),  # w1_EDF with a layer axis: along D
 ])
-def test_contracted_last_round_trip(shape, axes, stored):
-  w = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
-  moved = quant_nf4.contracted_last(w, axes)
-  assert moved.shape == stored
-  np.testing.assert_array_equal(quant_nf4.restore_layout(moved, axes, shape), w)
-  codes_shape, absmax_shape = quant_nf4.stored_shapes(shape, axes)
-  assert codes_shape == stored[:-1] + (stored[-1] // 2,) and absmax_shape == stored[:-1] + (stored[-1] // 64,)
+def test_packing_along_a_contracted_axis(shape, axes, codes_shape, absmax_shape):
+  w = jnp.asarray(np.random.default_rng(6).standard_normal(shape), jnp.float32)
+  codes, absmax = quant_nf4.quantize(w, axis=axes[-1])
+  assert (codes.shape, absmax.shape) == (codes_shape, absmax_shape) == quant_nf4.stored_shapes(shape, axes)
+  moved_codes, moved_absmax = quant_nf4.quantize(jnp.moveaxis(w, axes[-1], -1))
+  np.testing.assert_array_equal(jnp.moveaxis(codes, axes[-1], -1), moved_codes)
+  np.testing.assert_array_equal(jnp.moveaxis(absmax, axes[-1], -1), moved_absmax)
+  back = quant_nf4.dequantize(codes, absmax, jnp.float32)
+  np.testing.assert_array_equal(jnp.moveaxis(back, axes[-1], -1), quant_nf4.dequantize(moved_codes, moved_absmax,
+                                                                                         jnp.float32))
+  assert quant_nf4.packed_axis(codes.shape, absmax.shape) == axes[-1]
 
 
-def test_contracted_last_matches_the_hf_orientation():
-  """Our q_DNH moved by contracted_last equals HF's q_proj.weight [N*H, D] reshaped to [N, H, D]."""
+def test_our_orientation_holds_bitsandbytes_codes():
+  """q_DNH packed along D holds, byte for byte, bnb's codes of HF's q_proj.weight [N*H, D] transposed;
+  o_NHD packed along H those of o_proj.weight [D, N*H]."""
   rng = np.random.default_rng(5)
-  q_proj = rng.standard_normal((4 * 32, 64)).astype(np.float32)  # [out = N*H, in = D]
-  q_DNH = q_proj.T.reshape(64, 4, 32)
-  np.testing.assert_array_equal(quant_nf4.contracted_last(jnp.asarray(q_DNH), (-3,)), q_proj.reshape(4, 32, 64))
+  N, H, D = 2, 64, 128
+  q_proj = rng.standard_normal((N * H, D)).astype(np.float32)
+  ref, state = bnbf.quantize_4bit(torch.from_numpy(q_proj), blocksize=64, quant_type="nf4")
+  codes, absmax = quant_nf4.quantize(jnp.asarray(q_proj.T.reshape(D, N, H)), axis=-3)
+  np.testing.assert_array_equal(codes, ref.numpy().reshape(N, H, D // 2).transpose(2, 0, 1))
+  np.testing.assert_array_equal(absmax, state.absmax.numpy().reshape(N, H, D // 64).transpose(2, 0, 1))
+  o_proj = rng.standard_normal((D, N * H)).astype(np.float32)
+  ref, state = bnbf.quantize_4bit(torch.from_numpy(o_proj), blocksize=64, quant_type="nf4")
+  codes, absmax = quant_nf4.quantize(jnp.asarray(o_proj.reshape(D, N, H).transpose(1, 2, 0)), axis=-2)
+  np.testing.assert_array_equal(codes, ref.numpy().reshape(D, N, H // 2).transpose(1, 2, 0))
+  np.testing.assert_array_equal(absmax, state.absmax.numpy().reshape(D, N, H // 64).transpose(1, 2, 0))
 
 
 def test_bad_shapes_name_the_cause():
@@ -131,3 +144,5 @@ def test_bad_shapes_name_the_cause():
     quant_nf4.quantize(jnp.zeros((4, 96)))
   with pytest.raises(ValueError, match="mismatched"):
     quant_nf4.dequantize(jnp.zeros((4, 32), jnp.uint8), jnp.zeros((4, 3)))
+  with pytest.raises(ValueError, match="mismatched"):
+    quant_nf4.dequantize(jnp.zeros((4, 32), jnp.uint8), jnp.zeros((2, 1)))

@@ -1,13 +1,14 @@
 """Our parameters from a bitsandbytes nf4 checkpoint: nf4 for attention and experts, float for the rest.
 
-The sites kept in nf4 are attention q/k/v/o and every expert's w1/w3/w2 (QLoRA's frozen base). Each is
-stored in the orientation of :func:`mixtral_jax.quant_nf4.contracted_last` - the Hugging Face
-``[out, in]`` weight - stacked over layers (and experts): for example ``q_DNH`` ``[L, D, N, H]`` becomes
-codes ``[L, N, H, D / 2]`` and absmax ``[L, N, H, D / 64]``.
+The sites kept in nf4 are attention q/k/v/o and every expert's w1/w3/w2 (QLoRA's frozen base). Each
+keeps our parameter's orientation, packed along its last contracted axis (:mod:`mixtral_jax.quant_nf4`):
+``q_DNH`` ``[L, D, N, H]`` becomes codes ``[L, D / 2, N, H]`` and absmax ``[L, D / 64, N, H]``.
 
 Algorithm, one source tensor at a time (a unit = one layer's, or one layer-and-expert's, tensor):
   - a unit that the file holds in nf4 (always attention; experts in transformers-4 files): its codes and
-    scales are copied into the stacked arrays, no arithmetic;
+    scales, ``[out, in / 2]`` and ``[out, in / 64]``, are moved into our orientation by the same
+    reshape-and-transpose that maps the float ``[out, in]`` weight (the packed axis is ``in``'s fastest
+    part, so each byte keeps its pair), no arithmetic;
   - a unit that the file holds in float (experts in transformers-5 files): mapped to our layout by the
     Hugging Face rules, then quantized with :func:`mixtral_jax.quant_nf4.quantize` (bnb's codes);
   - every other parameter (embedding, norms, router, LM head) is read in float, the router dequantized
@@ -58,13 +59,27 @@ def read_params(directory: str, cfg: MixtralConfig, shapes: dict[Key, tuple[int,
   out: dict[Key, np.ndarray | Nf4Tensor] = {}
   for key, shape in shapes.items():
     if key in NF4_SITES:
-      out[key] = _read_site(plan, source, key, shape, dtype)
+      out[key] = _read_site(plan, source, cfg, key, shape, dtype)
     else:
       out[key] = plan.read(key, (), dtype)
   return out
 
 
-def _read_site(plan: Plan, source: Bnb4Source, key: Key, shape: tuple[int, ...], dtype) -> Nf4Tensor:
+def _to_ours(key: Key, hf_xK: np.ndarray, cfg: MixtralConfig, divisor: int) -> np.ndarray:
+  """A packed ``[out, in / divisor]`` array of one HF tensor in our orientation: the float rule of
+  ``mixtral_jax.checkpoint.hf`` with the contracted (packed) size divided by ``divisor``."""
+  D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+  name = key[-1]
+  if name == "q_DNH":
+    return hf_xK.reshape(N, H, D // divisor).transpose(2, 0, 1)
+  if name in ("k_DKH", "v_DKH"):
+    return hf_xK.reshape(K, H, D // divisor).transpose(2, 0, 1)
+  if name == "o_NHD":
+    return hf_xK.reshape(D, N, H // divisor).transpose(1, 2, 0)
+  return hf_xK.T  # w1/w3 [F, D] -> [D, F], w2 [D, F] -> [F, D]
+
+
+def _read_site(plan: Plan, source: Bnb4Source, cfg: MixtralConfig, key: Key, shape: tuple[int, ...], dtype) -> Nf4Tensor:
   """The stacked nf4 arrays of one site, filled unit by unit (see the module docstring)."""
   rule, axes = plan.rules[key], NF4_SITES[key]
   codes_shape, absmax_shape = quant_nf4.stored_shapes(shape, axes)
@@ -78,10 +93,11 @@ def _read_site(plan: Plan, source: Bnb4Source, key: Key, shape: tuple[int, ...],
       if t.codes.size != np.prod(unit_codes):
         raise ValueError(f"{source.where(name)}: nf4 tensor {name!r} has {t.codes.size} bytes of codes, expected "
                          f"{np.prod(unit_codes)} for {'.'.join(key)}; the config disagrees with the file")
-      codes[idx], absmax[idx] = t.codes.reshape(unit_codes), t.absmax.reshape(unit_absmax)
+      codes[idx] = _to_ours(key, t.codes, cfg, 2)
+      absmax[idx] = _to_ours(key, t.absmax, cfg, quant_nf4.BLOCK)
     else:
       w = rule.to_ours(np.asarray(source.read(name)))
       source.release(name)
-      c, a = quant_nf4.quantize(quant_nf4.contracted_last(jnp.asarray(w), axes))
+      c, a = quant_nf4.quantize(jnp.asarray(w), axis=axes[-1])
       codes[idx], absmax[idx] = np.asarray(c), np.asarray(a)
   return Nf4Tensor(codes, absmax, np.dtype(dtype))

@@ -133,3 +133,26 @@ def nbytes(shape: tuple[int, ...], axes: tuple[int, ...], block: int = BLOCK) ->
   """Bytes held by the nf4 form of a parameter: the codes plus the float32 scales."""
   codes, absmax = stored_shapes(shape, axes, block)
   return math.prod(codes) + 4 * math.prod(absmax)
+
+
+ABSMAX = "_absmax"
+
+
+class Nf4:
+  """The nf4 storage form of a matmul weight ``name``: ``name`` holds the packed codes and the sibling
+  leaf ``name + "_absmax"`` the float32 block scales (the interface of ``mixtral_jax.quant``'s forms)."""
+  suffixes: tuple[str, ...] = (ABSMAX,)
+
+  def operand(self, codes, extras: dict, dtype) -> jax.Array:
+    return dequantize(codes, extras[ABSMAX], dtype)
+
+  def quantize(self, w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Packed along the last contracted axis (``axes`` negative, from the end)."""
+    codes, absmax = quantize(w, axis=axes[-1])
+    return codes, {ABSMAX: absmax}
+
+  def extra_axes(self, logical: tuple, axes: tuple[int, ...]) -> dict[str, tuple]:
+    """The scales' logical axes: the weight's, with the packed axis unsharded (it is 64 times shorter than
+    the weight's and need not divide the mesh; the scales are 1/8 of the codes' bytes)."""
+    ndim = len(logical)
+    return {ABSMAX: tuple(None if i - ndim == axes[-1] else a for i, a in enumerate(logical))}

@@ -146,3 +146,14 @@ def test_bad_shapes_name_the_cause():
     quant_nf4.dequantize(jnp.zeros((4, 32), jnp.uint8), jnp.zeros((4, 3)))
   with pytest.raises(ValueError, match="mismatched"):
     quant_nf4.dequantize(jnp.zeros((4, 32), jnp.uint8), jnp.zeros((2, 1)))
+
+
+def test_the_storage_form_round_trips_through_its_leaves():
+  form = quant_nf4.Nf4()
+  w = jnp.asarray(np.random.default_rng(7).standard_normal((128, 4, 32)), jnp.float32)  # q_DNH
+  codes, extras = form.quantize(w, (-3,))
+  assert codes.shape == (64, 4, 32) and extras["_absmax"].shape == (2, 4, 32)
+  np.testing.assert_array_equal(form.operand(codes, extras, jnp.float32),
+                                quant_nf4.dequantize(*quant_nf4.quantize(w, axis=-3), jnp.float32))
+  assert form.extra_axes(("embed", "heads", "head_dim"), (-3,)) == {"_absmax": (None, "heads", "head_dim")}
+  assert form.extra_axes(("heads", "head_dim", "embed"), (-3, -2)) == {"_absmax": ("heads", None, "embed")}

@@ -165,3 +165,17 @@ def test_synthetic_sums_are_a_valid_learnable_set(tmp_path):
 def test_a_prompt_too_long_for_seq_len_is_refused():
   with pytest.raises(ValueError, match="leaves no room for its answer in seq_len=4"):
     preference.pair_rows(preference.Pair([1, 2, 3, 4], [5, 2], [6, 2]), 4)
+
+
+def test_pair_rows_through_the_batch_iterator_unflatten_to_pair_batch(tmp_path):
+  from mixtral_jax.train.data.pipeline import BatchIterator
+  pairs = [preference.Pair([1, 5, 6], [7, 2], [8, 9, 2]), preference.Pair([1, 4], [3, 2], [5, 2]),
+           preference.Pair([1, 9, 9, 9], [6, 2], [7, 7, 2]), preference.Pair([1, 3], [3, 3, 2], [4, 2])]
+  it = BatchIterator(preference.PairRows(pairs, 8), batch_size=4, grad_accum=2, seed=0, shuffle=False, threads=0,
+                     prefetch=0)
+  batch = next(it)
+  assert batch["inputs"].shape == (2, 2, 16)  # [A, b, 2T]
+  for a in range(2):
+    want = preference.pair_batch(pairs[2 * a:2 * a + 2], 8)
+    for k, v in want.items():
+      np.testing.assert_array_equal(preference.unflatten_pairs(batch[k][a], 8), v, err_msg=k)

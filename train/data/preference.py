@@ -105,11 +105,40 @@ def pair_batch(pairs: list[Pair], seq_len: int) -> dict[str, np.ndarray]:
   each ``[2B, T]``) for ``pairs``: all chosen rows first, then all rejected rows, so one forward scores
   every answer and ``mixtral_jax.train.dpo.split_pairs`` halves the result. ``weights`` marks the answer
   tokens among the targets; ``segment_ids`` is 1 on real tokens and 0 on padding."""
-  rows = [pair_rows(p, seq_len) for p in pairs]
-  tokens = np.concatenate([np.stack([t[0] for t, _ in rows]), np.stack([t[1] for t, _ in rows])])
-  weights = np.concatenate([np.stack([w[0] for _, w in rows]), np.stack([w[1] for _, w in rows])])
-  lengths = np.array([len(p.prompt) + len(a) for a, p in
-                      [(p.chosen, p) for p in pairs] + [(p.rejected, p) for p in pairs]])
-  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (len(lengths), seq_len))
+  rows = [pair_rows_fields(p, seq_len) for p in pairs]
+  return {k: np.concatenate([np.stack([r[k][0] for r in rows]), np.stack([r[k][1] for r in rows])])
+          for k in rows[0]}
+
+
+class PairRows:
+  """Preference pairs as rows for ``train.data.pipeline.BatchIterator``: row i is pair i's chosen and
+  rejected rows, each field ``[2, T]`` (the iterator flattens it to ``2T``; the DPO step un-flattens
+  with :func:`unflatten_pairs`). Pairs are encoded up front (a preference file is small next to a
+  pretraining corpus); ``__getitem__`` only pads."""
+
+  def __init__(self, pairs: list[Pair], seq_len: int):
+    self.pairs, self.seq_len = list(pairs), seq_len
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return pair_rows_fields(self.pairs[i], self.seq_len)
+
+
+def pair_rows_fields(pair: Pair, seq_len: int) -> dict[str, np.ndarray]:
+  """The five batch fields (``[2, T]`` each: chosen row, rejected row) of one pair."""
+  tokens, weights = pair_rows(pair, seq_len)
+  lengths = np.array([len(pair.prompt) + len(pair.chosen), len(pair.prompt) + len(pair.rejected)])
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (2, seq_len))
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights[:, 1:],
           "segment_ids": (positions < lengths[:, None]).astype(np.int32), "positions": positions.copy()}
+
+
+def unflatten_pairs(x_xb2T: np.ndarray, seq_len: int):
+  """``[..., b, 2T]`` (the iterator's flattened pair rows) -> ``[..., 2b, T]``: the b chosen rows, then
+  the b rejected rows (:func:`pair_batch`'s layout). Works on NumPy and JAX arrays."""
+  *lead, b, _ = x_xb2T.shape
+  x = x_xb2T.reshape(*lead, b, 2, seq_len)
+  x = x.swapaxes(-3, -2)  # [..., 2, b, T]
+  return x.reshape(*lead, 2 * b, seq_len)

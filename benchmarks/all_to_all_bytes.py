@@ -31,7 +31,7 @@ def main():
 
   from mixtral_jax.sharding import make_mesh
   from mixtral_jax.sharding.expert_parallel import moe_expert_parallel
-  from mixtral_jax.train.plan import hlo_stats
+  from mixtral_jax.train.plan.hlo_stats import hlo_stats
 
   N, D, F, E, k = args.tokens, args.hidden, args.ffn, 8, 2
   dt = jnp.dtype(args.dtype)

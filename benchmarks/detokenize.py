@@ -4,7 +4,7 @@ whole reply after every token, in one run.
   python benchmarks/detokenize.py [--tokens 2000] [--tokenizer v1] [--repeats 5]
 
 The reply is ``--tokens`` tokens of real text (the Python standard library's source, encoded with the
-bundled Mistral tokenizer), pushed one token at a time through ``generate``'s row (``_Row``: decode,
+bundled Mistral tokenizer), pushed one token at a time through ``generate``'s row (``Row``: decode,
 stop-string search, stream delta) with two stop strings that never match. The alternative is the same
 row as it was before: ``tokenizer.decode(all tokens)`` and a stop search over the whole text per token.
 Reported: the median total time per reply of each, and their ratio.
@@ -46,7 +46,7 @@ def main() -> None:
 
   import json as corpus_module  # any standard-library module's source is real text
 
-  from mixtral_jax.generate import _Row
+  from mixtral_jax.inference.row import Row
   from mixtral_jax.tokenizer import Tokenizer
 
   tok = Tokenizer.load(args.tokenizer)
@@ -64,7 +64,7 @@ def main() -> None:
       row.push(t, is_last_step=i + 1 == len(tokens) + 1)
     return time.perf_counter() - t0, row
 
-  new = lambda: _Row(0, tok, frozenset(), stop, None)  # noqa: E731
+  new = lambda: Row(0, tok, frozenset(), stop, None)  # noqa: E731
   old = lambda: FullRedecodeRow(tok, stop)  # noqa: E731
   times = {"incremental": [], "full re-decode": []}
   for _ in range(args.repeats):

@@ -27,10 +27,10 @@ def load_model(model, *, tokenizer=None, mesh=None, dtype=None):
   else:
     mesh_obj = _mesh(mesh, model.cfg.num_local_experts)
     if mesh_obj is not None:
-      from mixtral_jax.generate import _place  # noqa: PLC0415
+      from mixtral_jax.inference.placement import place  # noqa: PLC0415
       from flax import nnx  # noqa: PLC0415
       graphdef, state = nnx.split(model)
-      model = nnx.merge(graphdef, _place(state, mesh_obj))
+      model = nnx.merge(graphdef, place(state, mesh_obj))
   if not isinstance(tokenizer, Tokenizer):
     vocab = model.cfg.vocab_size
     name = tokenizer or (find_tokenizer(path) if path else None) or BUNDLED_VOCAB.get(vocab)

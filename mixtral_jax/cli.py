@@ -9,7 +9,11 @@ it (returning an exit code) and ``NAME_example``, one example command line that 
 from __future__ import annotations
 
 import argparse
+import errno
+import glob
 import importlib
+import importlib.util
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -44,6 +48,21 @@ EPILOG = """examples:
   mixtral-jax eval harness --model runs/tiny --tasks mixtral_jax_demo --limit 8 --out runs/eval
 
 Run 'mixtral-jax COMMAND --help' for a command's options."""
+
+
+# Storage errors that are the user's to fix (permissions, a read-only mount, a full disk or quota): one
+# line naming the path and the fix instead of a traceback.
+DISK_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+               errno.EDQUOT: "disk quota exceeded"}
+
+
+def disk_error_line(e: OSError) -> str:
+  """``cannot write PATH: no space left on device; ...`` for an OSError whose errno is in DISK_ERRNOS."""
+  where = e.filename or "the destination"
+  fix = ("free some space or choose a destination on another disk" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+         else "choose a writable destination or fix its permissions")
+  return f"cannot write {where}: {DISK_ERRNOS[e.errno]}; {fix}"
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -86,6 +105,37 @@ def _top_parser() -> argparse.ArgumentParser:
   return p
 
 
+# (command, its first argument or None) -> (extra, the modules it brings): checked before anything loads, so a
+# missing extra is one line naming the pip command, not a ModuleNotFoundError after the model has loaded.
+EXTRAS = {("serve", None): ("serve", ("fastapi", "uvicorn")), ("eval", "harness"): ("eval", ("lm_eval",))}
+
+
+def missing_extra(argv: list[str]) -> str | None:
+  """The one-line error for a command whose optional dependencies are not installed, else None."""
+  for (command, sub), (extra, modules) in EXTRAS.items():
+    if argv[0] != command or (sub is not None and argv[1:2] != [sub]):
+      continue
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    if absent:
+      what = " ".join(argv[:1] + ([sub] if sub else []))
+      return (f"mixtral-jax {what} needs {', '.join(absent)}, from the '{extra}' extra: pip install "
+              f"'mixtral-jax[{extra}]' (in a checkout: pip install -e '.[{extra}]')")
+  return None
+
+
+def quiet_libtpu(command: str) -> None:
+  """On a host with libtpu installed but no TPU, keeps libtpu's start-up from printing an alarming
+  ``E0000 ... TPU_WORKER_HOSTNAMES`` line (and a host-bounds warning) on every command: it looks for TPU
+  workers that do not exist. libtpu then serves only ahead-of-time compiles (``plan --topology``, which
+  sets its own accelerator type). Variables already set win; a host with TPU chips is left alone."""
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or importlib.util.find_spec("libtpu") is None:
+    return
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  if command != "plan":
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] not in COMMANDS:
@@ -97,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     _top_parser().print_help()
     return 0 if not argv else 2
   name = argv[0]
+  quiet_libtpu(name)
+  if "-h" not in argv and "--help" not in argv and (error := missing_extra(argv)):
+    print(f"mixtral-jax {name}: error: {error}", file=sys.stderr)
+    return 2
   module, parser = command_parser(name)
   args = parser.parse_args(argv[1:])
   try:
@@ -106,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     return 130
   except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no trace
     print(f"mixtral-jax {name}: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    if e.errno not in DISK_ERRNOS:
+      raise
+    print(f"mixtral-jax {name}: error: {disk_error_line(e)}", file=sys.stderr)
     return 2
 
 

@@ -14,9 +14,10 @@ import json
 import os
 from typing import Any, Literal
 
-MoEImpl = Literal["auto", "blocked", "ragged", "dense"]
-AttentionImpl = Literal["auto", "dense", "blockwise", "splash", "cudnn"]
-ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn")
+MoEImpl = Literal["auto", "blocked", "ragged", "dense", "triton", "mosaic_gpu"]
+MOE_IMPLS = ("auto", "blocked", "ragged", "dense", "triton", "mosaic_gpu")
+AttentionImpl = Literal["auto", "dense", "blockwise", "splash", "cudnn", "flash"]
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn", "flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +54,14 @@ class MixtralConfig:
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of parameters (the master weights when training)
   capacity_factor: float | None = None  # None: dropless. Otherwise C = ceil(cf * tokens * k / E).
-  moe_impl: MoEImpl = "auto"  # grouped expert matmul: auto picks ragged on GPU/TPU, blocked on CPU
+  # Grouped expert matmul (mixtral_jax.experts): auto picks triton (tokamax grouped GEMM) on GPU,
+  # ragged (lax.ragged_dot, XLA:TPU's Mosaic kernel) on TPU, blocked on CPU.
+  moe_impl: MoEImpl = "auto"
   moe_block: int = 128  # row block of the blocked grouped matmul (CPU)
   remat: str = "none"  # none | full | dots (see mixtral_jax.model.REMAT_POLICIES)
-  # Attention kernel (mixtral_jax.attn): auto picks splash on TPU / cuDNN on GPU where they express
-  # the mask, else dense for short sequences and blockwise (flash, O(T * block) memory) for long ones.
+  # Attention kernel (mixtral_jax.attn): auto picks splash on TPU, cuDNN on GPU (flash, tokamax's Triton
+  # kernel, for packed or padded rows) where they express the mask, else dense for short sequences and
+  # blockwise (pure-JAX flash, O(T * block) memory) for long ones.
   attention_impl: AttentionImpl = "auto"
   attention_block: int = 512  # query and key block of blockwise attention
 
@@ -79,6 +83,8 @@ class MixtralConfig:
       problems.append(f"capacity_factor must be positive or None (dropless), got {self.capacity_factor}")
     if self.sliding_window is not None and self.sliding_window <= 0:
       problems.append(f"sliding_window must be positive or None, got {self.sliding_window}")
+    if self.moe_impl not in MOE_IMPLS:
+      problems.append(f"moe_impl={self.moe_impl!r} is not one of {', '.join(MOE_IMPLS)}")
     if self.attention_impl not in ATTENTION_IMPLS:
       problems.append(f"attention_impl={self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
     if self.attention_block <= 0:

@@ -13,7 +13,11 @@ Implementations (``MixtralConfig.moe_impl``):
   stops at the group's true size, so work follows the actual routing, not the worst case. XLA:CPU
   runs ``ragged_dot`` about 10x slower than batched matmuls, which is why this exists. It has a
   hand-written VJP (``while_loop`` has no reverse-mode derivative), saving the two pre-activations.
-* ``ragged`` (GPU/TPU default): ``jax.lax.ragged_dot`` on contiguous groups starting at row 0.
+* ``triton`` (GPU default), ``mosaic_gpu``: tokamax's grouped GEMM kernels on contiguous groups from row
+  0 (see ``mixtral_jax.grouped_matmul``); forward, both backward products and the adapters each one
+  grouped GEMM, with no expansion over experts.
+* ``ragged`` (TPU default): ``jax.lax.ragged_dot`` on the same groups, XLA:TPU's Mosaic kernel there. On
+  GPU XLA expands it over every expert (E times the FLOPs), so it is refused there.
 * ``dense``: every expert on every row of its fixed-capacity bucket, one batched einsum
   (``[E, C, D] x [E, D, F]``); the natural choice for capacity-bucketed (dropping) dispatch.
 
@@ -30,19 +34,40 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mixtral_jax import grouped_matmul as gmm
 from mixtral_jax.expert_adapters import ExpertLoRA, drop, project, project_buckets, project_ragged
 from mixtral_jax.sharding.mesh import current_platform
 
 f32 = jnp.float32
 
 
+GROUPED_GEMM = {"ragged": "lax", "triton": "triton", "mosaic_gpu": "mosaic_gpu"}  # moe_impl -> grouped matmul
+
+
 def resolve_impl(impl: str, platform: str | None = None) -> str:
-  """``auto`` -> ``ragged`` on GPU/TPU, ``blocked`` on CPU. The platform is that of the devices the
-  program is being traced for (``sharding.mesh.current_platform``: the mesh's devices), so a TPU program
-  compiled ahead of time on a CPU host gets the TPU choice."""
-  if impl != "auto":
-    return impl
-  return "ragged" if (platform or current_platform()) in ("gpu", "tpu") else "blocked"
+  """``auto`` -> ``triton`` on GPU, ``ragged`` on TPU, ``blocked`` on CPU. The platform is that of the
+  devices the program is being traced for (``sharding.mesh.current_platform``: the mesh's devices), so a
+  GPU or TPU program compiled ahead of time on a CPU host gets that platform's choice. A GPU kernel
+  named for other devices is an error naming the fix."""
+  platform = platform or current_platform()
+  if impl == "auto":
+    return {"gpu": "triton", "tpu": "ragged"}.get(platform, "blocked")
+  if impl in gmm.GPU_KERNELS and platform != "gpu":
+    raise ValueError(f"moe_impl={impl!r} is a GPU kernel and the devices are {platform}; "
+                     "use moe_impl='auto' (or 'blocked' / 'ragged')")
+  return impl
+
+
+def grouped_kernel(impl: str, platform: str | None = None) -> str:
+  """The grouped-matmul kernel (``grouped_matmul.KERNELS``) of a grouped ``moe_impl`` on this platform;
+  one that would expand over experts here (``ragged`` on GPU) is an error naming the fix."""
+  platform = platform or current_platform()
+  kernel = GROUPED_GEMM[resolve_impl(impl, platform)]
+  problem = gmm.kernel_problem(kernel, platform)
+  if problem:
+    raise ValueError(f"moe_impl={impl!r} cannot run dropless experts here: {problem}; "
+                     "use moe_impl='auto' (triton on GPU)")
+  return kernel
 
 
 # ------------------------------------------------------------------------------------ dense
@@ -64,13 +89,12 @@ def dense_expert_ffn(x_ECD: jax.Array, w1_EDF, w3_EDF, w2_EFD, lora: ExpertLoRA 
 
 
 def ragged_expert_ffn(x_MD, sizes_E, w1_EDF, w3_EDF, w2_EFD, lora: ExpertLoRA | None = None,
-                      rows_M=None) -> jax.Array:
+                      rows_M=None, kernel: str = "lax") -> jax.Array:
   """Contiguous groups from row 0 (sizes_E sum to at most M); rows past the groups give zero.
 
-  16-bit inputs take the default precision explicitly: under ``jax_default_matmul_precision="highest"``
-  the TPU's Mosaic grouped-matmul kernel is asked for fp32 contraction of bf16 operands and fails to
-  compile ("Bad lhs type", libtpu 0.0.42); for float32 inputs the global setting still applies."""
-  dot = functools.partial(jax.lax.ragged_dot, precision=None if x_MD.dtype == f32 else jax.lax.Precision.DEFAULT)
+  Every product, the adapters' thin ones included, is one grouped matmul by ``kernel``
+  (``mixtral_jax.grouped_matmul``), so no step computes an expert on another expert's rows."""
+  dot = lambda a, w, sizes: gmm.grouped_matmul(a, w, sizes, kernel)  # noqa: E731
   a1_MF = project_ragged(lora, "w1", x_MD, dot(x_MD, w1_EDF, sizes_E), sizes_E, dot, rows_M)
   a3_MF = project_ragged(lora, "w3", x_MD, dot(x_MD, w3_EDF, sizes_E), sizes_E, dot, rows_M)
   h_MF = jax.nn.silu(a1_MF) * a3_MF
@@ -287,12 +311,12 @@ blocked_expert_ffn.defvjp(_blocked_fwd, _blocked_bwd, symbolic_zeros=True)
 def grouped_expert_ffn(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, *, impl: str = "auto",
                        block: int = 128, contiguous: bool = False, lora: ExpertLoRA | None = None,
                        rows_M=None) -> jax.Array:
-  """Dispatches to the implementation for this backend. ``contiguous`` promises G = E groups packed
-  from row 0 in expert order (what ``ragged_dot`` needs); otherwise ``ragged`` falls back to
+  """Dispatches to the implementation for this platform. ``contiguous`` promises G = E groups packed
+  from row 0 in expert order (what the grouped GEMMs need); otherwise a grouped ``impl`` falls back to
   ``blocked``. ``lora``/``rows_M``: per-expert adapters and each row's pair id (for their dropout)."""
   impl = resolve_impl(impl)
-  if impl == "ragged" and contiguous:
-    return ragged_expert_ffn(x_MD, sizes_G, w1_EDF, w3_EDF, w2_EFD, lora, rows_M)
+  if impl in GROUPED_GEMM and contiguous:
+    return ragged_expert_ffn(x_MD, sizes_G, w1_EDF, w3_EDF, w2_EFD, lora, rows_M, kernel=grouped_kernel(impl))
   if impl == "dense":
     raise ValueError("the dense implementation works on [E, C, D] buckets; call dense_expert_ffn")
   block = max(1, min(block, x_MD.shape[0]))

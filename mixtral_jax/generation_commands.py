@@ -49,7 +49,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                       "memory (plan --generate)")
 
 
-def _load(args):
+def load_model(args):
   import mixtral_jax  # noqa: PLC0415 - keep `mixtral-jax --help` fast
   from mixtral_jax.checkpoint import find_tokenizer  # noqa: PLC0415
   from mixtral_jax.tokenizer import BUNDLED_VOCAB, Tokenizer  # noqa: PLC0415
@@ -98,7 +98,7 @@ def generate_main(args: argparse.Namespace) -> int:
   from mixtral_jax.generate import generate  # noqa: PLC0415
 
   prompts = args.prompt if args.prompt else [sys.stdin.read()]
-  model, tokenizer = _load(args)
+  model, tokenizer = load_model(args)
   if len(prompts) == 1:
     if args.echo:
       sys.stdout.write(prompts[0])
@@ -140,7 +140,7 @@ def chat_main(args: argparse.Namespace) -> int:
   from mixtral_jax.chat import encode_chat  # noqa: PLC0415
   from mixtral_jax.generate import generate  # noqa: PLC0415
 
-  model, tokenizer = _load(args)
+  model, tokenizer = load_model(args)
   version = args.version or ("v3" if model.cfg.vocab_size == 32768 else "v1")
   messages = [{"role": "system", "content": args.system}] if args.system else []
   if instruct_evidence(args.model) is None:

@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax import param_paths
+from mixtral_jax.config import MixtralConfig
+
 LOGICAL_AXES = "logical_axes"  # Variable metadata key holding the logical axis names
 
 
@@ -24,6 +27,13 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str], dtyp
   else:
     value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
   return nnx.Param(value, **{LOGICAL_AXES: tuple(axes)})
+
+
+def registry_param(id_: str, cfg: MixtralConfig, rngs: nnx.Rngs) -> nnx.Param:
+  """Weight ``id_`` of :mod:`mixtral_jax.param_paths` (its per-layer shape and logical axes), in the
+  parameter dtype, initialised N(0, initializer_range^2)."""
+  w = param_paths.weight(id_)
+  return param(rngs, param_paths.shape(w, cfg), w.axes, jnp.dtype(cfg.param_dtype), std=cfg.initializer_range)
 
 
 def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:

@@ -18,12 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.attention import Attention, LayerCache, rows_at_slots, written_positions
+from mixtral_jax.attention import Attention
+from mixtral_jax import kv_cache
+from mixtral_jax.kv_cache import KVCache, LayerCache, init_cache, rows_at_slots, written_positions  # noqa: F401  (re-exported)
 from mixtral_jax.config import MixtralConfig
-from mixtral_jax.inference.quantize import SCALE, compute_weight
-from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, param
+from mixtral_jax import param_paths
+from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, registry_param
 from mixtral_jax.lora import adapters as lora
 from mixtral_jax.moe import MoE
+from mixtral_jax.projection import Projection
+from mixtral_jax.quant import stored
 from mixtral_jax.sharding.rules import constrain
 
 # What to keep for the backward pass of each block (``MixtralConfig.remat``).
@@ -34,28 +38,6 @@ REMAT_POLICIES = {
 }
 
 _STACK_METADATA = {nnx.PARTITION_NAME: None, LOGICAL_AXES: "layers"}
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-  """Keys/values of every layer ``[L, B, S, K, H]`` and the position held by each slot ``[B, S]``
-  (-1 when empty). A token at position p lives in slot p % S, so with S equal to the sliding window the
-  cache rolls, and with S >= the total length it never wraps."""
-  layers: LayerCache
-  pos: jax.Array
-
-  @property
-  def size(self) -> int:
-    return self.pos.shape[1]
-
-
-def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (fewer slots with a window)."""
-  S = max_len if cfg.sliding_window is None else min(max_len, cfg.sliding_window)
-  shape = (cfg.num_hidden_layers, batch, S, cfg.num_key_value_heads, cfg.head_size)
-  dt = jnp.dtype(dtype or cfg.dtype)
-  return KVCache(LayerCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt)), jnp.full((batch, S), -1, jnp.int32))
 
 
 class Block(nnx.Module):
@@ -83,11 +65,12 @@ class Mixtral(nnx.Module):
 
   ``lora_cfg`` (a ``mixtral_jax.lora.LoraSection``) adds LoRA adapters (see ``mixtral_jax.lora``)."""
 
+  head = Projection("lm_head", "btd,dv->btv", lora_attr="lora_head")  # head_DV [D, V] and its adapter
+
   def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs, lora_cfg=None):
-    V, D, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
-    pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+    D, L, pd = cfg.hidden_size, cfg.num_hidden_layers, jnp.dtype(cfg.param_dtype)
     self.cfg = cfg
-    self.embed_VD = param(rngs, (V, D), ("vocab", "embed"), pd, std=std)
+    self.embed_VD = registry_param("embed", cfg, rngs)
 
     @nnx.split_rngs(splits=L)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_STACK_METADATA)
@@ -96,7 +79,7 @@ class Mixtral(nnx.Module):
 
     self.blocks = make_blocks(rngs)
     self.final_norm = RMSNorm(D, cfg.rms_norm_eps, pd)
-    self.head_DV = param(rngs, (D, V), ("embed", "vocab"), pd, std=std)
+    self.head.init(cfg, rngs)
     self.lora_head = lora.make("head", cfg, lora_cfg)  # LoRA adapter on the LM head (or None)
 
   # ------------------------------------------------------------------------------ forward pieces
@@ -128,7 +111,7 @@ class Mixtral(nnx.Module):
     cache_pos = write_slots = layer_cache = kept = None
     if cache is not None:
       cache_pos, layer_cache = cache.pos, cache.layers
-      write_slots = _write_slots(positions, valid, cache.size)
+      write_slots = kv_cache.write_slots(positions, valid, cache.size)
       if T == 1 and not unroll:  # decode writes the stacked cache in place (see Attention)
         kept = rows_at_slots(layer_cache, write_slots)
     h = self.embed(input_ids_BT)
@@ -147,8 +130,8 @@ class Mixtral(nnx.Module):
     """(h, W) with ``logits = h @ W``: the final hidden states and LM head weight [D, V] in the compute
     dtype, with the head's LoRA adapter folded in if there is one (``lora.head_operands``)."""
     dt = jnp.dtype(self.cfg.dtype)
-    w_DV = compute_weight(self, "head_DV", jnp.dtype(self.cfg.param_dtype)).astype(dt)
-    return lora.head_operands(self.lora_head, h_BTD.astype(dt), w_DV, lora_key)
+    w_DV = self.head.operand(jnp.dtype(self.cfg.param_dtype)).astype(dt)
+    return self.head.head_operands(h_BTD.astype(dt), w_DV, lora_key)
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     h, w = self.head_operands(h_BTD)
@@ -244,9 +227,8 @@ def layer_views(model: Mixtral) -> list:
   (device,) = {d for a in leaves for d in a.devices()}
   stacked = [np.asarray(a) for a in leaves]  # zero-copy on CPU
   moe = state["moe"]
-  # A quantized expert is an (int8 values, scale) pair (see mixtral_jax.inference.quantize.as_compute).
-  experts = [(np.asarray(moe[name][...]), np.asarray(moe[name + SCALE][...])) if name + SCALE in moe
-             else np.asarray(moe[name][...]) for name in ("w1_EDF", "w3_EDF", "w2_EFD")]
+  # A quantized expert is a (values, {suffix: array}) pair (see mixtral_jax.quant.as_compute).
+  experts = [jax.tree.map(np.asarray, stored(moe, param_paths.attr(id_))) for id_ in param_paths.EXPERT_IDS]
   E = model.cfg.num_local_experts
   out = []
   for i in range(model.cfg.num_hidden_layers):
@@ -258,22 +240,10 @@ def layer_views(model: Mixtral) -> list:
 
 
 def _at(w, i, e):
-  return (w[0][i, e], w[1][i, e]) if isinstance(w, tuple) else w[i, e]
+  return jax.tree.map(lambda a: a[i, e], w)
 
 
 def _layer(blocks: Block, i: int) -> Block:
   """Block i of the stacked blocks, as a standalone module (for the unrolled reference path)."""
   graphdef, state = nnx.split(blocks)
   return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
-
-
-def _write_slots(positions_BT, valid_BT, size: int):
-  """Cache slot of each new token: p % S; pads, and tokens that a later token of this call will
-  overwrite in a rolling cache, get slot S (dropped)."""
-  slots = positions_BT % size
-  newest = jnp.max(jnp.where(valid_BT, positions_BT, -1) if valid_BT is not None else positions_BT,
-                   axis=1, keepdims=True)
-  keep = positions_BT > newest - size
-  if valid_BT is not None:
-    keep &= valid_BT
-  return jnp.where(keep, slots, size).astype(jnp.int32)

@@ -28,13 +28,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax import routing
+from mixtral_jax import param_paths, routing
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.expert_adapters import ExpertLoRA, project
 from mixtral_jax.experts import dense_expert_ffn, grouped_expert_ffn, resolve_impl
-from mixtral_jax.inference.quantize import as_compute, compute_weight
-from mixtral_jax.layers import param
+from mixtral_jax.layers import registry_param
 from mixtral_jax.lora import adapters as lora
+from mixtral_jax.projection import Projection
+from mixtral_jax.quant import as_compute, operand
 
 
 def _dropping(lora: ExpertLoRA | None) -> bool:
@@ -179,15 +180,14 @@ def _expert_mesh_size() -> int:
 
 
 class MoE(nnx.Module):
-  """Router [D, E]; experts w1, w3 [E, D, F] and w2 [E, F, D]."""
+  """Router [D, E]; experts w1, w3 [E, D, F] and w2 [E, F, D] (``mixtral_jax.param_paths``)."""
+
+  router = Projection("router", "nd,de->ne")
 
   def __init__(self, cfg: MixtralConfig, *, rngs: nnx.Rngs, lora_cfg=None):
-    D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
-    pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
-    self.router_DE = param(rngs, (D, E), ("embed", "router_experts"), pd, std=std)
-    self.w1_EDF = param(rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), pd, std=std)
-    self.w3_EDF = param(rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), pd, std=std)
-    self.w2_EFD = param(rngs, (E, F, D), ("experts", "expert_mlp", "expert_embed"), pd, std=std)
+    self.router.init(cfg, rngs)
+    for id_ in param_paths.EXPERT_IDS:
+      setattr(self, param_paths.attr(id_), registry_param(id_, cfg, rngs))
     self.lora = lora.make("moe", cfg, lora_cfg)  # LoRA adapters on router, w1, w3, w2 (or None)
     self.cfg = cfg
 
@@ -200,10 +200,9 @@ class MoE(nnx.Module):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T, D = x_BTD.shape
     x_ND = x_BTD.reshape(B * T, D).astype(dt)
-    logits_NE = jnp.einsum("nd,de->ne", x_ND, self.router_DE[...].astype(dt))
-    logits_NE = lora.add(self.lora, "router", x_ND, logits_NE, lora_key).astype(jnp.float32)  # LoRA
+    logits_NE = self.router(x_ND, lora_key).astype(jnp.float32)  # x W (+ LoRA)
     weights_Nk, ids_Nk = routing.top_k_route(logits_NE, cfg.num_experts_per_tok)
-    w1, w3, w2 = (compute_weight(self, n, dt) for n in ("w1_EDF", "w3_EDF", "w2_EFD"))
+    w1, w3, w2 = (operand(self, param_paths.attr(id_), dt) for id_ in param_paths.EXPERT_IDS)
     # LoRA: per-expert adapters (or None), applied by whichever dispatch runs, inside its expert computation.
     lo = lora.expert_adapters(self.lora, lora_key)
 

@@ -59,16 +59,22 @@ f32 = jnp.float32
 
 
 def dispatch_mode(capacity_factor: float | None, impl: str, backend: str | None = None) -> str:
-  """``capacity`` (dropping, batched einsum), ``blocked`` or ``dense`` (dropless buckets), ``ragged``.
+  """``capacity`` (dropping, batched einsum), ``blocked`` or ``dense`` (dropless buckets), ``ragged``
+  (``ragged_all_to_all`` and a grouped GEMM).
 
   ``backend`` defaults to the platform of the mesh being traced for (``current_platform``), not the
-  process's default backend: a TPU program compiled on a CPU host must get ``ragged_all_to_all``."""
+  process's default backend: a TPU program compiled on a CPU host must get ``ragged_all_to_all``. On GPU
+  a dropless dispatch over worst-case buckets (``dense``) is an error naming the fix, never a slow run
+  (``experts.grouped_kernel`` refuses ``lax.ragged_dot``'s expansion the same way)."""
   if capacity_factor is not None:
     return "capacity"
   platform = backend or current_platform()
   impl = experts.resolve_impl(impl, platform)
-  if impl == "ragged":
-    return "blocked" if platform == "cpu" else "ragged"
+  if impl in experts.GROUPED_GEMM:
+    return "blocked" if platform == "cpu" else "ragged"  # XLA:CPU has no ragged_all_to_all
+  if impl == "dense" and platform == "gpu":
+    raise ValueError("moe_impl='dense' without capacity_factor computes every expert over worst-case buckets "
+                     "on GPU; use moe_impl='auto' (a grouped GEMM) or set capacity_factor")
   return impl
 
 
@@ -101,9 +107,10 @@ def moe_expert_parallel(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, cap
   w_in, w_out = P("expert", None, tensor), P("expert", tensor, None)
   if lora is not None:
     lora = dataclasses.replace(lora, tensor_axis=tensor)
-  local = functools.partial(_local_moe, mode=dispatch_mode(capacity_factor, impl),
-                            capacity_factor=capacity_factor, block=block, batch_axes=batch_axes,
-                            tensor_axis=tensor)
+  mode = dispatch_mode(capacity_factor, impl)
+  kernel = experts.grouped_kernel(impl) if mode == "ragged" else None  # raises where it would expand
+  local = functools.partial(_local_moe, mode=mode, kernel=kernel, capacity_factor=capacity_factor, block=block,
+                            batch_axes=batch_axes, tensor_axis=tensor)
   with jax.named_scope("moe_expert_parallel"):
     y_ND, dropped = jax.shard_map(local, in_specs=(tok, tok, tok, w_in, w_in, w_out, shard_specs(lora, tensor)),
                                   out_specs=(tok, P()))(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, lora)
@@ -119,15 +126,15 @@ def _pair_ids(n, k, batch_axes):
   return ((shard * n + jnp.arange(n, dtype=jnp.int32))[:, None] * k + jnp.arange(k, dtype=jnp.int32)).astype(jnp.int32)
 
 
-def _local_moe(x_nD, w_nk, ids_nk, w1_LDF, w3_LDF, w2_LFD, lora, *, mode, capacity_factor, block, batch_axes,
-               tensor_axis):
+def _local_moe(x_nD, w_nk, ids_nk, w1_LDF, w3_LDF, w2_LFD, lora, *, mode, kernel, capacity_factor, block,
+               batch_axes, tensor_axis):
   """The per-device body of the ``shard_map`` (L = E_l local experts)."""
   n, k = ids_nk.shape
   E = w1_LDF.shape[0] * jax.lax.axis_size("expert")
   valid_nk = ids_nk < E
   pairs_nk = _pair_ids(n, k, batch_axes) if lora is not None and lora.dropping else None
   if mode == "ragged":
-    y_nkD = _ragged_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, lora, pairs_nk)
+    y_nkD = _ragged_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, lora, pairs_nk, kernel)
     kept_nk = valid_nk
   else:
     C = routing.capacity(n, k, E, capacity_factor)
@@ -179,7 +186,7 @@ def _bucket_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, C, mode, block, lo
   return jnp.where(kept_nk[..., None], y_nkD, 0), kept_nk
 
 
-def _ragged_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, lora=None, pairs_nk=None):
+def _ragged_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, lora=None, pairs_nk=None, kernel="lax"):
   """Dropless dispatch with ``ragged_all_to_all``: only the routed rows travel. Returns y_nkD."""
   n, D = x_nD.shape
   k = ids_nk.shape[1]
@@ -210,7 +217,7 @@ def _ragged_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, lora=None, pairs_n
     rows_R = jax.lax.ragged_all_to_all(pairs_nk.reshape(-1)[order_M], jnp.full((R,), -1, jnp.int32), starts_E,
                                        counts_E, out_offsets_E, recv_sizes, axis_name="expert")
   y_RD = experts.ragged_expert_ffn(x_RD, jnp.sum(recv_SL, axis=0).astype(jnp.int32), w1_LDF, w3_LDF, w2_LFD,
-                                   lora, rows_R)
+                                   lora, rows_R, kernel=kernel)
 
   # Back along the same slices: what I received at out_offsets (as the sender computed them) returns
   # to where it started in the sender's sorted layout.

@@ -1,4 +1,15 @@
-"""Test set-up: 8 simulated CPU devices, set before JAX is imported anywhere."""
+"""Test set-up: 8 simulated CPU devices, set before JAX is imported anywhere; the shared fixtures; the
+test tiers.
+
+Shared fixtures: the Hugging Face references of ``reference.py`` (``hf_model``, ``save_hf``, ``hf_logits``,
+``save_hf_with_tokenizer``: random tiny transformers models and their logits) and the process helpers of
+``processes.py`` (``child_env``, ``free_port``). Tests take them as fixture arguments. Module-level
+constants (``TINY``, ``VARIANTS``, used in parametrisations and module configs, where no fixture can
+reach) import from ``reference``; setup.cfg puts tests/ on the path (``pythonpath``), so that import does
+not depend on the rootdir, the working directory or the import mode.
+
+Tiers: the markers are registered in setup.cfg; see ``pytest_collection_modifyitems`` below.
+"""
 
 import os
 
@@ -10,7 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
+import processes  # noqa: E402 - tests/ helpers, on the path through setup.cfg's pythonpath
 import pytest  # noqa: E402
+import reference  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -18,3 +31,56 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
   assert jax.device_count() == 8, "tests expect 8 simulated CPU devices; import jax only after conftest"
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+  """``hf_model(seed=0, router_scale=20.0, **config overrides)``: a random tiny ``MixtralForCausalLM``."""
+  return reference.hf_model
+
+
+@pytest.fixture(scope="session")
+def save_hf():
+  """``save_hf(model, path, shard_size=None, dtype="float32")``: ``save_pretrained`` as safetensors."""
+  return reference.save_hf
+
+
+@pytest.fixture(scope="session")
+def save_hf_with_tokenizer():
+  """``save_hf_with_tokenizer(model, path)``: ``save_hf`` plus the v1 tokenizer, sentencepiece and HF."""
+  return reference.save_hf_with_tokenizer
+
+
+@pytest.fixture(scope="session")
+def hf_logits():
+  """``hf_logits(model, ids, attention_mask=None)``: (logits [B,T,V], router logits [L,B*T,E])."""
+  return reference.hf_logits
+
+
+@pytest.fixture(scope="session")
+def child_env():
+  """``child_env(**extra)``: this environment for a child process, without the 8-device XLA_FLAGS."""
+  return processes.child_env
+
+
+@pytest.fixture(scope="session")
+def free_port():
+  """``free_port()``: a TCP port on 127.0.0.1 nothing listens on (a jax.distributed coordinator's)."""
+  return processes.free_port
+
+
+@pytest.fixture(scope="session")
+def run_all():
+  """``run_all(argvs, env=, timeout=)``: runs ``python ARGV`` for each at once; fails the test on an error."""
+  return processes.run_all
+
+
+_IMPLY_SLOW = ("multiprocess", "subprocess_cli", "libtpu")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Every multiprocess, subprocess_cli or libtpu test is also ``slow``: each starts processes or a TPU
+  compiler, so none belongs in the inner loop (``-m "not slow"``) even when its own body is short."""
+  for item in items:
+    if any(item.get_closest_marker(m) for m in _IMPLY_SLOW) and not item.get_closest_marker("slow"):
+      item.add_marker(pytest.mark.slow)

@@ -1,5 +1,6 @@
 """The attention implementations of mixtral_jax.attn against dense attention (the reference), fp32,
-values and gradients <= 1e-5: packed segments, padding, windows shorter and longer than T, MQA / GQA /
+values and gradients <= 1e-5 (blockwise, and the GPU flash kernel's mask through tokamax's reference
+kernel): packed segments, padding, windows shorter and longer than T, MQA / GQA /
 MHA, T and S not multiples of the block, cache layouts (empty and rolled slots, one-token decode). The
 block skipping is checked against the full mask (never skips a visible pair; keeps about half the
 blocks for causal attention). The selector's choices and refusals are checked without a GPU or TPU.
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from mixtral_jax.attn import attention_mask, blockwise_attention, choose, dense_attention, live_blocks
+from mixtral_jax.attn.flash import flash_attention
 from mixtral_jax.config import MixtralConfig
 
 TOL = 1e-5
@@ -78,6 +80,8 @@ def _value_and_grads(q, k, v, w, q_pos, kv_pos, seg, *, impl, window):
   def f(q, k, v):
     if impl == "dense":
       out = dense_attention(q, k, v, q_pos, kv_pos, seg, seg, sliding_window=window)
+    elif impl == "flash":  # the GPU flash kernel's mask through tokamax's reference kernel (no Triton on CPU)
+      out = flash_attention(q, k, v, kv_pos, seg, sliding_window=window, kernel="xla")
     else:
       out = blockwise_attention(q, k, v, q_pos, kv_pos, seg, seg, sliding_window=window, block_q=16, block_k=8)
     return jnp.sum(out * w), out
@@ -86,15 +90,23 @@ def _value_and_grads(q, k, v, w, q_pos, kv_pos, seg, *, impl, window):
   return out, grads
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_blockwise_matches_dense_values_and_gradients(name):
+SELF_ATTENTION = ("leftpad_mha_window5", "mqa_window_longer", "packed_gqa")  # no cache: index-aligned
+
+
+@pytest.mark.parametrize("impl, name",
+                         [("blockwise", n) for n in sorted(CASES)] + [("flash", n) for n in SELF_ATTENTION])
+def test_kernel_matches_dense_values_and_gradients(impl, name):
+  """flash: the index ranges (run starts, window) handed to the GPU kernel express our mask exactly,
+  checked through tokamax's reference kernel with the same mask object."""
   c = CASES[name]
   q_pos, kv_pos = jnp.asarray(c["q_pos"], jnp.int32), jnp.asarray(c["kv_pos"], jnp.int32)
   seg = None if c["seg"] is None else jnp.asarray(c["seg"])
   mask = np.asarray(attention_mask(q_pos, kv_pos, sliding_window=c["window"], q_seg_BT=seg, kv_seg_BS=seg))
   sees = mask.any(-1)  # rows that see no key (pads) are never used; their values may differ
+  if impl == "flash":  # a pad query sees the other pads of its run there (never used either)
+    sees &= np.asarray(kv_pos) >= 0
   w = c["w"] * sees[:, :, None, None]
-  got = _value_and_grads(*c["qkv"], w, q_pos, kv_pos, seg, impl="blockwise", window=c["window"])
+  got = _value_and_grads(*c["qkv"], w, q_pos, kv_pos, seg, impl=impl, window=c["window"])
   want = _value_and_grads(*c["qkv"], w, q_pos, kv_pos, seg, impl="dense", window=c["window"])
   out, want_out = np.asarray(got[0]), np.asarray(want[0])
   assert np.isfinite(out).all()
@@ -145,9 +157,10 @@ def test_auto_choice_per_platform_and_shape():
   assert _choose("auto", platform="tpu", packed=True, padded=True) == "splash"
   assert _choose("auto", platform="tpu", index_aligned=False) == "blockwise"  # a KV cache
   assert _choose("auto", platform="gpu", dtype="bfloat16") == "cudnn"
-  assert _choose("auto", platform="gpu") == "blockwise"  # float32: cuDNN computes in 16 bits
-  assert _choose("auto", platform="gpu", dtype="bfloat16", packed=True) == "blockwise"
-  assert _choose("auto", platform="gpu", dtype="bfloat16", padded=True) == "blockwise"
+  assert _choose("auto", platform="gpu") == "flash"  # float32: cuDNN computes in 16 bits
+  assert _choose("auto", platform="gpu", dtype="bfloat16", packed=True, padded=True) == "flash"  # training rows
+  assert _choose("auto", platform="gpu", dtype="bfloat16", padded=True) == "flash"
+  assert _choose("auto", platform="gpu", dtype="bfloat16", index_aligned=False) == "blockwise"  # a KV cache
   assert _choose("dense", platform="tpu") == "dense" and _choose("blockwise", platform="gpu") == "blockwise"
 
 
@@ -159,6 +172,9 @@ def test_auto_choice_per_platform_and_shape():
     ("cudnn", dict(platform="gpu"), "bfloat16"),
     ("cudnn", dict(platform="gpu", dtype="bfloat16", H=96 + 4), "head dim"),
     ("cudnn", dict(platform="gpu", dtype="bfloat16", packed=True), "segment"),
+    ("flash", dict(platform="cpu"), "GPU kernel"),
+    ("flash", dict(platform="gpu", index_aligned=False), "KV cache"),
+    ("flash", dict(platform="gpu", H=72), "head dim"),
 ])
 def test_a_kernel_that_cannot_run_is_an_error_naming_the_alternative(impl, kw, words):
   with pytest.raises(ValueError, match=f"attention_impl='{impl}'.*{words}.*'blockwise'"):
@@ -166,8 +182,8 @@ def test_a_kernel_that_cannot_run_is_an_error_naming_the_alternative(impl, kw, w
 
 
 def test_config_refuses_unknown_impl_and_bad_block():
-  with pytest.raises(ValueError, match="attention_impl='flash' is not one of auto, dense, blockwise"):
-    MixtralConfig(attention_impl="flash")
+  with pytest.raises(ValueError, match="attention_impl='cutlass' is not one of auto, dense, blockwise"):
+    MixtralConfig(attention_impl="cutlass")
   with pytest.raises(ValueError, match="attention_block must be positive"):
     MixtralConfig(attention_block=0)
   with pytest.raises(ValueError, match="sliding_window must be positive"):

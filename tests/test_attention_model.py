@@ -6,7 +6,7 @@ model's own full forward, as in test_kv_cache."""
 import numpy as np
 import pytest
 from flax import nnx
-from reference import TINY, hf_logits, hf_model
+from reference import TINY
 from test_kv_cache import _model, _run
 
 import mixtral_jax
@@ -15,7 +15,7 @@ T_LONG = 1100
 
 
 @pytest.mark.parametrize("window", [None, 300])
-def test_long_sequence_logits_match_transformers_with_blockwise_attention(window, tmp_path):
+def test_long_sequence_logits_match_transformers_with_blockwise_attention(hf_logits, hf_model, window, tmp_path):
   hf = hf_model(seed=5, max_position_embeddings=2048, sliding_window=window)
   hf.save_pretrained(str(tmp_path), safe_serialization=True)
   ids = np.random.default_rng(1).integers(0, TINY["vocab_size"], (1, T_LONG)).astype(np.int32)

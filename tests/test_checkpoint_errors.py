@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from reference import hf_model, save_hf
 from safetensors.numpy import load_file, save_file
 
 import mixtral_jax
@@ -19,7 +18,7 @@ SMALL = dict(num_hidden_layers=2, vocab_size=300)
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
+def pristine(hf_model, save_hf, tmp_path_factory):
   root = tmp_path_factory.mktemp("pristine")
   hf = hf_model(seed=2, **SMALL)
   save_hf(hf, root / "single")
@@ -149,7 +148,7 @@ def test_existing_dst_is_refused_unless_overwrite(src, capsys):
   assert cli(["convert", str(src), str(dst)]) == 2
   assert "already exists" in capsys.readouterr().err and (dst / "keep.txt").read_text() == "mine"
   assert cli(["convert", str(src), str(dst), "--overwrite"]) == 0
-  assert sorted(os.listdir(dst)) == ["config.json", "params"]
+  assert sorted(os.listdir(dst)) == ["config.json", "params", "params.crc32.json"]
   assert cli(["export", str(dst), str(dst)]) == 2
   assert "already exists" in capsys.readouterr().err
 

@@ -9,11 +9,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from reference import TINY, VARIANTS, hf_logits, hf_model, save_hf
+from reference import TINY, VARIANTS
 
 import mixtral_jax
 from mixtral_jax import checkpoint
 from mixtral_jax.cli import main as cli
+
+pytestmark = pytest.mark.slow
 
 IDS = np.random.default_rng(1).integers(0, TINY["vocab_size"], (8, 7)).astype(np.int32)
 forward = nnx.jit(lambda model, ids: model(ids))
@@ -75,7 +77,7 @@ def write_consolidated(hf, directory, kind):
 
 
 @pytest.fixture(scope="module", params=["gqa2", "head_dim32"])
-def source(request, tmp_path_factory):
+def source(hf_logits, hf_model, request, tmp_path_factory):
   hf = hf_model(seed=11, **VARIANTS[request.param])
   root = tmp_path_factory.mktemp(request.param)
   return hf, hf_logits(hf, IDS)[0], root
@@ -102,7 +104,7 @@ def test_params_json_rope_theta(tmp_path):
 # ------------------------------------------------------------------------- our Orbax format
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(hf_model, save_hf, tmp_path_factory):
   root = tmp_path_factory.mktemp("orbax")
   hf = hf_model(seed=5)
   save_hf(hf, root / "hf", shard_size="150KB")
@@ -111,7 +113,7 @@ def converted(tmp_path_factory):
   return hf, root
 
 
-def test_converted_equals_source_and_transformers(converted):
+def test_converted_equals_source_and_transformers(hf_logits, converted):
   hf, root = converted
   ours, src = mixtral_jax.from_pretrained(root / "ours"), mixtral_jax.from_pretrained(root / "hf")
   a, b = params_of(ours), params_of(src)
@@ -160,7 +162,7 @@ def test_convert_to_bf16(converted, tmp_path):
   np.testing.assert_array_equal(params_of(model)["blocks.moe.w2_EFD"], src.astype("bfloat16"))
 
 
-def test_export_round_trip_through_transformers(converted, tmp_path):
+def test_export_round_trip_through_transformers(hf_logits, converted, tmp_path):
   import transformers
 
   _, root = converted

@@ -102,6 +102,7 @@ def readme_run(tmp_path_factory):
   return train, gen, train_out, gen_out, workdir, cwd
 
 
+@pytest.mark.subprocess_cli
 def test_readme_first_command_prints_plain_lines_and_held_out_loss(readme_run):
   out = readme_run[2]
   assert "\r" not in out, "a progress bar was drawn into a pipe"
@@ -116,6 +117,7 @@ def test_readme_first_command_prints_plain_lines_and_held_out_loss(readme_run):
   assert summary and "held-out loss" in summary[-1] and lines[-1] == summary[-1], out
 
 
+@pytest.mark.subprocess_cli
 def test_readme_generate_echoes_the_prompt(readme_run):
   gen, out = readme_run[1], readme_run[3]
   prompt = gen[gen.index("--prompt") + 1]
@@ -123,6 +125,7 @@ def test_readme_generate_echoes_the_prompt(readme_run):
   assert re.search(r"\[0: \d+ tokens, finished by (eos|stop|length)\]", out), out
 
 
+@pytest.mark.subprocess_cli
 def test_resumed_run_summarises_the_whole_run(readme_run):
   train, workdir, cwd = readme_run[0], readme_run[4], readme_run[5]
   sets = [a for s in SHORT for a in ("--set", s)]
@@ -137,6 +140,7 @@ def test_resumed_run_summarises_the_whole_run(readme_run):
   assert want in out.splitlines()[-1], out
 
 
+@pytest.mark.subprocess_cli
 def test_chat_on_a_base_model_warns_and_quit_ends_it(readme_run, monkeypatch, capsys):
   workdir = readme_run[4]
   monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\nhello\n"))

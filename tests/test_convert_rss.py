@@ -12,7 +12,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from safetensors.numpy import save_file
+
+pytestmark = pytest.mark.subprocess_cli
 
 # VmHWM: the high-water mark of this process's own memory map. (ru_maxrss would also count the
 # parent's RSS, inherited through fork before exec.)

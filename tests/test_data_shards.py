@@ -220,6 +220,7 @@ def test_build_mixes_weighted_shard_sources(shards):
 # ---------------------------------------------------------------------- kill and resume
 
 
+@pytest.mark.subprocess_cli
 def test_sigkill_mid_tokenize_leaves_complete_shards_and_rerun_finishes(tmp_path):
   src = tmp_path / "src"
   src.mkdir()

@@ -8,11 +8,10 @@ import torch
 
 import mixtral_jax
 from mixtral_jax.eval import loglikelihood, perplexity, token_logprobs
-from tests.reference import hf_model, save_hf
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(hf_model, save_hf, tmp_path_factory):
   hf = hf_model(seed=3)
   path = save_hf(hf, tmp_path_factory.mktemp("hf_eval"))
   return hf, mixtral_jax.from_pretrained(path)

@@ -15,11 +15,12 @@ from mixtral_jax.eval.passkey import FILLER, KEY_LINE, QUESTION, make_prompt, sc
 from mixtral_jax.eval.text_perplexity import against_context, strided
 from mixtral_jax.eval.routing import router_logits, routing_stats, uniform_baselines
 from mixtral_jax.tokenizer import Tokenizer
-from tests.reference import hf_logits, hf_model, save_hf_with_tokenizer
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(hf_model, save_hf_with_tokenizer, tmp_path_factory):
   hf = hf_model(seed=7, vocab_size=32000, num_hidden_layers=2)
   path = save_hf_with_tokenizer(hf, tmp_path_factory.mktemp("analysis") / "model")
   return hf, mixtral_jax.from_pretrained(path), path
@@ -54,7 +55,7 @@ def _numpy_stats(logits_LTE_list, k):
   return out
 
 
-def test_routing_statistics_match_numpy_from_transformers_router_logits(models):
+def test_routing_statistics_match_numpy_from_transformers_router_logits(hf_logits, models):
   hf, ours, _ = models
   rng = np.random.default_rng(0)
   seqs = [rng.integers(3, 32000, n).tolist() for n in (40, 40, 23)]  # the short one is padded in its batch

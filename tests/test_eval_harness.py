@@ -8,13 +8,14 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from mixtral_jax.eval.harness import HarnessLM, run_tasks, task_manager  # noqa: E402
-from tests.reference import hf_model, save_hf_with_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 TASKS = ["mixtral_jax_demo_choice", "mixtral_jax_demo_rolling", "mixtral_jax_demo_generate"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(hf_model, save_hf_with_tokenizer, tmp_path_factory):
   """A random tiny HF Mixtral with the real v1 vocabulary and both tokenizers beside it."""
   return save_hf_with_tokenizer(hf_model(seed=11, vocab_size=32000, num_hidden_layers=2),
                                 tmp_path_factory.mktemp("harness") / "model")

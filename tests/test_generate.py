@@ -11,14 +11,14 @@ import torch
 import mixtral_jax
 from mixtral_jax import sampling
 from mixtral_jax.generate import generate
-from reference import TINY, hf_model, save_hf
+from reference import TINY
 
 NEW = 32
 PROMPTS = [np.random.RandomState(1).randint(3, 1000, n).tolist() for n in (10, 4, 7)]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(hf_model, save_hf, tmp_path_factory):
   hf = hf_model(seed=0)
   hf.generation_config.eos_token_id = None  # compare full-length runs; EOS is tested on its own
   path = save_hf(hf, tmp_path_factory.mktemp("hf") / "tiny")

@@ -11,9 +11,11 @@ import os
 import numpy as np
 import pytest
 from flax import nnx
-from reference import TINY, VARIANTS, hf_logits, hf_model, save_hf
+from reference import TINY, VARIANTS
 
 import mixtral_jax
+
+pytestmark = pytest.mark.slow
 
 IDS = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 11)).astype(np.int32)
 # Compiled once per config: models loaded from different files of one config reuse it.
@@ -33,7 +35,7 @@ def assert_parity(model, ref_logits, ref_router, k):
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
-def variant(request, tmp_path_factory):
+def variant(hf_logits, hf_model, save_hf, request, tmp_path_factory):
   """One transformers model per variant, saved three ways, with its reference logits."""
   import torch
 
@@ -64,7 +66,7 @@ def test_bf16_files_default_to_bf16_params(variant):
   assert model.cfg.param_dtype == "bfloat16" and model.blocks.moe.w1_EDF[...].dtype == np.dtype("bfloat16")
 
 
-def test_fused_key_layout(tmp_path):
+def test_fused_key_layout(hf_logits, hf_model, tmp_path):
   """transformers >= 5 keeps experts fused in memory (gate_up_proj [E, 2F, D], down_proj [E, D, F]);
   a state_dict saved as is must load the same."""
   from safetensors.torch import save_file

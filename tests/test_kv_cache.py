@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 import mixtral_jax as mj
-from mixtral_jax.model import _write_slots, layer_views
+from mixtral_jax.kv_cache import write_slots as _write_slots
+from mixtral_jax.model import layer_views
 from reference import TINY
 
 RTOL = 1e-5

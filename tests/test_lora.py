@@ -20,7 +20,7 @@ from mixtral_jax.lora.peft_io import write_peft
 from mixtral_jax.model import Mixtral
 from mixtral_jax.params import param_shardings
 from mixtral_jax.sharding import make_mesh
-from reference import TINY, hf_logits, hf_model, save_hf
+from reference import TINY
 
 CFG = MixtralConfig(**{**TINY, "num_hidden_layers": 2, "intermediate_size": 96}, moe_block=8)
 ALL = LoraSection(rank=4, alpha=8.0, targets=TARGETS)
@@ -70,6 +70,7 @@ def test_run_config_rejects_bad_lora_before_compiling():
 # ------------------------------------------------------------------------------------ model level
 
 
+@pytest.mark.slow
 def test_step0_is_the_base_model_and_adapters_change_it():
   base = Mixtral(CFG, rngs=nnx.Rngs(0))
   ids = jax.random.randint(jax.random.key(1), (2, 9), 0, CFG.vocab_size)
@@ -102,6 +103,7 @@ def single_device_lora():
   return adapters, base_state, ids, logits, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec", ["expert=4", "data=2,expert=4"])
 def test_per_expert_adapters_on_expert_meshes_equal_single_device(single_device_lora, mesh_spec):
   adapters, base_state, ids, ref_logits, ref_grads = single_device_lora
@@ -124,7 +126,7 @@ def test_per_expert_adapters_on_expert_meshes_equal_single_device(single_device_
 
 
 @pytest.fixture(scope="module")
-def hf_base(tmp_path_factory):
+def hf_base(hf_model, save_hf, tmp_path_factory):
   """A random transformers Mixtral saved as a Hub directory, and our model loaded from it."""
   hf = hf_model(seed=0, num_hidden_layers=2, intermediate_size=96)
   path = save_hf(hf, tmp_path_factory.mktemp("hf") / "base")
@@ -138,7 +140,8 @@ def _ids():
   return np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 11)).astype(np.int32)
 
 
-def test_peft_made_adapter_loads_into_ours(hf_base, tmp_path):
+@pytest.mark.slow
+def test_peft_made_adapter_loads_into_ours(hf_logits, hf_model, hf_base, tmp_path):
   import peft
   import torch
 
@@ -159,7 +162,8 @@ def test_peft_made_adapter_loads_into_ours(hf_base, tmp_path):
   assert _rel(ours, hf_logits(hf, ids)[0]) > 1e-3  # the adapter matters
 
 
-def test_ours_to_peft_and_merged_export_match_transformers(hf_base, tmp_path):
+@pytest.mark.slow
+def test_ours_to_peft_and_merged_export_match_transformers(hf_logits, hf_model, hf_base, tmp_path):
   import peft
   import transformers
 
@@ -184,6 +188,7 @@ def test_ours_to_peft_and_merged_export_match_transformers(hf_base, tmp_path):
   assert _rel(hf_logits(hf_merged, ids)[0], ours) <= 1e-5
 
 
+@pytest.mark.slow
 def test_unmappable_or_mismatched_adapters_are_refused(hf_base, tmp_path):
   from safetensors.numpy import save_file
 
@@ -240,6 +245,7 @@ def test_plan_analytic_and_mfu_flops_are_lora_aware():
   assert diff == pytest.approx(2 * frozen - 6 * active, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_dropout_only_with_a_key_and_rate_zero_changes_nothing(single_device_lora):
   """The step's loss with adapter dropout: a key changes it (and another key differently); with
   lora.dropout = 0 a key changes nothing, bit for bit (the no-dropout program)."""

@@ -106,8 +106,10 @@ def _layout(impl):
     M = 24  # two rows past the groups: no expert
     owner = np.concatenate([np.repeat(np.arange(E), sizes), -np.ones(M - sizes.sum(), int)])
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    if impl == "ragged":
-      run = lambda x, w, lora, rows: experts.ragged_expert_ffn(x, jnp.asarray(sizes, jnp.int32), *w, lora, rows)  # noqa: E731
+    if impl in ("ragged", "tokamax"):  # lax.ragged_dot, or tokamax's entry point (its xla kernel on CPU)
+      kernel = "lax" if impl == "ragged" else "xla"
+      run = lambda x, w, lora, rows: experts.ragged_expert_ffn(  # noqa: E731
+          x, jnp.asarray(sizes, jnp.int32), *w, lora, rows, kernel=kernel)
     else:
       run = lambda x, w, lora, rows: experts.grouped_expert_ffn(  # noqa: E731
           x, jnp.asarray(starts), jnp.asarray(sizes), *w, impl="blocked", block=4, lora=lora, rows_M=rows)
@@ -115,7 +117,7 @@ def _layout(impl):
   return owner, rows, run
 
 
-@pytest.mark.parametrize("impl", ["dense", "blocked", "ragged"])
+@pytest.mark.parametrize("impl", ["dense", "blocked", "ragged", "tokamax"])
 def test_kernels_apply_adapters_in_the_expert_computation(impl, rate=0.4):
   """With dropout (rate 0 is the same sum with all-ones masks; the model-level tests in test_lora.py
   check it against transformers on merged weights and across meshes)."""

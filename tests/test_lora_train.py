@@ -23,9 +23,10 @@ from mixtral_jax.train import loop
 from mixtral_jax.train import step as step_lib
 from mixtral_jax.train.config import load_config
 from mixtral_jax.sharding.mesh import make_mesh
-from reference import hf_logits
 from test_train_e2e import RUN, chat_lines, metrics
 from test_train_loop import compilation_cache
+
+pytestmark = pytest.mark.slow
 
 STEPS = 4
 DROPOUT = 0.1  # PEFT dropout on the adapters' inputs: the resumed run must draw the same masks
@@ -123,7 +124,7 @@ def test_base_is_bit_identical_after_lora_steps(base, chats):
              for a, b in zip(jax.tree.leaves(adapters0), jax.tree.leaves(state.params)))
 
 
-def test_export_merged_and_peft_match_our_unmerged_forward(straight, base, tmp_path):
+def test_export_merged_and_peft_match_our_unmerged_forward(hf_logits, straight, base, tmp_path):
   import peft
   import transformers
 

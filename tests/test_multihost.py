@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from multihost_worker import run_model
-from processes import child_env, free_port, run_all
 from mixtral_jax.sharding import distributed
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 
 
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.multiprocess
+def test_two_processes_equal_one(child_env, free_port, run_all, tmp_path):
   port, out = free_port(), tmp_path / "out.npz"
   run_all([[WORKER, str(i), "2", str(port), str(out)] for i in range(2)], env=child_env(), timeout=300)
 

@@ -15,12 +15,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.sharding.mesh import make_mesh
-from mixtral_jax.train import topology
+from mixtral_jax.train.plan import topology
 from mixtral_jax.train.config import TrainConfig
-from mixtral_jax.train.hlo_stats import hlo_stats
-from mixtral_jax.train.plan import compile_or_verdict
+from mixtral_jax.train.plan.hlo_stats import hlo_stats
+from mixtral_jax.train.plan.training import compile_or_verdict
 from mixtral_jax.train.step import build_train_step
 from reference import TINY
+
+pytestmark = pytest.mark.libtpu
 
 # Small enough to compile for TPU in seconds; bf16 compute as in training at scale.
 CFG = MixtralConfig(**{**TINY, "num_hidden_layers": 2, "vocab_size": 512}, dtype="bfloat16", remat="full")

@@ -11,14 +11,14 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import mixtral_jax as mj
-from mixtral_jax.generate import _decode_chunk, _prefill, generate
-from mixtral_jax.sampling import Sampling
+from mixtral_jax.generate import generate
+from mixtral_jax.inference.programs import lower_decode, lower_prefill, prefill_program
+from mixtral_jax.sampling import RowSettings
 from reference import TINY
 
 
@@ -39,10 +39,13 @@ def _prefill_in_chunks(model, prompts, C, cache_len):
     ids[i, P - len(p):], mask[i, P - len(p):] = p, 1
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
   graphdef, state = nnx.split(model)
-  cache = mj.init_cache(model.cfg, len(prompts), cache_len)
+  B = len(prompts)
+  cache = mj.init_cache(model.cfg, B, cache_len)
+  greedy = RowSettings.of([(0.0, 0, 1.0, 0, b) for b in range(B)])
+  prefill = prefill_program(graphdef)  # generate's (the engine's) batch prefill, left-padded rows here
   for c in range(0, P, C):
-    token, cache = _prefill(graphdef, state, ids[:, c:c + C], mask[:, c:c + C], positions[:, c:c + C], cache,
-                            jax.random.key(0), Sampling())
+    token, cache = prefill(state, ids[:, c:c + C], positions[:, c:c + C], mask[:, c:c + C].astype(bool), cache,
+                           None, np.zeros(B, bool), np.full(B, C - 1, np.int32), greedy)
   return np.asarray(token), cache
 
 
@@ -84,12 +87,8 @@ def test_compiled_steps_hold_no_second_cache():
   B, S, C = 2, 2048, 16
   cache = jax.eval_shape(lambda: mj.init_cache(model.cfg, B, S))
   cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
-  abstract = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  decode = _decode_chunk(graphdef, Sampling()).lower(state, abstract(B), abstract(B), cache, key, abstract(),
-                                                     abstract(), None).compile()
-  prefill = _prefill.lower(graphdef, state, abstract(B, C), abstract(B, C), abstract(B, C), cache, key,
-                           Sampling()).compile()
+  decode = lower_decode(graphdef, state, cache).compile()
+  prefill = lower_prefill(graphdef, state, cache, C).compile()
   for name, compiled in (("decode", decode), ("prefill chunk", prefill)):
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < cache_bytes / 2, f"{name}: {temp} bytes of temporaries for a {cache_bytes}-byte cache"

@@ -85,7 +85,7 @@ def test_8x7b_int8_footprint_from_abstract_shapes():
 def test_plan_generate_int8_weights():
   """plan --generate --quantize int8 compiles prefill and decode on int8 weights sharded on a mesh."""
   from mixtral_jax.sharding import make_mesh
-  from mixtral_jax.train.plan_serve import plan_serving
+  from mixtral_jax.train.plan.serving import plan_serving
 
   cfg = mixtral_jax.get_config("tiny", num_hidden_layers=2, vocab_size=512)
   out = plan_serving(cfg, make_mesh("tensor=2,expert=4"), batch=4, context=64, weights="int8")

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from reference import hf_model, save_hf
 from safetensors.torch import load_file, save_file
 from test_checkpoint_formats import write_consolidated
 
@@ -21,7 +20,7 @@ SMALL = dict(num_hidden_layers=4, vocab_size=300)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(hf_model, save_hf, tmp_path_factory):
   """The same random model as HF safetensors (fp32, per-expert keys, sharded), Mistral consolidated
   safetensors (bf16) and our Orbax format."""
   root = tmp_path_factory.mktemp("qload")
@@ -118,7 +117,7 @@ def test_bad_input_gives_the_loaders_errors(checkpoints, tmp_path, case):
     mixtral_jax.from_pretrained(checkpoints / "hf", quantize="int4")
 
 
-def test_cli_generate_quantize_reads_int8(tmp_path, capsys, monkeypatch):
+def test_cli_generate_quantize_reads_int8(hf_model, save_hf, tmp_path, capsys, monkeypatch):
   """``generate --quantize int8`` loads through quantize-on-load and prints what the API gives for
   the model quantized after loading."""
   from mixtral_jax.checkpoint import loading
@@ -135,7 +134,7 @@ def test_cli_generate_quantize_reads_int8(tmp_path, capsys, monkeypatch):
   assert out.out == want.texts[0] + "\n"
 
 
-def test_adapter_merged_before_quantizing(checkpoints, tmp_path):
+def test_adapter_merged_before_quantizing(hf_model, checkpoints, tmp_path):
   """A weight a LoRA adapter changes is merged, then quantized: the same bits as quantizing the merged
   model (attention, fused experts, router, LM head)."""
   import peft

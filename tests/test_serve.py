@@ -27,7 +27,8 @@ from mixtral_jax.checkpoint import save
 from mixtral_jax.chat import encode_chat
 from mixtral_jax.generate import generate
 from mixtral_jax.tokenizer import Tokenizer
-from processes import child_env, free_port
+
+pytestmark = pytest.mark.subprocess_cli
 
 NAME = "tiny-v3"
 CONTEXT = 1024
@@ -55,7 +56,7 @@ def planted_model(tok: Tokenizer):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(child_env, free_port, tmp_path_factory):
   tok = Tokenizer.load("v3")
   path = save(planted_model(tok), tmp_path_factory.mktemp("serve") / NAME)
   port = free_port()

@@ -28,8 +28,9 @@ import mixtral_jax.checkpoint
 from mixtral_jax.cli import main as cli
 from mixtral_jax.train import loop
 from mixtral_jax.train.checkpointing import CheckpointError, Checkpointer
-from processes import child_env, free_port
 from test_train_loop import compilation_cache, small_config
+
+pytestmark = pytest.mark.slow
 
 T = 32  # continue-pretrain sequence length
 ROWS = 16  # rows of the continue-pretrain corpus: exactly one batch, so batch 1 is all of them
@@ -163,7 +164,8 @@ def test_sft_trains_on_chat_jsonl(ckpt, tmp_path):
 # ------------------------------------------------------------------------------ barrier timeout
 
 
-def test_barrier_timeout_names_the_missing_process():
+@pytest.mark.multiprocess
+def test_barrier_timeout_names_the_missing_process(child_env, free_port):
   """2 real processes (jax.distributed over 127.0.0.1) pass one barrier together; at the next, which
   process 1 never reaches, process 0 raises TimeoutError naming process 1 after its 3 s timeout."""
   env = child_env()

@@ -8,9 +8,12 @@ import sys
 import textwrap
 
 import orbax.checkpoint as ocp
+import pytest
 
 from mixtral_jax.train import loop
 from test_train_loop import CACHE_FLAGS, N, compilation_cache, small_config
+
+pytestmark = pytest.mark.subprocess_cli
 
 CHILD = textwrap.dedent("""
     import os, signal, sys

@@ -16,6 +16,8 @@ from mixtral_jax.train import loop
 from mixtral_jax.train.checkpointing import CheckpointError
 from mixtral_jax.train.config import load_config
 
+pytestmark = pytest.mark.slow
+
 N = 6  # steps before the interruption; the straight run takes 2N
 
 SMALL = [

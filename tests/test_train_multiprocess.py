@@ -5,15 +5,17 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from mixtral_jax.train import loop
-from processes import child_env, free_port, run_all
 from test_train_loop import SMALL, small_config
+
+pytestmark = pytest.mark.multiprocess
 
 EXTRA = ["train.mesh=data=2,expert=4", "train.steps=4", "train.checkpoint_every=4", "train.eval_every=0"]
 
 
-def test_two_processes_give_the_losses_of_one(tmp_path):
+def test_two_processes_give_the_losses_of_one(child_env, free_port, run_all, tmp_path):
   workdir, port = str(tmp_path / "two"), free_port()
   env = child_env(JAX_DEFAULT_MATMUL_PRECISION="highest")  # as tests/conftest.py; --local-devices sets the count
   sets = [a for item in SMALL + EXTRA for a in ("--set", item)]

@@ -3,11 +3,14 @@
 
 import jax
 import numpy as np
+import pytest
 
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.sharding.mesh import make_mesh
 from mixtral_jax.train import step as step_lib
 from mixtral_jax.train.config import TrainConfig
+
+pytestmark = pytest.mark.slow
 
 CFG = MixtralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

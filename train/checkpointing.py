@@ -9,9 +9,17 @@ Layout: ``WORKDIR/checkpoints/<step>/`` with the items
   ``data``       the data iterator state (JSON).
 
 Orbax writes a step into a temporary directory and renames it when every item is complete, so a process
-killed mid-save leaves the previous steps intact. Resuming takes the newest step that restores; a step
-that fails to restore is reported, and if checkpoints exist but none restores the run stops, naming them,
-instead of starting again from step 0 (``--restart`` moves them aside explicitly).
+killed mid-save leaves the previous steps intact. Once a save has finished, its ``params`` get a digest
+file, ``<step>/params.crc32.json`` (``mixtral_jax.checkpoint.integrity``: a CRC-32 per layer of every
+array, read back from disk). Resuming takes the newest step that verifies (checksums, no NaN/Inf) and
+restores; a step that does not is reported, and once an older step has restored it is moved aside to
+``checkpoints/corrupt-<step>``, so the run continues from that good one and later saves the step again
+without conflict. If checkpoints
+exist but none restores the run stops, naming them, instead of starting again from step 0
+(``--restart`` moves them aside explicitly).
+
+A run stopped by SIGTERM after saving exits with :data:`PREEMPTED_EXIT_CODE`, which a scheduler can
+read as "preempted, rerun me to resume" (0 would read as "finished").
 """
 
 from __future__ import annotations
@@ -24,7 +32,11 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from mixtral_jax.checkpoint import integrity
+
 log = logging.getLogger("mixtral_jax.train")
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure; the user is invited to retry"
+CORRUPT_PREFIX = "corrupt-"
 
 
 class CheckpointError(RuntimeError):
@@ -63,6 +75,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("params", "opt_state", "progress", "data"))
     self._saving = None  # the step of the newest save started
+    self._sealed: set[int] = set()  # steps whose params digest exists
 
   def save(self, state, data_state: dict, *, force: bool = False) -> None:
     """Starts saving ``state`` at its step (returns once the arrays are copied off the devices)."""
@@ -89,11 +102,26 @@ class Checkpointer:
     with self._surfacing(self._saving):
       if not self.manager.is_saving_in_progress():
         self.manager.wait_until_finished()
+        self.seal_finished()
 
   def wait(self) -> None:
     with self._surfacing(self._saving):
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
+    self.seal_finished()
+
+  def seal_finished(self) -> None:
+    """Writes the params digest of every finished step that lacks one (process 0; the others' shares of
+    the arrays are on the same storage). Called only when no save is in progress."""
+    if jax.process_index() != 0:
+      return
+    for step in self.manager.all_steps():
+      if step in self._sealed:
+        continue
+      params = os.path.join(self.directory, str(step), "params")
+      if os.path.isdir(params) and not os.path.exists(integrity.digest_path(params)):
+        integrity.seal(params)
+      self._sealed.add(step)
 
   @contextlib.contextmanager
   def _surfacing(self, step: int | None):
@@ -110,10 +138,27 @@ class Checkpointer:
     self.manager.close()
 
   def leftovers(self) -> list[str]:
-    """Entries of the checkpoint directory that look like checkpoints (complete or not)."""
+    """Entries of the checkpoint directory that look like checkpoints (complete or not, or moved aside as
+    corrupt): a run that finds these but restores none stops instead of starting from step 0."""
     if not os.path.isdir(self.directory):
       return []
-    return sorted(e for e in os.listdir(self.directory) if e.split(".")[0].isdigit())
+    return sorted(e for e in os.listdir(self.directory)
+                  if e.split(".")[0].isdigit() or e.startswith(CORRUPT_PREFIX))
+
+  def move_aside(self, step: int) -> str:
+    """Renames an unreadable step to ``corrupt-<step>`` (kept for inspection, never loaded or counted
+    again) and makes the manager forget it, so the step can be saved afresh. Returns the new path."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}")
+    n = 1
+    while os.path.lexists(dst):
+      n += 1
+      dst = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}.{n}")
+    if jax.process_index() == 0 and os.path.lexists(src):
+      os.rename(src, dst)
+    barrier(f"corrupt-{step}", 300.0)
+    self.manager.reload()
+    return dst
 
   def restore_latest(self, abstract_state):
     """(state, data_state) from the newest step that restores, or None when there is no checkpoint.
@@ -123,23 +168,27 @@ class Checkpointer:
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
+        integrity.verify(os.path.join(self.directory, str(step), "params"))
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state.params),
             opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
             progress=ocp.args.StandardRestore({"step": abstract_state.step, "rng": abstract_state.rng}),
             data=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 - any unreadable step is reported, then an older one tried
-        failures.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+        failures.append((step, f"step {step}: {type(e).__name__}: {str(e)[:300]}"))
         log.warning("checkpoint step %d in %s cannot be restored (%s); trying an older one", step,
                     self.directory, e)
         continue
-      if failures:
-        log.warning("resumed from step %d; newer checkpoints were unreadable: %s", step, "; ".join(failures))
+      self._sealed.add(step)
+      if failures:  # only now, with a good step in hand: the unreadable newer ones go aside
+        moved = [self.move_aside(bad) for bad, _ in failures]
+        log.warning("resumed from step %d; newer checkpoints were unreadable and are moved aside to %s: %s", step,
+                    ", ".join(moved), "; ".join(m for _, m in failures))
       state = TrainState(out.params, out.opt_state, out.progress["step"], out.progress["rng"])
       return state, dict(out.data)
     found = self.leftovers()
     if found:
-      detail = "; ".join(failures) if failures else "no complete checkpoint among them"
+      detail = "; ".join(m for _, m in failures) if failures else "no complete checkpoint among them"
       raise CheckpointError(
           f"{self.directory} holds checkpoints {found} but none can be restored ({detail}). Not starting "
           "from step 0 silently: fix or remove them, use a new --workdir, or pass --restart to move them aside")

@@ -97,7 +97,9 @@ class TrainConfig:
   lora: LoraSection = LoraSection()
 
   def __post_init__(self):
-    problems = self.lora.problems()
+    problems = self.lora.problems() + _range_problems(self)
+    if problems:  # the checks below divide by some of these
+      raise ValueError("invalid run config: " + "; ".join(problems))
     if self.loss.aux_mode not in ("pooled", "per_layer"):
       problems.append(f"loss.aux_mode={self.loss.aux_mode!r}; choose pooled or per_layer")
     if self.data.format not in ("text", "chat"):
@@ -155,6 +157,26 @@ class TrainConfig:
   def save(self, path: str | os.PathLike) -> None:
     with open(path, "w") as f:
       yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+# (dotted key, smallest allowed value): checked before anything compiles, so a zero or negative setting is
+# one line here instead of a ZeroDivisionError (or a silent run) after the first step.
+_AT_LEAST = (("data.batch_size", 1), ("data.seq_len", 1), ("data.workers", 1), ("optimizer.lr", 0.0),
+             ("optimizer.warmup_steps", 0), ("optimizer.grad_accum", 1), ("loss.ce_chunk", 1),
+             ("train.steps", 1), ("train.checkpoint_every", 1), ("train.keep", 1), ("train.log_every", 1),
+             ("train.print_every", 1), ("train.eval_every", 0), ("train.eval_batches", 1))
+
+
+def _range_problems(cfg: "TrainConfig") -> list[str]:
+  """One message per setting below its smallest meaningful value (see ``_AT_LEAST``)."""
+  problems = []
+  for key, least in _AT_LEAST:
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    if value < least:
+      what = "negative" if least == 0 else f"below {least}"
+      problems.append(f"{key}={value} is {what}; set it to at least {least}")
+  return problems
 
 
 def _apply_overrides(d: dict[str, Any], items: Iterable[str] | dict[str, Any]) -> dict[str, Any]:
@@ -256,3 +278,33 @@ def _parse(text: str, name: str) -> Any:
     return yaml.safe_load(text)
   except yaml.YAMLError as e:
     raise ValueError(f"run config {name}: not valid YAML ({e})") from None
+
+
+# Settings a resumed run must keep: its checkpoints' data iterator state and step count only mean something
+# for the same data, cut the same way.
+RESUME_KEYS = (("data", "format"), ("data", "paths"), ("data", "sources"), ("data", "tokenizer"),
+               ("data", "batch_size"), ("data", "seq_len"))
+
+
+def check_resume(workdir: str, cfg: TrainConfig) -> None:
+  """Refuses to resume ``workdir`` (one with checkpoints and a ``train_config.yaml``) under a run config
+  whose data paths, tokenizer, batch or sequence length differ from the ones it was trained with. Called
+  before anything writes into the workdir, so the saved ``train_config.yaml`` stays as it was."""
+  saved_path = os.path.join(workdir, "train_config.yaml")
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not (os.path.isfile(saved_path) and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+    return
+  saved = _parse(open(saved_path).read(), saved_path) or {}
+  now = cfg.to_dict()
+  differ = []
+  for section, key in RESUME_KEYS:
+    before = (saved.get(section) or {}).get(key, now[section][key])
+    if _normal(before) != _normal(now[section][key]):
+      differ.append(f"{section}.{key} was {before!r}, now {now[section][key]!r}")
+  if differ:
+    raise ValueError(f"{workdir} was trained with other data settings ({'; '.join(differ)}); resume with the "
+                     "same ones, use a new --workdir, or pass --restart to move its checkpoints aside")
+
+
+def _normal(value: Any) -> Any:
+  return list(value) if isinstance(value, (list, tuple)) else value

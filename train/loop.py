@@ -103,13 +103,36 @@ def _check_resumable(workdir: str, mcfg: MixtralConfig) -> None:
                      "--workdir, or pass --restart to move its checkpoints aside")
 
 
-def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
-  """Trains per ``cfg`` in ``workdir``, resuming from its newest checkpoint. See the module docstring."""
-  workdir = os.path.abspath(workdir)
-  lead = jax.process_index() == 0
+@dataclasses.dataclass
+class _Setup:
+  """What the checks and the workdir set-up hand to the rest of the run."""
+  mcfg: MixtralConfig
+  mesh: jax.sharding.Mesh
+  data: data_lib.Data
 
-  # ---- every check that can fail on the user's input (config, model checkpoint, tokenizer, mesh), before
-  # anything is written, tokenized or compiled: a run refused here leaves no workdir behind
+
+def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
+  """Trains per ``cfg`` in ``workdir``, resuming from its newest checkpoint. See the module docstring.
+
+  Three phases: ``_setup`` (every input check, then data and the workdir's files), ``_restore_or_init``
+  (the newest checkpoint, or the model checkpoint / a random init) and ``_loop`` (step, log, evaluate,
+  checkpoint, stop on SIGTERM, NaN or the last step).
+  """
+  workdir = os.path.abspath(workdir)
+  setup = _setup(cfg, workdir, restart=restart)
+  step_fn, abstract_state, abstract_batch = step_lib.build_train_step(setup.mcfg, cfg, setup.mesh)
+  eval_fn = step_lib.build_eval_step(setup.mcfg, cfg, setup.mesh)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep,
+                      async_save=cfg.train.async_checkpoint, timeout_s=cfg.train.barrier_timeout_s)
+  state, resumed = _restore_or_init(cfg, setup, ckpt, abstract_state)
+  return _loop(cfg, workdir, setup, ckpt, state, resumed=resumed, step_fn=step_fn, eval_fn=eval_fn,
+               global_batch_shape=abstract_batch["inputs"].shape)
+
+
+def _check_inputs(cfg: TrainConfig, workdir: str, *, restart: bool):
+  """Every check that can fail on the user's input (config, model checkpoint, tokenizer, mesh), before
+  anything is written, tokenized or compiled: a run refused here leaves no workdir behind.
+  Returns (model config, LoRA record or None, tokenizer, mesh)."""
   mcfg = model_config(cfg)
   if cfg.data.seq_len > mcfg.max_position_embeddings:
     raise ValueError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
@@ -133,17 +156,22 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
                      "multiple, or choose another train.mesh")
   if not restart:
     _check_resumable(workdir, mcfg)
+  return mcfg, lora_record, tokenizer, mesh
 
-  # ---- data (checks its paths before tokenizing; the token cache is the first thing in the workdir)
+
+def _setup(cfg: TrainConfig, workdir: str, *, restart: bool) -> _Setup:
+  """Checks the inputs, then builds the data (it checks its paths before tokenizing; the token cache is
+  the first thing in the workdir) and writes the workdir's config, run config, tokenizer and LoRA record;
+  ``restart`` moves old checkpoints and metrics aside. Ends at a barrier so all processes see the files."""
+  lead = jax.process_index() == 0
+  mcfg, lora_record, tokenizer, mesh = _check_inputs(cfg, workdir, restart=restart)
   rows_sharding = NamedSharding(mesh, P(step_lib.batch_sharding(mesh).spec[1]))
   local = distributed.process_batch_slice(cfg.microbatch, rows_sharding)
   data = data_lib.build(cfg, tokenizer, os.path.join(workdir, "data"), local=local,
                         progress=cfg.train.progress and lead)
-  it, eval_batches = data.train, data.heldout
   os.makedirs(workdir, exist_ok=True)
-  if cfg.train.eval_every and not eval_batches:
+  if cfg.train.eval_every and not data.heldout:
     log.warning("no held-out evaluation: the held-out split has fewer than data.batch_size rows")
-
   if lead:
     mcfg.save(os.path.join(workdir, "config.json"))
     cfg.save(os.path.join(workdir, "train_config.yaml"))
@@ -154,60 +182,81 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
     _move_aside(os.path.join(workdir, "checkpoints"))
     _move_aside(os.path.join(workdir, "metrics.jsonl"))
   barrier("setup", cfg.train.barrier_timeout_s)
+  return _Setup(mcfg, mesh, data)
 
-  # ---- state: resume, or start from the model checkpoint / a random init
-  step_fn, abstract_state, abstract_batch = step_lib.build_train_step(mcfg, cfg, mesh)
-  eval_fn = step_lib.build_eval_step(mcfg, cfg, mesh)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep,
-                      async_save=cfg.train.async_checkpoint, timeout_s=cfg.train.barrier_timeout_s)
+
+def _base_params(cfg: TrainConfig, mcfg: MixtralConfig, mesh) -> dict:
+  """The model checkpoint's weights as a pure dict, placed on ``mesh`` (LoRA: in the compute dtype, since
+  the frozen base is never materialised in fp32)."""
+  from mixtral_jax.checkpoint import load  # noqa: PLC0415 - checkpoint I/O only when used
+  kwargs = dict(cfg.model.overrides)
+  if cfg.lora.enabled:
+    kwargs["param_dtype"] = mcfg.dtype
+  model = load(cfg.model.checkpoint, mesh=mesh, **kwargs)
+  return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def _restore_or_init(cfg: TrainConfig, setup: _Setup, ckpt: Checkpointer, abstract_state):
+  """(state, resumed): the newest checkpoint in the workdir (the data iterator restored with it), or a
+  fresh state from the model checkpoint / a random init. LoRA checkpoints hold the adapters only, so a
+  resumed LoRA run takes its frozen base from the model checkpoint as a fresh one does."""
+  mcfg, mesh = setup.mcfg, setup.mesh
   restored = ckpt.restore_latest(abstract_state)
   base_params = None  # the starting weights (full training) or the frozen base (LoRA)
   if cfg.model.checkpoint and (restored is None or cfg.lora.enabled):
-    from mixtral_jax.checkpoint import load  # noqa: PLC0415
-    kwargs = dict(cfg.model.overrides)
-    if cfg.lora.enabled:  # the frozen base is held in the compute dtype: never materialise it in fp32
-      kwargs["param_dtype"] = mcfg.dtype
-    model = load(cfg.model.checkpoint, mesh=mesh, **kwargs)
-    base_params = nnx.state(model, nnx.Param).to_pure_dict()
-    del model
-  if restored is not None:
-    state, data_state = restored
-    it.restore(data_state)
-    if cfg.lora.enabled:  # checkpoints hold the adapters only; the base comes from where it always does
-      state = dataclasses.replace(state, base=step_lib.place_base(mcfg, cfg, mesh, base_params))
-  else:
-    state = step_lib.init_state(mcfg, cfg, mesh, params=base_params)
-  del base_params
-  start = int(state.step)
+    base_params = _base_params(cfg, mcfg, mesh)
+  if restored is None:
+    return step_lib.init_state(mcfg, cfg, mesh, params=base_params), False
+  state, data_state = restored
+  setup.data.train.restore(data_state)
+  if cfg.lora.enabled:
+    state = dataclasses.replace(state, base=step_lib.place_base(mcfg, cfg, mesh, base_params))
+  return state, True
 
-  # ---- the loop
-  bsh, gshape = step_lib.batch_sharding(mesh), abstract_batch["inputs"].shape
-  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  flops_per_step = train_flops_per_token(mcfg, cfg.data.seq_len, cfg.lora) * tokens_per_step
-  peak = (cfg.train.peak_flops or measure_peak_flops()) * jax.device_count()
+
+def _diverged(loss: float, step: int, ckpt: Checkpointer, last_saved: int | None) -> TrainingDiverged:
+  """The error for a non-finite loss, after the pending checkpoint has landed (it is the good one)."""
+  ckpt.wait()
+  good = (f"the last good checkpoint is step {last_saved} in {ckpt.directory} (kept)"
+          if last_saved is not None else "no checkpoint was written yet")
+  return TrainingDiverged(f"the training loss is {loss} at step {step}; {good}. Lower optimizer.lr, "
+                          "raise optimizer.warmup_steps or check the data, then rerun to resume")
+
+
+def _open_logger(cfg: TrainConfig, workdir: str, setup: _Setup, start: int, resumed: bool) -> MetricsLogger:
+  lead = jax.process_index() == 0
   logger = MetricsLogger(workdir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress,
                          enabled=lead, log_every=cfg.train.log_every, print_every=cfg.train.print_every)
   if lead:
-    logger.write(f"mixtral-jax train: {workdir} | mesh {format_mesh(mesh)} | steps {start}->{cfg.train.steps} | "
-                 f"batch {cfg.data.batch_size}x{cfg.data.seq_len} | {data.train_rows} train rows"
-                 + (" | resumed" if restored is not None else ""))
+    logger.write(f"mixtral-jax train: {workdir} | mesh {format_mesh(setup.mesh)} | steps {start}->"
+                 f"{cfg.train.steps} | batch {cfg.data.batch_size}x{cfg.data.seq_len} | "
+                 f"{setup.data.train_rows} train rows" + (" | resumed" if resumed else ""))
+  return logger
+
+
+def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, state, *, resumed: bool, step_fn,
+          eval_fn, global_batch_shape) -> RunResult:
+  """Steps from the state's step to ``train.steps``: one jitted step, a finite-loss check, the metrics
+  record (throughput, MFU, realised data mixture), held-out evaluation, checkpoints; SIGTERM saves the
+  current step and stops cleanly. Closes the data iterator, logger and checkpointer whatever happens."""
+  it, eval_batches, bsh = setup.data.train, setup.data.heldout, step_lib.batch_sharding(setup.mesh)
+  start = int(state.step)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  flops_per_step = train_flops_per_token(setup.mcfg, cfg.data.seq_len, cfg.lora) * tokens_per_step
+  peak = (cfg.train.peak_flops or measure_peak_flops()) * jax.device_count()
+  logger = _open_logger(cfg, workdir, setup, start, resumed)
   preempt = _Preemption()
   result = RunResult(start, start, {}, {})
-  last_saved = start if restored is not None else None
+  last_saved = start if resumed else None
   try:
     t_prev = time.perf_counter()
     for step in range(start + 1, cfg.train.steps + 1):
-      batch = _device_batch(next(it), bsh, gshape)
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, _device_batch(next(it), bsh, global_batch_shape))
       ckpt.check_for_errors()
       metrics = jax.device_get(metrics)
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
-        ckpt.wait()
-        good = (f"the last good checkpoint is step {last_saved} in {ckpt.directory} (kept)"
-                if last_saved is not None else "no checkpoint was written yet")
-        raise TrainingDiverged(f"the training loss is {loss} at step {step}; {good}. Lower optimizer.lr, "
-                               "raise optimizer.warmup_steps or check the data, then rerun to resume")
+        raise _diverged(loss, step, ckpt, last_saved)
       now = time.perf_counter()
       dt, t_prev = now - t_prev, now
       record = {**metrics, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
@@ -215,9 +264,10 @@ def run(cfg: TrainConfig, workdir: str, *, restart: bool = False) -> RunResult:
                 **{f"data_tokens/{n}": t for n, t in it.source_tokens.items()}}  # realised mixture
       result.losses[step] = loss
       if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-        record["eval_loss"] = _evaluate(eval_fn, step_lib.eval_params(state), eval_batches, bsh, gshape)
+        record["eval_loss"] = _evaluate(eval_fn, step_lib.eval_params(state), eval_batches, bsh,
+                                        global_batch_shape)
         result.eval_losses[step] = record["eval_loss"]
-        t_prev = time.perf_counter()
+        t_prev = time.perf_counter()  # evaluation time is not step time
       logger.log(step, record)  # it decides what goes to the file and the console
       result.final_step = step
       if preempt.requested:

@@ -64,7 +64,10 @@ class MetricsLogger:
     self.enabled = enabled
     self.total_steps, self.start_step = total_steps, start_step
     self.log_every, self.print_every = max(log_every, 1), max(print_every, 1)
+    if enabled:  # a resumed run redoes the steps after its checkpoint: drop their old records first
+      truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start_step)
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
+    self.divergence = DivergenceWatch()
     self.tb = None
     if enabled:
       from tensorboardX import SummaryWriter  # noqa: PLC0415 - heavy import, only when logging
@@ -77,6 +80,9 @@ class MetricsLogger:
     if not self.enabled:
       return
     record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+    warning = self.divergence.update(step, record.get("loss"))
+    if warning:
+      self.write(warning)
     last = step == self.total_steps
     if step % self.log_every == 0 or "eval_loss" in record or last:
       self._save(step, record)
@@ -119,6 +125,56 @@ class MetricsLogger:
       self.tb.close()
     if self.jsonl is not None:
       self.jsonl.close()
+
+
+def truncate_metrics(path: str, step: int) -> int:
+  """Cuts ``metrics.jsonl`` back to the records of steps <= ``step`` (the step a run resumes from), so
+  the steps it redoes are not listed twice; a torn last line goes too. Rewritten through a temporary
+  file renamed over the old one. Returns the number of records dropped."""
+  try:
+    with open(path) as f:
+      lines = f.readlines()
+  except FileNotFoundError:
+    return 0
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) == len(lines):
+    return 0
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+  return len(lines) - len(kept)
+
+
+class DivergenceWatch:
+  """Warns (once per excursion) when the training loss climbs well above its running minimum: above
+  ``factor`` x the minimum and ``margin`` nats over it, for ``patience`` consecutive logged steps. A
+  loss going from 10 to 260 is a diverging run even while it stays finite."""
+
+  def __init__(self, factor: float = 1.5, margin: float = 1.0, patience: int = 3):
+    self.factor, self.margin, self.patience = factor, margin, patience
+    self.best, self.above, self.warned = math.inf, 0, False
+
+  def update(self, step: int, loss) -> str | None:
+    if loss is None or not math.isfinite(loss):
+      return None
+    if loss > self.best * self.factor and loss > self.best + self.margin:
+      self.above += 1
+    else:
+      self.above, self.warned = 0, False
+    self.best = min(self.best, loss)
+    if self.above >= self.patience and not self.warned:
+      self.warned = True
+      return (f"warning: the loss may be diverging: {loss:.4f} at step {step} against a minimum of "
+              f"{self.best:.4f}; consider a lower optimizer.lr or more optimizer.warmup_steps")
+    return None
 
 
 def step_line(step: int, total: int, record: dict, first: bool = False) -> str:

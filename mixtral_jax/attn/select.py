@@ -4,10 +4,12 @@
   blockwise  pure-JAX flash attention (any backend, any mask of ours); O(T * block) memory
   splash     TPU Pallas kernel; self-attention whose positions count up by one along each segment
   cudnn      GPU cuDNN fused kernel; the same, and no packing or padding (causal + left window only)
+  flash      GPU fused flash kernel (tokamax's Pallas-Triton): self-attention with packing and padding
+             (segments as contiguous runs), causal + window; what packed training rows get on GPU
 
 ``auto`` picks by the platform of the mesh's devices (``sharding.mesh.current_platform``) and the
-shapes: the kernel where it can express the mask, else dense when T * S <= :data:`DENSE_MAX_SCORES`
-and S <= :data:`DENSE_MAX_KEYS`, else blockwise. A specific implementation that cannot run (wrong
+shapes: the kernel where it can express the mask (on GPU cuDNN, else flash), else dense when
+T * S <= :data:`DENSE_MAX_SCORES` and S <= :data:`DENSE_MAX_KEYS`, else blockwise. A specific implementation that cannot run (wrong
 platform, head dim or mask) is an error naming the setting and the alternative, never a silent
 fallback.
 """
@@ -57,6 +59,12 @@ def choose(impl: str, *, platform: str, T: int, S: int, head_dim: int, dtype, in
     if problem:
       raise ValueError(f"attention_impl='cudnn' cannot run here: {problem}; use attention_impl='auto' or 'blockwise'")
     return "cudnn", "requested"
+  if impl == "flash":
+    from mixtral_jax.attn.flash import flash_problem  # noqa: PLC0415
+    problem = flash_problem(platform=platform, T=T, S=S, head_dim=head_dim, index_aligned=index_aligned)
+    if problem:
+      raise ValueError(f"attention_impl='flash' cannot run here: {problem}; use attention_impl='auto' or 'blockwise'")
+    return "flash", "requested"
   # auto
   if platform == "tpu":
     from mixtral_jax.attn.splash import splash_problem  # noqa: PLC0415
@@ -67,6 +75,9 @@ def choose(impl: str, *, platform: str, T: int, S: int, head_dim: int, dtype, in
     if not cudnn_problem(platform=platform, T=T, S=S, head_dim=head_dim, dtype=dtype, index_aligned=index_aligned,
                          packed=packed, padded=padded):
       return "cudnn", "gpu self-attention"
+    from mixtral_jax.attn.flash import flash_problem  # noqa: PLC0415
+    if not flash_problem(platform=platform, T=T, S=S, head_dim=head_dim, index_aligned=index_aligned):
+      return "flash", "gpu self-attention, packed or padded"
   if T * S <= DENSE_MAX_SCORES and S <= DENSE_MAX_KEYS:
     return "dense", "short"
   return "blockwise", "long"
@@ -96,6 +107,9 @@ def attend(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS, *, q_seg_BT=None, kv_seg
   if name == "splash":
     from mixtral_jax.attn.splash import splash_attention  # noqa: PLC0415
     return splash_attention(q_BTNH, k_BSKH, v_BSKH, kv_pos_BS, kv_seg_BS, sliding_window=sliding_window)
+  if name == "flash":
+    from mixtral_jax.attn.flash import flash_attention  # noqa: PLC0415
+    return flash_attention(q_BTNH, k_BSKH, v_BSKH, kv_pos_BS, kv_seg_BS, sliding_window=sliding_window)
   from mixtral_jax.attn.cudnn import cudnn_attention  # noqa: PLC0415
   return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, sliding_window=sliding_window)
 

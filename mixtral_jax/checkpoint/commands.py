@@ -78,13 +78,16 @@ def convert_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", choices=DTYPES, default=None,
                  help="parameter storage dtype of the output (default: the source's)")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+  p.add_argument("--allow-nonfinite", action="store_true",
+                 help="convert tensors holding NaN/Inf (normally an error naming the tensor), e.g. a deliberate test")
 
 
 def convert_main(args: argparse.Namespace) -> int:
   from mixtral_jax.checkpoint import convert  # noqa: PLC0415
 
   t = time.perf_counter()
-  convert(args.src, args.dst, overwrite=args.overwrite, param_dtype=args.dtype, progress=_say)
+  convert(args.src, args.dst, overwrite=args.overwrite, param_dtype=args.dtype,
+          allow_nonfinite=args.allow_nonfinite, progress=_say)
   _say(f"done in {time.perf_counter() - t:.1f}s")
   return 0
 

@@ -1,6 +1,6 @@
 """Mistral's own release format: ``params.json`` plus ``consolidated*.safetensors`` or ``consolidated.00.pth``.
 
-  ours                       consolidated
+  ours                       consolidated  (names spelled once, in ``mixtral_jax.param_paths``)
   embed_VD                   tok_embeddings.weight [V, D]
   head_DV                    output.weight [V, D] (transposed)
   final_norm.scale           norm.weight
@@ -16,7 +16,7 @@
 Rotary layout: Mistral rotates interleaved pairs (rows 2i, 2i+1 of a head), Hugging Face and we rotate
 halves (rows i, i + H/2). Within each head, our row s*H/2 + i is Mistral's row 2i + s, so the rows of
 wq/wk are regrouped ``[N, H/2, 2, D] -> [N, 2, H/2, D]``, the permutation transformers' conversion script
-applies. A ``params.json`` without ``rope_theta`` means 1e6, as in mistral-inference.
+applies (``mixtral_jax.param_paths.torch_to_ours(..., interleaved=True)``). A ``params.json`` without ``rope_theta`` means 1e6, as in mistral-inference.
 
 ``.pth`` files load with ``torch.load(weights_only=True, mmap=True)``: no pickled code runs, and
 tensors are read lazily from the mapped file. torch is needed only for them.
@@ -31,6 +31,7 @@ import os
 import ml_dtypes
 import numpy as np
 
+from mixtral_jax import param_paths
 from mixtral_jax.checkpoint.layout import Dims, Rule
 from mixtral_jax.checkpoint.safetensors_io import SafetensorsSource
 from mixtral_jax.config import MixtralConfig
@@ -133,33 +134,7 @@ def dims(cfg: MixtralConfig) -> Dims:
       experts=(cfg.num_local_experts, "moe.num_experts"))
 
 
-def rotary_to_half_split(w: np.ndarray, heads: int) -> np.ndarray:
-  """Rows of wq/wk ``[heads*H, D]`` from interleaved to half-split pairs, as ``[D, heads, H]``."""
-  HD, D = w.shape
-  H = HD // heads
-  return w.reshape(heads, H // 2, 2, D).transpose(3, 0, 2, 1).reshape(D, heads, H)
-
-
 def rules(cfg: MixtralConfig) -> list[Rule]:
-  D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
-  lay = "layers.{l}."
-  ffn = lay + "feed_forward."
-  return [
-      Rule(("embed_VD",), "tok_embeddings.weight", ("V", "D"), lambda w: w, 0),
-      Rule(("head_DV",), "output.weight", ("V", "D"), lambda w: w.T, 0),
-      Rule(("final_norm", "scale"), "norm.weight", ("D",), lambda w: w, 0),
-      Rule(("blocks", "attn_norm", "scale"), lay + "attention_norm.weight", ("D",), lambda w: w, 1),
-      Rule(("blocks", "moe_norm", "scale"), lay + "ffn_norm.weight", ("D",), lambda w: w, 1),
-      Rule(("blocks", "attn", "q_DNH"), lay + "attention.wq.weight", ("NH", "D"),
-           lambda w: rotary_to_half_split(w, N), 1),
-      Rule(("blocks", "attn", "k_DKH"), lay + "attention.wk.weight", ("KH", "D"),
-           lambda w: rotary_to_half_split(w, K), 1),
-      Rule(("blocks", "attn", "v_DKH"), lay + "attention.wv.weight", ("KH", "D"),
-           lambda w: w.reshape(K, H, D).transpose(2, 0, 1), 1),
-      Rule(("blocks", "attn", "o_NHD"), lay + "attention.wo.weight", ("D", "NH"),
-           lambda w: w.reshape(D, N, H).transpose(1, 2, 0), 1),
-      Rule(("blocks", "moe", "router_DE"), ffn + "gate.weight", ("E", "D"), lambda w: w.T, 1),
-      Rule(("blocks", "moe", "w1_EDF"), ffn + "experts.{e}.w1.weight", ("F", "D"), lambda w: w.T, 2),
-      Rule(("blocks", "moe", "w3_EDF"), ffn + "experts.{e}.w3.weight", ("F", "D"), lambda w: w.T, 2),
-      Rule(("blocks", "moe", "w2_EFD"), ffn + "experts.{e}.w2.weight", ("D", "F"), lambda w: w.T, 2),
-  ]
+  """One rule per row of ``mixtral_jax.param_paths``; q/k rows from interleaved to half-split RoPE pairs."""
+  return [Rule(w.key, w.consolidated, w.torch, param_paths.torch_to_ours(w, cfg, interleaved=True), w.unit)
+          for w in param_paths.WEIGHTS]

@@ -3,7 +3,10 @@
 Conversion validates every tensor name and shape against the config before creating anything, then
 reads and writes one block at a time: one layer of a stacked parameter, one expert of one layer of an
 expert parameter. Peak host memory is about one such block plus I/O buffers, not the model (measured
-in ``benchmarks/convert_rss.py``). Output goes to a temporary sibling renamed at the end.
+in ``benchmarks/convert_rss.py``). Output goes to a temporary sibling renamed at the end; the
+temporaries of killed earlier runs are removed first (:mod:`staging`), and a destination inside the
+source is refused. Every block is checked for NaN/Inf on its way through (:mod:`integrity`; the error
+names the tensor and the count) and its CRC-32 recorded in ``params.crc32.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.checkpoint import formats, orbax_io
+from mixtral_jax.checkpoint import formats, integrity, orbax_io, staging
 from mixtral_jax.checkpoint.loading import config_for, open_plan, our_shapes, runtime_overrides
 from mixtral_jax.model import Mixtral
 
@@ -34,16 +37,19 @@ def _quiet(_: str) -> None:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False, param_dtype=None,
-            progress: Callable[[str], None] = _quiet) -> str:
+            allow_nonfinite: bool = False, progress: Callable[[str], None] = _quiet) -> str:
   """HF or consolidated directory -> our checkpoint at ``dst`` (config.json, params/, tokenizer.model if
-  the source has one). ``param_dtype`` defaults to the source's storage dtype. Returns ``dst``."""
+  the source has one). ``param_dtype`` defaults to the source's storage dtype. A tensor holding NaN/Inf
+  is an error (:class:`integrity.NonFiniteError`) unless ``allow_nonfinite``. Returns ``dst``."""
   found = formats.detect(src)
   if found.kind == "orbax":
     raise ValueError(f"{src} is already a mixtral-jax Orbax checkpoint; nothing to convert "
                      "(use 'mixtral-jax export' to go to Hugging Face safetensors)")
   dst = os.path.abspath(os.fspath(dst))
+  staging.refuse_inside(found.directory, dst, "convert")
   if os.path.lexists(dst) and not overwrite:
     raise FileExistsError(f"{dst} already exists; choose another destination or pass --overwrite")
+  staging.remove_stale(dst, say=progress)
   cfg = config_for(found, runtime_overrides(None, param_dtype, {}))
   plan = open_plan(found, cfg)
   dtype = np.dtype(jnp.dtype(param_dtype)) if param_dtype is not None else plan.dtype()
@@ -51,7 +57,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
   shapes, axes = our_shapes(cfg)
   progress(f"{found.kind} checkpoint at {found.directory}: {len(plan.expected())} tensors, "
            f"{plan.nbytes() / 2**30:.2f} GiB, validated against {os.path.basename(found.config)}")
-  with formats.atomic_dir(dst, overwrite=overwrite) as tmp:
+  finite = integrity.FiniteCheck(found.directory, allow=allow_nonfinite)
+  with formats.atomic_dir(dst, overwrite=overwrite) as tmp, staging.owned(tmp):
     cfg.save(os.path.join(tmp, formats.CONFIG))
     specs = {}
     for key, shape in shapes.items():
@@ -61,7 +68,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     for key, shape in shapes.items():
       u = _units(axes[key])
       for index in itertools.product(*(range(n) for n in shape[:u])):
-        writer.write(key, index, plan.read(key, index, dtype))
+        writer.write(key, index, finite.add(".".join(key), plan.read(key, index, dtype)))
+      finite.done(".".join(key), int(np.prod(shape)))
       progress(f"  wrote {'.'.join(key)} {list(shape)} {dtype}")
     writer.finalize()
     tokenizer = formats.find_tokenizer(found.directory)
@@ -76,5 +84,7 @@ def save(model: Mixtral, dst: str | os.PathLike, *, overwrite: bool = False) -> 
   dst = os.path.abspath(os.fspath(dst))
   with formats.atomic_dir(dst, overwrite=overwrite) as tmp:
     model.cfg.save(os.path.join(tmp, formats.CONFIG))
-    orbax_io.save_params(os.path.join(tmp, formats.PARAMS_DIR), nnx.state(model, nnx.Param).to_pure_dict())
+    params_dir = os.path.join(tmp, formats.PARAMS_DIR)
+    orbax_io.save_params(params_dir, nnx.state(model, nnx.Param).to_pure_dict())
+    integrity.seal(params_dir)
   return dst

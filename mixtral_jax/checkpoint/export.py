@@ -19,6 +19,7 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from mixtral_jax import param_paths
 from mixtral_jax.checkpoint import formats, orbax_io
 from mixtral_jax.checkpoint.loading import check_orbax_shapes, config_for, our_shapes
 from mixtral_jax.checkpoint.safetensors_io import Entry, nbytes, write_safetensors
@@ -39,33 +40,27 @@ def parse_size(size: str | int) -> int:
 
 
 def hf_entries(cfg: MixtralConfig, reader: orbax_io.ParamsReader, dtype: np.dtype) -> list[Entry]:
-  """Every Hub tensor with its shape and a function that reads and lays it out when called."""
-  V, D, N, K, H, F, E = (cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                         cfg.head_size, cfg.intermediate_size, cfg.num_local_experts)
+  """Every Hub tensor with its shape and a function that reads and lays it out when called: the rows of
+  ``mixtral_jax.param_paths`` in their order, the consecutive per-layer rows written layer by layer (and a
+  layer's per-expert rows expert by expert after its other tensors)."""
+  s = param_paths.sizes(cfg)
 
-  def entry(name, shape, key, index, layout: Callable[[np.ndarray], np.ndarray]):
-    return Entry(name, shape, dtype, lambda: layout(reader.read(key, index)).astype(dtype))
+  def entry(w: param_paths.Weight, index: tuple[int, ...]) -> Entry:
+    layout = param_paths.ours_to_torch(w, cfg)
+    name = w.hf.format(**dict(zip("le", index)))
+    return Entry(name, tuple(s[a] for a in w.torch), dtype, lambda: layout(reader.read(w.key, index)).astype(dtype))
 
-  attn, moe = ("blocks", "attn"), ("blocks", "moe")
-  out = [entry("model.embed_tokens.weight", (V, D), ("embed_VD",), (), lambda a: a)]
-  for l in range(cfg.num_hidden_layers):
-    p = f"model.layers.{l}."
-    out += [
-        entry(p + "input_layernorm.weight", (D,), ("blocks", "attn_norm", "scale"), (l,), lambda a: a),
-        entry(p + "self_attn.q_proj.weight", (N * H, D), attn + ("q_DNH",), (l,), lambda a: a.reshape(D, N * H).T),
-        entry(p + "self_attn.k_proj.weight", (K * H, D), attn + ("k_DKH",), (l,), lambda a: a.reshape(D, K * H).T),
-        entry(p + "self_attn.v_proj.weight", (K * H, D), attn + ("v_DKH",), (l,), lambda a: a.reshape(D, K * H).T),
-        entry(p + "self_attn.o_proj.weight", (D, N * H), attn + ("o_NHD",), (l,), lambda a: a.reshape(N * H, D).T),
-        entry(p + "post_attention_layernorm.weight", (D,), ("blocks", "moe_norm", "scale"), (l,), lambda a: a),
-        entry(p + "block_sparse_moe.gate.weight", (E, D), moe + ("router_DE",), (l,), lambda a: a.T),
-    ]
-    for e in range(E):
-      x = f"{p}block_sparse_moe.experts.{e}."
-      out += [entry(x + "w1.weight", (F, D), moe + ("w1_EDF",), (l, e), lambda a: a.T),
-              entry(x + "w2.weight", (D, F), moe + ("w2_EFD",), (l, e), lambda a: a.T),
-              entry(x + "w3.weight", (F, D), moe + ("w3_EDF",), (l, e), lambda a: a.T)]
-  out += [entry("model.norm.weight", (D,), ("final_norm", "scale"), (), lambda a: a),
-          entry("lm_head.weight", (V, D), ("head_DV",), (), lambda a: a.T)]
+  out, rows = [], list(param_paths.WEIGHTS)
+  while rows:
+    if rows[0].unit == 0:
+      out.append(entry(rows.pop(0), ()))
+      continue
+    layer_rows = []
+    while rows and rows[0].unit > 0:
+      layer_rows.append(rows.pop(0))
+    for l in range(cfg.num_hidden_layers):
+      out += [entry(w, (l,)) for w in layer_rows if w.unit == 1]
+      out += [entry(w, (l, e)) for e in range(cfg.num_local_experts) for w in layer_rows if w.unit == 2]
   return out
 
 
@@ -95,7 +90,7 @@ def export(ckpt: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
   cfg = config_for(found, {})
   check_orbax_shapes(found.params, our_shapes(cfg)[0], found.config)
   reader = orbax_io.ParamsReader(found.params)
-  out_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else reader.dtype(("blocks", "moe", "w1_EDF"))
+  out_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else reader.dtype(param_paths.LARGEST)
   shards = _shards(hf_entries(cfg, reader, out_dtype), limit)
   progress(f"exporting {found.params} ({reader.nbytes() / 2**30:.2f} GiB) as {len(shards)} safetensors file(s), "
            f"{out_dtype}")

@@ -1,7 +1,8 @@
 """Hugging Face Mixtral directories: ``config.json`` plus ``model.safetensors`` or sharded
 ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``.
 
-Two key layouts are read (torch ``Linear`` weights are ``[out, in]``; ours are ``[in, out]``):
+Two key layouts are read (torch ``Linear`` weights are ``[out, in]``; ours are ``[in, out]``). The names
+are spelled once, in ``mixtral_jax.param_paths``; this table is their summary:
 
   ours                       Hub files (per expert)                         transformers >= 5 in memory (fused)
   embed_VD                   model.embed_tokens.weight [V, D]
@@ -24,12 +25,12 @@ import glob
 import json
 import os
 
+from mixtral_jax import param_paths
 from mixtral_jax.checkpoint.layout import Dims, Rule
 from mixtral_jax.checkpoint.safetensors_io import SafetensorsSource
 from mixtral_jax.config import MixtralConfig
 
 INDEX = "model.safetensors.index.json"
-_LAYER = "model.layers.{l}."
 
 
 def safetensors_files(directory: str) -> list[str]:
@@ -85,42 +86,16 @@ def is_fused(names) -> bool:
 
 
 def rules(cfg: MixtralConfig, names) -> list[Rule]:
-  """The rules for the key layout found among ``names`` (fused if any fused expert tensor is there)."""
-  D, N, K, H, F = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size,
-                   cfg.intermediate_size)
-  head = "lm_head.weight"
-  if cfg.tie_word_embeddings and head not in set(names):
-    head = "model.embed_tokens.weight"
-  common = [
-      Rule(("embed_VD",), "model.embed_tokens.weight", ("V", "D"), lambda w: w, 0),
-      Rule(("head_DV",), head, ("V", "D"), lambda w: w.T, 0),
-      Rule(("final_norm", "scale"), "model.norm.weight", ("D",), lambda w: w, 0),
-      Rule(("blocks", "attn_norm", "scale"), _LAYER + "input_layernorm.weight", ("D",), lambda w: w, 1),
-      Rule(("blocks", "moe_norm", "scale"), _LAYER + "post_attention_layernorm.weight", ("D",), lambda w: w, 1),
-      Rule(("blocks", "attn", "q_DNH"), _LAYER + "self_attn.q_proj.weight", ("NH", "D"),
-           lambda w: w.reshape(N, H, D).transpose(2, 0, 1), 1),
-      Rule(("blocks", "attn", "k_DKH"), _LAYER + "self_attn.k_proj.weight", ("KH", "D"),
-           lambda w: w.reshape(K, H, D).transpose(2, 0, 1), 1),
-      Rule(("blocks", "attn", "v_DKH"), _LAYER + "self_attn.v_proj.weight", ("KH", "D"),
-           lambda w: w.reshape(K, H, D).transpose(2, 0, 1), 1),
-      Rule(("blocks", "attn", "o_NHD"), _LAYER + "self_attn.o_proj.weight", ("D", "NH"),
-           lambda w: w.reshape(D, N, H).transpose(1, 2, 0), 1),
-  ]
-  if is_fused(names):
-    moe = _LAYER + "mlp."
-    return common + [
-        Rule(("blocks", "moe", "router_DE"), moe + "gate.weight", ("E", "D"), lambda w: w.T, 1),
-        Rule(("blocks", "moe", "w1_EDF"), moe + "experts.gate_up_proj", ("E", "2F", "D"),
-             lambda w: w[:, :F].transpose(0, 2, 1), 1),
-        Rule(("blocks", "moe", "w3_EDF"), moe + "experts.gate_up_proj", ("E", "2F", "D"),
-             lambda w: w[:, F:].transpose(0, 2, 1), 1),
-        Rule(("blocks", "moe", "w2_EFD"), moe + "experts.down_proj", ("E", "D", "F"),
-             lambda w: w.transpose(0, 2, 1), 1),
-    ]
-  moe = _LAYER + "block_sparse_moe."
-  return common + [
-      Rule(("blocks", "moe", "router_DE"), moe + "gate.weight", ("E", "D"), lambda w: w.T, 1),
-      Rule(("blocks", "moe", "w1_EDF"), moe + "experts.{e}.w1.weight", ("F", "D"), lambda w: w.T, 2),
-      Rule(("blocks", "moe", "w3_EDF"), moe + "experts.{e}.w3.weight", ("F", "D"), lambda w: w.T, 2),
-      Rule(("blocks", "moe", "w2_EFD"), moe + "experts.{e}.w2.weight", ("D", "F"), lambda w: w.T, 2),
-  ]
+  """The rules for the key layout found among ``names`` (fused if any fused expert tensor is there), one per
+  row of ``mixtral_jax.param_paths``. A tied head without ``lm_head.weight`` reads the embedding."""
+  fused = is_fused(names)
+  out = []
+  for w in param_paths.WEIGHTS:
+    if fused and w.fused is not None:
+      out.append(Rule(w.key, w.fused[0], param_paths.fused_torch_shape(w), param_paths.fused_to_ours(w, cfg), 1))
+      continue
+    name = w.hf
+    if w.id == "lm_head" and cfg.tie_word_embeddings and name not in set(names):
+      name = param_paths.weight("embed").hf
+    out.append(Rule(w.key, name, w.torch, param_paths.torch_to_ours(w, cfg), w.unit))
+  return out

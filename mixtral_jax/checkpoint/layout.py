@@ -19,6 +19,8 @@ from typing import Callable, Protocol
 import ml_dtypes
 import numpy as np
 
+from mixtral_jax import param_paths
+
 Key = tuple[str, ...]
 FLOAT_DTYPES = tuple(np.dtype(t) for t in (np.float32, ml_dtypes.bfloat16, np.float16, np.float64))
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # buffers that old transformers versions saved
@@ -125,7 +127,7 @@ class Plan:
 
   def dtype(self) -> np.dtype:
     """The storage dtype of the checkpoint (that of its largest tensors)."""
-    rule = self.rules[("blocks", "moe", "w1_EDF")]
+    rule = self.rules[param_paths.LARGEST]
     return self.source.dtype(rule.tensor(*([0] * rule.unit)))
 
   def read(self, key: Key, index: tuple[slice | int, ...], dtype) -> np.ndarray:

@@ -1,14 +1,19 @@
 """``load(path)``: any supported checkpoint -> a callable ``Mixtral``, every parameter created directly in
 its final place (and, with a mesh, in its shards) from the files, without a random model first.
 
-The model is built as ``nnx.eval_shape`` (shapes only) and filled: foreign formats one layer at a time
-(each layer slice read from the mapped files and written into a preallocated, donated device buffer,
-so host memory holds one layer's slice, never a second copy of the model); our Orbax format through
-Orbax's restore into the target shardings.
+The model is built as ``nnx.eval_shape`` (shapes only) and filled one layer at a time, every format
+alike (each layer slice read from the mapped files, or from our Orbax checkpoint through TensorStore,
+and written into a preallocated, donated device buffer, so host memory holds one layer's slice, or one
+storage chunk of an Orbax array, never a second copy of the model).
 
-With ``quantize="int8"`` every format is read block by block (Orbax's through TensorStore), and each
+With ``quantize="int8"`` every format is read the same way, and each
 layer of each matmul weight is quantized on its devices as soon as it is there, before the next is
 read: the full-precision model never exists, only the int8 one and one layer in flight.
+
+Nothing non-finite or damaged gets in: foreign formats count NaN/Inf in every block as it is read; our
+Orbax format is read block by block through TensorStore (``integrity.VerifiedReader``: each layer's
+CRC-32 against ``params.crc32.json`` and its NaN/Inf count as it is read), as the int8 path always did. The error names the tensor and the count;
+``allow_nonfinite=True`` lets such weights through with a warning.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from mixtral_jax.checkpoint import consolidated, formats, hf, orbax_io
+from mixtral_jax.checkpoint import consolidated, formats, hf, integrity, orbax_io
 from mixtral_jax.checkpoint.layout import Key, Plan
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.inference import quantize as quantize_lib
@@ -114,7 +119,7 @@ def _shardings(cfg: MixtralConfig, mesh, quantize: str | None = None) -> dict[Ke
 
 
 def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, adapter=None, quantize=None,
-         **runtime) -> Mixtral:
+         allow_nonfinite: bool = False, **runtime) -> Mixtral:
   """Loads a Hugging Face directory, a Mistral consolidated directory or our Orbax checkpoint.
 
   ``adapter``: a PEFT LoRA adapter directory or a mixtral-jax LoRA run, merged into the weights
@@ -130,6 +135,9 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
   plus one layer of one weight in full precision (8x7B: 47 GB, plus at most 0.94 GB of bf16 and its
   float32 working copy), never the 93 GB bf16 model. A weight an adapter changes is read whole,
   merged, then quantized.
+
+  ``allow_nonfinite``: load weights holding NaN/Inf (warned) instead of raising
+  ``integrity.NonFiniteError``. A checksum mismatch is always an error (``integrity.ChecksumError``).
   """
   found = formats.detect(path)
   cfg = config_for(found, runtime_overrides(dtype, param_dtype, runtime))
@@ -144,18 +152,17 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
     factors = lora_merge.load_factors(adapter, cfg)  # checked against this base before any weight is read
   mesh = _mesh(mesh, cfg)
   shapes, _ = our_shapes(cfg)
+  finite = integrity.FiniteCheck(found.directory, allow=allow_nonfinite)
   if found.kind == "orbax":
+    reader = integrity.VerifiedReader(found.params, allow_nonfinite=allow_nonfinite)  # names damaged storage
     check_orbax_shapes(found.params, shapes, found.config)
-    if quantize is None:
-      arrays = _restore_orbax(found.params, cfg, mesh)
-      return _merge(cfg, lora_merge.merge_arrays(arrays, factors) if factors else arrays)
-    reader = orbax_io.ParamsReader(found.params)
+    finite = integrity.FiniteCheck(found.directory, allow=True)  # the reader checks; not counted twice
     read_block = lambda key, idx, dtype: np.asarray(reader.read(key, tuple(idx))).astype(dtype)  # noqa: E731
   else:
     plan = open_plan(found, cfg)
     if found.kind == "consolidated" and param_dtype is None:  # params.json does not say; the tensors do
       cfg = cfg.replace(param_dtype=str(jnp.dtype(plan.dtype())))
-    read_block = lambda key, idx, dtype: plan.read(key, idx, dtype=dtype)  # noqa: E731
+    read_block = lambda key, idx, dtype: finite.add(".".join(key), plan.read(key, idx, dtype=dtype))  # noqa: E731
   shardings = _shardings(cfg, mesh, quantize)
   dt = jnp.dtype(cfg.param_dtype)
   adapted = {lora_merge.PARAM_KEYS[f.target]: f for f in factors or ()}
@@ -168,22 +175,16 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
     if axes is not None and key not in adapted:
       arrays[key], arrays[scale_key] = _create_quantized(
           shape, dt, shardings[key], shardings[scale_key], axes, read, stacked=stacked)
+      finite.done(".".join(key), int(np.prod(shape)))
       continue
     arrays[key] = _create(shape, dt, shardings[key], read, stacked=stacked)
+    finite.done(".".join(key), int(np.prod(shape)))
     if key in adapted:
       arrays[key] = lora_merge.merge_arrays({key: arrays[key]}, [adapted[key]])[key]
     if axes is not None:
       arrays[key], arrays[scale_key] = quantize_lib.quantize_into(arrays[key], axes, shardings[key],
                                                                    shardings[scale_key])
   return _merge(cfg, arrays, quantize)
-
-
-def _restore_orbax(params_dir: str, cfg: MixtralConfig, mesh) -> dict[Key, jax.Array]:
-  shapes, _ = our_shapes(cfg)
-  dt = jnp.dtype(cfg.param_dtype)
-  target = orbax_io.abstract_target({k: (s, dt) for k, s in shapes.items()}, _shardings(cfg, mesh))
-  restored = orbax_io.restore_params(params_dir, target)
-  return orbax_io.flatten(restored)
 
 
 def _merge(cfg: MixtralConfig, arrays: dict[Key, jax.Array], quantize: str | None = None) -> Mixtral:

@@ -27,6 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
+from mixtral_jax.checkpoint import digests
+
 Key = tuple[str, ...]
 METADATA = "_METADATA"
 _DICT_KEY = 2  # orbax's KeyType.DICT in _METADATA
@@ -67,7 +69,8 @@ def unflatten(flat: dict[Key, object]) -> dict:
 # ------------------------------------------------------------------------------ whole trees (Orbax)
 
 def save_params(directory: str, params: dict) -> None:
-  """Orbax save of a tree of arrays that is already in memory (a model, a demo)."""
+  """Orbax save of a tree of arrays that is already in memory (a model, a demo). The caller writes its
+  digest file after (``integrity.seal``: the arrays read back, so the digest is of what is on disk)."""
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(directory), params)
 
@@ -117,8 +120,10 @@ def _read_metadata(directory: str) -> dict:
 class StreamingWriter:
   """Writes an Orbax PyTree checkpoint of ``specs`` (key -> (shape, dtype, chunk shape)) block by block.
 
-  Call :meth:`write` for every block (together covering every array), then :meth:`finalize`. Each
-  write is compressed and committed at once, so memory holds one block plus TensorStore's buffers.
+  Call :meth:`write` for every block (together covering every array, each array's blocks in C order),
+  then :meth:`finalize`. Each write is compressed and committed at once, so memory holds one block plus
+  TensorStore's buffers. The blocks' CRC-32s go to ``params.crc32.json`` beside the directory
+  (:mod:`integrity`).
   """
 
   def __init__(self, directory: str, specs: dict[Key, tuple[tuple[int, ...], np.dtype, tuple[int, ...]]]):
@@ -127,7 +132,9 @@ class StreamingWriter:
     self.specs = specs
     self._context = ts.Context(_TS_CONTEXT)
     self._arrays = {}
+    self.digests = digests.Digests()
     for key, (shape, dtype, chunks) in specs.items():
+      self.digests.start(key, shape, dtype)
       spec = {"driver": "zarr", "kvstore": _kvstore(self.directory, _name(key), ocdbt=True),
               "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": {"id": "zstd", "level": 1}}}
       self._arrays[key] = ts.open(spec, create=True, dtype=ts.dtype(np.dtype(dtype).name),
@@ -135,6 +142,8 @@ class StreamingWriter:
 
   def write(self, key: Key, index: tuple, value: np.ndarray) -> None:
     self._arrays[key][index].write(value).result()
+    block = index[0] if digests.block_count(key, self.specs[key][0]) > 1 else 0
+    self.digests.add(key, block, np.asarray(value, self.specs[key][1]))
 
   def finalize(self) -> None:
     """Writes the metadata files that make the directory an Orbax checkpoint."""
@@ -158,6 +167,7 @@ class StreamingWriter:
                  "commit_timestamp_nsecs": now, "custom_metadata": {}}
     with open(os.path.join(self.directory, "_CHECKPOINT_METADATA"), "w") as f:
       json.dump(ckpt_meta, f)
+    self.digests.save(self.directory)
     self._arrays.clear()
 
 
@@ -174,6 +184,10 @@ class ParamsReader:
 
   def read(self, key: Key, index: tuple = ()) -> np.ndarray:
     return self._arrays[key][index].read().result()
+
+  def chunk_shape(self, key: Key) -> tuple[int, ...]:
+    """The shape of one stored chunk (the unit the storage decompresses)."""
+    return tuple(self._arrays[key].chunk_layout.read_chunk.shape)
 
   def nbytes(self) -> int:
     return sum(math.prod(s) * self.dtype(k).itemsize for k, s in self.shapes.items())

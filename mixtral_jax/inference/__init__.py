@@ -1,6 +1,8 @@
-"""Inference beyond the batch ``generate`` call: int8 weights (``quantize``), per-row sampling
-(``row_sampling``), the continuous-batching engine (``engine``) and the OpenAI-compatible HTTP server
-(``server``, ``protocol``, ``commands``).
+"""Generation beyond the model: int8 weights (``quantize``), the engine that ``generate`` and the server
+share (``engine``: the continuous-batching loop; ``programs``: its compiled prefill and decode;
+``row``: per-sequence text, stop strings and streaming; ``placement``: mesh and CPU weight views), and
+the OpenAI-compatible HTTP server (``server``, ``protocol``, ``commands``). Sampling is
+``mixtral_jax.sampling``.
 
 Nothing is imported here: the model imports ``quantize`` (a leaf module), and the server's FastAPI
 stack loads only for ``mixtral-jax serve``.

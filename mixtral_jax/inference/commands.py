@@ -39,13 +39,13 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-  from mixtral_jax.generation_commands import _load  # noqa: PLC0415 - keep `mixtral-jax --help` fast
+  from mixtral_jax.generation_commands import load_model  # noqa: PLC0415 - keep `mixtral-jax --help` fast
   from mixtral_jax.inference.engine import Engine  # noqa: PLC0415
   from mixtral_jax.inference.server import build_app  # noqa: PLC0415
 
   if not 1 <= args.port <= 65535:
     raise ValueError(f"--port must be in [1, 65535], got {args.port}")
-  model, tokenizer = _load(args)
+  model, tokenizer = load_model(args)
   version = args.chat_version or ("v3" if model.cfg.vocab_size == 32768 else "v1")
   name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
   engine = Engine(model, tokenizer, max_batch=args.max_batch, max_context=args.max_context,

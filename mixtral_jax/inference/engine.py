@@ -9,44 +9,45 @@ One thread runs the loop; each iteration:
   1. Cancelled requests (client gone) leave the queue or free their row at once.
   2. Waiting requests take free rows, first come first served.
   3. Prefill: every row still reading its prompt runs its next chunk of at most ``prefill_chunk``
-     tokens (right-padded to a power of two >= 16, so few shapes compile) through ``model.hidden`` on
-     its own cache row: the row is cut out of the shared cache (positions reset to -1 on the first
-     chunk, so a reused row forgets its last request), extended, and written back. A long prompt thus
-     takes several iterations, with decode steps for the others in between. The last chunk samples the
-     request's first token, and the row joins the decode batch.
-  4. Decode: one compiled step shape for all B rows (rows not decoding are masked out, so they write
+     tokens (right-padded to a power of two >= 16, so few shapes compile; positions reset to -1 on
+     the first chunk, so a reused row forgets its last request), all in one call of the prefill
+     program (:mod:`mixtral_jax.inference.programs`): one row alone is cut out of the shared cache and
+     written back; two or more run over the whole cache in place, the other rows masked out. A long
+     prompt thus takes several iterations, with decode steps for the others in between. The last
+     chunk samples the request's first token, and the row joins the decode batch.
+  4. Decode: one compiled program for all B rows (rows not decoding are masked out, so they write
      nothing), ``n`` steps per device call in a ``fori_loop``: n = 1 while anything waits or
-     prefills (new requests join at the next step), else up to DECODE_CHUNK, capped by the fewest
-     tokens any row still may produce.
+     prefills (new requests join at the next step), else up to MAX_CHUNK, capped by the fewest
+     tokens any row still may produce and sized to about CHUNK_SECONDS of device time (so tokens
+     stream in small bursts and a slow model decodes one token per call).
   5. Each new token goes through generate's per-row bookkeeping (EOS, stop strings, held-back
      streaming text) and out to the request's callback; a finished row is free for step 2 at once.
 
-Sampling is per row (:mod:`mixtral_jax.inference.row_sampling`): each request keeps its own settings
-and seed, and its tokens do not depend on the other rows (greedy output equals ``generate`` alone).
+Sampling is per row (:func:`mixtral_jax.sampling.sample_rows`): each request keeps its own settings,
+seed and key index, and its tokens do not depend on the other rows. ``mixtral_jax.generate`` is a
+client of this engine: it submits all its prompts at once and steps the loop until they finish.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import threading
 import time
 import traceback
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.attention import LayerCache
-from mixtral_jax.generate import _layer_views, _mesh_context, _place, _resolve_mesh, _Row, bucket
-from mixtral_jax.inference.row_sampling import sample_rows
-from mixtral_jax.model import KVCache, init_cache
+from mixtral_jax.inference.placement import decode_views, mesh_context, place, resolve_mesh
+from mixtral_jax.inference.programs import MAX_CHUNK, bucket, decode_program, prefill_program
+from mixtral_jax.inference.row import Row
+from mixtral_jax.model import init_cache
+from mixtral_jax.sampling import RowSettings
 
-DECODE_CHUNK = 8  # decode steps per device call, at most, when no request waits
+CHUNK_SECONDS = 0.1  # device time per decode call, about (see the module docstring)
 
 
 class QueueFull(Exception):
@@ -65,13 +66,14 @@ class Request:
   top_k: int = 0
   top_p: float = 1.0
   seed: int = 0
+  index: int = 0  # the sampling key's index (generate: the prompt's index in its call)
   stop: tuple[str, ...] = ()
   eos: frozenset = frozenset()
   id: int = dataclasses.field(default_factory=itertools.count().__next__)
   submitted: float = dataclasses.field(default_factory=time.perf_counter)
   first_token_at: float | None = None
   cancelled: bool = False
-  row: _Row | None = None
+  row: Row | None = None
 
   def cancel(self) -> None:
     """Safe from any thread: the engine frees the request's row (or queue place) at its next step."""
@@ -89,58 +91,13 @@ class Metrics:
   ttft: list = dataclasses.field(default_factory=list)  # seconds, one per request that got a token
 
 
-@functools.lru_cache(maxsize=8)
-def _prefill_fn(graphdef):
-  """Runs one prompt chunk of one request on its cache row; samples the next token at ``last``."""
-
-  @functools.partial(jax.jit, donate_argnums=(4,))
-  def run(state, ids_1C, positions_1C, valid_1C, cache, row, reset, last, settings):
-    model = nnx.merge(graphdef, state)
-    take = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=1)  # noqa: E731  ([L, B, ...] arrays)
-    pos_1S = jax.lax.dynamic_slice_in_dim(cache.pos, row, 1, axis=0)
-    pos_1S = jnp.where(reset, -1, pos_1S)
-    one = KVCache(LayerCache(take(cache.layers.k), take(cache.layers.v)), pos_1S)
-    h_1CD, aux = model.hidden(ids_1C, attention_mask=valid_1C, positions=positions_1C, cache=one)
-    logits_1V = model.logits(jax.lax.dynamic_slice_in_dim(h_1CD, last, 1, axis=1))[:, 0]
-    token = sample_rows(logits_1V, *settings)[0]
-    new = aux["cache"]
-    put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, row, axis=1)  # noqa: E731
-    cache = KVCache(LayerCache(put(cache.layers.k, new.layers.k), put(cache.layers.v, new.layers.v)),
-                    jax.lax.dynamic_update_slice_in_dim(cache.pos, new.pos, row, axis=0))
-    return token, cache
-
-  return run
-
-
-@functools.lru_cache(maxsize=8)
-def _decode_fn(graphdef):
-  """``n`` <= DECODE_CHUNK decode steps of all rows (``active_B`` masks the rows that decode).
-  Returns (tokens [DECODE_CHUNK, B], cache); row j of the tokens is step j."""
-
-  @functools.partial(jax.jit, donate_argnums=(3,))
-  def run(state, tokens_B, positions_B, cache, active_B, temperature_B, top_k_B, top_p_B, seed_B, step_B,
-          n, layers):
-    def body(j, carry):
-      tokens_B, cache, out_CB, state = carry  # the parameters ride in the carry (see generate)
-      model = nnx.merge(graphdef, state)
-      h_B1D, aux = model.hidden(tokens_B[:, None], attention_mask=active_B[:, None],
-                                positions=(positions_B + j)[:, None], cache=cache, layers=layers)
-      tokens_B = sample_rows(model.logits(h_B1D)[:, 0], temperature_B, top_k_B, top_p_B, seed_B, step_B + j)
-      return tokens_B, aux["cache"], out_CB.at[j].set(tokens_B), state
-
-    out_CB = jnp.zeros((DECODE_CHUNK, tokens_B.shape[0]), jnp.int32)
-    _, cache, out_CB, _ = jax.lax.fori_loop(0, n, body, (tokens_B, cache, out_CB, state))
-    return out_CB, cache
-
-  return run
-
-
 class Engine:
   """The continuous-batching loop over one model (see the module docstring). ``submit`` from any
   thread; ``start``/``stop`` the loop thread."""
 
   def __init__(self, model, tokenizer=None, *, max_batch: int = 16, max_context: int | None = None,
-               max_queue: int = 64, prefill_chunk: int = 256, mesh=None):
+               max_queue: int = 64, prefill_chunk: int = 256, mesh=None,
+               decode_views_wanted: bool = True):
     cfg = model.cfg
     self.cfg, self.tokenizer = cfg, tokenizer
     self.max_context = int(max_context or cfg.max_position_embeddings)
@@ -149,16 +106,17 @@ class Engine:
                        "(the model's max_position_embeddings)")
     if max_batch < 1 or max_queue < 0:
       raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-    self.mesh = _resolve_mesh(mesh, cfg)
+    self.mesh = resolve_mesh(mesh, cfg)
     self.B, self.max_queue = int(max_batch), int(max_queue)
-    self.prefill_chunk = bucket(prefill_chunk, 16)
+    self.prefill_chunk = bucket(prefill_chunk)
     self.graphdef, self.state = nnx.split(model)
     if self.mesh is not None:
-      self.state = _place(self.state, self.mesh)
-    self.layers = _layer_views(model, self.mesh)
-    with _mesh_context(self.mesh):
+      self.state = place(self.state, self.mesh)
+    self.layers = decode_views(model, self.mesh) if decode_views_wanted else None
+    with mesh_context(self.mesh):
       self.cache = init_cache(cfg, self.B, self.max_context)
-    self._prefill, self._decode = _prefill_fn(self.graphdef), _decode_fn(self.graphdef)
+    self._prefill, self._decode = prefill_program(self.graphdef), decode_program(self.graphdef)
+    self._chunk = 1  # decode steps per call, adapted to CHUNK_SECONDS
     B = self.B
     self.slots: list[Request | None] = [None] * B
     self.prefilled = [0] * B  # prompt tokens of the row's request already in the cache
@@ -187,7 +145,7 @@ class Engine:
         self.metrics.rejected += 1
         raise QueueFull(f"all {self.B} rows are busy and {self.max_queue} requests are waiting (--max-queue); "
                         "retry later")
-      req.row = _Row(0, self.tokenizer, req.eos, req.stop, self._streamer(req))
+      req.row = Row(0, self.tokenizer, req.eos, req.stop, self._streamer(req))
       self.waiting.append(req)
       self._wake.notify()
 
@@ -219,6 +177,15 @@ class Engine:
           self.step()
       else:
         done.wait()
+    if self.B > 1:  # the batch prefill (two or more rows at once), every chunk width, writing nothing
+      with mesh_context(self.mesh):
+        C = 16
+        while C <= min(self.prefill_chunk, bucket(self.max_context, 16)):
+          zeros = np.zeros((self.B, C), np.int32)
+          _, self.cache = self._prefill(self.state, zeros, zeros, zeros.astype(bool), self.cache, None,
+                                        np.zeros(self.B, bool), np.zeros(self.B, np.int32),
+                                        self._settings([None] * self.B))
+          C *= 2
     self.metrics = Metrics()
 
   # ------------------------------------------------------------------------------ the loop
@@ -240,12 +207,17 @@ class Engine:
     """One iteration of the loop (see the module docstring)."""
     self._drop_cancelled()
     self._admit()
-    with _mesh_context(self.mesh):
-      for b, req in enumerate(self.slots):
-        if req is not None and not self.decoding[b]:
-          self._prefill_chunk(b, req)
+    with mesh_context(self.mesh):
+      prefilling = [b for b, req in enumerate(self.slots) if req is not None and not self.decoding[b]]
+      if prefilling:
+        self._prefill_rows(prefilling)
       if self.decoding.any():
         self._decode_steps()
+
+  def run_until_done(self) -> None:
+    """Steps the loop on this thread until no request waits or runs (``generate``'s use)."""
+    while self.waiting or any(r is not None for r in self.slots):
+      self.step()
 
   def _drop_cancelled(self) -> None:
     with self._wake:
@@ -262,39 +234,57 @@ class Engine:
         if self.slots[b] is None and self.waiting:
           self.slots[b], self.prefilled[b], self.decoding[b] = self.waiting.popleft(), 0, False
 
-  def _settings(self, reqs) -> tuple:
-    return (jnp.asarray([r.temperature if r else 0.0 for r in reqs], jnp.float32),
-            jnp.asarray([r.top_k if r else 0 for r in reqs], jnp.int32),
-            jnp.asarray([r.top_p if r else 1.0 for r in reqs], jnp.float32),
-            jnp.asarray([r.seed if r else 0 for r in reqs], jnp.int32))
+  def _settings(self, reqs) -> RowSettings:
+    return RowSettings.of([(r.temperature, r.top_k, r.top_p, r.seed, r.index) if r else (0.0, 0, 1.0, 0, 0)
+                           for r in reqs])
 
-  def _prefill_chunk(self, b: int, req: Request) -> None:
-    start = self.prefilled[b]
-    chunk = req.prompt[start:start + self.prefill_chunk]
-    n = len(chunk)
-    C = min(bucket(n, 16), self.prefill_chunk)
-    ids = np.zeros((1, C), np.int32)
-    ids[0, :n] = chunk
-    positions = (start + np.arange(C, dtype=np.int32))[None]
-    valid = (np.arange(C) < n)[None]
-    settings = (*self._settings([req]), jnp.zeros((1,), jnp.int32))
-    token, self.cache = self._prefill(self.state, ids, positions, valid, self.cache, b, start == 0, n - 1, settings)
-    self.prefilled[b] = start + n
-    if self.prefilled[b] < len(req.prompt):
-      return
+  def _prefill_rows(self, rows: list[int]) -> None:
+    """The next prompt chunk of each row in ``rows`` in one prefill call: that row alone, cut out of
+    the cache, or (two or more) all B rows in place with the others masked out."""
+    chunks = {b: self.slots[b].prompt[self.prefilled[b]:self.prefilled[b] + self.prefill_chunk] for b in rows}
+    C = min(bucket(max(map(len, chunks.values())), 16), self.prefill_chunk)
+    order = rows if len(rows) == 1 else list(range(self.B))
+    R = len(order)
+    ids, valid = np.zeros((R, C), np.int32), np.zeros((R, C), bool)
+    positions, reset, last = np.zeros((R, C), np.int32), np.zeros(R, bool), np.zeros(R, np.int32)
+    for r, b in enumerate(order):
+      if b in chunks:
+        n, start = len(chunks[b]), self.prefilled[b]
+        ids[r, :n], valid[r, :n], positions[r] = chunks[b], True, start + np.arange(C)
+        reset[r], last[r] = start == 0, n - 1
+    reqs = [self.slots[b] if b in chunks else None for b in order]
+    rows_R = np.asarray(order, np.int32) if R == 1 else None
+    tokens, self.cache = self._prefill(self.state, ids, positions, valid, self.cache, rows_R, reset, last,
+                                       self._settings(reqs))
+    tokens = np.asarray(tokens)
+    for r, b in enumerate(order):
+      if b in chunks:
+        self.prefilled[b] += len(chunks[b])
+        if self.prefilled[b] == len(self.slots[b].prompt):
+          self._start_decoding(b, int(tokens[r]))
+
+  def _start_decoding(self, b: int, token: int) -> None:
+    req = self.slots[b]
     self.metrics.prompt_tokens += len(req.prompt)
-    token = int(token)
     self.tokens[b], self.positions[b], self.steps[b], self.decoding[b] = token, len(req.prompt), 1, True
     self._push(b, req, token)
 
-  def _decode_steps(self) -> None:
-    reqs = [r if self.decoding[b] else None for b, r in enumerate(self.slots)]
+  def _chunk_length(self, reqs) -> int:
+    """Decode steps for this call: 1 while anything waits or prefills, else the adapted chunk length
+    capped by the fewest tokens any row may still produce."""
     left = min(r.max_tokens - len(r.row.tokens) for r in reqs if r is not None)
     busy = self.waiting or any(r is not None and not self.decoding[b] for b, r in enumerate(self.slots))
-    n = 1 if busy else max(1, min(DECODE_CHUNK, left))
-    out, self.cache = self._decode(self.state, self.tokens, self.positions, self.cache, self.decoding,
-                                   *self._settings(reqs), self.steps, n, self.layers)
+    return 1 if busy else max(1, min(self._chunk, left))
+
+  def _decode_steps(self) -> None:
+    reqs = [r if self.decoding[b] else None for b, r in enumerate(self.slots)]
+    n = self._chunk_length(reqs)
+    t0 = time.perf_counter()
+    out, _, self.cache = self._decode(self.state, self.tokens, self.positions, self.cache, self.decoding,
+                                      self._settings(reqs), self.steps, n, self.layers)
     out = np.asarray(out)
+    # Sizes the next chunk to about CHUNK_SECONDS of device time from this call's time per step.
+    self._chunk = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS * n / max(time.perf_counter() - t0, 1e-6))))
     active = self.decoding.copy()
     self.metrics.decode_steps += n
     self.metrics.occupied_row_steps += n * int(active.sum())

@@ -1,22 +1,15 @@
-"""int8 weight-only quantization: per-output-channel symmetric scales, dequantised at the matmul.
+"""int8 weight-only quantization of a whole model: per-output-channel symmetric scales, dequantised at the
+matmul. The storage form and its maths live with the model (``mixtral_jax.quant``); this module turns a
+float model into a quantized one.
 
-For a weight W whose contraction ("input") axes are I and whose other axes index output channels c:
-
-  s_c = max_{i in I} |W_ic| / 127        (float32; 1 where a channel is all zero)
-  Q_ic = round(W_ic / s_c)               (int8 in [-127, 127])
-  W_ic ~= Q_ic * s_c                     (error at most s_c / 2 per entry)
-
-Quantized sites (every matmul weight of the decoder): attention q/k/v/o, the experts' w1/w3/w2, and
-the LM head. The router (D x E, 0.001% of 8x7B) stays in its dtype, as GPTQ/AWQ Mixtral releases
-keep the gate: a flipped expert choice costs more than its bytes save. The embedding is a gather,
-not a matmul, and stays too.
+Quantized sites (``mixtral_jax.param_paths`` rows with ``quantize=True``): attention q/k/v/o, the
+experts' w1/w3/w2, and the LM head. The router (D x E, 0.001% of 8x7B) stays in its dtype, as GPTQ/AWQ
+Mixtral releases keep the gate: a flipped expert choice costs more than its bytes save. The embedding is
+a gather, not a matmul, and stays too.
 
 A quantized module keeps ``name`` as an int8 ``nnx.Param`` (same shape and logical axes) and gains
 ``name + "_scale"`` (float32, the contracted axes kept with size 1 and logical axis None, so it
-broadcasts against Q and shards with it). Each matmul site asks :func:`compute_weight` for its
-operand, which is ``W.astype(dtype)`` for a plain weight and ``(Q * s).astype(dtype)`` for a quantized
-one: inside the jitted step, so the int8 array is what lives in memory and the dequantised operand is
-a transient that XLA fuses into the matmul's input on GPU/TPU.
+broadcasts against Q and shards with it).
 """
 
 from __future__ import annotations
@@ -24,63 +17,29 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-SCALE = "_scale"
-MODES = ("int8",)
-QMAX = 127
+from mixtral_jax import param_paths, quant
+from mixtral_jax.quant import QMAX, SCALE, as_compute, dequantize, quantize_array  # noqa: F401 (public here too)
 
-# (path to the module from the model, parameter name, contracted axes counted from the end). Axes are
-# counted from the end so the same entry serves the layer-stacked parameters (leading L axis).
-SITES: tuple[tuple[tuple[str, ...], str, tuple[int, ...]], ...] = (
-    (("blocks", "attn"), "q_DNH", (-3,)),
-    (("blocks", "attn"), "k_DKH", (-3,)),
-    (("blocks", "attn"), "v_DKH", (-3,)),
-    (("blocks", "attn"), "o_NHD", (-3, -2)),
-    (("blocks", "moe"), "w1_EDF", (-2,)),
-    (("blocks", "moe"), "w3_EDF", (-2,)),
-    (("blocks", "moe"), "w2_EFD", (-2,)),
-    ((), "head_DV", (-2,)),
-)
+MODES = tuple(quant.FORMS)
 
-
-# our parameter's key in nnx.state(model, nnx.Param) -> its contracted axes (counted from the end)
-SITE_AXES: dict[tuple[str, ...], tuple[int, ...]] = {path + (name,): axes for path, name, axes in SITES}
+# our parameter's key in nnx.state(model, nnx.Param) -> its contracted axes (counted from the end, so the
+# same entry serves the layer-stacked parameters)
+SITE_AXES: dict[tuple[str, ...], tuple[int, ...]] = param_paths.quant_sites()
+# (path to the module from the model, parameter name, contracted axes)
+SITES: tuple[tuple[tuple[str, ...], str, tuple[int, ...]], ...] = tuple(
+    (key[:-1], key[-1], axes) for key, axes in SITE_AXES.items())
 
 
 def compute_weight(module, name: str, dtype) -> jax.Array:
   """The matmul operand of parameter ``name`` of ``module`` in ``dtype``, dequantised if it is int8."""
-  w = getattr(module, name)[...]
-  scale = getattr(module, name + SCALE, None)
-  if scale is None:
-    return w.astype(dtype)
-  return dequantize(w, scale[...], dtype)
-
-
-def dequantize(q, scale, dtype) -> jax.Array:
-  return (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype)
-
-
-def as_compute(w, dtype) -> jax.Array:
-  """An array, or a (int8 values, scale) pair as :func:`mixtral_jax.model.layer_views` gives for a
-  quantized expert, as a matmul operand in ``dtype``."""
-  if isinstance(w, tuple):
-    return dequantize(w[0], w[1], dtype)
-  return w.astype(dtype)
-
-
-def quantize_array(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """(int8 Q, float32 scale with ``axes`` kept at size 1): see the module docstring."""
-  w32 = w.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(w32), axis=axes, keepdims=True)
-  scale = jnp.where(amax > 0, amax / QMAX, 1.0)
-  q = jnp.clip(jnp.round(w32 / scale), -QMAX, QMAX).astype(jnp.int8)
-  return q, scale
+  return quant.operand(module, name, dtype)
 
 
 def is_quantized(model) -> bool:
-  return hasattr(_module(model, SITES[0][0]), SITES[0][1] + SCALE)
+  path, name, _ = SITES[0]
+  return quant.form_of(_module(model, path), name) is not quant.FLOAT
 
 
 def quantize(model, mode: str = "int8"):
@@ -99,24 +58,27 @@ def quantize(model, mode: str = "int8"):
     module = _module(model, path)
     var = getattr(module, name)
     logical = tuple(var.get_metadata().get("logical_axes", ()))
-    q, scale = _quantize_jit(var[...], axes)
-    ndim = q.ndim
-    scale_axes = tuple(None if (i - ndim) in axes else a for i, a in enumerate(logical)) if logical else None
-    meta = {"logical_axes": scale_axes} if scale_axes else {}
+    q, extras = _quantize_jit(var[...], axes, mode)
+    extra_axes = quant.FORMS[mode].extra_axes(logical, axes) if logical else {}
     setattr(module, name, nnx.Param(q, **({"logical_axes": logical} if logical else {})))
-    setattr(module, name + SCALE, nnx.Param(scale, **meta))
+    for suffix, value in extras.items():
+      setattr(module, name + suffix, nnx.Param(value, **({"logical_axes": extra_axes[suffix]} if logical else {})))
   return model
 
 
-_quantize_jit_fn = jax.jit(quantize_array, static_argnums=1)
+def _quantize_form(w, axes, mode):
+  return quant.FORMS[mode].quantize(w, axes)
 
 
-def _quantize_jit(w, axes):
+_quantize_jit_fn = jax.jit(_quantize_form, static_argnums=(1, 2))
+
+
+def _quantize_jit(w, axes, mode):
   """Traced under ``nnx.eval_shape``; otherwise one jitted call, which keeps the input's sharding (a
   contraction axis split over devices gets the reduction XLA inserts for the per-channel max)."""
   if isinstance(w, jax.core.Tracer):
-    return quantize_array(w, axes)
-  return _quantize_jit_fn(w, axes)
+    return _quantize_form(w, axes, mode)
+  return _quantize_jit_fn(w, axes, mode)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

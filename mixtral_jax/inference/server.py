@@ -9,7 +9,8 @@
   GET  /metrics               Prometheus text: requests, tokens, queue depth, rows busy, batch
                               occupancy, time to first token
 
-Each request becomes an engine request whose callbacks (on the engine thread) hand tokens to an
+The routes are the methods of :class:`Server` (``build_app`` returns its app). Each request becomes
+an engine request whose callbacks (on the engine thread) hand tokens to an
 ``asyncio.Queue`` on the server's event loop. ``stream: true`` answers server-sent events in OpenAI's
 chunk format (the last chunk carries ``finish_reason`` and ``usage``), then ``data: [DONE]``. A client
 that goes away cancels its request, which frees its batch row at the engine's next step: for a stream
@@ -33,82 +34,98 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 def build_app(engine: Engine, tokenizer, model_name: str, chat_version: str) -> FastAPI:
-  app = FastAPI(title="mixtral-jax", docs_url=None, redoc_url=None)
-  tool_calls_id = tokenizer.special_id(TOOL_CALLS) if chat_version == "v3" else None
-  created = int(time.time())
+  """The FastAPI app of a :class:`Server` over ``engine``."""
+  return Server(engine, tokenizer, model_name, chat_version).app
 
-  @app.exception_handler(P.ApiError)
-  async def _api_error(_request, e: P.ApiError):
+
+class Server:
+  """The HTTP routes (methods) over one engine, one tokenizer, one served model name and chat format."""
+
+  def __init__(self, engine: Engine, tokenizer, model_name: str, chat_version: str):
+    self.engine, self.tokenizer, self.model_name, self.chat_version = engine, tokenizer, model_name, chat_version
+    self.tool_calls_id = tokenizer.special_id(TOOL_CALLS) if chat_version == "v3" else None
+    self.created = int(time.time())
+    app = FastAPI(title="mixtral-jax", docs_url=None, redoc_url=None)
+    app.add_exception_handler(P.ApiError, self.api_error)
+    app.get("/health")(self.health)
+    app.get("/v1/models")(self.models)
+    app.get("/metrics")(self.metrics)
+    app.post("/v1/chat/completions")(self.chat)
+    app.post("/v1/completions")(self.completions)
+    self.app = app
+
+  # ------------------------------------------------------------------------------ routes
+
+  async def api_error(self, _request, e: P.ApiError):
     headers = {"Retry-After": "1"} if e.status == 429 else None
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
-  @app.get("/health")
-  async def health():
-    return {"status": "ok", "model": model_name}
+  async def health(self):
+    return {"status": "ok", "model": self.model_name}
 
-  @app.get("/v1/models")
-  async def models():
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                        "owned_by": "mixtral-jax", "max_model_len": engine.max_context}]}
+  async def models(self):
+    return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                        "owned_by": "mixtral-jax", "max_model_len": self.engine.max_context}]}
 
-  @app.get("/metrics")
-  async def metrics():
-    return PlainTextResponse(prometheus(engine), media_type="text/plain; version=0.0.4")
+  async def metrics(self):
+    return PlainTextResponse(prometheus(self.engine), media_type="text/plain; version=0.0.4")
 
-  @app.post("/v1/chat/completions")
-  async def chat(http: HttpRequest):
+  async def chat(self, http: HttpRequest):
     body = P.parse_json(await http.body())
-    P.check_model(body, model_name)
-    messages, tools = P.parse_chat(body, chat_version)
+    P.check_model(body, self.model_name)
+    messages, tools = P.parse_chat(body, self.chat_version)
     params = P.parse_params(body, None)
     try:
-      prompt = encode_chat(messages, tools, version=chat_version)
+      prompt = encode_chat(messages, tools, version=self.chat_version)
     except ValueError as e:
       raise P.ApiError(400, str(e), param="messages") from None
-    detect = tool_calls_id if tools else None
-    return await _generate(http, prompt, params, "chat", detect)
+    detect = self.tool_calls_id if tools else None
+    return await self._generate(http, prompt, params, "chat", detect)
 
-  @app.post("/v1/completions")
-  async def completions(http: HttpRequest):
+  async def completions(self, http: HttpRequest):
     body = P.parse_json(await http.body())
-    P.check_model(body, model_name)
+    P.check_model(body, self.model_name)
     if body.get("echo") or body.get("suffix"):
       raise P.ApiError(400, "'echo' and 'suffix' are not supported by this server")
     params = P.parse_params(body, 16)  # OpenAI's default for completions
-    return await _generate(http, P.parse_prompt(body, tokenizer), params, "completion", None)
+    return await self._generate(http, P.parse_prompt(body, self.tokenizer), params, "completion", None)
 
-  async def _generate(http, prompt, params, kind, tool_calls_id):
-    max_tokens = P.check_length(len(prompt), params.max_tokens, engine.max_context)
+  # ------------------------------------------------------------------------------ one request
+
+  async def _generate(self, http, prompt, params, kind, tool_calls_id):
+    """Submits the request to the engine; its tokens arrive on ``events`` (this event loop)."""
+    max_tokens = P.check_length(len(prompt), params.max_tokens, self.engine.max_context)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     put = lambda *e: loop.call_soon_threadsafe(events.put_nowait, e)  # noqa: E731
     req = Request(prompt, max_tokens, on_token=lambda t, d: put("token", t, d), on_done=lambda r, e: put("done", r, e),
                   temperature=params.temperature, top_k=max(params.top_k, 0), top_p=params.top_p, seed=params.seed,
-                  stop=params.stop, eos=frozenset([tokenizer.eos_id]))
+                  stop=params.stop, eos=frozenset([self.tokenizer.eos_id]))
     try:
-      engine.submit(req)
+      self.engine.submit(req)
     except QueueFull as e:
       raise P.ApiError(429, str(e), code="queue_full") from None
     except ValueError as e:
       raise P.ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
     rid = P.new_id("chatcmpl" if kind == "chat" else "cmpl")
     if params.stream:
-      return StreamingResponse(_stream(req, events, rid, kind, tool_calls_id), media_type="text/event-stream",
+      return StreamingResponse(self._stream(req, events, rid, kind, tool_calls_id), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"})
-    return await _wait(http, req, events, rid, kind, tool_calls_id)
+    return await self._wait(http, req, events, rid, kind, tool_calls_id)
 
-  def _result(req: Request, reason: str, tool_calls_id):
+  def _result(self, req: Request, reason: str, tool_calls_id):
     """(text, tool calls or None, OpenAI finish reason, usage) of a finished request."""
     tokens = req.row.tokens
     use = P.usage(len(req.prompt), len(tokens) + (reason == "eos"))
     if tool_calls_id is not None and tokens and tokens[0] == tool_calls_id:
       try:
-        return None, parse_tool_calls(tokenizer.decode(tokens[1:])), "tool_calls", use
+        return None, parse_tool_calls(self.tokenizer.decode(tokens[1:])), "tool_calls", use
       except ValueError:
         pass  # not a well-formed call: return the text as it is
     return req.row.text, None, P.FINISH[reason], use
 
-  async def _wait(http, req, events, rid, kind, tool_calls_id):
+  async def _wait(self, http, req, events, rid, kind, tool_calls_id):
+    """The whole answer at once; a client that disconnects first cancels the request (499)."""
     gone = asyncio.ensure_future(_disconnected(http))
     try:
       while True:
@@ -126,16 +143,18 @@ def build_app(engine: Engine, tokenizer, model_name: str, chat_version: str) -> 
     _, reason, error = event
     if reason == "error":
       raise P.ApiError(500, f"generation failed: {error}")
-    text, calls, finish, use = _result(req, reason, tool_calls_id)
+    text, calls, finish, use = self._result(req, reason, tool_calls_id)
     if kind == "chat":
-      return P.chat_response(rid, model_name, text, calls, finish, use)
-    return P.completion_response(rid, model_name, text, finish, use)
+      return P.chat_response(rid, self.model_name, text, calls, finish, use)
+    return P.completion_response(rid, self.model_name, text, finish, use)
 
-  async def _stream(req, events, rid, kind, tool_calls_id):
+  async def _stream(self, req, events, rid, kind, tool_calls_id):
+    """Server-sent events: the text deltas as they come (a tool call held back until complete), then
+    the closing chunks. A generator Starlette cancels (the client went away) cancels the request."""
     done = False
     try:
       if kind == "chat":
-        yield P.sse(P.chat_chunk(rid, model_name, {"role": "assistant", "content": ""}))
+        yield P.sse(P.chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}))
       held, seen = False, 0  # a tool call is held back until it is complete
       while True:
         event = await events.get()
@@ -147,28 +166,32 @@ def build_app(engine: Engine, tokenizer, model_name: str, chat_version: str) -> 
         if tool_calls_id is not None and token == tool_calls_id and seen == 1:
           held = True
         if delta and not held:
-          yield P.sse(P.chat_chunk(rid, model_name, {"content": delta}) if kind == "chat"
-                      else P.completion_chunk(rid, model_name, delta))
-      _, reason, error = event
-      if reason == "error":
-        yield P.sse({"error": {"message": f"generation failed: {error}", "type": "server_error"}})
-        return
-      text, calls, finish, use = _result(req, reason, tool_calls_id)
-      if kind == "chat":
-        if calls:
-          delta = {"tool_calls": [dict(c, index=i) for i, c in enumerate(P.tool_calls_json(calls))]}
-          yield P.sse(P.chat_chunk(rid, model_name, delta))
-        elif held and text:
-          yield P.sse(P.chat_chunk(rid, model_name, {"content": text}))
-        yield P.sse(P.chat_chunk(rid, model_name, {}, finish, use))
-      else:
-        yield P.sse(P.completion_chunk(rid, model_name, "", finish, use))
-      yield P.sse("[DONE]")
+          yield P.sse(P.chat_chunk(rid, self.model_name, {"content": delta}) if kind == "chat"
+                      else P.completion_chunk(rid, self.model_name, delta))
+      for chunk in self._stream_end(req, event, rid, kind, tool_calls_id, held):
+        yield chunk
     finally:
       if not done:
         req.cancel()  # the client went away (Starlette cancelled this generator)
 
-  return app
+  def _stream_end(self, req, event, rid, kind, tool_calls_id, held) -> list[str]:
+    """The closing events of a stream: an error, or the tool calls / held text, the finish reason and
+    usage, and ``[DONE]``."""
+    _, reason, error = event
+    if reason == "error":
+      return [P.sse({"error": {"message": f"generation failed: {error}", "type": "server_error"}})]
+    text, calls, finish, use = self._result(req, reason, tool_calls_id)
+    out = []
+    if kind == "chat":
+      if calls:
+        delta = {"tool_calls": [dict(c, index=i) for i, c in enumerate(P.tool_calls_json(calls))]}
+        out.append(P.sse(P.chat_chunk(rid, self.model_name, delta)))
+      elif held and text:
+        out.append(P.sse(P.chat_chunk(rid, self.model_name, {"content": text})))
+      out.append(P.sse(P.chat_chunk(rid, self.model_name, {}, finish, use)))
+    else:
+      out.append(P.sse(P.completion_chunk(rid, self.model_name, "", finish, use)))
+    return out + [P.sse("[DONE]")]
 
 
 async def _disconnected(http: HttpRequest) -> None:

@@ -2,9 +2,15 @@
 
   spec       the run config's ``lora`` section (rank, alpha, dropout, targets), checks, base fingerprint
   adapters   the adapter variables inside the model and how the forward pass applies them
+  factors    one adapter outside the model: A, B and a scale per target (``Factors``), its keys and checks
   merge      adapters from a PEFT directory or a LoRA training run, merged into a base model's weights
   peft_io    our adapters <-> Hugging Face PEFT ``adapter_config.json`` + ``adapter_model.safetensors``
   run        a LoRA training run's record of its base (``WORKDIR/lora.json``) and its adapters
+  export     ``mixtral-jax export RUN DST --merge | --peft``
+
+Imports go one way: spec <- adapters <- factors <- peft_io <- merge <- export (run beside them, from
+spec). The model imports ``adapters`` only; merge and export reach the model and ``checkpoint`` inside
+functions, and nothing in the model imports them back.
 """
 
 from mixtral_jax.lora.adapters import LoRAParam, init_values

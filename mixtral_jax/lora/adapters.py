@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax import param_paths
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.expert_adapters import TARGET_STREAM, ExpertLoRA
 from mixtral_jax.layers import LOGICAL_AXES
@@ -51,29 +52,40 @@ class LoRAParam(nnx.Variable):
   """A trainable adapter factor (kept out of ``nnx.Param`` so the base stays a plain Mixtral)."""
 
 
+def _layout(w: param_paths.Weight):
+  """(A's (symbol, logical axis) pairs, B's): A = [(E,) in..., r], B = [(E,) r, out...] from the weight's
+  axes in the registry (an expert weight keeps its expert axis in front of both)."""
+  pairs = tuple(zip(w.ours, w.axes))
+  lead = pairs[:1] if w.ours[0] == "E" else ()
+  rest = pairs[len(lead):]
+  rank = (("r", "lora_rank"),)
+  return lead + rest[:w.contracted] + rank, lead + rank + rest[w.contracted:]
+
+
+def _group(w: param_paths.Weight) -> str:
+  """The module that holds a target's adapters: the weight's own module (attn, moe), or the model's head."""
+  return w.key[1] if w.key[0] == "blocks" else "head"
+
+
 # target -> (A shape symbols + logical axes, B shape symbols + logical axes); "r" is the rank.
-_LAYOUT = {
-    "q": ((("D", "embed"), ("r", "lora_rank")), (("r", "lora_rank"), ("N", "heads"), ("H", "head_dim"))),
-    "k": ((("D", "embed"), ("r", "lora_rank")), (("r", "lora_rank"), ("K", "kv_heads"), ("H", "head_dim"))),
-    "v": ((("D", "embed"), ("r", "lora_rank")), (("r", "lora_rank"), ("K", "kv_heads"), ("H", "head_dim"))),
-    "o": ((("N", "heads"), ("H", "head_dim"), ("r", "lora_rank")), (("r", "lora_rank"), ("D", "embed"))),
-    "router": ((("D", "embed"), ("r", "lora_rank")), (("r", "lora_rank"), ("E", "router_experts"))),
-    "w1": ((("E", "experts"), ("D", "expert_embed"), ("r", "lora_rank")),
-           (("E", "experts"), ("r", "lora_rank"), ("F", "expert_mlp"))),
-    "w3": ((("E", "experts"), ("D", "expert_embed"), ("r", "lora_rank")),
-           (("E", "experts"), ("r", "lora_rank"), ("F", "expert_mlp"))),
-    "w2": ((("E", "experts"), ("F", "expert_mlp"), ("r", "lora_rank")),
-           (("E", "experts"), ("r", "lora_rank"), ("D", "expert_embed"))),
-    "lm_head": ((("D", "embed"), ("r", "lora_rank")), (("r", "lora_rank"), ("V", "vocab"))),
-}
-GROUPS = {"attn": ("q", "k", "v", "o"), "moe": ("router", "w1", "w3", "w2"), "head": ("lm_head",)}
+LAYOUT = {w.id: _layout(w) for w in param_paths.WEIGHTS if w.lora}
+_LAYOUT = LAYOUT  # the old name, still read by lora/merge.py
+GROUPS = {g: tuple(t for t in LAYOUT if _group(param_paths.weight(t)) == g) for g in ("attn", "moe", "head")}
+
+
+def adapter_key(target: str, factor: str) -> tuple[str, ...]:
+  """The key of factor ``factor`` ("A" or "B") of ``target`` in the model's state (LoRAParam leaves):
+  beside the adapted weight in its module, under ``lora`` (the model's head: ``lora_head``)."""
+  key = param_paths.weight(target).key
+  module = key[:-1] + ("lora",) if key[0] == "blocks" else ("lora_head",)
+  return module + (f"{target}_{factor}",)
 
 
 def shapes(cfg: MixtralConfig, target: str, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(A shape, B shape) of one target, per layer."""
   sizes = {"D": cfg.hidden_size, "F": cfg.intermediate_size, "E": cfg.num_local_experts, "V": cfg.vocab_size,
            "N": cfg.num_attention_heads, "K": cfg.num_key_value_heads, "H": cfg.head_size, "r": rank}
-  a, b = _LAYOUT[target]
+  a, b = LAYOUT[target]
   return tuple(sizes[s] for s, _ in a), tuple(sizes[s] for s, _ in b)
 
 
@@ -89,7 +101,7 @@ class Adapters(nnx.Module):
     self.scale = lora.scale
     self.dropout = float(lora.dropout)
     for t in self.targets:
-      (a_shape, b_shape), (a_axes, b_axes) = shapes(cfg, t, lora.rank), _LAYOUT[t]
+      (a_shape, b_shape), (a_axes, b_axes) = shapes(cfg, t, lora.rank), LAYOUT[t]
       setattr(self, f"{t}_A", LoRAParam(jnp.zeros(a_shape, jnp.float32), **{LOGICAL_AXES: tuple(n for _, n in a_axes)}))
       setattr(self, f"{t}_B", LoRAParam(jnp.zeros(b_shape, jnp.float32), **{LOGICAL_AXES: tuple(n for _, n in b_axes)}))
 
@@ -167,7 +179,7 @@ def init_values(adapters_state: dict, seed: int) -> dict:
     if name.endswith("_B"):
       return jnp.zeros(leaf.shape, jnp.float32)
     target = name.rsplit("/", 1)[-1][:-2]
-    n_in = len(_LAYOUT[target][0]) - 1 - is_expert(target)  # A is [(layers,) (E,) in..., r]
+    n_in = len(LAYOUT[target][0]) - 1 - is_expert(target)  # A is [(layers,) (E,) in..., r]
     fan_in = math.prod(leaf.shape[-1 - n_in:-1])
     bound = 1.0 / math.sqrt(fan_in)
     key = jax.random.fold_in(base, zlib.crc32(name.encode()))

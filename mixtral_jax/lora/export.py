@@ -14,8 +14,10 @@ import shutil
 import tempfile
 from typing import Callable
 
+from . import factors as factors_lib
 from . import merge as merge_lib
 from . import run as run_lib
+from .peft_io import write_peft
 
 
 def _base_path(rec: dict, base: str | None) -> str | None:
@@ -35,13 +37,12 @@ def export_lora(run: str, dst: str, *, merge: bool, base: str | None = None, ove
     from mixtral_jax.checkpoint import load_config  # noqa: PLC0415
     run_lib.check_base(rec, load_config(base_path), run, f"base {base_path}")
   step, flat = run_lib.latest_adapters(run)
-  factors = merge_lib.from_tree(flat, run_lib.section(rec).scale)
+  factors = factors_lib.from_tree(flat, run_lib.section(rec).scale)
   cfg = run_lib.base_config(rec)
-  merge_lib.check_shapes(factors, cfg, run)
+  factors_lib.check_shapes(factors, cfg, run)
   progress(f"{run}: adapters of step {step} ({', '.join(f.target for f in factors)}, rank "
            f"{rec['lora']['rank']}) on base {base_path or 'preset ' + repr(rec['base']['preset'])}")
   if not merge:
-    from .peft_io import write_peft  # noqa: PLC0415
     with formats.atomic_dir(dst, overwrite=overwrite) as tmp:
       write_peft(factors, cfg, tmp, base_path=base_path)
     progress(f"wrote PEFT adapter {dst}")

@@ -1,15 +1,13 @@
 """Adapters as factors in our layout, from a LoRA run or a PEFT directory, and merged into base weights.
 
-A :class:`Factors` is one target's adapter over every layer: A ``[L, (E,) in..., r]``, B
-``[L, (E,) r, out...]`` (no L for the LM head) and a scale; the merged weight is
-``W + A B * scale`` per layer (and expert). Merging is how adapters serve inference: a model loaded with
+The factors themselves (:class:`Factors`, their keys and shape checks) live in ``lora.factors``, which
+this module and ``peft_io`` both import; the names are re-exported here for callers. The merged weight
+is ``W + A B * scale`` per layer (and expert). Merging is how adapters serve inference: a model loaded with
 ``adapter=`` runs exactly the base model's program on merged weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import os
 
 import jax
@@ -20,69 +18,11 @@ from mixtral_jax.config import MixtralConfig
 
 from . import adapters as adapters_lib
 from . import run as run_lib
+from .factors import PARAM_KEYS, Factors, adapter_key, check_shapes, from_tree
+from .peft_io import read_peft
 
-# target -> our base parameter's key in nnx.state(model, nnx.Param)
-PARAM_KEYS = {"q": ("blocks", "attn", "q_DNH"), "k": ("blocks", "attn", "k_DKH"), "v": ("blocks", "attn", "v_DKH"),
-              "o": ("blocks", "attn", "o_NHD"), "router": ("blocks", "moe", "router_DE"),
-              "w1": ("blocks", "moe", "w1_EDF"), "w3": ("blocks", "moe", "w3_EDF"), "w2": ("blocks", "moe", "w2_EFD"),
-              "lm_head": ("head_DV",)}
-_MODULE = {t: ("blocks", "attn", "lora") for t in ("q", "k", "v", "o")} | {
-    t: ("blocks", "moe", "lora") for t in ("router", "w1", "w2", "w3")} | {"lm_head": ("lora_head",)}
-
-
-@dataclasses.dataclass
-class Factors:
-  target: str
-  A: np.ndarray
-  B: np.ndarray
-  scale: float
-
-  @property
-  def lead(self) -> int:
-    """Leading axes that enumerate separate adapters (layers, experts)."""
-    return (self.target != "lm_head") + adapters_lib.is_expert(self.target)
-
-  def delta(self) -> np.ndarray:
-    """A B * scale, shaped like the base parameter (float32)."""
-    lead_shape = self.A.shape[:self.lead]
-    out = None
-    for idx in itertools.product(*(range(n) for n in lead_shape)):
-      d = np.tensordot(self.A[idx].astype(np.float32), self.B[idx].astype(np.float32), axes=1)
-      if out is None:
-        out = np.empty(lead_shape + d.shape, np.float32)
-      out[idx] = d
-    return out * np.float32(self.scale)
-
-
-def adapter_key(target: str, factor: str) -> tuple[str, ...]:
-  """Where a target's factor lives in the adapters tree (``factor`` is "A" or "B")."""
-  return _MODULE[target] + (f"{target}_{factor}",)
-
-
-def from_tree(flat: dict[tuple[str, ...], np.ndarray], scale: float) -> list[Factors]:
-  """Factors from our adapters tree (flattened {path: array}, e.g. a run's checkpoint)."""
-  out = []
-  for target in adapters_lib._LAYOUT:
-    a, b = adapter_key(target, "A"), adapter_key(target, "B")
-    if a in flat:
-      out.append(Factors(target, np.asarray(flat[a]), np.asarray(flat[b]), scale))
-  return out
-
-
-def check_shapes(factors: list[Factors], cfg: MixtralConfig, where: str) -> None:
-  """Each factor's shape against the base config (any rank); ValueError naming the first mismatch."""
-  L = cfg.num_hidden_layers
-  for f in factors:
-    r = f.A.shape[-1]
-    want_a, want_b = adapters_lib.shapes(cfg, f.target, r)
-    if f.target != "lm_head":
-      want_a, want_b = (L,) + want_a, (L,) + want_b
-    if f.A.shape != want_a or f.B.shape != want_b:
-      raise ValueError(
-          f"{where}: the {f.target} adapter has factors {list(f.A.shape)} x {list(f.B.shape)}, but this base "
-          f"needs {list(want_a)} x {list(want_b)} (hidden_size={cfg.hidden_size}, intermediate_size="
-          f"{cfg.intermediate_size}, layers={L}, experts={cfg.num_local_experts}, vocab={cfg.vocab_size}); the "
-          "adapter was made for another base model")
+__all__ = ["PARAM_KEYS", "Factors", "adapter_key", "check_shapes", "from_tree", "load_factors", "merge_arrays",
+           "merge_into", "attach", "adapter_values"]
 
 
 def load_factors(adapter: str | os.PathLike, cfg: MixtralConfig) -> list[Factors]:
@@ -96,8 +36,6 @@ def load_factors(adapter: str | os.PathLike, cfg: MixtralConfig) -> list[Factors
     _, flat = run_lib.latest_adapters(adapter)
     factors = from_tree(flat, run_lib.section(rec).scale)
   else:
-    from .peft_io import read_peft  # noqa: PLC0415
-
     factors = read_peft(adapter, cfg)
   check_shapes(factors, cfg, adapter)
   return factors

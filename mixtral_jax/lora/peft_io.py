@@ -34,7 +34,7 @@ import numpy as np
 
 from mixtral_jax.config import MixtralConfig
 
-from .merge import Factors
+from .factors import Factors
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -54,13 +54,33 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def read_peft(directory: str, cfg: MixtralConfig) -> list[Factors]:
-  """Factors (scale folded into B, so scale 1) from a PEFT LoRA adapter for the base ``cfg``."""
+  """Factors (scale folded into B, so scale 1) from a PEFT LoRA adapter for the base ``cfg``.
+
+  Steps: read and check ``adapter_config.json``; group the tensors into each module's (lora_A, lora_B)
+  pair; turn each pair into our per-layer layout with its own scale folded in (``_module_factors``);
+  stack the layers of each target (``_stack``)."""
   from safetensors.numpy import load_file  # noqa: PLC0415
 
   cfg_path, weights = os.path.join(directory, CONFIG), os.path.join(directory, WEIGHTS)
   if not os.path.isfile(cfg_path) or not os.path.isfile(weights):
     raise FileNotFoundError(f"{directory} is neither a PEFT adapter ({CONFIG} + {WEIGHTS}) nor a mixtral-jax "
                             "LoRA run (lora.json + checkpoints/)")
+  pc = _read_config(cfg_path)
+
+  def scale(module: str, r: int) -> float:
+    alpha = float(_pattern_value(pc.get("alpha_pattern"), module, pc.get("lora_alpha", 8)))
+    r_cfg = int(_pattern_value(pc.get("rank_pattern"), module, r))
+    return alpha / (math.sqrt(r_cfg) if pc.get("use_rslora") else r_cfg)
+
+  # (target, layer or None) -> (A, B) in our per-layer layout, scale folded into B
+  found: dict[tuple[str, int | None], tuple[np.ndarray, np.ndarray]] = {}
+  for module, (a, b) in _module_pairs(load_file(weights), weights).items():
+    found.update(_module_factors(module, a, b, cfg, scale, weights))
+  return _stack(found, cfg.num_hidden_layers)
+
+
+def _read_config(cfg_path: str) -> dict:
+  """``adapter_config.json``, refused unless it is a plain LoRA adapter."""
   with open(cfg_path) as f:
     pc = json.load(f)
   unsupported = [name for name, bad in (
@@ -70,17 +90,12 @@ def read_peft(directory: str, cfg: MixtralConfig) -> list[Factors]:
   if unsupported:
     raise ValueError(f"{cfg_path}: {', '.join(f'{n}={pc.get(n)!r}' for n in unsupported)} is not supported; only "
                      "plain LoRA adapters (peft_type LORA, no DoRA, bias none, no modules_to_save) can be loaded")
-  tensors = load_file(weights)
-  D, F, E, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_hidden_layers
-  N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+  return pc
 
-  def scale(module: str, r: int) -> float:
-    alpha = float(_pattern_value(pc.get("alpha_pattern"), module, pc.get("lora_alpha", 8)))
-    r_cfg = int(_pattern_value(pc.get("rank_pattern"), module, r))
-    return alpha / (math.sqrt(r_cfg) if pc.get("use_rslora") else r_cfg)
 
-  # (target, layer or None) -> (A, B) in our per-layer layout, scale folded into B
-  found: dict[tuple[str, int | None], tuple[np.ndarray, np.ndarray]] = {}
+def _module_pairs(tensors: dict[str, np.ndarray], weights: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{module name without the PEFT prefix: (lora_A, lora_B) as float32}; ValueError naming tensors that
+  map onto no Mixtral module, or a factor without its partner."""
   pairs: dict[str, dict[str, np.ndarray]] = {}
   unmapped = []
   for name, value in tensors.items():
@@ -101,45 +116,53 @@ def read_peft(directory: str, cfg: MixtralConfig) -> list[Factors]:
   for module, ab in pairs.items():
     if set(ab) != {"A", "B"}:
       raise ValueError(f"{weights}: module {module} has lora_{next(iter(ab))} but not its partner")
-    a, b = ab["A"], ab["B"]
-    if module == "lm_head":
-      found[("lm_head", None)] = (a.T, b.T * scale(module, a.shape[0]))
-      continue
-    l = int(module.split(".")[2])
-    if l >= L:
-      raise ValueError(f"{weights}: tensor for layer {l}, but the base has {L} layers (num_hidden_layers); the "
-                       "adapter was made for another base model")
-    kind = module.split(".", 3)[3]
-    if kind.startswith("self_attn"):
-      t = kind[len("self_attn.")]
-      r, s = a.shape[0], scale(module, a.shape[0])
-      out = {"q": (N, H), "k": (K, H), "v": (K, H)}.get(t)
-      if t == "o":
-        found[("o", l)] = (_reshape(a.T, (N, H, r), module, cfg), b.T * s)
-      else:
-        found[(t, l)] = (a.T, _reshape(b.T * s, (r,) + out, module, cfg))
-    elif kind == "mlp.gate":
-      found[("router", l)] = (a.T, b.T * scale(module, a.shape[0]))
-    else:  # fused experts: which tensor, by shape
-      if a.shape[0] % E:
-        raise ValueError(f"{weights}: {module}.lora_A has {a.shape[0]} rows, not a multiple of the {E} experts "
-                         "(num_local_experts); the adapter was made for another base model")
-      R = a.shape[0] // E
-      gate_up = b.shape[0] == 2 * F and a.shape[1] == D
-      down = b.shape[0] == D and a.shape[1] == F
-      if not (gate_up or down):
-        raise ValueError(f"{weights}: {module} factors {list(a.shape)} x {list(b.shape)} fit neither gate_up_proj "
-                         f"[E*R, {D}] x [{2 * F}, R*E] nor down_proj [E*R, {F}] x [{D}, R*E] of this base "
-                         f"(hidden_size={D}, intermediate_size={F}); the adapter was made for another base model")
-      s = scale(module + (".gate_up_proj" if gate_up else ".down_proj"), R)
-      A_EiR = a.reshape(E, R, -1).transpose(0, 2, 1)
-      B_ERo = b.reshape(b.shape[0], R, E).transpose(2, 1, 0) * s
-      if gate_up:
-        found[("w1", l)] = (A_EiR, B_ERo[..., :F])
-        found[("w3", l)] = (A_EiR, B_ERo[..., F:])
-      else:
-        found[("w2", l)] = (A_EiR, B_ERo)
-  return _stack(found, L)
+  return {module: (ab["A"], ab["B"]) for module, ab in pairs.items()}
+
+
+def _module_factors(module: str, a: np.ndarray, b: np.ndarray, cfg: MixtralConfig, scale, weights: str) -> dict:
+  """One PEFT module's torch-layout factors ([r, in], [out, r]) -> {(target, layer): (A, B)} in ours,
+  ``scale(module, r)`` folded into B."""
+  N, K, H, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, cfg.num_hidden_layers
+  if module == "lm_head":
+    return {("lm_head", None): (a.T, b.T * scale(module, a.shape[0]))}
+  l = int(module.split(".")[2])
+  if l >= L:
+    raise ValueError(f"{weights}: tensor for layer {l}, but the base has {L} layers (num_hidden_layers); the "
+                     "adapter was made for another base model")
+  kind = module.split(".", 3)[3]
+  if kind.startswith("self_attn"):
+    t = kind[len("self_attn.")]
+    r, s = a.shape[0], scale(module, a.shape[0])
+    if t == "o":
+      return {("o", l): (_reshape(a.T, (N, H, r), module, cfg), b.T * s)}
+    out = {"q": (N, H), "k": (K, H), "v": (K, H)}[t]
+    return {(t, l): (a.T, _reshape(b.T * s, (r,) + out, module, cfg))}
+  if kind == "mlp.gate":
+    return {("router", l): (a.T, b.T * scale(module, a.shape[0]))}
+  return _expert_factors(module, l, a, b, cfg, scale, weights)
+
+
+def _expert_factors(module: str, l: int, a: np.ndarray, b: np.ndarray, cfg: MixtralConfig, scale,
+                    weights: str) -> dict:
+  """The fused expert tensors: which one (gate_up_proj or down_proj) by shape; peft's A is (E, R, in),
+  expert-major, its B (out, R, E), expert-minor; gate_up's B splits into w1's and w3's columns."""
+  D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+  if a.shape[0] % E:
+    raise ValueError(f"{weights}: {module}.lora_A has {a.shape[0]} rows, not a multiple of the {E} experts "
+                     "(num_local_experts); the adapter was made for another base model")
+  R = a.shape[0] // E
+  gate_up = b.shape[0] == 2 * F and a.shape[1] == D
+  down = b.shape[0] == D and a.shape[1] == F
+  if not (gate_up or down):
+    raise ValueError(f"{weights}: {module} factors {list(a.shape)} x {list(b.shape)} fit neither gate_up_proj "
+                     f"[E*R, {D}] x [{2 * F}, R*E] nor down_proj [E*R, {F}] x [{D}, R*E] of this base "
+                     f"(hidden_size={D}, intermediate_size={F}); the adapter was made for another base model")
+  s = scale(module + (".gate_up_proj" if gate_up else ".down_proj"), R)
+  A_EiR = a.reshape(E, R, -1).transpose(0, 2, 1)
+  B_ERo = b.reshape(b.shape[0], R, E).transpose(2, 1, 0) * s
+  if gate_up:
+    return {("w1", l): (A_EiR, B_ERo[..., :F]), ("w3", l): (A_EiR, B_ERo[..., F:])}
+  return {("w2", l): (A_EiR, B_ERo)}
 
 
 def _reshape(x, shape, module, cfg):
@@ -179,73 +202,83 @@ def _stack(found: dict, L: int) -> list[Factors]:
 
 def write_peft(factors: list[Factors], cfg: MixtralConfig, dst: str, *, base_path: str | None) -> None:
   """Writes ``factors`` (all of one scale) as a PEFT adapter directory ``dst`` (created, must not exist
-  half-written: the caller wraps it in ``formats.atomic_dir``)."""
+  half-written: the caller wraps it in ``formats.atomic_dir``).
+
+  Every adapter is zero-padded to one rank R (2r when w1 or w3 is adapted: they leave as one fused
+  rank-2r adapter) and ``lora_alpha`` is ``scale * R``, so peft's alpha/R is our scale."""
   from safetensors.numpy import save_file  # noqa: PLC0415
 
   by = {f.target: f for f in factors}
   scales = {f.scale for f in factors}
   assert len(scales) == 1, scales
   scale = scales.pop()
-  D, F, E, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_hidden_layers
   r = max(f.A.shape[-1] for f in factors)
-  experts_gate_up = "w1" in by or "w3" in by
-  R = 2 * r if experts_gate_up else r
-
-  def pad_a(a):  # rank is the last axis
-    return np.concatenate([a, np.zeros(a.shape[:-1] + (R - a.shape[-1],), a.dtype)], axis=-1)
-
-  def pad_b(b, axis):
-    shape = list(b.shape)
-    shape[axis] = R - b.shape[axis]
-    return np.concatenate([b, np.zeros(shape, b.dtype)], axis=axis)
-
+  R = 2 * r if ("w1" in by or "w3" in by) else r
   tensors = {}
-  lay = _PREFIX + "model.layers.{l}."
-  for l in range(L):
-    for t in ("q", "k", "v"):
-      if t in by:
-        A, B = by[t].A[l], by[t].B[l]  # [D, r], [r, N, H]
-        tensors[lay.format(l=l) + f"self_attn.{t}_proj.lora_A.weight"] = pad_a(A).T
-        tensors[lay.format(l=l) + f"self_attn.{t}_proj.lora_B.weight"] = pad_b(B.reshape(B.shape[0], -1), 0).T
-    if "o" in by:
-      A, B = by["o"].A[l], by["o"].B[l]  # [N, H, r], [r, D]
-      tensors[lay.format(l=l) + "self_attn.o_proj.lora_A.weight"] = pad_a(A.reshape(-1, A.shape[-1])).T
-      tensors[lay.format(l=l) + "self_attn.o_proj.lora_B.weight"] = pad_b(B, 0).T
-    if "router" in by:
-      A, B = by["router"].A[l], by["router"].B[l]  # [D, r], [r, E]
-      tensors[lay.format(l=l) + "mlp.gate.lora_A.weight"] = pad_a(A).T
-      tensors[lay.format(l=l) + "mlp.gate.lora_B.weight"] = pad_b(B, 0).T
-    both = experts_gate_up and "w2" in by
-    if experts_gate_up:  # one rank-2r adapter for [w1; w3]: A stacked, B block-diagonal
-      A_f = np.zeros((E, D, 2 * r), np.float32)
-      B_f = np.zeros((E, 2 * r, 2 * F), np.float32)
-      for i, t in enumerate(("w1", "w3")):
-        if t in by:
-          rt = by[t].A.shape[-1]
-          A_f[:, :, i * r:i * r + rt] = by[t].A[l]
-          B_f[:, i * r:i * r + rt, i * F:(i + 1) * F] = by[t].B[l]
-      name = "mlp.experts.base_layer." if both else "mlp.experts."
-      tensors[lay.format(l=l) + name + "lora_A.weight"] = A_f.transpose(0, 2, 1).reshape(E * R, D)
-      tensors[lay.format(l=l) + name + "lora_B.weight"] = B_f.transpose(2, 1, 0).reshape(2 * F, R * E)
-    if "w2" in by:
-      A, B = pad_a(by["w2"].A[l]), pad_b(by["w2"].B[l], 1)  # [E, F, R], [E, R, D]
-      tensors[lay.format(l=l) + "mlp.experts.lora_A.weight"] = A.transpose(0, 2, 1).reshape(E * R, F)
-      tensors[lay.format(l=l) + "mlp.experts.lora_B.weight"] = B.transpose(2, 1, 0).reshape(D, R * E)
+  for l in range(cfg.num_hidden_layers):
+    tensors.update(_layer_tensors(by, l, cfg, r, R))
   if "lm_head" in by:
     A, B = by["lm_head"].A, by["lm_head"].B
-    tensors[_PREFIX + "lm_head.lora_A.weight"] = pad_a(A).T
-    tensors[_PREFIX + "lm_head.lora_B.weight"] = pad_b(B, 0).T
-
-  modules = [f"{t}_proj" for t in ("q", "k", "v", "o") if t in by] + (["lm_head"] if "lm_head" in by else [])
-  params = ((["mlp.gate.weight"] if "router" in by else [])
-            + (["mlp.experts.gate_up_proj"] if experts_gate_up else [])
-            + (["mlp.experts.down_proj"] if "w2" in by else []))
-  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path, "r": R,
-            "lora_alpha": scale * R, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-            "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-            "modules_to_save": None, "target_modules": modules or None, "target_parameters": params or None,
-            "rank_pattern": {}, "alpha_pattern": {}}
+    tensors[_PREFIX + "lm_head.lora_A.weight"] = _pad_rank(A, R, -1).T
+    tensors[_PREFIX + "lm_head.lora_B.weight"] = _pad_rank(B, R, 0).T
   os.makedirs(dst, exist_ok=True)
   with open(os.path.join(dst, CONFIG), "w") as f:
-    json.dump(config, f, indent=2)
+    json.dump(_peft_config(by, R, scale, base_path), f, indent=2)
   save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, os.path.join(dst, WEIGHTS))
+
+
+def _pad_rank(x: np.ndarray, R: int, axis: int) -> np.ndarray:
+  """``x`` zero-padded along its rank axis to R (the padding adds exact zeros to the delta)."""
+  shape = list(x.shape)
+  shape[axis] = R - x.shape[axis]
+  return np.concatenate([x, np.zeros(shape, x.dtype)], axis=axis)
+
+
+def _layer_tensors(by: dict[str, Factors], l: int, cfg: MixtralConfig, r: int, R: int) -> dict[str, np.ndarray]:
+  """Layer ``l``'s PEFT tensors in torch layout ([r, in] / [out, r]), padded to rank R."""
+  D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+  lay, out = _PREFIX + f"model.layers.{l}.", {}
+  for t in ("q", "k", "v"):
+    if t in by:
+      A, B = by[t].A[l], by[t].B[l]  # [D, r], [r, N, H]
+      out[lay + f"self_attn.{t}_proj.lora_A.weight"] = _pad_rank(A, R, -1).T
+      out[lay + f"self_attn.{t}_proj.lora_B.weight"] = _pad_rank(B.reshape(B.shape[0], -1), R, 0).T
+  if "o" in by:
+    A, B = by["o"].A[l], by["o"].B[l]  # [N, H, r], [r, D]
+    out[lay + "self_attn.o_proj.lora_A.weight"] = _pad_rank(A.reshape(-1, A.shape[-1]), R, -1).T
+    out[lay + "self_attn.o_proj.lora_B.weight"] = _pad_rank(B, R, 0).T
+  if "router" in by:
+    A, B = by["router"].A[l], by["router"].B[l]  # [D, r], [r, E]
+    out[lay + "mlp.gate.lora_A.weight"] = _pad_rank(A, R, -1).T
+    out[lay + "mlp.gate.lora_B.weight"] = _pad_rank(B, R, 0).T
+  gate_up = "w1" in by or "w3" in by
+  if gate_up:  # one rank-2r adapter for [w1; w3]: A stacked, B block-diagonal
+    A_f = np.zeros((E, D, 2 * r), np.float32)
+    B_f = np.zeros((E, 2 * r, 2 * F), np.float32)
+    for i, t in enumerate(("w1", "w3")):
+      if t in by:
+        rt = by[t].A.shape[-1]
+        A_f[:, :, i * r:i * r + rt] = by[t].A[l]
+        B_f[:, i * r:i * r + rt, i * F:(i + 1) * F] = by[t].B[l]
+    name = "mlp.experts.base_layer." if "w2" in by else "mlp.experts."  # peft names by wrapping depth
+    out[lay + name + "lora_A.weight"] = A_f.transpose(0, 2, 1).reshape(E * R, D)
+    out[lay + name + "lora_B.weight"] = B_f.transpose(2, 1, 0).reshape(2 * F, R * E)
+  if "w2" in by:
+    A, B = _pad_rank(by["w2"].A[l], R, -1), _pad_rank(by["w2"].B[l], R, 1)  # [E, F, R], [E, R, D]
+    out[lay + "mlp.experts.lora_A.weight"] = A.transpose(0, 2, 1).reshape(E * R, F)
+    out[lay + "mlp.experts.lora_B.weight"] = B.transpose(2, 1, 0).reshape(D, R * E)
+  return out
+
+
+def _peft_config(by: dict[str, Factors], R: int, scale: float, base_path: str | None) -> dict:
+  """``adapter_config.json``: target_modules for the linear layers, target_parameters for the router and
+  the fused expert tensors."""
+  modules = [f"{t}_proj" for t in ("q", "k", "v", "o") if t in by] + (["lm_head"] if "lm_head" in by else [])
+  params = ((["mlp.gate.weight"] if "router" in by else [])
+            + (["mlp.experts.gate_up_proj"] if ("w1" in by or "w3" in by) else [])
+            + (["mlp.experts.down_proj"] if "w2" in by else []))
+  return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path, "r": R,
+          "lora_alpha": scale * R, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+          "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+          "modules_to_save": None, "target_modules": modules or None, "target_parameters": params or None,
+          "rank_pattern": {}, "alpha_pattern": {}}

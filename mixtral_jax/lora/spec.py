@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 
+from mixtral_jax import param_paths
 from mixtral_jax.config import MixtralConfig
 
 TARGETS = ("q", "k", "v", "o", "w1", "w2", "w3", "router", "lm_head")
@@ -59,10 +61,12 @@ class LoraSection:
 
 def target_dims(cfg: MixtralConfig) -> dict[str, tuple[int, int]]:
   """(in, out) of each target's weight (per expert for w1, w2, w3)."""
-  D, F, E, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.vocab_size
-  NH, KH = cfg.num_attention_heads * cfg.head_size, cfg.num_key_value_heads * cfg.head_size
-  return {"q": (D, NH), "k": (D, KH), "v": (D, KH), "o": (NH, D), "w1": (D, F), "w3": (D, F), "w2": (F, D),
-          "router": (D, E), "lm_head": (D, V)}
+  out = {}
+  for t in TARGETS:
+    w = param_paths.weight(t)
+    dims = param_paths.shape(w, cfg)[1 if w.ours[0] == "E" else 0:]
+    out[t] = (math.prod(dims[:w.contracted]), math.prod(dims[w.contracted:]))
+  return out
 
 
 def adapter_params(cfg: MixtralConfig, lora: LoraSection, *, active: bool = False) -> int:

@@ -150,15 +150,18 @@ def verify_shard(directory: str, record: dict) -> None:
   for part, meta in record["files"].items():
     path = os.path.join(directory, f"{record['name']}.{part}")
     if not os.path.exists(path):
-      raise ValueError(f"shard {path} is missing; re-run mixtral-jax tokenize for {directory}")
+      raise ValueError(f"shard {path} is missing; rerun the mixtral-jax tokenize (or train) command that made "
+                       f"{directory}: it rebuilds the shard")
     size = os.path.getsize(path)
     if size != meta["bytes"]:
       raise ValueError(f"shard {path} has {size} bytes, its record says {meta['bytes']}: it is truncated or "
-                       f"overwritten; re-tokenize {directory}")
+                       f"overwritten; rerun the mixtral-jax tokenize (or train) command that made {directory}: it "
+                       "rebuilds the shard")
     crc = crc32_file(path)
     if crc != meta["crc32"]:
       raise ValueError(f"shard {path} fails its checksum (CRC-32 {crc}, manifest {meta['crc32']}): the file is "
-                       f"corrupt; delete it and its .json and rerun mixtral-jax tokenize for {directory}")
+                       f"corrupt; rerun the mixtral-jax tokenize (or train) command that made {directory}: it "
+                       "rebuilds the shard")
 
 
 class ShardFile:

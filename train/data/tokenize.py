@@ -13,7 +13,9 @@ Algorithm:
   4. Write ``manifest.json`` (atomically) from the records once every shard is there.
 
 A run killed at any point leaves complete shards and temporary files; the rerun removes the temporary
-files of dead writers and tokenizes only the missing shards.
+files of dead writers and tokenizes only the missing shards. A rerun over a finished directory checks
+every shard the manifest lists (record, sizes, CRC-32) and rebuilds the missing or corrupt ones, so
+"rerun tokenize" is the fix the shard errors advise.
 """
 
 from __future__ import annotations
@@ -164,10 +166,17 @@ def tokenize(sources, out: str, spec: TokenizeSpec, *, workers: int = 1, extensi
   manifest_path = os.path.join(out, shards_lib.MANIFEST)
   if os.path.exists(manifest_path):
     manifest = shards_lib.load_manifest(out)
-    if manifest.get("plan_key") == key:
+    if manifest.get("plan_key") != key:
+      raise FileExistsError(f"{out} already holds a finished tokenization of other inputs (or another "
+                            "tokenizer); choose a new --out, or delete it to re-tokenize")
+    broken = damaged_shards(out, manifest)
+    if not broken:
       return manifest
-    raise FileExistsError(f"{out} already holds a finished tokenization of other inputs (or another "
-                          "tokenizer); choose a new --out, or delete it to re-tokenize")
+    log(f"tokenize: rebuilding {len(broken)} missing or corrupt shard(s) in {out}: {', '.join(broken[:5])}")
+    for name in broken:  # their records go first, so the plan below sees them as not done
+      for entry in os.listdir(out):
+        if entry.startswith(name + "."):
+          os.remove(os.path.join(out, entry))
   shards_lib.remove_stale_temporaries(out)
   records = {}
   todo = []
@@ -201,6 +210,22 @@ def tokenize(sources, out: str, spec: TokenizeSpec, *, workers: int = 1, extensi
                      f"{'conversations' if spec.kind == 'chat' else 'text'} (empty source); check the paths")
   shards_lib.write_json_atomic(manifest_path, manifest)
   return manifest
+
+
+def damaged_shards(out: str, manifest: dict) -> list[str]:
+  """Names of the shards ``manifest`` lists whose record or files are missing, or whose files fail their
+  size or CRC-32 check (step 5 of a rerun: a finished directory is checked, not trusted)."""
+  broken = []
+  for split in manifest["splits"].values():
+    for shard in split["shards"]:
+      record = shards_lib.read_shard_record(out, shard["name"])
+      try:
+        if record is None:
+          raise ValueError("missing")
+        shards_lib.verify_shard(out, record)
+      except ValueError:
+        broken.append(shard["name"])
+  return broken
 
 
 def _start_method() -> str:

@@ -2,13 +2,15 @@
 
   mixtral-jax plan --generate --preset mixtral-8x7b --mesh tensor=2 --batch 8 --context 32768 --device h200
 
-The programs are generation's own (``mixtral_jax.generate``): ``_prefill``, one prefill chunk of
+The programs are generation's own (``mixtral_jax.inference.programs``, which ``generate`` and ``serve``
+run): the batch prefill, one prefill chunk of
 C = min(``--context``, ``--prefill-chunk``) columns of every row into a KV cache of ``--context`` slots
 (the largest program of a prefill; ``generate`` runs it context / C times, the last chunk sampling the
 first token), and the decode chunk (one token per row against that cache), lowered from
 ``ShapeDtypeStruct``s on the mesh and compiled for its devices. Both carry the stacked cache through
-the layer scan and write it in place (donated), so neither holds a second cache. (``serve`` prefills one
-request's row at a time, in chunks of its own ``--prefill-chunk``: a smaller program than this one.) Per device it prints the parameters, the KV cache, and each program's
+the layer scan and write it in place (donated), so neither holds a second cache. (``serve`` prefills a
+request alone on its own row, or all rows at once, in chunks of its own ``--prefill-chunk``: the same
+program or a smaller one.) Per device it prints the parameters, the KV cache, and each program's
 temporaries and peak (arguments + outputs - donated + temporaries).
 
 Weights: a weight format is a function (config, mesh) -> (graphdef, abstract parameter state) in
@@ -19,7 +21,6 @@ layout. Serving is dropless (no capacity factor): generation must not drop token
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -31,11 +32,10 @@ from mixtral_jax.config import MixtralConfig
 from mixtral_jax.model import KVCache
 from mixtral_jax.attention import LayerCache
 from mixtral_jax.params import abstract_model, param_shardings
-from mixtral_jax.sampling import Sampling
 from mixtral_jax.sharding.mesh import format_mesh, make_mesh
 
 from . import topology
-from .plan import GiB, compile_or_verdict, fit_lines, model_config, shard_bytes, target_devices, _header
+from .compiling import GiB, compile_or_verdict, fit_lines, header, kernel_lines, model_config, shard_bytes, target_devices
 
 BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -87,7 +87,8 @@ def plan_serving(cfg: MixtralConfig, mesh, *, batch: int, context: int, weights:
                  prefill_chunk: int | None = None) -> dict:
   """Compiles one prefill chunk (``batch`` x min(``context``, ``prefill_chunk``) prompt tokens into a
   ``context``-slot cache) and one decode chunk; figures per device."""
-  from mixtral_jax.generate import PREFILL_CHUNK, _decode_chunk, _prefill, bucket, prefill_chunk_size  # noqa: PLC0415
+  from mixtral_jax.generate import PREFILL_CHUNK, bucket, prefill_chunk_size  # noqa: PLC0415
+  from mixtral_jax.inference.programs import lower_decode, lower_prefill  # noqa: PLC0415
 
   chunk = prefill_chunk_size(bucket(context, 16), prefill_chunk or PREFILL_CHUNK)
 
@@ -98,22 +99,16 @@ def plan_serving(cfg: MixtralConfig, mesh, *, batch: int, context: int, weights:
   cache = abstract_cache(cfg, mesh, batch, context)
   kv_spec, pos_spec = cache_sharding(mesh, batch, cfg.num_key_value_heads)
   rows = NamedSharding(mesh, pos_spec)
-  replicated = NamedSharding(mesh, P())
   ids = jax.ShapeDtypeStruct((batch, chunk), jnp.int32, sharding=rows)
-  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
-  tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(mesh, P(pos_spec[0])))
-  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-  sampling = Sampling()
   args_bytes = shard_bytes(state) + shard_bytes(cache)
 
   out = {"param_bytes": shard_bytes(state), "kv_cache_bytes": shard_bytes(cache), "weights": weights,
          "prefill_chunk": chunk}
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    lowered = _prefill.lower(graphdef, state, ids, ids, ids, cache, key, sampling)
+    lowered = lower_prefill(graphdef, state, cache, chunk, rows)
     _, out["prefill"] = compile_or_verdict(lowered, args_bytes + 3 * shard_bytes(ids))
-    decode = _decode_chunk(graphdef, sampling)
-    lowered = decode.lower(state, tokens, tokens, cache, key, scalar, scalar, None)
+    lowered = lower_decode(graphdef, state, cache, rows)
     _, out["decode"] = compile_or_verdict(lowered, args_bytes)
   out["compile_seconds"] = time.perf_counter() - t0
   out["peak_bytes"] = max(out["prefill"]["peak_bytes"], out["decode"]["peak_bytes"])
@@ -130,7 +125,7 @@ def serve_main(args, count: int) -> int:
   out = plan_serving(cfg, mesh, batch=args.batch, context=context, weights=getattr(args, "quantize", None) or "bf16",
                      prefill_chunk=getattr(args, "prefill_chunk", None))
   cfg = cfg.replace(param_dtype="bfloat16", capacity_factor=None)
-  print(_header(args, cfg, mesh, f"serving batch {args.batch}, context {context}, {out['weights']} weights")
+  print(header(args, cfg, mesh, f"serving batch {args.batch}, context {context}, {out['weights']} weights")
         + f"; compiled in {out['compile_seconds']:.1f} s")
   print(f"per device: parameters {out['param_bytes'] / GiB:.2f} GiB, KV cache {out['kv_cache_bytes'] / GiB:.2f} GiB")
   print(f"  prefill: generate's chunk program, {args.batch} rows x {out['prefill_chunk']} prompt columns per call "
@@ -143,6 +138,8 @@ def serve_main(args, count: int) -> int:
     else:
       print(f"  {name:<8} temporaries {f['temp_bytes'] / GiB:8.2f} GiB   peak {f['peak_bytes'] / GiB:8.2f} GiB   "
             f"{f['flops'] / 1e12:9.3f} TFLOPs")
+      for line in kernel_lines(f):
+        print("  " + line)
   device = topology.device_memory(args.device, list(mesh.devices.flat))
   tips = topology.advice(0, 1, mesh_sizes=dict(mesh.shape), remat="none", grad_accum=1, batch=args.batch,
                          serving=True)

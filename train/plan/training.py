@@ -6,9 +6,11 @@
 The step is the training engineer's (``mixtral_jax.train.step.build_train_step``), lowered from abstract
 ``ShapeDtypeStruct``s and compiled for the mesh's devices; no weight is allocated. The devices are:
 
-* ``--topology v5p-128`` (``train.topology``): the TPU slice's devices from libtpu, so the real TPU
+* ``--topology v5p-128`` (``topology``): the TPU slice's devices from libtpu, so the real TPU
   compiler compiles the step on this host, with TPU kernels and collectives (kernel choices follow the
   mesh's platform, ``sharding.mesh.current_platform``). Its RESOURCE_EXHAUSTED is read as a verdict.
+* ``--topology h100x8`` (``2xh100x8``, ``h200x8``, ...): compile-only NVIDIA devices from the CUDA
+  plugin, so XLA:GPU compiles the step deviceless, with GPU kernels and async collectives.
 * otherwise this host's devices; when the mesh needs more than exist and JAX has not started on an
   accelerator, simulated CPU devices (``--simulate`` forces that). The figures then describe the
   program each device of the target mesh would run; CPU layouts and fusion differ a little from
@@ -20,12 +22,12 @@ Per device it prints, each beside its analytic expectation:
   shardings) against count x dtype size / shards from the logical-axis table;
 * temporaries (activations, MoE buffers, gradients in flight) from ``compiled.memory_analysis()``,
   and the peak: arguments + outputs - donated + temporaries;
-* FLOPs per step from the HLO (``train.hlo_stats``: dots and convolutions times loop trip counts),
+* FLOPs per step from the HLO (``hlo_stats``: dots and convolutions times loop trip counts),
   and ``compiled.cost_analysis()``'s own figure, which counts each loop body once;
 * all-to-all bytes per step, summed the same way over the HLO's ``all-to-all`` instructions.
 
 With ``--device`` it says whether the peak fits that device and, when not, what to change.
-``--generate`` plans serving instead (``train.plan_serve``).
+``--generate`` plans serving instead (``serving``); the command line is ``commands``.
 """
 
 from __future__ import annotations
@@ -39,17 +41,18 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mixtral_jax import lora as lora_lib
 from mixtral_jax import routing
-from mixtral_jax.config import ATTENTION_IMPLS, MixtralConfig, get_config
+from mixtral_jax.config import MixtralConfig
 from mixtral_jax.layers import LOGICAL_AXES
+from mixtral_jax.model import Mixtral
 from mixtral_jax.params import abstract_model
-from mixtral_jax.sharding.mesh import format_mesh, make_mesh, parse_mesh
+from mixtral_jax.sharding.mesh import format_mesh, make_mesh
 from mixtral_jax.sharding.rules import logical_to_spec
 
-from .hlo_stats import hlo_stats  # noqa: F401  (re-exported: tests and benchmarks import it from here)
 from . import topology
-
-GiB = 2**30
+from .compiling import (GiB, compile_or_verdict, fit_lines, header, kernel_lines, model_config,
+                        shard_bytes, target_devices)
 
 # ------------------------------------------------------------------------------------ analytic side
 
@@ -65,6 +68,15 @@ def _state_bytes(state, mesh, itemsize: int) -> float:
              for _, var in nnx.to_flat_state(state))
 
 
+def _lora_states(cfg: MixtralConfig, lora):
+  """(abstract adapters, abstract frozen base) of a LoRA model, split as the train step splits them."""
+  from mixtral_jax.train.step import base_config  # noqa: PLC0415
+
+  model = nnx.eval_shape(lambda: Mixtral(base_config(cfg, lora), rngs=nnx.Rngs(0), lora_cfg=lora))
+  _, adapters, frozen = nnx.split(model, lora_lib.LoRAParam, ...)
+  return adapters, frozen
+
+
 def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lora=None) -> dict:
   """Per-device expectations from the config, the mesh and the logical-axis table alone.
 
@@ -78,8 +90,7 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
     params = trained = _state_bytes(nnx.state(abstract_model(cfg), nnx.Param), mesh, pbytes)
     base = 0.0  # no frozen weights
   else:
-    from .step import _param_template  # noqa: PLC0415
-    _, adapters, frozen = _param_template(cfg, lora)
+    adapters, frozen = _lora_states(cfg, lora)
     base = _state_bytes(frozen, mesh, cbytes)
     trained = _state_bytes(adapters, mesh, 4)
     params = base + trained
@@ -146,50 +157,31 @@ def attention_choice(cfg: MixtralConfig, mesh, seq: int) -> str:
     return cfg.attention_impl
 
 
-# ------------------------------------------------------------------------------------ compiling
+def live_key_blocks(seq: int, block: int, window: int | None) -> float:
+  """Key blocks a query block visits in blockwise attention, on average, for one unpacked row whose
+  positions are its indices (``attn.mask.live_blocks``: causal, and within ``window`` when set)."""
+  n = -(-seq // block)
+  live = sum(1 for i in range(n) for j in range(i + 1)
+             if window is None or i * block - (j * block + block - 1) < window)
+  return live / n
 
 
-def shard_bytes(tree) -> float:
-  """Bytes per device of a tree of sharded ``ShapeDtypeStruct``s (or arrays)."""
-  return float(sum(math.prod(s.sharding.shard_shape(s.shape)) * np.dtype(s.dtype).itemsize
-                   for s in jax.tree.leaves(tree)))
+def scaled_loop_flops(figures: dict, cfg: MixtralConfig, mesh, seq: int) -> dict:
+  """FLOPs with blockwise attention's data-dependent key-block loops counted by their expected trips.
 
+  ``hlo_stats`` counts a loop whose trip count is data once (``unknown_trip_flops``). In the train step
+  those loops are blockwise attention's (forward, remat forward, backward), unless the dropless
+  ``blocked`` expert kernel adds its own; then nothing is scaled. Returns the updated figures."""
+  from mixtral_jax.experts import resolve_impl  # noqa: PLC0415
 
-def cost_analysis_flops(compiled) -> float | None:
-  """``compiled.cost_analysis()["flops"]``: counts each loop body once (see ``train.hlo_stats``)."""
-  try:
-    ca = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - not every backend implements it
-    return None
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else None
-  return float(ca["flops"]) if ca and "flops" in ca else None
-
-
-def compiled_figures(compiled) -> dict:
-  """Memory analysis, HLO statistics and the peak (arguments + outputs - aliased + temporaries)."""
-  mem = compiled.memory_analysis()
-  out = {"temp_bytes": float(mem.temp_size_in_bytes), "argument_bytes": float(mem.argument_size_in_bytes),
-         "output_bytes": float(mem.output_size_in_bytes), "alias_bytes": float(mem.alias_size_in_bytes)}
-  out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
-  out.update(hlo_stats(compiled.as_text()))
-  out["cost_analysis_flops"] = cost_analysis_flops(compiled)
-  return out
-
-
-def compile_or_verdict(lowered, argument_bytes: float) -> tuple[object | None, dict]:
-  """(compiled, figures); when the TPU compiler refuses for lack of memory, (None, its verdict):
-  {oom, temp_bytes (what it needed for temporaries), available_bytes, peak_bytes (arguments + that)}."""
-  try:
-    compiled = lowered.compile()
-  except Exception as e:  # noqa: BLE001 - XlaRuntimeError; only RESOURCE_EXHAUSTED becomes a verdict
-    parsed = topology.parse_oom(str(e))
-    if parsed is None:
-      raise
-    needed, available = parsed
-    return None, {"oom": True, "temp_bytes": needed, "available_bytes": available,
-                  "peak_bytes": argument_bytes + needed, "message": str(e).splitlines()[0][:400]}
-  return compiled, compiled_figures(compiled)
+  platform = mesh.devices.flat[0].platform
+  platform = "gpu" if platform in ("cuda", "rocm") else platform
+  blocked = cfg.capacity_factor is None and resolve_impl(cfg.moe_impl, platform) == "blocked"
+  if not figures["unknown_trip_loops"] or blocked or attention_choice(cfg, mesh, seq) != "blockwise":
+    return {}
+  trips = live_key_blocks(seq, min(cfg.attention_block, seq), cfg.sliding_window)
+  return {"flops_loops_once": figures["flops"], "unknown_trip_scale": trips,
+          "flops": figures["flops"] + figures["unknown_trip_flops"] * (trips - 1)}
 
 
 def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1, lora_rank: int | None = None) -> dict:
@@ -208,6 +200,8 @@ def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1,
   with jax.set_mesh(mesh):  # kernels that need a concrete mesh (shard_map'd Pallas) see the target's
     lowered = step_fn.lower(abs_state, abs_batch)
   _, figures = compile_or_verdict(lowered, shard_bytes(abs_state) + shard_bytes(abs_batch))
+  if "flops" in figures:
+    figures.update(scaled_loop_flops(figures, cfg, mesh, seq))
   base = 0.0 if abs_state.base is None else shard_bytes(abs_state.base)
   return {
       "compiled": {"param_bytes": shard_bytes(abs_state.params) + base, "base_bytes": base,
@@ -217,145 +211,14 @@ def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1,
   }
 
 
-plan_example = "mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 --topology v5p-128"
-
-
-# ------------------------------------------------------------------------------------ devices
-
-
-def _accelerator_possible() -> bool:
-  """Whether JAX could start on a GPU or TPU here (a GPU plugin installed, or a TPU device node)."""
-  if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu" or jax.config.jax_platforms == "cpu":
-    return False
-  from importlib import metadata  # noqa: PLC0415
-
-  names = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in metadata.distributions()}
-  gpu = any(n.startswith(("jax-cuda", "jax-rocm")) and n.endswith("plugin") for n in names)
-  return gpu or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
-
-
-def target_devices(args, count: int):
-  """The devices to compile for: a TPU slice (``--topology``), simulated CPU devices (``--simulate``,
-  or by itself when the mesh needs more devices than this CPU-only host has), or this host's."""
-  if getattr(args, "topology", None):
-    return topology.tpu_devices(args.topology)
-  from jax._src import xla_bridge  # noqa: PLC0415  (the only way to ask without starting a backend)
-
-  started = xla_bridge.backends_are_initialized()
-  if not started and (args.simulate or not _accelerator_possible()):
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", max(count, 1))
-    # XLA:CPU has no bf16 dot: it converts the operands to f32, and loop-invariant code motion then
-    # hoists the conversion of a whole stacked operand out of the layer scan: an f32 copy of every
-    # bf16 weight (serving) or of the saved residual stack (training backward), which no GPU or TPU
-    # program holds. Without the pass the simulated program converts one layer's slice at a time.
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_disable_hlo_passes" not in flags:
-      os.environ["XLA_FLAGS"] = f"{flags} --xla_disable_hlo_passes=while-loop-invariant-code-motion".strip()
-  devices = jax.devices()
-  if count > len(devices):
-    raise ValueError(f"the mesh needs {count} devices but {len(devices)} {devices[0].platform} device(s) are "
-                     f"available; add --simulate to compile for {count} simulated CPU devices (run it in a "
-                     f"fresh process), or --topology for a TPU slice")
-  return devices[:count] if count else devices
-
-
-# ------------------------------------------------------------------------------------ the command
-
-
-def plan_parser(p):
-  p.epilog = ("examples:\n"
-              "  mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 "
-              "--topology v5p-128\n"
-              "  mixtral-jax plan --preset mixtral-8x7b --mesh fsdp=8 --batch 8 --seq 16384 --device h200\n"
-              "  mixtral-jax plan --generate --preset mixtral-8x7b --mesh expert=2 --batch 8 --context 32768 "
-              "--device h200\n"
-              "  mixtral-jax plan --generate --preset mixtral-8x7b --batch 8 --context 8192 --quantize int8 "
-              "--prefill-chunk 2048 --device 70")
-  p.add_argument("--preset", default="mixtral-8x7b", help="model preset (mixtral_jax.config.PRESETS)")
-  p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,expert=8 (default: all devices on data)")
-  p.add_argument("--batch", type=int, default=256, help="global sequences per optimizer step (serving: rows)")
-  p.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
-  p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step")
-  p.add_argument("--dtype", default="bfloat16", help="compute dtype")
-  p.add_argument("--param-dtype", default="float32", help="master weight dtype (serving: bfloat16)")
-  p.add_argument("--remat", default="full", choices=("none", "full", "dots"),
-                 help="activation rematerialisation: none (keep all), full (recompute each layer in the backward "
-                      "pass), dots (keep matmul outputs, recompute the rest)")
-  p.add_argument("--capacity-factor", default="1.25", help="expert capacity factor, or 'none' for dropless")
-  p.add_argument("--moe-impl", default="auto", help="auto | blocked | ragged | dense (dropless expert kernel)")
-  p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
-                 help="attention implementation (MixtralConfig.attention_impl); auto picks by the mesh's platform "
-                      "and the shapes")
-  p.add_argument("--topology", default=None,
-                 help="compile with the TPU compiler for this Cloud TPU slice (v5p-128, v4-32, v5litepod-16, "
-                      "v6e-64) or compiler topology (v5p:4x4x4); needs libtpu, not a TPU")
-  p.add_argument("--simulate", action="store_true",
-                 help="compile for simulated CPU devices, as many as the mesh has (automatic on a CPU-only host)")
-  p.add_argument("--device", default=None,
-                 help="say whether the peak fits: h100 | h200 | v5p | v5e | v6e | v4 | a size in GiB "
-                      "(default with --topology: that TPU)")
-  p.add_argument("--generate", action="store_true",
-                 help="plan serving instead of training: compile prefill and one decode step (bf16 weights, or "
-                      "--quantize int8)")
-  p.add_argument("--quantize", choices=("int8",), default=None,
-                 help="--generate: int8 weight-only quantization (as serve/generate --quantize int8)")
-  p.add_argument("--context", type=int, default=None,
-                 help="--generate: tokens of the prompt and KV cache (default --seq)")
-  p.add_argument("--prefill-chunk", type=int, default=None,
-                 help="--generate: prompt columns per prefill call, a power of two (default generate's, 2048); "
-                      "prefill compiles generate's chunk program of batch x min(context, this) tokens")
-  p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-  p.add_argument("--lora", type=int, default=None, metavar="RANK",
-                 help="compile the LoRA step of this rank (default targets) instead of full fine-tuning")
-
-
-def model_config(args, **overrides) -> MixtralConfig:
-  cf = None if str(args.capacity_factor).lower() in ("none", "null", "dropless") else float(args.capacity_factor)
-  fields = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, capacity_factor=cf,
-                moe_impl=args.moe_impl, **overrides)
-  fields["attention_impl"] = args.attention
-  return get_config(args.preset, **fields)
-
-
-def fit_lines(peak_bytes: float, device: tuple[str, float] | None, tips: list[str]) -> tuple[list[str], dict | None]:
-  """The ``--device`` verdict in words, and its JSON record."""
-  if device is None:
-    return [], None
-  name, usable = device
-  peak = peak_bytes / GiB
-  fits = peak <= usable
-  lines = [f"device {name}: {usable:.2f} GiB usable per device"
-           + (f" (with XLA_PYTHON_CLIENT_MEM_FRACTION={topology.GPU_MEM_FRACTION}; JAX's default .75 leaves "
-              f"{usable / topology.GPU_MEM_FRACTION * 0.75:.1f} GiB)" if name in ("h100", "h200") else "")]
-  if fits:
-    lines.append(f"  fits: peak {peak:.2f} GiB is {100 * peak / usable:.0f}% of it ({usable - peak:.2f} GiB spare)")
-  else:
-    lines.append(f"  does not fit: needs {peak:.2f} GiB of {usable:.2f} GiB ({peak / usable:.2f}x). To fit, try:")
-    lines += [f"    - {t}" for t in tips]
-  return lines, {"name": name, "usable_bytes": usable * GiB, "fits": fits}
-
-
-def _header(args, cfg, mesh, extra: str) -> str:
-  kind = mesh.devices.flat[0].device_kind
-  where = f"TPU compiler, {args.topology}" if args.topology else kind
-  return (f"{args.preset} on {format_mesh(mesh)} ({mesh.size} x {where}), {extra}, {cfg.dtype} compute, "
-          f"{cfg.param_dtype} params, capacity factor {cfg.capacity_factor or 'dropless'}")
-
-
-def plan_main(args) -> int:
-  count = math.prod(v for v in parse_mesh(args.mesh).values() if v > 0)
-  if args.topology and args.simulate:
-    raise ValueError("--topology compiles for TPU devices; drop --simulate")
-  if args.generate:
-    from .plan_serve import serve_main  # noqa: PLC0415
-    return serve_main(args, count)
+def train_main(args, count: int) -> int:
+  """``mixtral-jax plan`` for training: compile, then print each figure beside its expectation."""
   cfg = model_config(args)
   devices = target_devices(args, count)
   mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
   out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum, lora_rank=args.lora)
   c, a = out["compiled"], out["analytic"]
-  print(_header(args, cfg, mesh, f"batch {args.batch} x {args.seq}, {args.grad_accum} microbatch(es), "
+  print(header(args, cfg, mesh, f"batch {args.batch} x {args.seq}, {args.grad_accum} microbatch(es), "
                                  f"remat {cfg.remat}") + f"; compiled in {out['compile_seconds']:.1f} s")
   device = topology.device_memory(args.device, list(mesh.devices.flat))
   tips = topology.advice(c["peak_bytes"] / GiB, device[1], mesh_sizes=dict(mesh.shape), remat=cfg.remat,
@@ -383,10 +246,8 @@ def plan_main(args) -> int:
     if c["ragged_all_to_all_ops"]:
       print(f"  ragged-all-to-all: {c['ragged_all_to_all_ops']} per step, worst-case buffers "
             f"{c['ragged_all_to_all_buffer_bytes'] / GiB:.3f} GiB (the traffic itself follows the routing)")
-    kernels = {k: v for k, v in c["custom_calls"].items() if k == "tpu_custom_call"}
-    if kernels:
-      print(f"  Mosaic kernels (tpu_custom_call): {kernels['tpu_custom_call']} per step; their FLOPs are not in the "
-            f"HLO count")
+    for line in kernel_lines(c, ragged=False):  # the ragged all-to-all line above has the count
+      print(line)
     print("  (analytic temporaries: gradients and update plus a rough sum of saved residuals, one layer's attention "
           "scores and MoE buffers; all-to-all counts forward, remat and backward exchanges)")
     if mesh.devices.flat[0].platform == "cpu" and cfg.dtype == "bfloat16" and c["all_to_all_bytes"]:
@@ -395,7 +256,10 @@ def plan_main(args) -> int:
     if "while-loop-invariant-code-motion" in os.environ.get("XLA_FLAGS", ""):
       print("  note: simulated with XLA:CPU's loop-invariant code motion off (it hoists f32 copies of whole "
             "stacked bf16 operands out of the layer scan, which GPU/TPU programs do not hold)")
-    if c["unknown_trip_loops"]:
+    if c.get("unknown_trip_scale"):
+      print(f"  note: {c['unknown_trip_loops']} blockwise-attention loop(s) over live key blocks counted at "
+            f"{c['unknown_trip_scale']:.2f} trips, the average for causal rows of one document each")
+    elif c["unknown_trip_loops"]:
       print(f"  note: {c['unknown_trip_loops']} loop(s) with data-dependent trip counts were counted once")
   lines, verdict = fit_lines(c["peak_bytes"], device, tips)
   for line in lines:

@@ -7,14 +7,21 @@ trip counts of the ``while`` loops around it), and sums:
   compiler writes most matmuls as convolutions inside fusions: 2 x the multiply-adds of the window,
   counting only kernel positions that land on real, non-padding input, as XLA's own cost analysis);
 * bytes and count of ``all-to-all``; count and output-buffer bytes of ``ragged-all-to-all`` (its real
-  traffic depends on the routing; the buffer is the worst case);
+  traffic depends on the routing; the buffer is the worst case). An async collective is a
+  ``-start``/``-done`` pair (XLA:GPU writes every all-to-all so); it is counted once, at its ``-done``,
+  whose type is the output alone: the ``-start``'s type is a tuple of the input *and* output buffers,
+  and summing it counted every GPU all-to-all twice (the "2x analytic" capacity figure of issue 18);
 * custom calls by target (``tpu_custom_call`` is a Mosaic/Pallas kernel, whose FLOPs are not counted),
-  and the Mosaic kernels by name (``splash_mha_fwd_segmented_residuals``, ``ragged-dot-none``, ...).
+  the Mosaic kernels by name (``splash_mha_fwd_segmented_residuals``, ``ragged-dot-none``, ...), and
+  ``kernels``: the fused kernels in words (cuDNN attention, Triton and Mosaic GPU kernels such as
+  tokamax's grouped GEMM, TPU Mosaic kernels, ragged all-to-all).
 
 Trip counts: XLA:CPU/GPU print ``known_trip_count`` in the loop's backend config. The TPU compiler
 does not; there the count is read from the loop condition, ``counter < constant`` (JAX's scans and
 ``fori_loop``s start their counter at 0 and step by 1). A loop whose bound is data (the blocked
-dropless kernel's ``while_loop``) is counted once and reported in ``unknown_trip_loops``.
+dropless kernel's ``while_loop``, blockwise attention's live key blocks) is counted once and reported
+in ``unknown_trip_loops``, with the FLOPs of its body in ``unknown_trip_flops``; ``plan`` scales
+blockwise attention's by the key blocks a causal (or windowed) query block visits on average.
 
 Why not ``compiled.cost_analysis()["flops"]``: it counts each loop body once, so a scanned layer
 stack of L layers is counted as one layer (and a gradient-accumulation scan as one microbatch).
@@ -35,6 +42,14 @@ _CALLEES = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+# Custom-call target prefix -> what the kernel is, for ``kernels``.
+_KERNEL_KINDS = (("__cudnn$fmha", "cuDNN fused attention"), ("__gpu$xla.gpu.triton", "Triton kernel"),
+                 ("mosaic_gpu", "Mosaic GPU kernel"), ("tpu_custom_call", "TPU Mosaic kernel"))
+
+
+def kernel_kind(target: str) -> str | None:
+  """'cuDNN fused attention' for ``__cudnn$fmhaSoftmax``, ...; None for a target that is not a fused kernel."""
+  return next((kind for prefix, kind in _KERNEL_KINDS if target.startswith(prefix)), None)
 
 
 def arrays(text: str):
@@ -87,12 +102,16 @@ def _operand_shape(text: str, shapes: dict) -> tuple[int, ...] | None:
   return known[0][1] if known else None
 
 
-def _dot_flops(type_text, rest, shapes) -> int:
+def _contracted(rest, shapes) -> int:
+  """The contracted size of a dot (product of the lhs contracting dims; 0 when the lhs is unknown)."""
   lhs = _operand_shape(_operands(rest)[0], shapes)
   m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
   dims = [int(d) for d in m.group(1).split(",") if d] if m else []
-  contracted = math.prod(lhs[d] for d in dims) if lhs is not None else 0
-  return 2 * math.prod(arrays(type_text)[0][1]) * contracted
+  return math.prod(lhs[d] for d in dims) if lhs is not None else 0
+
+
+def _dot_flops(type_text, rest, shapes) -> int:
+  return 2 * math.prod(arrays(type_text)[0][1]) * _contracted(rest, shapes)
 
 
 def _valid_pairs(in_size, out_size, size, stride, lo, lhs_dil, rhs_dil) -> int:
@@ -169,7 +188,9 @@ def hlo_stats(hlo: str) -> dict:
   """Trip-count-weighted FLOPs and collective traffic of an optimised HLO module's text.
 
   Returns {flops, all_to_all_bytes, all_to_all_ops, ragged_all_to_all_ops, ragged_all_to_all_buffer_bytes,
-  custom_calls: {target: count}, mosaic_kernels: {name: count}, unknown_trip_loops}. A computation's weight is the sum over its call
+  custom_calls: {target: count}, mosaic_kernels: {name: count}, kernels: {description: count},
+  dot_contracted_sizes: {contracted size: count} (an expanded grouped matmul shows as a dot contracting
+  groups x features), unknown_trip_loops, unknown_trip_flops (the FLOPs inside those loops, counted once)}. A computation's weight is the sum over its call
   sites of the caller's weight times the site's trip count (1 for fusions, calls and branches, so
   branches count as if all ran).
   """
@@ -206,11 +227,13 @@ def hlo_stats(hlo: str) -> dict:
       for callee in group.split(","):
         edges.setdefault(callee.strip().lstrip("%"), []).append((comp, 1))
 
-  unknown = 0
+  unknown_bodies = set()
   for caller, body, cond, known in bodies:
     trip = int(known) if known is not None else _trip_from_condition(comp_lines.get(cond, []))
-    unknown += trip is None
+    if trip is None:
+      unknown_bodies.add(body)
     edges.setdefault(body, []).append((caller, trip or 1))
+  unknown = len(unknown_bodies)
 
   weights: dict[str, int] = {}
 
@@ -220,25 +243,49 @@ def hlo_stats(hlo: str) -> dict:
       weights[c] = (1 if c == entry else 0) + sum(weight(p) * n for p, n in edges.get(c, ()))
     return weights[c]
 
+  inside: dict[str, bool] = {}
+
+  def in_unknown_loop(c: str) -> bool:
+    """Whether ``c`` runs inside the body of a loop whose trip count is data (counted once)."""
+    if c not in inside:
+      inside[c] = False  # first: a cycle (none in HLO) cannot recurse forever
+      inside[c] = c in unknown_bodies or any(in_unknown_loop(p) for p, _ in edges.get(c, ()))
+    return inside[c]
+
+  return _tally(instrs, shapes, weight, unknown, in_unknown_loop)
+
+
+def _tally(instrs, shapes, weight, unknown: int, in_unknown_loop) -> dict:
+  """Sums FLOPs, collectives and kernels over ``instrs``, each instruction weighted by its computation's
+  run count ``weight(computation)``; FLOPs inside loops of data-dependent trip count (counted once) are
+  also summed apart, so a caller that knows the expected trips can scale them."""
   out = {"flops": 0, "all_to_all_bytes": 0, "all_to_all_ops": 0, "ragged_all_to_all_ops": 0,
-         "ragged_all_to_all_buffer_bytes": 0, "custom_calls": {}, "mosaic_kernels": {},
-         "unknown_trip_loops": unknown}
+         "ragged_all_to_all_buffer_bytes": 0, "custom_calls": {}, "mosaic_kernels": {}, "kernels": {},
+         "dot_contracted_sizes": {}, "unknown_trip_loops": unknown, "unknown_trip_flops": 0}
   for comp, op, type_text, rest, name in instrs:
+    w = weight(comp)
+    if op in ("dot", "convolution"):
+      flops = w * (_dot_flops if op == "dot" else _conv_flops)(type_text, rest, shapes)
+      out["flops"] += flops
+      out["unknown_trip_flops"] += flops if in_unknown_loop(comp) else 0
     if op == "dot":
-      out["flops"] += weight(comp) * _dot_flops(type_text, rest, shapes)
-    elif op == "convolution":
-      out["flops"] += weight(comp) * _conv_flops(type_text, rest, shapes)
-    elif op in ("all-to-all", "all-to-all-start"):
-      out["all_to_all_bytes"] += weight(comp) * nbytes(arrays(type_text))
-      out["all_to_all_ops"] += weight(comp)
-    elif op in ("ragged-all-to-all", "ragged-all-to-all-start"):
-      out["ragged_all_to_all_ops"] += weight(comp)
-      out["ragged_all_to_all_buffer_bytes"] += weight(comp) * nbytes(arrays(type_text)[:1])
+      size = _contracted(rest, shapes)
+      out["dot_contracted_sizes"][size] = out["dot_contracted_sizes"].get(size, 0) + w
+    elif op in ("all-to-all", "all-to-all-done"):  # not -start: its type holds the input buffers too
+      out["all_to_all_bytes"] += w * nbytes(arrays(type_text))
+      out["all_to_all_ops"] += w
+    elif op in ("ragged-all-to-all", "ragged-all-to-all-done"):
+      out["ragged_all_to_all_ops"] += w
+      out["ragged_all_to_all_buffer_bytes"] += w * nbytes(arrays(type_text)[:1])
     elif op == "custom-call":
       target = _CUSTOM_TARGET.search(rest)
       if target:
-        out["custom_calls"][target.group(1)] = out["custom_calls"].get(target.group(1), 0) + weight(comp)
+        out["custom_calls"][target.group(1)] = out["custom_calls"].get(target.group(1), 0) + w
+        kind = kernel_kind(target.group(1))
+        if kind:
+          label = f"{kind} ({target.group(1)})"
+          out["kernels"][label] = out["kernels"].get(label, 0) + w
       if target and target.group(1) == "tpu_custom_call":
         kernel = re.sub(r"(\.\d+)+$", "", name)
-        out["mosaic_kernels"][kernel] = out["mosaic_kernels"].get(kernel, 0) + weight(comp)
+        out["mosaic_kernels"][kernel] = out["mosaic_kernels"].get(kernel, 0) + w
   return out

@@ -1,4 +1,5 @@
-"""Target hardware for ``mixtral-jax plan``: Cloud TPU slice names, TPU compiler devices, device memory.
+"""Target hardware for ``mixtral-jax plan``: TPU slices and NVIDIA GPU hosts as compile-only devices,
+and device memory.
 
 Cloud TPU type names count differently per generation: ``v4-N`` and ``v5p-N`` count TensorCores
 (2 per chip, so ``v5p-128`` is 64 chips), ``v5litepod-N`` / ``v5e-N`` and ``v6e-N`` count chips.
@@ -7,14 +8,21 @@ and :func:`tpu_devices` gives that slice's devices from ``jax.experimental.topol
 installed; no TPU is needed: ``jit(...).lower(...).compile()`` on a mesh of them runs the real TPU
 compiler on this host).
 
+GPU targets are ``[hosts x]card[xGPUs]`` (``h100x8``, ``h200x8``, ``2xh100x8``, ``h100``):
+:func:`gpu_devices` reads the card's ``GpuTargetConfigProto`` (``mixtral_jax/gpu_targets/*.txtpb``, made
+from XLA's spec files) and asks the CUDA plugin for ``1 x hosts x GPUs`` compile-only devices, so XLA:GPU
+compiles deviceless on this host (no GPU, no autotuning: memory and HLO are real, timings are not).
+
 :data:`DEVICE_MEMORY` holds the memory a program may use per device, for the verdict of ``--device``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
+from importlib import resources
 
 GiB = 2**30
 
@@ -72,11 +80,71 @@ def tpu_devices(name: str):
                      f"install the TPU compiler with pip install 'jax[tpu]' (libtpu) matching jax") from None
 
 
+# --------------------------------------------------------------------------------- NVIDIA GPUs
+
+# Card name in --topology -> (target config file in mixtral_jax/gpu_targets, the device_kind it yields).
+GPU_CARDS = {"h100": ("h100_sxm.txtpb", "NVIDIA H100 80GB HBM3"), "h200": ("h200.txtpb", "NVIDIA H200 141GB HBM3e")}
+_GPU_NAME = re.compile(r"(?:(\d+)x)?([a-z]+\d+)(?:x(\d+))?")
+
+
+def is_gpu_topology(name: str | None) -> bool:
+  """Whether ``--topology`` names NVIDIA GPUs (``h100x8``, ``2xh200x8``) rather than a TPU slice."""
+  m = _GPU_NAME.fullmatch((name or "").strip().lower())
+  return bool(m) and not m.group(2).startswith("v")
+
+
+def parse_gpu_topology(name: str) -> tuple[int, str, int]:
+  """``2xh100x8`` -> (2 hosts, "h100", 8 GPUs per host); ``h100x4`` -> (1, "h100", 4); ``h200`` -> (1, "h200", 1)."""
+  m = _GPU_NAME.fullmatch(name.strip().lower())
+  if m is None:
+    raise ValueError(f"--topology {name!r}: expected [hosts x]card[xGPUs] such as h100x8, 2xh100x8, h200x8")
+  if m.group(2) not in GPU_CARDS:
+    raise ValueError(f"--topology {name!r}: unknown GPU {m.group(2)!r}; known cards: {', '.join(GPU_CARDS)}")
+  hosts, gpus = int(m.group(1) or 1), int(m.group(3) or 1)
+  if hosts < 1 or gpus < 1:
+    raise ValueError(f"--topology {name!r}: hosts and GPUs per host must be at least 1")
+  return hosts, m.group(2), gpus
+
+
+def gpu_target_config(card: str) -> str:
+  """The card's GpuTargetConfigProto text (shipped with the package)."""
+  return (resources.files("mixtral_jax") / "gpu_targets" / GPU_CARDS[card][0]).read_text()
+
+
+def gpu_devices(name: str):
+  """Compile-only devices of ``hosts x GPUs`` NVIDIA cards, from the CUDA plugin (no GPU needed)."""
+  hosts, card, gpus = parse_gpu_topology(name)
+  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    import jax  # noqa: PLC0415
+
+    raise ValueError(f"--topology {name}: compiling for NVIDIA GPUs needs JAX's CUDA plugin; install it with "
+                     f'pip install "jax[cuda12]=={jax.__version__}"')
+  import jax  # noqa: PLC0415
+  from jax._src import xla_bridge  # noqa: PLC0415  (the only way to ask without starting a backend)
+  from jax.experimental import topologies  # noqa: PLC0415
+
+  # With no GPU here the plugin's start-up check (cuInit) fails unless JAX's own backend is the CPU; the
+  # plugin still makes compile-only devices for the target.
+  if not xla_bridge.backends_are_initialized() and not os.path.exists("/dev/nvidiactl"):
+    jax.config.update("jax_platforms", "cpu")
+  try:
+    desc = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(card),
+                                        topology=f"1x{hosts}x{gpus}")
+  except Exception as e:  # noqa: BLE001 - the plugin failed to start, or refuses the target config
+    raise ValueError(f"--topology {name}: the CUDA plugin cannot make compile-only devices "
+                     f"({str(e).splitlines()[0][:200]}); on a host without a GPU run with JAX_PLATFORMS=cpu "
+                     f"in a fresh process") from None
+  return list(desc.devices)
+
+
 def device_memory(spec: str | None, devices=None) -> tuple[str, float] | None:
   """(name, usable GiB per device) for ``--device h100|h200|v5p|v5e|v6e|v4|<GiB>``; with no spec, the
-  TPU generation of ``devices`` when they are TPU devices, else None."""
+  card of ``devices`` when they are TPU or known NVIDIA compile-only devices, else None."""
   if spec is None:
-    kind = devices[0].device_kind.lower() if devices and devices[0].platform == "tpu" else ""
+    kind = devices[0].device_kind.lower() if devices and devices[0].platform in ("tpu", "gpu") else ""
+    gpu = [card for card, (_, k) in GPU_CARDS.items() if k.lower() == kind]
+    if gpu:
+      return gpu[0], DEVICE_MEMORY[gpu[0]]
     spec = {"tpu v5": "v5p", "tpu v5p": "v5p", "tpu v5 lite": "v5e", "tpu v6 lite": "v6e", "tpu v4": "v4"}.get(kind)
     if spec is None:
       return None

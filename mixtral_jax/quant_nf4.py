@@ -142,6 +142,7 @@ class Nf4:
   """The nf4 storage form of a matmul weight ``name``: ``name`` holds the packed codes and the sibling
   leaf ``name + "_absmax"`` the float32 block scales (the interface of ``mixtral_jax.quant``'s forms)."""
   suffixes: tuple[str, ...] = (ABSMAX,)
+  skip: tuple[tuple[str, ...], ...] = (("head_DV",),)  # sites left in float (QLoRA keeps the LM head)
 
   def operand(self, codes, extras: dict, dtype) -> jax.Array:
     return dequantize(codes, extras[ABSMAX], dtype)

@@ -23,7 +23,7 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 
-from mixtral_jax import quant_nf4
+from mixtral_jax import param_paths, quant_nf4
 from mixtral_jax.checkpoint import hf
 from mixtral_jax.checkpoint.bnb4 import Bnb4Source, Nf4Tensor, quantization_config
 from mixtral_jax.checkpoint.layout import Plan
@@ -31,12 +31,10 @@ from mixtral_jax.config import MixtralConfig
 
 Key = tuple[str, ...]
 
-# our nf4 site -> its contracted axes counted from the end (valid for the stacked and the unit shape)
-NF4_SITES: dict[Key, tuple[int, ...]] = {
-    ("blocks", "attn", "q_DNH"): (-3,), ("blocks", "attn", "k_DKH"): (-3,), ("blocks", "attn", "v_DKH"): (-3,),
-    ("blocks", "attn", "o_NHD"): (-3, -2), ("blocks", "moe", "w1_EDF"): (-2,), ("blocks", "moe", "w3_EDF"): (-2,),
-    ("blocks", "moe", "w2_EFD"): (-2,),
-}
+# our nf4 site -> its contracted axes counted from the end (valid for the stacked and the unit shape):
+# the registry's quantization sites less those nf4 leaves in float (the LM head)
+NF4_SITES: dict[Key, tuple[int, ...]] = {key: axes for key, axes in param_paths.quant_sites().items()
+                                         if key not in quant_nf4.Nf4.skip}
 
 
 def open_bnb4(directory: str) -> Bnb4Source:

@@ -125,8 +125,18 @@ def _param_template(model_cfg: MixtralConfig, lora=None):
   if lora is None:
     graphdef, state = nnx.split(abstract_model(model_cfg))
     return graphdef, state, None
-  model = nnx.eval_shape(lambda: Mixtral(base_config(model_cfg, lora), rngs=nnx.Rngs(0), lora_cfg=lora))
+  model = nnx.eval_shape(lambda: _quantized(Mixtral(base_config(model_cfg, lora), rngs=nnx.Rngs(0), lora_cfg=lora),
+                                            lora))
   return nnx.split(model, lora_lib.LoRAParam, ...)
+
+
+def _quantized(model: Mixtral, lora) -> Mixtral:
+  """``lora.base_quantize`` set: the base's matmul weights in that stored form (int8, or nf4 for attention
+  and experts), made operands layer by layer inside the scan; the adapters are untouched."""
+  if lora is None or lora.base_quantize is None:
+    return model
+  from mixtral_jax.inference.quantize import quantize  # noqa: PLC0415
+  return quantize(model, lora.base_quantize)
 
 
 def state_shardings(model_cfg: MixtralConfig, tx, mesh: jax.sharding.Mesh, lora=None) -> TrainState:
@@ -270,20 +280,32 @@ def build_eval_step(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.
 
 def place_base(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh, params: Any = None):
   """LoRA: the frozen base in its shards and the compute dtype, from ``params`` (a pure-dict tree) or
-  the random model of seed ``train.seed`` (the same weights a full run of that seed starts from)."""
+  the random model of seed ``train.seed`` (the same weights a full run of that seed starts from). With
+  ``lora.base_quantize`` the base is stored quantized: ``params`` already in that form (as
+  ``checkpoint.load(..., quantize=...)`` gives it) are placed as they are, float ones are quantized."""
   lora = _lora(train_cfg)
   base_sh = state_shardings(model_cfg, make_optimizer(train_cfg)[0], mesh, lora).base
+  _, _, abs_base = _param_template(model_cfg, lora)
+  targets = abs_base.to_pure_dict()
   dt, seed = jnp.dtype(model_cfg.dtype), train_cfg.train.seed
 
   def build(p):
-    if p is None:
-      p = nnx.state(Mixtral(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
-    return jax.tree.map(lambda a: a.astype(dt), p)
+    if p is None or _needs_quantizing(p, targets):
+      model = Mixtral(base_config(model_cfg, None), rngs=nnx.Rngs(seed))
+      if p is not None:
+        nnx.update(model, nnx.State(p))
+      p = nnx.state(_quantized(model, lora), nnx.Param).to_pure_dict()
+    return jax.tree.map(lambda a, t: a.astype(t.dtype), p, targets)
 
   with jax.set_mesh(mesh):
     if params is None:
       return jax.jit(lambda: build(None), out_shardings=base_sh)()
     return jax.jit(build, out_shardings=base_sh)(params)
+
+
+def _needs_quantizing(p, targets) -> bool:
+  """A float tree given for a quantized base (its leaves do not match the quantized template's)."""
+  return jax.tree.structure(p) != jax.tree.structure(targets)
 
 
 def init_state(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh,

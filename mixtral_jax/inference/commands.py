@@ -55,7 +55,7 @@ def serve_main(args: argparse.Namespace) -> int:
   app = build_app(engine, tokenizer, name, version)
   import uvicorn  # noqa: PLC0415
   print(f"serving {name!r} ({version} chat, {engine.B} rows x {engine.max_context} tokens"
-        f"{', int8' if args.quantize else ''}) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        f"{', ' + args.quantize if args.quantize else ''}) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
   try:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
   finally:

@@ -113,8 +113,9 @@ def pack(q_xK: jax.Array) -> jax.Array:
 
 
 def unpack(codes_xK2: jax.Array) -> jax.Array:
-  """4-bit codes (int32 ``[..., K]``) from packed bytes: the inverse of :func:`pack`."""
-  c = codes_xK2.astype(jnp.int32)
+  """4-bit codes (uint8 ``[..., K]``) from packed bytes: the inverse of :func:`pack`. Kept in uint8 so an
+  unfused intermediate costs one byte per weight, not four."""
+  c = codes_xK2.astype(jnp.uint8)
   return jnp.stack([c >> 4, c & 0xF], axis=-1).reshape(*codes_xK2.shape[:-1], 2 * codes_xK2.shape[-1])
 
 

@@ -49,6 +49,11 @@ def test_dpo_lora_runs_logs_rewards_and_learns(base, prefs, tmp_path):
     assert k in last and "eval_" + k in last
   assert last["reward_margin"] != 0.0 and all(math.isfinite(last[k]) for k in ("dpo_loss", "eval_loss", "eval_accuracy"))
   assert json.load(open(workdir / "lora.json"))["lora"]["base_quantize"] == "nf4"
+  # a QLoRA run's adapters are relative to the unquantized base: they export as a LoRA run's do
+  assert cli(["export", str(workdir), str(tmp_path / "peft"), "--peft"]) == 0
+  assert os.path.isfile(tmp_path / "peft" / "adapter_model.safetensors")
+  assert cli(["export", str(workdir), str(tmp_path / "merged"), "--merge"]) == 0
+  assert os.path.isfile(tmp_path / "merged" / "config.json")
 
 
 def test_dpo_without_lora_is_refused(base, prefs, tmp_path, capsys):

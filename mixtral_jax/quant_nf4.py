@@ -61,9 +61,19 @@ def check_shape(shape: tuple[int, ...], block: int = BLOCK, what: str = "weight"
                      f"the block size {block}; quantize it as int8 or keep it in float")
 
 
+def check_axis(shape: tuple[int, ...], axis: int, block: int = BLOCK) -> None:
+  """Raises, naming the shape and the axis, if ``shape`` cannot be packed in blocks along ``axis``."""
+  axis = axis % len(shape)
+  if shape[axis] % block or block % 2:
+    raise ValueError(f"nf4: a weight of shape {tuple(shape)} is packed along axis {axis} of size {shape[axis]}, "
+                     f"not a multiple of the block size {block} (for o_NHD that axis is head_dim); quantize it as "
+                     "int8 or keep it in float")
+
+
 def quantize(w: jax.Array, block: int = BLOCK, axis: int = -1) -> tuple[jax.Array, jax.Array]:
   """(codes uint8, absmax float32) of ``w`` packed along ``axis`` (``[..., K // 2]`` and ``[..., K // block]``
   for the last axis): see the module docstring; the codes equal bitsandbytes' ``quantize_4bit`` codes."""
+  check_axis(w.shape, axis, block)
   w_xK = jnp.moveaxis(w, axis, -1)
   check_shape(w_xK.shape, block)
   *lead, k = w_xK.shape
@@ -124,7 +134,7 @@ def stored_shapes(shape: tuple[int, ...], axes: tuple[int, ...], block: int = BL
   """(codes shape, absmax shape) of a parameter of ``shape`` whose contracted ``axes`` (negative, from the
   end) are given: packed along the last of them. No data is touched (for plans and abstract states)."""
   axis = axes[-1] % len(shape)
-  check_shape((shape[axis],), block, what=f"weight of shape {tuple(shape)} (axis {axis})")
+  check_axis(shape, axis, block)
   codes = tuple(n // 2 if i == axis else n for i, n in enumerate(shape))
   absmax = tuple(n // block if i == axis else n for i, n in enumerate(shape))
   return codes, absmax

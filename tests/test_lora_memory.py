@@ -28,8 +28,8 @@ def test_nf4_and_int8_bases_count_their_stored_forms():
 
 
 def test_adapters_cost_sixteen_bytes_per_parameter_and_bad_mode_is_named():
-  cfg = get_config("tiny")
+  cfg = get_config("tiny", head_dim=64)  # nf4 packs o_NHD along H: a multiple of 64
   lora = LoraSection(rank=4, targets=("q",))
-  assert lora_memory.estimate(cfg, lora, 1, 16, "nf4").adapters == 16 * 2 * 4 * 128 * 2  # (D + NH) r, L = 2
+  assert lora_memory.estimate(cfg, lora, 1, 16, "nf4").adapters == 16 * (128 + 4 * 64) * 4 * 2  # (D + NH) r, L = 2
   with pytest.raises(ValueError, match="lora.base_quantize='nf8' is not one of none, int8, nf4"):
     lora_memory.estimate(cfg, lora, 1, 16, "nf8")

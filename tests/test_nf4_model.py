@@ -71,6 +71,7 @@ def test_a_bitsandbytes_checkpoint_loads_as_the_same_nf4_model(float_dir, tmp_pa
 
 def test_nf4_refuses_a_head_dim_it_cannot_block(tmp_path):
   d = reference.save_hf(reference.hf_model(num_hidden_layers=1, num_local_experts=4, vocab_size=256), tmp_path / "h16")
-  with pytest.raises(ValueError, match="not a multiple of the block size 64"):
+  with pytest.raises(ValueError, match=r"packed along axis \d of size 16, not a multiple of the block size 64 "
+                                       r"\(for o_NHD that axis is head_dim\)"):
     mixtral_jax.from_pretrained(d, quantize="nf4")
   assert os.path.isdir(d)

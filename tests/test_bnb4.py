@@ -16,6 +16,8 @@ from mixtral_jax.checkpoint.loading import our_shapes
 from mixtral_jax.config import MixtralConfig
 from tests import reference
 
+pytestmark = pytest.mark.slow  # transformers references / several compiles
+
 torch = pytest.importorskip("torch")
 bnbf = pytest.importorskip("bitsandbytes.functional")
 transformers = pytest.importorskip("transformers")

@@ -14,6 +14,8 @@ from mixtral_jax.lora.merge import attach
 from mixtral_jax.model import Mixtral
 from mixtral_jax.train import dpo
 
+pytestmark = pytest.mark.slow  # transformers references / several compiles
+
 CFG = get_config("tiny", vocab_size=256, num_hidden_layers=2, dtype="float32")
 LORA = LoraSection(rank=4, alpha=8, targets=("q", "v", "w1", "w2", "w3"))
 T = 16

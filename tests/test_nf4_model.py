@@ -13,6 +13,8 @@ import mixtral_jax
 from mixtral_jax.inference import quantize as quantize_lib
 from tests import reference
 
+pytestmark = pytest.mark.slow  # transformers references / several compiles
+
 torch = pytest.importorskip("torch")
 bnbf = pytest.importorskip("bitsandbytes.functional")
 transformers = pytest.importorskip("transformers")

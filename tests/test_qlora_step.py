@@ -15,6 +15,8 @@ from mixtral_jax.train import step as step_lib
 from mixtral_jax.train.config import TrainConfig
 from mixtral_jax.train.plan import training as plan_training
 
+pytestmark = pytest.mark.slow  # transformers references / several compiles
+
 # nf4 packs o_NHD along H, which must be a multiple of its 64-entry blocks
 CFG = mixtral_jax.get_config("tiny", vocab_size=512, head_dim=64, dtype="float32", remat="full")
 B, T = 8, 32

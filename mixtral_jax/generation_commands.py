@@ -32,8 +32,10 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tokenizer", help="tokenizer.model path or bundled name v1/v3 (default: found or by vocab)")
   p.add_argument("--mesh", help="device mesh such as 'expert=4' or 'data=2,expert=4' (default: one device)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
-  p.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization of every matmul weight, "
-                 "done while loading (the full-precision model is never held whole)")
+  p.add_argument("--quantize", choices=("int8", "nf4"),
+                 help="weight-only quantization done while loading (the full-precision model is never held whole): "
+                      "int8 for every matmul weight, or nf4 (bitsandbytes' 4-bit NormalFloat) for attention and "
+                      "experts; a bitsandbytes nf4 checkpoint loads as nf4 by itself")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -265,8 +265,8 @@ def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, sta
                 **{f"data_tokens/{n}": t for n, t in it.source_tokens.items()}}  # realised mixture
       result.losses[step] = loss
       if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-        record["eval_loss"] = _evaluate(eval_fn, step_lib.eval_params(state), eval_batches, bsh,
-                                        global_batch_shape)
+        evaluated = _evaluate(eval_fn, step_lib.eval_params(state), eval_batches, bsh, global_batch_shape)
+        record.update(evaluated)
         result.eval_losses[step] = record["eval_loss"]
         t_prev = time.perf_counter()  # evaluation time is not step time
       logger.log(step, record)  # it decides what goes to the file and the console
@@ -290,12 +290,17 @@ def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, sta
   return result
 
 
-def _evaluate(eval_fn, params, batches, sharding, global_shape) -> float:
+def _evaluate(eval_fn, params, batches, sharding, global_shape) -> dict[str, float]:
+  """``eval_loss`` (and, for DPO, ``eval_accuracy``, ``eval_reward_margin``...): sums over the held-out
+  batches divided by their total weight."""
   nll = weight = 0.0
+  sums: dict[str, float] = {}
   for b in batches:
-    n, w = eval_fn(params, _device_batch(b, sharding, global_shape))
+    n, w, *extra = eval_fn(params, _device_batch(b, sharding, global_shape))
     nll, weight = nll + float(n), weight + float(w)
-  return nll / max(weight, 1.0)
+    for k, v in (extra[0] if extra else {}).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return {"eval_loss": nll / max(weight, 1.0), **{f"eval_{k}": v / max(weight, 1.0) for k, v in sums.items()}}
 
 
 def configure_logging() -> None:

@@ -88,7 +88,7 @@ def serve_main(args: argparse.Namespace) -> int:
   cache = (f"{engine.B} rows x {engine.max_context} tokens" if engine.runner is None else
            f"{engine.B} rows, {(engine.runner.pool.num_pages - 1) * engine.runner.pool.page_size} paged cache tokens")
   print(f"serving {name!r} ({version} chat, {cache}"
-        f"{', int8' if args.quantize else ''}) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        f"{', ' + args.quantize if args.quantize else ''}) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
   try:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
   finally:

@@ -8,7 +8,10 @@ AdamW in fp32. Full: every weight trained, fp32 master + AdamW. peft: transforme
 peft 0.21 LoRA on the same targets (``target_parameters`` for the fused experts), torch AdamW.
 Compile / warm-up steps excluded; medians of timed steps.
 
-  python benchmarks/lora.py [--steps 6] [--batch 8] [--seq 256] [--skip-peft]
+  python benchmarks/lora.py [--steps 6] [--batch 8] [--seq 256] [--skip-peft] [--skip-full] [--quantized]
+
+``--quantized`` adds the QLoRA rows: the same LoRA step with ``lora.base_quantize`` nf4 and int8 (the base
+dequantized per layer inside the scan), compared with the LoRA step on the unquantized base.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def _batch(vocab, B, T):
   return ids[:, :-1], ids[:, 1:]
 
 
-def ours(args, lora: bool):
+def ours(args, lora: bool, base_quantize: str | None = None):
   import jax
 
   from mixtral_jax.config import get_config
@@ -41,7 +44,8 @@ def ours(args, lora: bool):
 
   cfg = get_config("bench-small")
   train = TrainConfig().override({"data.batch_size": args.batch, "data.seq_len": args.seq, "loss.ce_chunk": 64,
-                                  "train.steps": 1000, "lora.rank": RANK if lora else None, "lora.alpha": ALPHA})
+                                  "train.steps": 1000, "lora.rank": RANK if lora else None, "lora.alpha": ALPHA,
+                                  "lora.base_quantize": base_quantize})
   mesh = make_mesh(None, devices=jax.devices()[:1])
   step_fn, _, _ = step_lib.build_train_step(cfg, train, mesh)
   state = step_lib.init_state(cfg, train, mesh)
@@ -92,6 +96,7 @@ def peft_step(args):
 def child(args) -> None:
   """Runs one variant, prints one JSON line: step times, trainable parameters, peak RSS."""
   fn, trainable = {"lora": lambda: ours(args, True), "full": lambda: ours(args, False),
+                   "lora-nf4": lambda: ours(args, True, "nf4"), "lora-int8": lambda: ours(args, True, "int8"),
                    "peft": lambda: peft_step(args)}[args.child]()
   times = []
   for i in range(args.warmup + args.steps):
@@ -110,11 +115,14 @@ def main():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--skip-peft", action="store_true")
-  p.add_argument("--child", choices=("lora", "full", "peft"), help=argparse.SUPPRESS)
+  p.add_argument("--skip-full", action="store_true")
+  p.add_argument("--quantized", action="store_true", help="also the LoRA step on an nf4 and an int8 base (QLoRA)")
+  p.add_argument("--child", choices=("lora", "full", "peft", "lora-nf4", "lora-int8"), help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     return child(args)
-  variants = ["full", "lora"] + ([] if args.skip_peft else ["peft"])
+  variants = ([] if args.skip_full else ["full"]) + ["lora"] + (["lora-nf4", "lora-int8"] if args.quantized else []) \
+      + ([] if args.skip_peft else ["peft"])
   tokens = args.batch * args.seq
   results = {}
   for v in variants:
@@ -124,14 +132,20 @@ def main():
     results[v] = json.loads(out.strip().splitlines()[-1])
   print(f"bench-small, batch {args.batch} x {args.seq}, fp32, LoRA rank {RANK} on q,k,v,o,w1,w2,w3; medians of "
         f"{args.steps} steps after {args.warmup} warm-up")
-  names = {"full": "mixtral-jax full", "lora": "mixtral-jax LoRA", "peft": "transformers+peft LoRA"}
+  names = {"full": "mixtral-jax full", "lora": "mixtral-jax LoRA", "peft": "transformers+peft LoRA",
+           "lora-nf4": "mixtral-jax LoRA, nf4 base", "lora-int8": "mixtral-jax LoRA, int8 base"}
   for v, r in results.items():
     med = statistics.median(r["times"])
     print(f"{names[v]:24s}: {med:.3f} s/step {tokens / med:8.0f} tokens/s  peak RSS {r['peak_rss'] / 2**30:5.2f} GiB  "
           f"trainable {r['trainable']:,}  (steps: {', '.join(f'{x:.2f}' for x in r['times'])})")
   med = {v: statistics.median(r["times"]) for v, r in results.items()}
-  print(f"LoRA / full: tokens/s {med['full'] / med['lora']:.2f}x, peak RSS "
-        f"{results['lora']['peak_rss'] / results['full']['peak_rss']:.2f}x")
+  if "full" in med:
+    print(f"LoRA / full: tokens/s {med['full'] / med['lora']:.2f}x, peak RSS "
+          f"{results['lora']['peak_rss'] / results['full']['peak_rss']:.2f}x")
+  for q in ("lora-nf4", "lora-int8"):
+    if q in med:
+      print(f"{names[q]} / LoRA on the float base: tokens/s {med['lora'] / med[q]:.2f}x, peak RSS "
+            f"{results[q]['peak_rss'] / results['lora']['peak_rss']:.2f}x")
   if "peft" in med:
     print(f"ours LoRA / transformers+peft LoRA: tokens/s {med['peft'] / med['lora']:.2f}x, peak RSS "
           f"{results['lora']['peak_rss'] / results['peft']['peak_rss']:.2f}x")

@@ -2,6 +2,7 @@
 against ``generate`` on a static batch of 16, in one run.
 
   python benchmarks/serve.py [--preset bench-small] [--clients 1,4,16] [--out-dir /tmp/serve-bench]
+                             [--kv-cache-gib N] [--skip-generate]
 
 A random ``bench-small`` model (V 32000, D 512, L 4, E 8, k 2) is saved once; then, for each server
 (``--max-batch 16`` and ``--max-batch 1``, both ``--max-context 256``), for each concurrency c, c
@@ -82,13 +83,13 @@ async def load(url, name, jobs, clients):
           "ttft_p50": float(np.percentile(ttfts, 50)), "ttft_p99": float(np.percentile(ttfts, 99))}
 
 
-def run_server(path, name, max_batch, levels, env):
+def run_server(path, name, max_batch, levels, env, extra=()):
   import httpx  # noqa: PLC0415
   port = free_port()
   url = f"http://127.0.0.1:{port}"
   proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax", "serve", "--model", path, "--port", str(port),
                            "--max-batch", str(max_batch), "--max-context", str(CONTEXT), "--max-queue", "64",
-                           "--served-model-name", name], env=env)
+                           "--served-model-name", name, *extra], env=env)
   try:
     while True:
       try:
@@ -129,6 +130,8 @@ def main():
   p.add_argument("--preset", default="bench-small")
   p.add_argument("--clients", default="1,4,16")
   p.add_argument("--out-dir", default="/tmp/serve-bench")
+  p.add_argument("--kv-cache-gib", type=float, help="serve both servers with the paged KV cache of this size")
+  p.add_argument("--skip-generate", action="store_true", help="leave out the static generate reference")
   args = p.parse_args()
   levels = [int(c) for c in args.clients.split(",")]
   import mixtral_jax  # noqa: PLC0415
@@ -138,9 +141,10 @@ def main():
     save(mixtral_jax.create_model(mixtral_jax.get_config(args.preset), seed=0), path)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  batched = run_server(path, args.preset, 16, levels, env)
-  single = run_server(path, args.preset, 1, levels, env)
-  static = generate_static(path)
+  extra = () if args.kv_cache_gib is None else ("--kv-cache-gib", str(args.kv_cache_gib))
+  batched = run_server(path, args.preset, 16, levels, env, extra)
+  single = run_server(path, args.preset, 1, levels, env, extra)
+  static = {"tok_s": float("nan")} if args.skip_generate else generate_static(path)
   print(f"generate, static batch of 16 x 64 new tokens: {static['tok_s']:.1f} output tokens/s")
   print("\n| clients | max-batch 16: req/s | tok/s | TTFT p50 | p99 | max-batch 1: req/s | tok/s | TTFT p50 | p99 |")
   print("|---|---|---|---|---|---|---|---|---|")

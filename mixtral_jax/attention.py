@@ -16,6 +16,7 @@ from flax import nnx
 
 from mixtral_jax.attn import attend
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.attn.paged import PagedKVCache, paged_layer
 from mixtral_jax.kv_cache import LayerCache, NewTokens, write
 from mixtral_jax.layers import apply_rope, rope_cos_sin
 from mixtral_jax.lora import adapters as lora
@@ -51,7 +52,9 @@ class Attention(nnx.Module):
     Without ``layer`` the cache is one layer's ``[B, S, K, H]`` (the unrolled reference path); with
     ``layer`` (an int or a traced layer counter) it is the stacked ``[L, B, S, K, H]`` cache, written
     in place (``kept_rows``: this layer's :func:`mixtral_jax.kv_cache.rows_at_slots`, for decode). How
-    each case writes and what the queries then attend to is :mod:`mixtral_jax.kv_cache`.
+    each case writes and what the queries then attend to is :mod:`mixtral_jax.kv_cache`. A paged cache
+    (:class:`~mixtral_jax.attn.paged.PagedKVCache`, with ``layer``) is written into its pages and read
+    through its page tables instead (:func:`mixtral_jax.attn.paged.paged_layer`).
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     x_BTD = x_BTD.astype(dt)
@@ -63,7 +66,11 @@ class Attention(nnx.Module):
     k_BTKH = apply_rope(k_BTKH, cos, sin)
 
     new_pos_BT = positions_BT if valid_BT is None else jnp.where(valid_BT, positions_BT, -1)
-    if cache is None:
+    paged = isinstance(cache, PagedKVCache)
+    if paged:  # write into layer ``layer``'s pages, attend through the page tables (attn/paged.py)
+      out_BTNH, new_cache = paged_layer(cache, layer, q_BTNH, k_BTKH, v_BTKH, positions_BT, valid_BT,
+                                        sliding_window=cfg.sliding_window)
+    elif cache is None:
       keys, values, kv_pos, kv_seg = k_BTKH, v_BTKH, new_pos_BT, segment_ids_BT
       new_cache = None
     else:  # the write strategy (decode row, prefill chunk, rolling window) is mixtral_jax.kv_cache's
@@ -73,9 +80,10 @@ class Attention(nnx.Module):
     # Without a cache the keys are this call's tokens, whose positions count up by one along each
     # segment for every caller (default positions, packed training batches, cumulative positions of
     # padded batches): a mask by index then equals the mask by position, so index-masking kernels apply.
-    out_BTNH = attend(q_BTNH, keys, values, positions_BT, kv_pos,
-                      q_seg_BT=segment_ids_BT if kv_seg is not None else None, kv_seg_BS=kv_seg,
-                      sliding_window=cfg.sliding_window, impl=cfg.attention_impl, block=cfg.attention_block,
-                      index_aligned=cache is None, padded=valid_BT is not None)
+    if not paged:
+      out_BTNH = attend(q_BTNH, keys, values, positions_BT, kv_pos,
+                        q_seg_BT=segment_ids_BT if kv_seg is not None else None, kv_seg_BS=kv_seg,
+                        sliding_window=cfg.sliding_window, impl=cfg.attention_impl, block=cfg.attention_block,
+                        index_aligned=cache is None, padded=valid_BT is not None)
     out_BTD = self.o(out_BTNH, lora_key, dt)
     return out_BTD, new_cache

@@ -136,6 +136,22 @@ def quiet_libtpu(command: str) -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
 
 
+def quiet_cuda_plugin(command: str) -> None:
+  """On a host with JAX's CUDA plugin installed (the test extra brings it, for deviceless GPU compiles)
+  but no NVIDIA device, JAX's first use prints a ``cuInit(0) failed: Unknown CUDA error 303`` traceback
+  before falling back to the CPU. With no GPU and no TPU device there is nothing but the CPU to run on,
+  so ``JAX_PLATFORMS`` defaults to ``cpu`` then. A value the user set wins; ``plan`` is left as it is
+  (it compiles for topologies, not for this host's devices)."""
+  if (command == "plan" or "JAX_PLATFORMS" in os.environ or glob.glob("/dev/nvidia[0-9]*")
+      or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+      or importlib.util.find_spec("jax_plugins") is None
+      or importlib.util.find_spec("jax_plugins.xla_cuda12") is None):
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"  # for child processes
+  if "jax" in sys.modules:  # `import mixtral_jax` has loaded JAX (it reads the variable once, at import)
+    sys.modules["jax"].config.update("jax_platforms", "cpu")  # before any backend starts
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] not in COMMANDS:
@@ -148,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if not argv else 2
   name = argv[0]
   quiet_libtpu(name)
+  quiet_cuda_plugin(name)
   if "-h" not in argv and "--help" not in argv and (error := missing_extra(argv)):
     print(f"mixtral-jax {name}: error: {error}", file=sys.stderr)
     return 2
@@ -161,11 +178,27 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no trace
     print(f"mixtral-jax {name}: error: {e}", file=sys.stderr)
     return 2
-  except OSError as e:
-    if e.errno not in DISK_ERRNOS:
+  except Exception as e:  # noqa: BLE001 - only a full or read-only disk somewhere in the chain is caught
+    disk = disk_cause(e)
+    if disk is None:
       raise
-    print(f"mixtral-jax {name}: error: {disk_error_line(e)}", file=sys.stderr)
+    # A wrapped one (a training save that failed in the background) keeps its own message, which names
+    # the step and the checkpoints kept, instead of the chained tracebacks.
+    line = disk_error_line(disk) if disk is e else f"{disk_error_line(disk)} ({e})"
+    print(f"mixtral-jax {name}: error: {line}", file=sys.stderr)
     return 2
+
+
+def disk_cause(e: BaseException) -> OSError | None:
+  """The first OSError with an errno in DISK_ERRNOS in ``e``'s chain (``raise ... from``, or raised while
+  handling), else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -31,8 +32,10 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tokenizer", help="tokenizer.model path or bundled name v1/v3 (default: found or by vocab)")
   p.add_argument("--mesh", help="device mesh such as 'expert=4' or 'data=2,expert=4' (default: one device)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
-  p.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization of every matmul weight, "
-                 "done while loading (the full-precision model is never held whole)")
+  p.add_argument("--quantize", choices=("int8", "nf4"),
+                 help="weight-only quantization done while loading (the full-precision model is never held whole): "
+                      "int8 for every matmul weight, or nf4 (bitsandbytes' 4-bit NormalFloat) for attention and "
+                      "experts; a bitsandbytes nf4 checkpoint loads as nf4 by itself")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -67,6 +70,43 @@ def load_model(args):
   return model, tokenizer
 
 
+def check_sampling(args) -> None:
+  """The sampling flags, checked before the model loads (one line each, not a load, a compile and then
+  a traceback or, for a NaN temperature, garbage with exit code 0). The same rules as
+  ``mixtral_jax.sampling.Sampling``, worded for the flags."""
+  t, k, p, chunk = args.temperature, args.top_k, args.top_p, args.prefill_chunk
+  if args.max_new_tokens < 1:
+    raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+  if not (math.isfinite(t) and t >= 0):
+    raise ValueError(f"--temperature must be a finite number >= 0 (0 is greedy), got {t}")
+  if k is not None and k < 1:
+    raise ValueError(f"--top-k must be >= 1 (leave it out to sample among all tokens), got {k}")
+  if not (math.isfinite(p) and 0 < p <= 1):
+    raise ValueError(f"--top-p must be in (0, 1] (1 turns it off), got {p}")
+  if chunk is not None and (chunk < 1 or chunk & (chunk - 1)):
+    raise ValueError(f"--prefill-chunk must be a power of two >= 1, got {chunk}")
+
+
+def read_prompts(args) -> list[str]:
+  """The --prompt texts, or stdin read as UTF-8; text that is not UTF-8 (bytes in an argument or on
+  stdin, see ``mixtral_jax.text_input``) is one line naming the prompt and the byte."""
+  from mixtral_jax.text_input import check_text  # noqa: PLC0415
+
+  if args.prompt:
+    prompts = list(args.prompt)
+  else:
+    stdin = sys.stdin
+    raw = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
+    try:
+      prompts = [raw.decode("utf-8")]
+    except UnicodeDecodeError as e:
+      raise ValueError(f"the prompt on stdin is not valid UTF-8 text: byte 0x{raw[e.start]:02x} at byte "
+                       f"{e.start}; pass the text as UTF-8") from None
+  for i, prompt in enumerate(prompts):
+    check_text(prompt, f"prompt {i}" if len(prompts) > 1 else "the prompt")
+  return prompts
+
+
 def _sampling(args) -> dict:
   return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed, stop=args.stop, mesh=args.mesh,
@@ -77,6 +117,23 @@ def _sampling(args) -> dict:
 def _print_stream(_row: int, _token, text: str) -> None:
   sys.stdout.write(text)
   sys.stdout.flush()
+
+
+class _EchoThenStream:
+  """A stream callback that writes ``echo`` before the first token's text (``finish`` writes it if no
+  token came)."""
+
+  def __init__(self, echo: str):
+    self.pending = echo
+
+  def __call__(self, row: int, token, text: str) -> None:
+    self.finish()
+    _print_stream(row, token, text)
+
+  def finish(self) -> None:
+    if self.pending:
+      sys.stdout.write(self.pending)
+      self.pending = ""
 
 
 # ------------------------------------------------------------------------------------ generate
@@ -97,12 +154,15 @@ def generate_main(args: argparse.Namespace) -> int:
   """One prompt streams its continuation; several run as one batch and print in order when done."""
   from mixtral_jax.generate import generate  # noqa: PLC0415
 
-  prompts = args.prompt if args.prompt else [sys.stdin.read()]
+  check_sampling(args)
+  prompts = read_prompts(args)
   model, tokenizer = load_model(args)
   if len(prompts) == 1:
-    if args.echo:
-      sys.stdout.write(prompts[0])
-    out = generate(model, prompts, tokenizer=tokenizer, stream=_print_stream, **_sampling(args))
+    # The prompt is echoed with the first token, so a prompt that generate() refuses (too long for the
+    # context, say) is never printed whole before the error.
+    stream = _EchoThenStream(prompts[0] if args.echo else "")
+    out = generate(model, prompts, tokenizer=tokenizer, stream=stream, **_sampling(args))
+    stream.finish()
     print()
   else:
     out = generate(model, prompts, tokenizer=tokenizer, **_sampling(args))
@@ -140,6 +200,7 @@ def chat_main(args: argparse.Namespace) -> int:
   from mixtral_jax.chat import encode_chat  # noqa: PLC0415
   from mixtral_jax.generate import generate  # noqa: PLC0415
 
+  check_sampling(args)
   model, tokenizer = load_model(args)
   version = args.version or ("v3" if model.cfg.vocab_size == 32768 else "v1")
   messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mixtral_jax.attention import Attention
 from mixtral_jax import kv_cache
+from mixtral_jax.attn.paged import PagedKVCache
 from mixtral_jax.kv_cache import KVCache, LayerCache, init_cache, rows_at_slots, written_positions  # noqa: F401  (re-exported)
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax import param_paths
@@ -144,7 +145,13 @@ class Mixtral(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     valid = None if attention_mask is None else attention_mask.astype(bool)
     cache_pos = write_slots = layer_cache = kept = None
-    if cache is not None:
+    paged = isinstance(cache, PagedKVCache)
+    if paged:  # the pools ride in the layer loop's carry with their tables and lengths (attn/paged.py)
+      if unroll:
+        raise ValueError("unroll=True slices each layer's cache out, which a paged cache does not support; "
+                         "run the scanned layers or pass layers=layer_views(model)")
+      layer_cache = cache
+    elif cache is not None:
       cache_pos, layer_cache = cache.pos, cache.layers
       write_slots = kv_cache.write_slots(positions, valid, cache.size)
       if T == 1 and not unroll:  # decode writes the stacked cache in place (see Attention)
@@ -157,7 +164,9 @@ class Mixtral(nnx.Module):
       h, new_layers, logits, stats = self._run_blocks(h, positions, valid, segment_ids, layer_cache, cache_pos,
                                                       write_slots, unroll, kept, lora_key)
     aux: dict[str, Any] = {"router_logits": logits, **stats}
-    if cache is not None:
+    if paged:
+      aux["cache"] = new_layers
+    elif cache is not None:
       aux["cache"] = KVCache(new_layers, written_positions(cache.pos, write_slots, positions))
     return self.final_norm(h), aux
 

@@ -4,7 +4,9 @@ A weight ``name`` of a module is stored in one form:
 
   - float: the ``nnx.Param`` ``name`` itself, in the parameter dtype;
   - int8: ``name`` holds int8 values Q and ``name + "_scale"`` float32 per-output-channel scales s
-    (the contracted axes kept with size 1), W ~= Q * s.
+    (the contracted axes kept with size 1), W ~= Q * s;
+  - nf4: ``name`` holds packed 4-bit codes and ``name + "_absmax"`` float32 block scales
+    (:mod:`mixtral_jax.quant_nf4`, bit-compatible with bitsandbytes).
 
 A form is a small class: the sibling leaves it adds (``suffixes``), how it quantizes a float array
 (:meth:`Int8.quantize`) and how its leaves give the operand (:meth:`Int8.operand`). The form of a stored
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from mixtral_jax.quant_nf4 import Nf4
 
 SCALE = "_scale"
 QMAX = 127
@@ -57,7 +61,9 @@ class Int8:
 
 
 FLOAT = Float()
-FORMS = {"int8": Int8()}  # quantization mode -> form; a new mode (nf4) is one more entry
+# quantization mode -> form. nf4 (``mixtral_jax.quant_nf4``: bitsandbytes' 4-bit NormalFloat, blocks of 64)
+# covers attention and the experts only (its ``skip``): QLoRA and bitsandbytes keep the LM head in float.
+FORMS = {"int8": Int8(), "nf4": Nf4()}
 
 
 def form_of(module, name: str):

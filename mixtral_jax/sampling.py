@@ -21,6 +21,7 @@ is in the batch. When every row is greedy the sort-based filters are skipped (``
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +36,15 @@ class Sampling:
   top_p: float | None = None
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-    if self.top_k is not None and self.top_k < 1:
-      raise ValueError(f"top_k must be a positive integer or None, got {self.top_k}")
-    if self.top_p is not None and not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+    # NaN fails every comparison and inf divides the logits to zero (a uniform draw): both are refused
+    # by name, never sampled from.
+    if not math.isfinite(self.temperature) or self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0 and finite (0 means greedy), got {self.temperature}")
+    if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) != self.top_k
+                                   or self.top_k < 1):
+      raise ValueError(f"top_k must be a positive integer, or None for all tokens, got {self.top_k}")
+    if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+      raise ValueError(f"top_p must be in (0, 1], or None for no nucleus filter, got {self.top_p}")
 
   @property
   def greedy(self) -> bool:

@@ -19,6 +19,7 @@ two things set right for this project.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import jax
 
@@ -29,7 +30,20 @@ def load():
   import tokamax  # noqa: PLC0415
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+  # Every kernel traced without a tuned config logs "Autotuning cache miss ..." (a screenful per step on
+  # a deviceless compile, where nothing can be autotuned); the default config is what runs. Keep it quiet.
+  logging.getLogger("absl").addFilter(_NoAutotuneMiss())
   return tokamax
+
+
+class _NoAutotuneMiss(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Autotuning cache miss")
+
+  def __eq__(self, other):  # one filter however often load() runs (Filterer.addFilter skips equals)
+    return isinstance(other, _NoAutotuneMiss)
+
+  __hash__ = object.__hash__
 
 
 def cross_compiling(gpu_kernel: bool):

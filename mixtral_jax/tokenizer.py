@@ -23,6 +23,8 @@ from collections.abc import Iterable
 
 import sentencepiece
 
+from mixtral_jax.text_input import check_text
+
 # Bundled files of mistral-common, by the version names its MistralTokenizer.v1()/.v3() use.
 BUNDLED = {
     "v1": "tokenizer.model.v1",
@@ -102,6 +104,7 @@ class Tokenizer:
     """Token ids of ``text``; BOS first if ``bos``, EOS last if ``eos``."""
     if not isinstance(text, str):
       raise TypeError(f"encode takes a str, got {type(text).__name__}")
+    check_text(text, "the text to encode")  # SentencePiece's binding would fail with a C++ cast error
     ids = self._sp.encode(text)
     return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 

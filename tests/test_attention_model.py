@@ -28,6 +28,7 @@ def test_long_sequence_logits_match_transformers_with_blockwise_attention(hf_log
   assert err <= 1e-5, f"relative logit error {err:.2e}"
 
 
+@pytest.mark.slow
 def test_rolling_cache_decode_with_blockwise_attention():
   """Window 7 (a 7-slot rolling cache), blocks of 4 keys: a left-padded prefill of 12 tokens (longer
   than the window), then one-token steps past the window, each against the full forward."""
@@ -72,6 +73,7 @@ def test_long_prefill_and_decode_never_build_full_scores():
   assert not wide, f"decode builds key-wide float32 tensors other than K/V: {sorted(set(wide))[:5]}"
 
 
+@pytest.mark.slow
 def test_training_gradients_with_blockwise_equal_dense():
   """Gradients of a packed, padded batch's loss through the scanned, rematerialised model: blockwise
   (blocks of 16, window 20) against dense, every parameter."""

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mixtral_jax.generate import _Row
+from mixtral_jax.inference.row import Row
 from mixtral_jax.inference.detokenize import IncrementalText
 from mixtral_jax.tokenizer import Tokenizer
 
@@ -109,7 +109,7 @@ def test_rows_stream_and_stop_exactly_as_full_redecoding(tok):
   """Stop strings are cut from the reference's own text at random places (so they span tokens and
   characters); every stream call, the final text and the finish reason must be the same."""
   rng = random.Random(1)
-  new_row = lambda tok, eos, stop, stream: _Row(0, tok, eos, stop, stream)  # noqa: E731
+  new_row = lambda tok, eos, stop, stream: Row(0, tok, eos, stop, stream)  # noqa: E731
   stopped = 0
   for i in range(400):
     tokens = random_stream(tok, rng, rng.randint(1, 60))

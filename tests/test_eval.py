@@ -23,6 +23,7 @@ def _hf_logprobs(hf, seq):
   return torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0].numpy(), logits
 
 
+@pytest.mark.slow
 def test_token_logprobs_and_perplexity_match_transformers(models):
   hf, ours = models
   rng = np.random.default_rng(0)

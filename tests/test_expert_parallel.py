@@ -54,6 +54,7 @@ def _rel(a, b):
   return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"])
 def test_dropless_equals_single_device(single_device, mesh_spec):
   state, ids, ref_logits, ref_grads = single_device
@@ -120,6 +121,7 @@ def test_dropping_follows_capacity_rule():
   assert 0 < float(dropped) < 1
 
 
+@pytest.mark.slow
 def test_padding_to_the_shards_takes_no_capacity():
   """N = 13 tokens on 8 shards: padded pairs are routed nowhere; dropless output equals one device's."""
   E, D, F, N = 8, 8, 12, 13
@@ -158,6 +160,7 @@ def _collectives(hlo: str, op: str):
   return shapes
 
 
+@pytest.mark.slow
 def test_no_expert_weight_all_gather_in_train_step():
   """fsdp=2,expert=2,tensor=2: expert weights may be gathered over fsdp (FSDP's own traffic) but no
   collective ever yields a tensor that holds more than the E/2 local experts."""
@@ -219,6 +222,7 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
   return jnp.where(consistent, result, jnp.nan)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4"])
 def test_ragged_dispatch_logic_equals_single_device(single_device, mesh_spec, monkeypatch):
   """The ragged path's offsets, sizes and return trip (``_ragged_exchange``), run on CPU with an emulated

@@ -122,7 +122,9 @@ def test_libtpu_start_up_line_is_silenced_without_a_tpu(tmp_path):
   import sys
   if importlib.util.find_spec("libtpu") is None:
     pytest.fail("this check needs libtpu installed (the test extra pins it)")
-  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  # Without JAX_PLATFORMS, XLA_FLAGS and any TPU_* variable: in-process CLI tests before this one ran
+  # quiet_libtpu, which sets TPU_WORKER_HOSTNAMES & co. in this process's environment, silencing "before".
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS") and not k.startswith("TPU_")}
   # JAX_PLATFORMS unset, as for a user: every installed plugin (libtpu among them) is tried; another process
   # holding libtpu's lockfile (a parallel test) would keep libtpu from starting at all, hiding the line
   env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"

@@ -240,6 +240,7 @@ def tiny_checkpoint(tmp_path_factory):
   return checkpoint.save(model, tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
+@pytest.mark.slow
 def test_cli_generate_streams_what_the_api_returns(tiny_checkpoint, capsys):
   from mixtral_jax import cli
   rc = cli.main(["generate", "--model", tiny_checkpoint, "--prompt", "Hello", "--max-new-tokens", "16",
@@ -252,6 +253,7 @@ def test_cli_generate_streams_what_the_api_returns(tiny_checkpoint, capsys):
   assert f"{len(want.tokens[0])} tokens, finished by {want.finish_reasons[0]}" in out.err
 
 
+@pytest.mark.slow
 def test_cli_chat_uses_the_instruct_template(tiny_checkpoint, capsys, monkeypatch):
   import io
   from mixtral_jax import cli

@@ -83,6 +83,7 @@ def _run(model, seqs, chunks, cache_len, views=False):
   return cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("views", [False, True])
 def test_decode_and_chunked_prefill_match_full_forward_left_padded_batch(views):
   model = _model()
@@ -96,6 +97,7 @@ def test_decode_and_chunked_prefill_match_full_forward_left_padded_batch(views):
     assert (pos[b, len(s):] == -1).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("views", [False, True])
 @pytest.mark.parametrize("prompt", [5, 12])  # prompt shorter / longer than the window of 7
 def test_rolling_cache_past_sliding_window(prompt, views):

@@ -190,6 +190,7 @@ def _np_dispatch(x, weights, ids, w, ab, lora):
   return y
 
 
+@pytest.mark.slow
 def test_every_single_device_dispatch_equals_numpy(rate=0.3):
   w, ab = _weights()
   x, weights, ids = _routing()
@@ -222,6 +223,7 @@ def test_a_key_with_rate_zero_is_the_no_dropout_program():
   assert np.array_equal(np.asarray(f(keyed)), np.asarray(f(plain)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["blocked", "ragged"])
 def test_expert_parallel_dropout_equals_single_device(impl, monkeypatch, mesh_spec="data=2,expert=2,tensor=2"):
   """Adapters sharded with their expert (F over tensor for w2's input), the pair ids travelling with the

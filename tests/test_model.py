@@ -63,6 +63,7 @@ def test_scan_equals_unrolled_loop(model):
                              rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_remat_does_not_change_gradients():
   x = ids(5)
 

@@ -49,6 +49,7 @@ def _prefill_in_chunks(model, prompts, C, cache_len):
   return np.asarray(token), cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window", [None, 7])
 def test_chunked_prefill_equals_one_piece(window):
   model = _model(sliding_window=window)

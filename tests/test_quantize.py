@@ -62,6 +62,7 @@ def test_every_site_uses_the_dequantised_weight(pair):
   np.testing.assert_allclose(np.asarray(qmodel(ids)), np.asarray(ref(ids)), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_quantized_decode_path_matches(pair):
   """generate's single-device decode reads per-expert (int8, scale) views: same tokens as the float model."""
   qmodel, ref = pair

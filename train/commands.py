@@ -4,7 +4,8 @@
   mixtral-jax train --config sft --workdir runs/sft --set model.checkpoint=ckpt/8x7b-instruct \\
       --set data.paths=[chats.jsonl]
 
-Rerunning the same command resumes from the newest checkpoint in the workdir.
+Rerunning the same command resumes from the newest checkpoint in the workdir. Exit codes: 0 done, 2 a bad
+input (one line), 75 (``PREEMPTED_EXIT_CODE``) stopped by SIGTERM after saving: rerun to resume.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def train_parser(p: argparse.ArgumentParser) -> None:
 
 def train_main(args) -> int:
   from .loop import configure_logging, run  # noqa: PLC0415 - keeps --help fast
+  from .checkpointing import PREEMPTED_EXIT_CODE  # noqa: PLC0415
   from .metrics import read_metrics, summary  # noqa: PLC0415
 
   flags = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
@@ -71,4 +73,5 @@ def train_main(args) -> int:
       {"step": s, "loss": loss, **({"eval_loss": result.eval_losses[s]} if s in result.eval_losses else {})}
       for s, loss in sorted(result.losses.items())]
   print(summary(records) + f"; checkpoints in {args.workdir}/checkpoints")
-  return 0
+  # A scheduler reads 0 as "finished"; a SIGTERM-stopped run saved its step and wants a rerun.
+  return PREEMPTED_EXIT_CODE if result.stopped_by_signal else 0

@@ -1,13 +1,14 @@
 """The run configuration: one frozen dataclass of sections, read from YAML, overridden on the command line.
 
-A YAML run config has up to six sections (every key optional; defaults below)::
+A YAML run config has up to seven sections (every key optional; defaults below)::
 
   model:      preset or converted checkpoint, plus MixtralConfig runtime overrides (dtype, remat, ...)
   data:       what to read and how to cut it: format text|chat, paths, tokenizer, batch_size, seq_len
   optimizer:  AdamW with linear warmup then cosine decay, global-norm clipping, gradient accumulation
   loss:       load-balancing pooling (pooled|per_layer), router z-loss, cross-entropy chunk
   train:      steps, seed, mesh, checkpointing, logging, evaluation
-  lora:       rank (null: full fine-tuning), alpha, dropout, targets (see mixtral_jax.lora)
+  lora:       rank (null: full fine-tuning), alpha, dropout, targets, base_quantize (see mixtral_jax.lora)
+  dpo:        beta, label_smoothing, loss_type, for data.format: preference (see mixtral_jax.train.dpo)
 
 Overrides are ``section.key=value`` strings (``--set optimizer.lr=1e-3``); values are parsed as YAML,
 so ``1e-3``, ``null``, ``true`` and ``[a, b]`` mean what they look like.
@@ -92,6 +93,14 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DpoSection:
+  """Direct preference optimisation (``data.format: preference``; see ``mixtral_jax.train.dpo``)."""
+  beta: float = 0.1  # the KL weight: rewards are beta * (log pi - log pi_ref)
+  label_smoothing: float = 0.0  # cDPO: the assumed share of flipped preference labels (sigmoid loss only)
+  loss_type: str = "sigmoid"  # sigmoid (DPO) or ipo
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   model: ModelSection = ModelSection()
   data: DataSection = DataSection()
@@ -99,6 +108,7 @@ class TrainConfig:
   loss: LossSection = LossSection()
   train: TrainSection = TrainSection()
   lora: LoraSection = LoraSection()
+  dpo: DpoSection = DpoSection()
 
   def __post_init__(self):
     problems = self.lora.problems() + _range_problems(self)
@@ -106,8 +116,17 @@ class TrainConfig:
       raise ValueError("invalid run config: " + "; ".join(problems))
     if self.loss.aux_mode not in ("pooled", "per_layer"):
       problems.append(f"loss.aux_mode={self.loss.aux_mode!r}; choose pooled or per_layer")
-    if self.data.format not in ("text", "chat"):
-      problems.append(f"data.format={self.data.format!r}; choose text or chat")
+    if self.data.format not in ("text", "chat", "preference"):
+      problems.append(f"data.format={self.data.format!r}; choose text, chat or preference (DPO)")
+    if self.data.format == "preference":
+      if not self.lora.enabled:
+        problems.append("data.format=preference (DPO) needs LoRA: its reference model is the base with the "
+                        "adapters off; set lora.rank (e.g. 16) or use --config dpo-lora")
+      try:
+        from mixtral_jax.train.dpo import check_options  # noqa: PLC0415
+        check_options(self.dpo.beta, self.dpo.label_smoothing, self.dpo.loss_type)
+      except ValueError as e:
+        problems.append(str(e))
     if self.optimizer.grad_accum < 1 or self.data.batch_size % self.optimizer.grad_accum:
       problems.append(f"data.batch_size={self.data.batch_size} is not a multiple of "
                       f"optimizer.grad_accum={self.optimizer.grad_accum}")

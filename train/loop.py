@@ -34,7 +34,7 @@ from mixtral_jax.tokenizer import Tokenizer
 from . import data as data_lib
 from . import step as step_lib
 from .checkpointing import Checkpointer, barrier
-from .config import TrainConfig
+from .config import TrainConfig, check_resume
 from .metrics import MetricsLogger, measure_peak_flops, train_flops_per_token
 from .profiling import Goodput, ProfileWindow, summary_line
 
@@ -157,8 +157,9 @@ def _check_inputs(cfg: TrainConfig, workdir: str, *, restart: bool):
     raise ValueError(f"the microbatch of {cfg.microbatch} sequences (data.batch_size / optimizer.grad_accum) "
                      f"does not split over the {shards} batch shards of mesh {format_mesh(mesh)}; make it a "
                      "multiple, or choose another train.mesh")
-  if not restart:
+  if not restart:  # a resume keeps the model and the data settings its checkpoints were made with
     _check_resumable(workdir, mcfg)
+    check_resume(workdir, cfg)
   return mcfg, lora_record, tokenizer, mesh
 
 
@@ -274,8 +275,8 @@ def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, sta
       result.losses[step] = loss
       if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
         with timer.phase("eval"):
-          record["eval_loss"] = _evaluate(eval_fn, step_lib.eval_params(state), eval_batches, bsh,
-                                          global_batch_shape)
+          evaluated = _evaluate(eval_fn, step_lib.eval_params(state), eval_batches, bsh, global_batch_shape)
+        record.update(evaluated)
         result.eval_losses[step] = record["eval_loss"]
         t_prev = time.perf_counter()  # evaluation time is not step time
       logger.log(step, {**record, **timer.step_record()})  # it decides what goes to the file and the console
@@ -308,12 +309,17 @@ def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, sta
   return result
 
 
-def _evaluate(eval_fn, params, batches, sharding, global_shape) -> float:
+def _evaluate(eval_fn, params, batches, sharding, global_shape) -> dict[str, float]:
+  """``eval_loss`` (and, for DPO, ``eval_accuracy``, ``eval_reward_margin``...): sums over the held-out
+  batches divided by their total weight."""
   nll = weight = 0.0
+  sums: dict[str, float] = {}
   for b in batches:
-    n, w = eval_fn(params, _device_batch(b, sharding, global_shape))
+    n, w, *extra = eval_fn(params, _device_batch(b, sharding, global_shape))
     nll, weight = nll + float(n), weight + float(w)
-  return nll / max(weight, 1.0)
+    for k, v in (extra[0] if extra else {}).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return {"eval_loss": nll / max(weight, 1.0), **{f"eval_{k}": v / max(weight, 1.0) for k, v in sums.items()}}
 
 
 def configure_logging() -> None:

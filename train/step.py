@@ -53,6 +53,7 @@ from mixtral_jax.model import Mixtral
 from mixtral_jax.params import abstract_model, param_shardings
 from mixtral_jax.sharding.rules import logical_to_spec
 
+from . import dpo as dpo_lib
 from .config import OptimizerSection, TrainConfig
 from .losses import lm_head_cross_entropy, load_balancing_loss, router_z_loss
 
@@ -103,8 +104,16 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, logical_to_spec(("batch",), mesh)[0], None))
 
 
+def is_dpo(train_cfg: TrainConfig) -> bool:
+  """Preference data: the step is DPO's (``mixtral_jax.train.dpo``) and a row holds a pair."""
+  return train_cfg.data.format == "preference"
+
+
 def abstract_batch(train_cfg: TrainConfig, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  shape = (train_cfg.optimizer.grad_accum, train_cfg.microbatch, train_cfg.data.seq_len)
+  """``[A, b, T]`` fields; DPO: ``[A, b, 2T]``, each row a pair's chosen and rejected rows side by side
+  (``mixtral_jax.train.data.preference.PairRows``), b pairs per microbatch."""
+  T = train_cfg.data.seq_len * (2 if is_dpo(train_cfg) else 1)
+  shape = (train_cfg.optimizer.grad_accum, train_cfg.microbatch, T)
   sh = batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh) for k, dt in BATCH_FIELDS.items()}
 
@@ -125,8 +134,18 @@ def _param_template(model_cfg: MixtralConfig, lora=None):
   if lora is None:
     graphdef, state = nnx.split(abstract_model(model_cfg))
     return graphdef, state, None
-  model = nnx.eval_shape(lambda: Mixtral(base_config(model_cfg, lora), rngs=nnx.Rngs(0), lora_cfg=lora))
+  model = nnx.eval_shape(lambda: _quantized(Mixtral(base_config(model_cfg, lora), rngs=nnx.Rngs(0), lora_cfg=lora),
+                                            lora))
   return nnx.split(model, lora_lib.LoRAParam, ...)
+
+
+def _quantized(model: Mixtral, lora) -> Mixtral:
+  """``lora.base_quantize`` set: the base's matmul weights in that stored form (int8, or nf4 for attention
+  and experts), made operands layer by layer inside the scan; the adapters are untouched."""
+  if lora is None or lora.base_quantize is None:
+    return model
+  from mixtral_jax.inference.quantize import quantize  # noqa: PLC0415
+  return quantize(model, lora.base_quantize)
 
 
 def state_shardings(model_cfg: MixtralConfig, tx, mesh: jax.sharding.Mesh, lora=None) -> TrainState:
@@ -186,6 +205,20 @@ def microbatch_loss(model: Mixtral, mb: dict, train_cfg: TrainConfig, total_weig
   return loss, metrics
 
 
+def dpo_microbatch_loss(model: Mixtral, mb: dict, train_cfg: TrainConfig, total_weight, num_microbatches: int,
+                        lora_key=None):
+  """DPO's share of the step loss for a microbatch of pair rows ``[b, 2T]``: un-flattened to the chosen
+  rows then the rejected rows ``[2b, T]``, scored with the adapters on and off
+  (:func:`mixtral_jax.train.dpo.microbatch_loss`). ``total_weight`` is unused: the loss is a mean over pairs."""
+  from .data.preference import unflatten_pairs  # noqa: PLC0415
+  del total_weight
+  T = train_cfg.data.seq_len
+  rows = {k: unflatten_pairs(v, T) for k, v in mb.items()}
+  d = train_cfg.dpo
+  return dpo_lib.microbatch_loss(model, rows, beta=d.beta, label_smoothing=d.label_smoothing, loss_type=d.loss_type,
+                                 chunk=train_cfg.loss.ce_chunk, num_microbatches=num_microbatches, lora_key=lora_key)
+
+
 # ---------------------------------------------------------------------------- the step
 
 
@@ -202,10 +235,11 @@ def build_train_step(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax
 
   dropout = lora is not None and lora.dropout > 0
 
+  loss_of = dpo_microbatch_loss if is_dpo(train_cfg) else microbatch_loss
+
   def grads_of(params, mb, total_weight, base, key):
     def f(p):  # differentiated in the trainable params only (with LoRA, the adapters; never the base)
-      return microbatch_loss(_merge(graphdef, template, p, base_template, base), mb, train_cfg, total_weight, A,
-                             key)
+      return loss_of(_merge(graphdef, template, p, base_template, base), mb, train_cfg, total_weight, A, key)
     return jax.value_and_grad(f, has_aux=True)(params)
 
   def step(state: TrainState, batch: dict):
@@ -245,7 +279,8 @@ def eval_params(state: TrainState):
 
 def build_eval_step(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh) -> Callable:
   """jitted eval(params, batch) -> (sum of w * nll, sum of w) over all microbatches of ``batch``
-  (``params`` as :func:`eval_params` gives them)."""
+  (``params`` as :func:`eval_params` gives them). DPO: (sum of the loss, microbatches, {accuracy,
+  reward_margin, chosen_reward, rejected_reward: sums}), so held-out preference accuracy is logged too."""
   lora = _lora(train_cfg)
   graphdef, template, base_template = _param_template(model_cfg, lora)
   chunk, dtype = train_cfg.loss.ce_chunk, jnp.dtype(model_cfg.dtype)
@@ -263,27 +298,51 @@ def build_eval_step(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.
       nll = jnp.sum(jax.lax.map(lambda mb: one(params, mb), batch))
       return nll, jnp.sum(batch["weights"])
 
+  def dpo_one(params, mb):
+    model = _merge(graphdef, template, params[0], base_template, params[1])
+    _, m = dpo_microbatch_loss(model, mb, train_cfg, None, 1)
+    return m
+
+  def dpo_evaluate(params, batch):
+    """(sum of the DPO loss over microbatches, microbatches, {metric: sum}): the loop divides by the count."""
+    with jax.sharding.use_abstract_mesh(abstract_mesh):
+      m = jax.tree.map(jnp.sum, jax.lax.map(lambda mb: dpo_one(params, mb), batch))
+      count = jnp.float32(batch["inputs"].shape[0])
+      return m["dpo_loss"], count, {k: m[k] for k in ("accuracy", "reward_margin", "chosen_reward", "rejected_reward")}
+
   sh = state_shardings(model_cfg, make_optimizer(train_cfg)[0], mesh, lora)
   params_sh = sh.params if lora is None else (sh.params, sh.base)
-  return jax.jit(evaluate, in_shardings=(params_sh, batch_sharding(mesh)))
+  return jax.jit(dpo_evaluate if is_dpo(train_cfg) else evaluate, in_shardings=(params_sh, batch_sharding(mesh)))
 
 
 def place_base(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh, params: Any = None):
   """LoRA: the frozen base in its shards and the compute dtype, from ``params`` (a pure-dict tree) or
-  the random model of seed ``train.seed`` (the same weights a full run of that seed starts from)."""
+  the random model of seed ``train.seed`` (the same weights a full run of that seed starts from). With
+  ``lora.base_quantize`` the base is stored quantized: ``params`` already in that form (as
+  ``checkpoint.load(..., quantize=...)`` gives it) are placed as they are, float ones are quantized."""
   lora = _lora(train_cfg)
   base_sh = state_shardings(model_cfg, make_optimizer(train_cfg)[0], mesh, lora).base
+  _, _, abs_base = _param_template(model_cfg, lora)
+  targets = abs_base.to_pure_dict()
   dt, seed = jnp.dtype(model_cfg.dtype), train_cfg.train.seed
 
   def build(p):
-    if p is None:
-      p = nnx.state(Mixtral(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
-    return jax.tree.map(lambda a: a.astype(dt), p)
+    if p is None or _needs_quantizing(p, targets):
+      model = Mixtral(base_config(model_cfg, None), rngs=nnx.Rngs(seed))
+      if p is not None:
+        nnx.update(model, nnx.State(p))
+      p = nnx.state(_quantized(model, lora), nnx.Param).to_pure_dict()
+    return jax.tree.map(lambda a, t: a.astype(t.dtype), p, targets)
 
   with jax.set_mesh(mesh):
     if params is None:
       return jax.jit(lambda: build(None), out_shardings=base_sh)()
     return jax.jit(build, out_shardings=base_sh)(params)
+
+
+def _needs_quantizing(p, targets) -> bool:
+  """A float tree given for a quantized base (its leaves do not match the quantized template's)."""
+  return jax.tree.structure(p) != jax.tree.structure(targets)
 
 
 def init_state(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax.sharding.Mesh,

@@ -1,7 +1,8 @@
 """Attention implementations side by side, behind one selector (:func:`attend`).
 
 ``mask`` (the position/segment/window rule), ``dense`` (the reference), ``blockwise`` (pure-JAX flash
-attention), ``splash`` (TPU Pallas), ``cudnn`` (GPU), ``select`` (``attention_impl`` and ``auto``).
+attention), ``splash`` (TPU Pallas), ``cudnn`` (GPU), ``select`` (``attention_impl`` and ``auto``),
+``paged`` (keys/values in a page pool read through page tables: the paged KV cache's read and write).
 """
 
 from mixtral_jax.attn.blockwise import blockwise_attention

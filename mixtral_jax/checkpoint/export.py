@@ -6,6 +6,10 @@ checkpoint has one.
 
 Streaming: each output tensor is read from the checkpoint as the block it needs (one layer, one
 expert) just before it is written, so memory holds one tensor at a time.
+
+Safety (:mod:`staging`, :mod:`integrity`): the checkpoint is verified first (each array's CRC-32, no
+NaN/Inf; one extra read), a destination equal to or inside the checkpoint is refused, and the
+temporaries of killed earlier exports to the same destination are removed before writing.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax import param_paths
-from mixtral_jax.checkpoint import formats, orbax_io
+from mixtral_jax.checkpoint import formats, integrity, orbax_io, staging
 from mixtral_jax.checkpoint.loading import check_orbax_shapes, config_for, our_shapes
 from mixtral_jax.checkpoint.safetensors_io import Entry, nbytes, write_safetensors
 from mixtral_jax.config import MixtralConfig
@@ -86,15 +90,21 @@ def export(ckpt: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
   dst = os.path.abspath(os.fspath(dst))
   if os.path.lexists(dst) and not overwrite:
     raise FileExistsError(f"{dst} already exists; choose another destination or pass --overwrite")
+  staging.refuse_inside(found.directory, dst, "export")  # --overwrite would delete the checkpoint itself
   limit = parse_size(max_shard_size)
   cfg = config_for(found, {})
+  # One read of every array against its CRC-32 and for NaN/Inf before anything is written: a corrupt
+  # checkpoint is named here, not exported as a valid-looking Hub directory. (The layer-by-layer
+  # VerifiedReader would re-read each stacked array from its first layer, as export interleaves arrays.)
+  integrity.verify(found.params)
   check_orbax_shapes(found.params, our_shapes(cfg)[0], found.config)
   reader = orbax_io.ParamsReader(found.params)
   out_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else reader.dtype(param_paths.LARGEST)
   shards = _shards(hf_entries(cfg, reader, out_dtype), limit)
   progress(f"exporting {found.params} ({reader.nbytes() / 2**30:.2f} GiB) as {len(shards)} safetensors file(s), "
            f"{out_dtype}")
-  with formats.atomic_dir(dst, overwrite=overwrite) as tmp:
+  staging.remove_stale(dst, say=progress)  # temporaries of killed exports to dst
+  with formats.atomic_dir(dst, overwrite=overwrite) as tmp, staging.owned(tmp):
     cfg.replace(param_dtype=str(jnp.dtype(out_dtype))).save(os.path.join(tmp, formats.CONFIG))
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])

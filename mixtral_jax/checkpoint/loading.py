@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from mixtral_jax.checkpoint import consolidated, formats, hf, integrity, orbax_io
+from mixtral_jax import quant, quant_nf4
+from mixtral_jax.checkpoint import bnb4, bnb4_params, consolidated, formats, hf, integrity, orbax_io
 from mixtral_jax.checkpoint.layout import Key, Plan
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.inference import quantize as quantize_lib
@@ -129,12 +130,16 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
   their shards (``mixtral_jax.params.param_shardings``); call the model under ``jax.set_mesh(mesh)``.
   ``dtype`` / ``param_dtype`` and ``runtime`` override the config's runtime fields (``capacity_factor``...).
 
-  ``quantize="int8"``: the model :func:`mixtral_jax.inference.quantize.quantize` makes, quantized as it
+  ``quantize="int8"`` (or ``"nf4"``: attention and experts in bitsandbytes' 4-bit NormalFloat, the LM head
+  in float): the model :func:`mixtral_jax.inference.quantize.quantize` makes, quantized as it
   is read: each matmul weight goes to its devices one layer at a time in ``param_dtype`` and is turned
   into int8 values and scales there before the next layer is read, so the devices hold the int8 model
   plus one layer of one weight in full precision (8x7B: 47 GB, plus at most 0.94 GB of bf16 and its
   float32 working copy), never the 93 GB bf16 model. A weight an adapter changes is read whole,
   merged, then quantized.
+
+  A Hugging Face directory quantized by bitsandbytes to nf4 (``quantization_config`` in config.json) loads
+  straight into the nf4 model, its codes and scales as they are (``mixtral_jax.checkpoint.bnb4``).
 
   ``allow_nonfinite``: load weights holding NaN/Inf (warned) instead of raising
   ``integrity.NonFiniteError``. A checksum mismatch is always an error (``integrity.ChecksumError``).
@@ -143,6 +148,8 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
   cfg = config_for(found, runtime_overrides(dtype, param_dtype, runtime))
   if quantize is not None and quantize not in quantize_lib.MODES:
     raise ValueError(f"unknown quantization {quantize!r}; supported: {', '.join(quantize_lib.MODES)}")
+  if found.kind == "hf" and bnb4.quantization_config(found.directory) is not None:
+    return _load_bnb4(found, cfg, _mesh(mesh, cfg), quantize, adapter)
   factors = None
   if found.kind == "orbax" and lora_run.is_lora_run(os.path.dirname(found.config)):
     raise ValueError(f"{path} is a LoRA training run: its checkpoints hold adapters only. Load its base with the "
@@ -164,17 +171,19 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
       cfg = cfg.replace(param_dtype=str(jnp.dtype(plan.dtype())))
     read_block = lambda key, idx, dtype: finite.add(".".join(key), plan.read(key, idx, dtype=dtype))  # noqa: E731
   shardings = _shardings(cfg, mesh, quantize)
+  targets = _leaves(cfg, quantize)
+  sites = quantize_lib.site_axes(quantize) if quantize else {}
   dt = jnp.dtype(cfg.param_dtype)
   adapted = {lora_merge.PARAM_KEYS[f.target]: f for f in factors or ()}
   arrays = {}
   for key, shape in shapes.items():
     read = functools.partial(read_block, key, dtype=dt)
     stacked = key[0] == "blocks"
-    axes = quantize_lib.SITE_AXES.get(key) if quantize else None
-    scale_key = key[:-1] + (key[-1] + quantize_lib.SCALE,)
+    axes = sites.get(key)
+    keys = (key,) + tuple(key[:-1] + (key[-1] + s,) for s in quant.FORMS[quantize].suffixes) if axes else (key,)
     if axes is not None and key not in adapted:
-      arrays[key], arrays[scale_key] = _create_quantized(
-          shape, dt, shardings[key], shardings[scale_key], axes, read, stacked=stacked)
+      arrays.update(zip(keys, _create_quantized(shape, dt, keys, targets, shardings, axes, quantize, read,
+                                                stacked=stacked)))
       finite.done(".".join(key), int(np.prod(shape)))
       continue
     arrays[key] = _create(shape, dt, shardings[key], read, stacked=stacked)
@@ -182,9 +191,39 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
     if key in adapted:
       arrays[key] = lora_merge.merge_arrays({key: arrays[key]}, [adapted[key]])[key]
     if axes is not None:
-      arrays[key], arrays[scale_key] = quantize_lib.quantize_into(arrays[key], axes, shardings[key],
-                                                                   shardings[scale_key])
+      q, extras = quantize_lib.quantize_form_into(arrays[key], axes, quantize, shardings[key],
+                                                  tuple(shardings[k] for k in keys[1:]))
+      arrays.update(zip(keys, (q, *extras.values())))
   return _merge(cfg, arrays, quantize)
+
+
+def _leaves(cfg: MixtralConfig, quantize: str | None) -> dict[Key, tuple[tuple[int, ...], jnp.dtype]]:
+  """(shape, dtype) of every parameter of the (quantized) model, from shapes alone."""
+  state = nnx.state(abstract_model(cfg, quantize), nnx.Param)
+  return {tuple(str(p) for p in path): (tuple(v.shape), jnp.dtype(v.dtype)) for path, v in nnx.to_flat_state(state)}
+
+
+def _load_bnb4(found: formats.Found, cfg: MixtralConfig, mesh, quantize, adapter) -> Mixtral:
+  """A bitsandbytes nf4 checkpoint straight into our nf4 model (``mixtral_jax.checkpoint.bnb4_params``):
+  its codes and scales are placed as they are (no float copy of the model), float tensors in ``param_dtype``."""
+  if quantize not in (None, "nf4"):
+    raise ValueError(f"{found.directory} is a bitsandbytes nf4 checkpoint: it loads as nf4 (quantize='nf4' or "
+                     f"None), not quantize={quantize!r}; use the float checkpoint for int8")
+  if adapter is not None:
+    raise ValueError(f"{found.directory} is a bitsandbytes nf4 checkpoint: adapters are not merged into 4-bit "
+                     "weights; train or generate with the adapter as LoRA on the nf4 base instead")
+  shapes, _ = our_shapes(cfg)
+  params = bnb4_params.read_params(found.directory, cfg, shapes, dtype=jnp.dtype(cfg.param_dtype))
+  shardings = _shardings(cfg, mesh, "nf4")
+  arrays = {}
+  for key, value in params.items():
+    if isinstance(value, bnb4.Nf4Tensor):
+      arrays[key] = jax.device_put(value.codes, shardings[key])
+      absmax_key = key[:-1] + (key[-1] + quant_nf4.ABSMAX,)
+      arrays[absmax_key] = jax.device_put(value.absmax, shardings[absmax_key])
+    else:
+      arrays[key] = jax.device_put(value, shardings[key])
+  return _merge(cfg, arrays, "nf4")
 
 
 def _merge(cfg: MixtralConfig, arrays: dict[Key, jax.Array], quantize: str | None = None) -> Mixtral:
@@ -207,25 +246,26 @@ def _create(shape, dtype, sharding, read: Callable[[tuple], np.ndarray], *, stac
   return buf
 
 
-def _create_quantized(shape, dtype, sharding, scale_sharding, axes, read: Callable[[tuple], np.ndarray], *,
-                      stacked: bool) -> tuple[jax.Array, jax.Array]:
-  """One matmul weight as (int8 values, float32 scales) in their shardings, quantized as it is read:
-  each layer's slice is made on its devices in ``dtype`` (as :func:`_create` does), quantized there
-  and written into donated int8 and scale buffers, then dropped before the next slice is read."""
+def _create_quantized(shape, dtype, keys, targets, shardings, axes, mode, read: Callable[[tuple], np.ndarray], *,
+                      stacked: bool) -> list[jax.Array]:
+  """One matmul weight in the stored form ``mode`` (its values, then its sibling leaves, for ``keys``), in
+  their shardings, quantized as it is read: each layer's slice is made on its devices in ``dtype`` (as
+  :func:`_create` does), quantized there and written into donated buffers shaped as ``targets`` says,
+  then dropped before the next slice is read."""
+  sh = tuple(shardings[k] for k in keys)
   if not stacked:
-    w = jax.make_array_from_callback(shape, sharding, _once_per_block(read))
-    return quantize_lib.quantize_into(w, axes, sharding, scale_sharding)
-  layer_sharding, layer_scale_sharding = _drop_leading_axis(sharding), _drop_leading_axis(scale_sharding)
-  scale_shape = tuple(1 if i - len(shape) in axes else n for i, n in enumerate(shape))
-  q_buf = _zeros(tuple(shape), jnp.dtype(jnp.int8), sharding)
-  scale_buf = _zeros(scale_shape, jnp.dtype(jnp.float32), scale_sharding)
+    w = jax.make_array_from_callback(shape, sh[0], _once_per_block(read))
+    q, extras = quantize_lib.quantize_form_into(w, axes, mode, sh[0], sh[1:])
+    return [q, *extras.values()]
+  layer_sh = tuple(_drop_leading_axis(s) for s in sh)
+  bufs = [_zeros(targets[k][0], targets[k][1], s) for k, s in zip(keys, sh)]
   for layer in range(shape[0]):
     read_layer = _once_per_block(lambda idx, l=layer: read((l,) + tuple(idx)))
-    w = jax.make_array_from_callback(shape[1:], layer_sharding, read_layer)
-    q, scale = quantize_lib.quantize_into(w, axes, layer_sharding, layer_scale_sharding)
+    w = jax.make_array_from_callback(shape[1:], layer_sh[0], read_layer)
+    q, extras = quantize_lib.quantize_form_into(w, axes, mode, layer_sh[0], layer_sh[1:])
     del w  # the full-precision slice is gone before the next one is read
-    q_buf, scale_buf = _set_layer(q_buf, q, layer), _set_layer(scale_buf, scale, layer)
-  return q_buf, scale_buf
+    bufs = [_set_layer(b, part, layer) for b, part in zip(bufs, (q, *extras.values()))]
+  return bufs
 
 
 def _once_per_block(read: Callable[[tuple], np.ndarray]) -> Callable[[tuple], np.ndarray]:

@@ -23,6 +23,12 @@ One thread runs the loop; each iteration:
   5. Each new token goes through generate's per-row bookkeeping (EOS, stop strings, held-back
      streaming text) and out to the request's callback; a finished row is free for step 2 at once.
 
+With ``kv_cache_gib`` the cache is paged instead (:class:`~mixtral_jax.inference.paged_runner.PagedRunner`):
+a pool of pages that rows hold only as their tokens need, admission by free pages rather than free
+rows, the longest cached prefix of a prompt reused, decode steps over the rows in use only (compacted,
+padded to 1, 2, 4, ... rows), and the newest requests preempted when pages run out (see
+``_paged_step``).
+
 Sampling is per row (:func:`mixtral_jax.sampling.sample_rows`): each request keeps its own settings,
 seed and key index, and its tokens do not depend on the other rows. ``mixtral_jax.generate`` is a
 client of this engine: it submits all its prompts at once and steps the loop until they finish.
@@ -32,20 +38,26 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import threading
 import time
 import traceback
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixtral_jax.inference.logprobs import MAX_TOP_LOGPROBS, rows_to_host, token_logprobs
+from mixtral_jax.inference.pages import PAGE_SIZE, Sequence, pages_for_budget
+from mixtral_jax.inference.paged_runner import PagedRunner
 from mixtral_jax.inference.placement import decode_views, mesh_context, place, resolve_mesh
 from mixtral_jax.inference.programs import MAX_CHUNK, bucket, decode_program, prefill_program
 from mixtral_jax.inference.row import Row
 from mixtral_jax.model import init_cache
-from mixtral_jax.sampling import RowSettings
+from mixtral_jax.sampling import RowSettings, sample_rows
 
 CHUNK_SECONDS = 0.1  # device time per decode call, about (see the module docstring)
 
@@ -74,6 +86,10 @@ class Request:
   first_token_at: float | None = None
   cancelled: bool = False
   row: Row | None = None
+  top_logprobs: int | None = None  # logprobs wanted (paged cache only): alternatives per token
+  grammar: str | None = None  # structured output (paged cache only): an llguidance grammar
+  matcher: object = None  # its matcher, following the sampled tokens (made at submit)
+  logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprobs of each token in row.tokens
 
   def cancel(self) -> None:
     """Safe from any thread: the engine frees the request's row (or queue place) at its next step."""
@@ -97,7 +113,8 @@ class Engine:
 
   def __init__(self, model, tokenizer=None, *, max_batch: int = 16, max_context: int | None = None,
                max_queue: int = 64, prefill_chunk: int = 256, mesh=None,
-               decode_views_wanted: bool = True):
+               decode_views_wanted: bool = True, kv_cache_gib: float | None = None, page_size: int = PAGE_SIZE,
+               prefix_caching: bool = True):
     cfg = model.cfg
     self.cfg, self.tokenizer = cfg, tokenizer
     self.max_context = int(max_context or cfg.max_position_embeddings)
@@ -113,8 +130,23 @@ class Engine:
     if self.mesh is not None:
       self.state = place(self.state, self.mesh)
     self.layers = decode_views(model, self.mesh) if decode_views_wanted else None
+    self.runner: PagedRunner | None = None  # the paged cache (--kv-cache-gib), else fixed rows
+    self.cache = None
     with mesh_context(self.mesh):
-      self.cache = init_cache(cfg, self.B, self.max_context)
+      if kv_cache_gib is None:
+        self.cache = init_cache(cfg, self.B, self.max_context)
+      else:
+        num_pages = pages_for_budget(kv_cache_gib, num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+                                     head_dim=cfg.head_size, dtype_bytes=jnp.dtype(cfg.dtype).itemsize,
+                                     max_context=self.max_context, page_size=page_size)
+        self.runner = PagedRunner(self.graphdef, self.state, cfg, num_pages=num_pages, max_batch=self.B,
+                                  max_context=self.max_context, prefill_chunk=self.prefill_chunk, page_size=page_size,
+                                  prefix_caching=prefix_caching, layers=self.layers)
+    self.running: list[Request] = []  # paged: admitted requests, oldest first
+    self.seqs: dict[int, Sequence] = {}  # paged: request id -> its pages
+    self._sample = jax.jit(sample_rows)
+    self._structured = None
+    self._logprobs = jax.jit(functools.partial(token_logprobs, k=MAX_TOP_LOGPROBS))
     self._prefill, self._decode = prefill_program(self.graphdef), decode_program(self.graphdef)
     self._chunk = 1  # decode steps per call, adapted to CHUNK_SECONDS
     B = self.B
@@ -136,6 +168,11 @@ class Engine:
     """Queues a request (raises :class:`QueueFull` when ``max_queue`` wait already, ValueError when it
     cannot fit the context)."""
     n = len(req.prompt)
+    if (req.top_logprobs is not None or req.grammar is not None) and self.runner is None:
+      raise ValueError("logprobs and response_format need the paged KV cache: pass kv_cache_gib "
+                       "(serve --kv-cache-gib)")
+    if req.grammar is not None:
+      req.matcher = self.structured().matcher(req.grammar)
     if n + req.max_tokens > self.max_context:
       raise ValueError(f"the prompt has {n} tokens and max_tokens is {req.max_tokens}, {n + req.max_tokens} in "
                        f"all, but the context is {self.max_context} tokens")
@@ -153,7 +190,7 @@ class Engine:
     return len(self.waiting)  # just-arrived requests count until the next step gives them a row
 
   def busy_rows(self) -> int:
-    return sum(r is not None for r in self.slots)
+    return sum(r is not None for r in self.slots) + len(self.running)
 
   def start(self) -> "Engine":
     self._thread = threading.Thread(target=self._loop, name="mixtral-jax-engine", daemon=True)
@@ -177,7 +214,13 @@ class Engine:
           self.step()
       else:
         done.wait()
-    if self.B > 1:  # the batch prefill (two or more rows at once), every chunk width, writing nothing
+    if self.runner is not None:  # every compiled decode batch size, and the sampler at each
+      with mesh_context(self.mesh):
+        self.runner.warmup()
+        for R in self.runner.sizes:
+          self._sample(jnp.zeros((R, self.cfg.vocab_size), jnp.float32), self._settings([None] * R),
+                       np.zeros(R, np.int32))
+    elif self.B > 1:  # the batch prefill (two or more rows at once), every chunk width, writing nothing
       with mesh_context(self.mesh):
         C = 16
         while C <= min(self.prefill_chunk, bucket(self.max_context, 16)):
@@ -193,7 +236,7 @@ class Engine:
   def _loop(self) -> None:
     while True:
       with self._wake:
-        while not self._stopped and not self.waiting and not any(r is not None for r in self.slots):
+        while not self._stopped and not self.waiting and not self.busy_rows():
           self._wake.wait()
         if self._stopped:
           return
@@ -205,6 +248,9 @@ class Engine:
 
   def step(self) -> None:
     """One iteration of the loop (see the module docstring)."""
+    if self.runner is not None:
+      self._paged_step()
+      return
     self._drop_cancelled()
     self._admit()
     with mesh_context(self.mesh):
@@ -216,7 +262,7 @@ class Engine:
 
   def run_until_done(self) -> None:
     """Steps the loop on this thread until no request waits or runs (``generate``'s use)."""
-    while self.waiting or any(r is not None for r in self.slots):
+    while self.waiting or self.busy_rows():
       self.step()
 
   def _drop_cancelled(self) -> None:
@@ -298,6 +344,96 @@ class Engine:
     self.positions = np.where(active, self.positions + n, self.positions).astype(np.int32)
     self.steps = np.where(active, self.steps + n, self.steps).astype(np.int32)
 
+
+  # ------------------------------------------------------------------------------ paged cache
+
+  def _paged_step(self) -> None:
+    """One iteration over the paged cache (:class:`PagedRunner`): cancelled requests leave; waiting
+    ones are admitted, first come first served, while rows and pages last (reusing their longest
+    cached prefix); each admitted request still reading its tokens runs one prefill chunk (the last
+    samples its next token); then one decode step of the others, compacted into the first rows of the
+    next compiled batch size. When pages run out the newest are preempted: their pages are freed and
+    they wait at the head of the queue, to be recomputed from their prompt and the tokens so far."""
+    with self._wake:
+      for req in [r for r in self.waiting if r.cancelled]:
+        self.waiting.remove(req)
+        self._finish(req, "cancelled")
+      for req in [r for r in self.running if r.cancelled]:
+        self._paged_free(req, "cancelled")
+      while self.waiting and len(self.running) < self.B:
+        req = self.waiting[0]
+        seq = self.runner.admit(req.id, req.prompt + req.row.tokens)
+        if seq is None:
+          break
+        self.waiting.popleft()
+        self.seqs[req.id] = seq
+        self.running.append(req)
+    with mesh_context(self.mesh):
+      for req in [r for r in self.running if self._paged_prefilling(r)]:
+        logits_V = self.runner.prefill(self.seqs[req.id])
+        if logits_V is not None:
+          self._paged_sample([req], logits_V[None])
+      decoding = [r for r in self.running if not self._paged_prefilling(r)]
+      for victim in self.runner.ensure_room([self.seqs[r.id] for r in decoding]):
+        req = next(r for r in decoding if self.seqs[r.id] is victim)
+        decoding.remove(req)
+        self.running.remove(req)
+        del self.seqs[req.id]
+        with self._wake:
+          self.waiting.appendleft(req)
+      if decoding:
+        logits_RV = self.runner.decode([self.seqs[r.id] for r in decoding])
+        self.metrics.decode_steps += 1
+        self.metrics.occupied_row_steps += len(decoding)
+        self._paged_sample(decoding, logits_RV)
+
+  def _paged_prefilling(self, req: Request) -> bool:
+    """Whether more than the last token is still to be computed (that one a decode step feeds)."""
+    seq = self.seqs[req.id]
+    return seq.computed < len(seq.tokens) - 1
+
+  def structured(self):
+    """The structured-output compiler for this engine's tokenizer (llguidance, loaded when first used)."""
+    if self._structured is None:
+      from mixtral_jax.inference.grammar import StructuredOutput, apply_bitmask  # noqa: PLC0415 - llguidance when used
+      self._structured = StructuredOutput(self.tokenizer)
+      self._apply_mask = jax.jit(apply_bitmask)
+    return self._structured
+
+  def _paged_sample(self, reqs: list[Request], logits_RV) -> None:
+    """Samples each request's next token (its step: the tokens it has so far, as ``generate`` counts)
+    and passes it on; a finished request frees its pages. Grammar masks are filled on the host while
+    the device still computes ``logits_RV`` (they depend only on the tokens so far), then applied."""
+    padded = list(reqs) + [None] * (logits_RV.shape[0] - len(reqs))  # rows past reqs: batch padding
+    steps_R = np.array([len(r.row.tokens) if r else 0 for r in padded], np.int32)
+    raw_RV = logits_RV
+    if any(r.matcher is not None for r in reqs):
+      from mixtral_jax.inference.grammar import MaskBatch  # noqa: PLC0415
+      bits = MaskBatch(len(padded), self.structured().vocab_size).fill([r and r.matcher for r in padded])
+      logits_RV = self._apply_mask(logits_RV, bits)
+    tokens_R = self._sample(logits_RV, self._settings(padded), steps_R)
+    wanted = [r and r.top_logprobs for r in padded]
+    entries = [None] * len(padded)
+    if any(k is not None for k in wanted):  # the raw distribution's, before temperature and filters
+      entries = rows_to_host(*self._logprobs(raw_RV, tokens_R), tokens_R, wanted)
+    tokens_R = np.asarray(tokens_R)
+    for req, token, entry in zip(reqs, tokens_R.tolist(), entries):
+      if entry is not None and token not in req.eos:
+        req.logprobs.append(entry)
+      if req.matcher is not None and token not in req.eos:
+        req.matcher.consume_token(token)
+      if req.first_token_at is None:
+        self.metrics.prompt_tokens += len(req.prompt)
+      self.runner.append(self.seqs[req.id], token)
+      req.row.push(token, is_last_step=len(req.row.tokens) + 1 >= req.max_tokens)
+      if req.row.finish is not None:
+        self._paged_free(req, req.row.finish)
+
+  def _paged_free(self, req: Request, reason: str) -> None:
+    self.runner.release(self.seqs.pop(req.id))
+    self.running.remove(req)
+    self._finish(req, reason)
+
   # ------------------------------------------------------------------------------ bookkeeping
 
   def _push(self, b: int, req: Request, token: int) -> None:
@@ -328,6 +464,10 @@ class Engine:
       traceback.print_exc()
 
   def _fail_all(self, error: str) -> None:
+    for req in list(self.running):
+      self.runner.release(self.seqs.pop(req.id))
+      self.running.remove(req)
+      self._finish(req, "error", error)
     for b, req in enumerate(self.slots):
       if req is not None:
         self.slots[b], self.decoding[b] = None, False

@@ -4,7 +4,8 @@ Requests are read from plain JSON dicts so every problem becomes an :class:`ApiE
 error body ``{"error": {"message", "type", "param", "code"}}`` and a status: 400 for bad input, 404
 for an unknown model. Fields OpenAI defines that change nothing here (``user``, ``n`` = 1,
 ``logprobs`` false, ...) are accepted; ones that would change the answer and are not implemented
-(``n`` > 1, ``logprobs``, ``tool_choice`` "required") are refused by name rather than ignored.
+(``n`` > 1, ``tool_choice`` "required") are refused by name rather than ignored. ``logprobs`` /
+``top_logprobs`` are :mod:`mixtral_jax.inference.logprobs`'s.
 
 Sampling fields: ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (OpenAI's default
 1.0; 0 is greedy), ``top_p``, ``top_k`` (an extension, as vLLM has), ``stop`` (a string or up to 4),
@@ -18,6 +19,9 @@ import json
 import secrets
 import time
 from typing import Any
+
+from mixtral_jax.inference.logprobs import LogprobsError, requested_top
+from mixtral_jax.text_input import first_undecodable
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
@@ -45,6 +49,8 @@ class Params:
   seed: int
   stream: bool
   include_usage: bool
+  top_logprobs: int | None = None  # logprobs asked for: alternatives per token (0: the chosen one's only)
+  response_format: Any = None  # as sent; compiled by mixtral_jax.inference.grammar
 
 
 def parse_json(raw: bytes) -> dict:
@@ -77,12 +83,15 @@ def _number(body, key, default, lo, hi, kind=float):
   return kind(value)
 
 
-def parse_params(body: dict, default_max_tokens: int | None) -> Params:
-  """The sampling and streaming fields shared by both completion routes."""
+def parse_params(body: dict, default_max_tokens: int | None, route: str = "completions") -> Params:
+  """The sampling and streaming fields shared by both completion routes (``route``: "chat" or
+  "completions", whose ``logprobs`` fields differ, see :mod:`mixtral_jax.inference.logprobs`)."""
   if _number(body, "n", 1, 1, 1 << 30, int) != 1:
     raise ApiError(400, "'n' > 1 is not supported; send n requests (they are batched together)", param="n")
-  if body.get("logprobs") not in (None, False, 0):
-    raise ApiError(400, "'logprobs' is not supported by this server", param="logprobs")
+  try:
+    top_logprobs = requested_top(body, route)
+  except LogprobsError as e:
+    raise ApiError(400, str(e), param=e.param) from None
   max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
   max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, 1, 1 << 30, int)
   top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
@@ -108,8 +117,26 @@ def parse_params(body: dict, default_max_tokens: int | None) -> Params:
   if not isinstance(options, dict):
     raise ApiError(400, "'stream_options' must be an object", param="stream_options")
   return Params(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=top_p,
-                top_k=_number(body, "top_k", 0, -1, 1 << 30, int), stop=stop, seed=seed, stream=stream,
-                include_usage=bool(options.get("include_usage", False)))
+                top_k=_top_k(body), stop=stop, seed=seed, stream=stream,
+                include_usage=bool(options.get("include_usage", False)), top_logprobs=top_logprobs,
+                response_format=body.get("response_format"))
+
+
+def _top_k(body: dict) -> int:
+  """``top_k``: 0 or absent for all tokens, else >= 1 (vLLM's -1 for "off" is refused by name, not guessed)."""
+  top_k = _number(body, "top_k", 0, -(1 << 30), 1 << 30, int)
+  if top_k < 0:
+    raise ApiError(400, f"'top_k' must be >= 1, or 0 / absent for all tokens, got {top_k}", param="top_k")
+  return top_k
+
+
+def check_text(value, param: str) -> None:
+  """A 400 naming ``param`` when a string in ``value`` cannot be tokenized (a lone surrogate such as
+  JSON's "\\ud800"; see ``mixtral_jax.text_input``)."""
+  problem = first_undecodable(value)
+  if problem:
+    raise ApiError(400, f"'{param}' is not valid Unicode text: {problem}; send well-formed UTF-8",
+                   param=param, code="invalid_text")
 
 
 def parse_chat(body: dict, version: str) -> tuple[list[dict], list[dict] | None]:
@@ -125,6 +152,8 @@ def parse_chat(body: dict, version: str) -> tuple[list[dict], list[dict] | None]
     raise ApiError(400, f"this model uses the {version} chat format, which has no tool calling", param="tools")
   # OpenAI clients send assistant turns with "tool_calls": null and tool turns with extra keys.
   cleaned = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
+  check_text(cleaned, "messages")
+  check_text(tools, "tools")
   return cleaned, (tools or None) if choice != "none" else None
 
 
@@ -134,6 +163,7 @@ def parse_prompt(body: dict, tokenizer) -> list[int]:
   if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
     prompt = prompt[0]
   if isinstance(prompt, str):
+    check_text(prompt, "prompt")
     return tokenizer.encode(prompt, bos=True)
   if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
     bad = [t for t in prompt if not 0 <= t < tokenizer.vocab_size]
@@ -145,11 +175,12 @@ def parse_prompt(body: dict, tokenizer) -> list[int]:
                  param="prompt")
 
 
-def check_length(n: int, max_tokens: int | None, context: int) -> int:
-  """max_tokens (default: the rest of the context), or a 400 naming the prompt length and the context."""
+def check_length(n: int, max_tokens: int | None, context: int, prompt_param: str = "messages") -> int:
+  """max_tokens (default: the rest of the context), or a 400 naming the prompt length and the context
+  (and ``prompt_param``: "messages" for chat, "prompt" for completions); the prompt is not echoed."""
   if n >= context:
     raise ApiError(400, f"the prompt has {n} tokens but the context is {context} tokens (--max-context); "
-                   "shorten the prompt", param="messages", code="context_length_exceeded")
+                   "shorten the prompt", param=prompt_param, code="context_length_exceeded")
   if max_tokens is None:
     return context - n
   if n + max_tokens > context:
@@ -177,30 +208,30 @@ def tool_calls_json(calls: list[dict]) -> list[dict]:
            "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in calls]
 
 
-def chat_response(rid, model, text, calls, finish, use) -> dict:
+def chat_response(rid, model, text, calls, finish, use, logprobs=None) -> dict:
   message: dict[str, Any] = {"role": "assistant", "content": None if calls else text}
   if calls:
     message["tool_calls"] = tool_calls_json(calls)
   return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-          "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}], "usage": use}
+          "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}], "usage": use}
 
 
-def completion_response(rid, model, text, finish, use) -> dict:
+def completion_response(rid, model, text, finish, use, logprobs=None) -> dict:
   return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-          "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": use}
+          "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}], "usage": use}
 
 
-def chat_chunk(rid, model, delta: dict, finish=None, use=None) -> dict:
+def chat_chunk(rid, model, delta: dict, finish=None, use=None, logprobs=None) -> dict:
   chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
   if use is not None:
     chunk["usage"] = use
   return chunk
 
 
-def completion_chunk(rid, model, text: str, finish=None, use=None) -> dict:
+def completion_chunk(rid, model, text: str, finish=None, use=None, logprobs=None) -> dict:
   chunk = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-           "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+           "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
   if use is not None:
     chunk["usage"] = use
   return chunk

@@ -32,6 +32,12 @@ SITES: tuple[tuple[tuple[str, ...], str, tuple[int, ...]], ...] = tuple(
     (key[:-1], key[-1], axes) for key, axes in SITE_AXES.items())
 
 
+def site_axes(mode: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """The sites ``mode`` quantizes (every matmul weight for int8; nf4 leaves the LM head in float)."""
+  skip = set(getattr(quant.FORMS[mode], "skip", ()))
+  return {key: axes for key, axes in SITE_AXES.items() if key not in skip}
+
+
 def compute_weight(module, name: str, dtype) -> jax.Array:
   """The matmul operand of parameter ``name`` of ``module`` in ``dtype``, dequantised if it is int8."""
   return quant.operand(module, name, dtype)
@@ -44,7 +50,8 @@ def is_quantized(model) -> bool:
 
 def quantize(model, mode: str = "int8"):
   """Replaces every matmul weight of ``model`` (a :class:`mixtral_jax.model.Mixtral`) by int8 values and
-  float32 per-output-channel scales, in place, one parameter at a time (the float original of each is
+  float32 per-output-channel scales (``mode="nf4"``: attention and expert weights by nf4 codes and block
+  scales), in place, one parameter at a time (the float original of each is
   freed before the next is quantized); returns the model. Keeps each parameter's sharding.
 
   Works under ``nnx.eval_shape`` too (no memory): ``nnx.eval_shape(lambda: quantize(Mixtral(cfg,
@@ -54,7 +61,8 @@ def quantize(model, mode: str = "int8"):
     raise ValueError(f"unknown quantization {mode!r}; supported: {', '.join(MODES)}")
   if is_quantized(model):
     raise ValueError("the model is already quantized")
-  for path, name, axes in SITES:
+  for key, axes in site_axes(mode).items():
+    path, name = key[:-1], key[-1]
     module = _module(model, path)
     var = getattr(module, name)
     logical = tuple(var.get_metadata().get("logical_axes", ()))
@@ -90,6 +98,17 @@ def quantize_into(w: jax.Array, axes: tuple[int, ...], q_sharding, scale_shardin
   q, scale = quantize_array(w, axes)
   return (jax.lax.with_sharding_constraint(q, q_sharding),
           jax.lax.with_sharding_constraint(scale, scale_sharding))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def quantize_form_into(w: jax.Array, axes: tuple[int, ...], mode: str, q_sharding, extra_shardings: tuple
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The form ``mode``'s quantization of ``w``, its values placed in ``q_sharding`` and its sibling leaves
+  (in the form's ``suffixes`` order) in ``extra_shardings``: :func:`quantize_into` for any form."""
+  form = quant.FORMS[mode]
+  q, extras = form.quantize(w, axes)
+  return (jax.lax.with_sharding_constraint(q, q_sharding),
+          {s: jax.lax.with_sharding_constraint(extras[s], sh) for s, sh in zip(form.suffixes, extra_shardings)})
 
 
 def _module(model, path):

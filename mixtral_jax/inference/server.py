@@ -29,6 +29,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from mixtral_jax.chat import TOOL_CALLS, encode_chat, parse_tool_calls
 from mixtral_jax.inference import protocol as P
 from mixtral_jax.inference.engine import Engine, QueueFull, Request
+from mixtral_jax.inference.logprobs import chat_logprobs, completion_logprobs, text_length
+from mixtral_jax.inference.pieces import vocabulary_bytes
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -74,7 +76,7 @@ class Server:
     body = P.parse_json(await http.body())
     P.check_model(body, self.model_name)
     messages, tools = P.parse_chat(body, self.chat_version)
-    params = P.parse_params(body, None)
+    params = P.parse_params(body, None, "chat")
     try:
       prompt = encode_chat(messages, tools, version=self.chat_version)
     except ValueError as e:
@@ -94,13 +96,19 @@ class Server:
 
   async def _generate(self, http, prompt, params, kind, tool_calls_id):
     """Submits the request to the engine; its tokens arrive on ``events`` (this event loop)."""
-    max_tokens = P.check_length(len(prompt), params.max_tokens, self.engine.max_context)
+    max_tokens = P.check_length(len(prompt), params.max_tokens, self.engine.max_context,
+                                "messages" if kind == "chat" else "prompt")
+    if params.top_logprobs is not None and self.engine.runner is None:
+      raise P.ApiError(400, "logprobs need the paged KV cache: start the server with --kv-cache-gib",
+                       param="logprobs")
+    grammar = self._grammar(params.response_format)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     put = lambda *e: loop.call_soon_threadsafe(events.put_nowait, e)  # noqa: E731
     req = Request(prompt, max_tokens, on_token=lambda t, d: put("token", t, d), on_done=lambda r, e: put("done", r, e),
                   temperature=params.temperature, top_k=max(params.top_k, 0), top_p=params.top_p, seed=params.seed,
-                  stop=params.stop, eos=frozenset([self.tokenizer.eos_id]))
+                  stop=params.stop, eos=frozenset([self.tokenizer.eos_id]), top_logprobs=params.top_logprobs,
+                  grammar=grammar)
     try:
       self.engine.submit(req)
     except QueueFull as e:
@@ -112,6 +120,19 @@ class Server:
       return StreamingResponse(self._stream(req, events, rid, kind, tool_calls_id), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"})
     return await self._wait(http, req, events, rid, kind, tool_calls_id)
+
+  def _grammar(self, fmt) -> str | None:
+    """The grammar of a request's ``response_format`` (None for text); 400 with the engine's reason."""
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
+      return None
+    if self.engine.runner is None:
+      raise P.ApiError(400, "response_format needs the paged KV cache: start the server with --kv-cache-gib",
+                       param="response_format")
+    from mixtral_jax.inference.grammar import GrammarError  # noqa: PLC0415 - llguidance only when used
+    try:
+      return self.engine.structured().compile(fmt)
+    except GrammarError as e:
+      raise P.ApiError(400, str(e), param="response_format") from None
 
   def _result(self, req: Request, reason: str, tool_calls_id):
     """(text, tool calls or None, OpenAI finish reason, usage) of a finished request."""
@@ -144,9 +165,19 @@ class Server:
     if reason == "error":
       raise P.ApiError(500, f"generation failed: {error}")
     text, calls, finish, use = self._result(req, reason, tool_calls_id)
+    lp = self._logprobs(req, 0, len(req.logprobs), kind, 0)
     if kind == "chat":
-      return P.chat_response(rid, self.model_name, text, calls, finish, use)
-    return P.completion_response(rid, self.model_name, text, finish, use)
+      return P.chat_response(rid, self.model_name, text, calls, finish, use, lp)
+    return P.completion_response(rid, self.model_name, text, finish, use, lp)
+
+  def _logprobs(self, req: Request, lo: int, hi: int, kind: str, offset: int):
+    """OpenAI's ``logprobs`` of the request's tokens lo..hi (None when the request asked for none);
+    ``offset``: completion characters before token lo (streams)."""
+    if req.top_logprobs is None:
+      return None
+    vocab = vocabulary_bytes(self.tokenizer.path)
+    entries = req.logprobs[lo:hi]
+    return chat_logprobs(entries, vocab) if kind == "chat" else completion_logprobs(entries, vocab, offset)
 
   async def _stream(self, req, events, rid, kind, tool_calls_id):
     """Server-sent events: the text deltas as they come (a tool call held back until complete), then
@@ -156,6 +187,7 @@ class Server:
       if kind == "chat":
         yield P.sse(P.chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}))
       held, seen = False, 0  # a tool call is held back until it is complete
+      sent, offset = 0, 0  # logprobs entries already streamed, and their completion characters
       while True:
         event = await events.get()
         if event[0] == "done":
@@ -166,21 +198,27 @@ class Server:
         if tool_calls_id is not None and token == tool_calls_id and seen == 1:
           held = True
         if delta and not held:
-          yield P.sse(P.chat_chunk(rid, self.model_name, {"content": delta}) if kind == "chat"
-                      else P.completion_chunk(rid, self.model_name, delta))
-      for chunk in self._stream_end(req, event, rid, kind, tool_calls_id, held):
+          n = len(req.logprobs)
+          lp = self._logprobs(req, sent, n, kind, offset)
+          if req.top_logprobs is not None:
+            offset += text_length(req.logprobs[sent:n], vocabulary_bytes(self.tokenizer.path))
+          sent = n
+          yield P.sse(P.chat_chunk(rid, self.model_name, {"content": delta}, logprobs=lp) if kind == "chat"
+                      else P.completion_chunk(rid, self.model_name, delta, logprobs=lp))
+      for chunk in self._stream_end(req, event, rid, kind, tool_calls_id, held, (sent, offset)):
         yield chunk
     finally:
       if not done:
         req.cancel()  # the client went away (Starlette cancelled this generator)
 
-  def _stream_end(self, req, event, rid, kind, tool_calls_id, held) -> list[str]:
+  def _stream_end(self, req, event, rid, kind, tool_calls_id, held, logprobs_sent=(0, 0)) -> list[str]:
     """The closing events of a stream: an error, or the tool calls / held text, the finish reason and
-    usage, and ``[DONE]``."""
+    usage (with the logprobs of tokens not streamed yet), and ``[DONE]``."""
     _, reason, error = event
     if reason == "error":
       return [P.sse({"error": {"message": f"generation failed: {error}", "type": "server_error"}})]
     text, calls, finish, use = self._result(req, reason, tool_calls_id)
+    lp = self._logprobs(req, logprobs_sent[0], len(req.logprobs), kind, logprobs_sent[1])
     out = []
     if kind == "chat":
       if calls:
@@ -188,9 +226,9 @@ class Server:
         out.append(P.sse(P.chat_chunk(rid, self.model_name, delta)))
       elif held and text:
         out.append(P.sse(P.chat_chunk(rid, self.model_name, {"content": text})))
-      out.append(P.sse(P.chat_chunk(rid, self.model_name, {}, finish, use)))
+      out.append(P.sse(P.chat_chunk(rid, self.model_name, {}, finish, use, lp)))
     else:
-      out.append(P.sse(P.completion_chunk(rid, self.model_name, "", finish, use)))
+      out.append(P.sse(P.completion_chunk(rid, self.model_name, "", finish, use, lp)))
     return out + [P.sse("[DONE]")]
 
 
@@ -220,6 +258,18 @@ def prometheus(engine: Engine) -> str:
   metric("batch_rows_busy", "gauge", "batch rows holding a request", engine.busy_rows())
   metric("batch_rows", "gauge", "batch rows (--max-batch)", engine.B)
   metric("batch_occupancy", "gauge", "mean share of rows decoding per decode step", f"{occupancy:.6f}")
+  if engine.runner is not None:  # the paged cache (--kv-cache-gib)
+    pool = engine.runner.pool
+    metric("kv_pages", "gauge", "pages of the KV cache pool (the null page excluded)", pool.num_pages - 1)
+    metric("kv_pages_free", "gauge", "pages free or holding only evictable cached prefixes", pool.available())
+    metric("prefix_cache_queried_tokens_total", "counter", "prompt tokens looked up in the prefix cache",
+           pool.stats.queried_tokens)
+    metric("prefix_cache_hit_tokens_total", "counter", "prompt tokens reused from the prefix cache",
+           pool.stats.hit_tokens)
+    metric("prefix_cache_hit_rate", "gauge", "share of prompt tokens reused from the prefix cache",
+           f"{pool.stats.hit_rate:.6f}")
+    metric("preemptions_total", "counter", "requests preempted for lack of pages (recomputed later)",
+           pool.stats.preempted)
   ttft = list(m.ttft)
   lines += ["# HELP mixtral_jax_time_to_first_token_seconds time from arrival to the first token",
             "# TYPE mixtral_jax_time_to_first_token_seconds histogram"]

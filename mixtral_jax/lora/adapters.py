@@ -69,7 +69,6 @@ def _group(w: param_paths.Weight) -> str:
 
 # target -> (A shape symbols + logical axes, B shape symbols + logical axes); "r" is the rank.
 LAYOUT = {w.id: _layout(w) for w in param_paths.WEIGHTS if w.lora}
-_LAYOUT = LAYOUT  # the old name, still read by lora/merge.py
 GROUPS = {g: tuple(t for t in LAYOUT if _group(param_paths.weight(t)) == g) for g in ("attn", "moe", "head")}
 
 

@@ -13,18 +13,14 @@ import itertools
 
 import numpy as np
 
+from mixtral_jax import param_paths
 from mixtral_jax.config import MixtralConfig
 
 from . import adapters as adapters_lib
 
 # target -> our base parameter's key in nnx.state(model, nnx.Param)
-PARAM_KEYS = {"q": ("blocks", "attn", "q_DNH"), "k": ("blocks", "attn", "k_DKH"), "v": ("blocks", "attn", "v_DKH"),
-              "o": ("blocks", "attn", "o_NHD"), "router": ("blocks", "moe", "router_DE"),
-              "w1": ("blocks", "moe", "w1_EDF"), "w3": ("blocks", "moe", "w3_EDF"), "w2": ("blocks", "moe", "w2_EFD"),
-              "lm_head": ("head_DV",)}
-# target -> the module path of its adapter variables in the adapters tree
-_MODULE = {t: ("blocks", "attn", "lora") for t in ("q", "k", "v", "o")} | {
-    t: ("blocks", "moe", "lora") for t in ("router", "w1", "w2", "w3")} | {"lm_head": ("lora_head",)}
+# target -> the key of the parameter it adapts, from the one registry (``mixtral_jax.param_paths``)
+PARAM_KEYS = param_paths.lora_keys()
 
 
 @dataclasses.dataclass
@@ -53,7 +49,7 @@ class Factors:
 
 def adapter_key(target: str, factor: str) -> tuple[str, ...]:
   """Where a target's factor lives in the adapters tree (``factor`` is "A" or "B")."""
-  return _MODULE[target] + (f"{target}_{factor}",)
+  return adapters_lib.adapter_key(target, factor)
 
 
 def from_tree(flat: dict[tuple[str, ...], np.ndarray], scale: float) -> list[Factors]:

@@ -24,7 +24,8 @@ RECORD = "lora.json"
 
 
 def record(lora: LoraSection, cfg: MixtralConfig, *, checkpoint: str | None, preset: str | None, seed: int) -> dict:
-  return {"lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets)},
+  return {"lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
+                   "base_quantize": lora.base_quantize},
           "base": {"checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
                    "preset": None if checkpoint else preset, "seed": seed, "fingerprint": fingerprint(cfg),
                    "config": cfg.to_hf_dict()}}
@@ -46,7 +47,7 @@ def read(run: str | os.PathLike) -> dict:
 def section(rec: dict) -> LoraSection:
   d = rec["lora"]
   return LoraSection(rank=int(d["rank"]), alpha=float(d["alpha"]), dropout=float(d["dropout"]),
-                     targets=tuple(d["targets"]))
+                     targets=tuple(d["targets"]), base_quantize=d.get("base_quantize"))
 
 
 def base_config(rec: dict) -> MixtralConfig:

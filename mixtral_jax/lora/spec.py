@@ -21,6 +21,7 @@ from mixtral_jax.config import MixtralConfig
 
 TARGETS = ("q", "k", "v", "o", "w1", "w2", "w3", "router", "lm_head")
 DEFAULT_TARGETS = ("q", "k", "v", "o", "w1", "w2", "w3")
+BASE_QUANTIZE = (None, "int8", "nf4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,9 @@ class LoraSection:
   alpha: float = 32.0  # the adapter output is scaled by alpha / rank
   dropout: float = 0.0  # PEFT's dropout on the adapters' inputs, in training only
   targets: tuple = DEFAULT_TARGETS  # from q, k, v, o, w1, w2, w3, router, lm_head
+  # the frozen base's stored form: None (the compute dtype), "int8" or "nf4" (QLoRA: attention and every
+  # expert's w1/w2/w3 in 4-bit NormalFloat, dequantized per layer inside the scan; no base gradient)
+  base_quantize: str | None = None
 
   @property
   def enabled(self) -> bool:
@@ -42,8 +46,13 @@ class LoraSection:
   def problems(self) -> list[str]:
     """What is wrong with the section on its own (no model needed); empty when it is fine or off."""
     if not self.enabled:
+      if self.base_quantize is not None:
+        return [f"lora.base_quantize={self.base_quantize} needs LoRA: a quantized base cannot be trained in full; "
+                "set lora.rank (e.g. 16) or drop lora.base_quantize"]
       return []
     out = []
+    if self.base_quantize not in BASE_QUANTIZE:
+      out.append(f"lora.base_quantize={self.base_quantize!r}; choose from {', '.join(map(str, BASE_QUANTIZE))}")
     if self.rank <= 0:
       out.append(f"lora.rank={self.rank}; the rank must be a positive integer such as 8 or 16 (or null for full "
                  "fine-tuning)")

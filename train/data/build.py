@@ -96,6 +96,8 @@ def resolve_sources(cfg, tokenizer, data_dir: str | None, progress: bool = False
 def build(cfg, tokenizer, data_dir: str | None, *, local: slice = slice(None), progress: bool = False) -> Data:
   """The training iterator and the held-out batches of ``cfg`` (module docstring)."""
   d = cfg.data
+  if d.format == "preference":
+    return _build_preference(cfg, local)
   fingerprint = shards_lib.tokenizer_fingerprint(tokenizer.path)
   sources = resolve_sources(cfg, tokenizer, data_dir, progress)
   me, count = jax.process_index(), jax.process_count()
@@ -119,6 +121,29 @@ def build(cfg, tokenizer, data_dir: str | None, *, local: slice = slice(None), p
                             threads=0, prefetch=0)
     heldout = [next(held_it) for _ in range(min(cfg.train.eval_batches, held_it.batches_per_epoch))]
   return Data(train, heldout, sum(map(len, train_rows)), sources)
+
+
+def _build_preference(cfg, local: slice) -> Data:
+  """Preference pairs (DPO) from the JSONL files of ``data.paths``, encoded up front by the chat template
+  (``preference.PairRows``); a pair is held out when a CRC of its file and line offset says so (stable
+  under reordering), at ``data.heldout_fraction``."""
+  import zlib  # noqa: PLC0415
+
+  from .preference import PairRows, preference_pairs  # noqa: PLC0415
+  d = cfg.data
+  train, held = [], []
+  for _, path in find_files(d.paths, (".jsonl", ".json")):
+    for offset, pair in preference_pairs(path, d.chat_version):
+      key = zlib.crc32(f"{os.path.basename(path)}:{offset}".encode()) % 10_000
+      (held if key < d.heldout_fraction * 10_000 else train).append(pair)
+  rows = PairRows(train, d.seq_len)
+  it = BatchIterator(rows, d.batch_size, cfg.optimizer.grad_accum, cfg.train.seed, names=["preference"], local=local)
+  heldout = []
+  if len(held) >= d.batch_size and cfg.train.eval_every:
+    held_it = BatchIterator(PairRows(held, d.seq_len), d.batch_size, cfg.optimizer.grad_accum, 0, shuffle=False,
+                            local=local, threads=0, prefetch=0)
+    heldout = [next(held_it) for _ in range(min(cfg.train.eval_batches, held_it.batches_per_epoch))]
+  return Data(it, heldout, len(rows), [Source("preference", ",".join(map(str, d.paths)), 1.0)])
 
 
 class _Concat:

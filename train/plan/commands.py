@@ -54,8 +54,8 @@ def plan_parser(p):
   p.add_argument("--generate", action="store_true",
                  help="plan serving instead of training: compile prefill and one decode step (bf16 weights, or "
                       "--quantize int8)")
-  p.add_argument("--quantize", choices=("int8",), default=None,
-                 help="--generate: int8 weight-only quantization (as serve/generate --quantize int8)")
+  p.add_argument("--quantize", choices=("int8", "nf4"), default=None,
+                 help="--generate: weight-only quantization (as serve/generate --quantize int8 | nf4)")
   p.add_argument("--context", type=int, default=None,
                  help="--generate: tokens of the prompt and KV cache (default --seq)")
   p.add_argument("--prefill-chunk", type=int, default=None,
@@ -66,6 +66,9 @@ def plan_parser(p):
                  help="write the compiled program's optimised HLO text to FILE (check the collectives yourself)")
   p.add_argument("--lora", type=int, default=None, metavar="RANK",
                  help="compile the LoRA step of this rank (default targets) instead of full fine-tuning")
+  p.add_argument("--base-quantize", choices=("int8", "nf4"), default=None,
+                 help="--lora: the frozen base stored as int8 or nf4 (QLoRA), as lora.base_quantize in the run "
+                      "config")
 
 
 

@@ -115,6 +115,21 @@ def plan_serving(cfg: MixtralConfig, mesh, *, batch: int, context: int, weights:
   return out
 
 
+def paged_cache_line(out: dict, device: tuple[str, float], cache_tokens: int) -> str:
+  """How many tokens of paged KV cache (serve --kv-cache-gib) fit per device: the device's memory less
+  the parameters and the larger program's temporaries, at the per-token cost of the compiled cache."""
+  from mixtral_jax.inference.pages import PAGE_SIZE  # noqa: PLC0415
+
+  name, gib = device
+  per_token = out["kv_cache_bytes"] / cache_tokens
+  temps = max(out[p].get("temp_bytes", 0) for p in ("prefill", "decode"))
+  free = gib * GiB - out["param_bytes"] - temps
+  tokens = max(int(free // (per_token * PAGE_SIZE)) - 1, 0) * PAGE_SIZE
+  return (f"paged KV cache (serve --kv-cache-gib {max(free, 0) / GiB:.1f}): {tokens:,} tokens fit on {name} "
+          f"({per_token / 1024:.0f} KiB per token per device, after {out['param_bytes'] / GiB:.2f} GiB of parameters "
+          f"and {temps / GiB:.2f} GiB of temporaries)")
+
+
 def serve_main(args, count: int) -> int:
   import json  # noqa: PLC0415
 
@@ -146,6 +161,8 @@ def serve_main(args, count: int) -> int:
   lines, verdict = fit_lines(out["peak_bytes"], device, tips)
   for line in lines:
     print(line)
+  if device is not None:  # what serve --kv-cache-gib could hold in the rest of the card
+    print(paged_cache_line(out, device, args.batch * context))
   if args.json:
     with open(args.json, "w") as fh:
       json.dump({"preset": args.preset, "mesh": format_mesh(mesh), "topology": args.topology, "batch": args.batch,

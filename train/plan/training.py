@@ -63,17 +63,24 @@ def _shards(axes, mesh) -> int:
   return math.prod(mesh.shape[n] for n in names)
 
 
-def _state_bytes(state, mesh, itemsize: int) -> float:
-  return sum(math.prod(var.shape) * itemsize / _shards(var.get_metadata()[LOGICAL_AXES], mesh)
-             for _, var in nnx.to_flat_state(state))
+def _state_bytes(state, mesh, itemsize: int | None) -> float:
+  """Bytes per device of ``state``'s leaves, each ``itemsize`` bytes (None: the leaf's own dtype)."""
+  return sum(math.prod(var.shape) * (itemsize or np.dtype(var.dtype).itemsize)
+             / _shards(var.get_metadata()[LOGICAL_AXES], mesh) for _, var in nnx.to_flat_state(state))
 
 
 def _lora_states(cfg: MixtralConfig, lora):
   """(abstract adapters, abstract frozen base) of a LoRA model, split as the train step splits them."""
   from mixtral_jax.train.step import base_config  # noqa: PLC0415
 
-  model = nnx.eval_shape(lambda: Mixtral(base_config(cfg, lora), rngs=nnx.Rngs(0), lora_cfg=lora))
-  _, adapters, frozen = nnx.split(model, lora_lib.LoRAParam, ...)
+  def build():
+    model = Mixtral(base_config(cfg, lora), rngs=nnx.Rngs(0), lora_cfg=lora)
+    if lora.base_quantize is None:
+      return model
+    from mixtral_jax.inference.quantize import quantize  # noqa: PLC0415
+    return quantize(model, lora.base_quantize)
+
+  _, adapters, frozen = nnx.split(nnx.eval_shape(build), lora_lib.LoRAParam, ...)
   return adapters, frozen
 
 
@@ -91,7 +98,7 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
     base = 0.0  # no frozen weights
   else:
     adapters, frozen = _lora_states(cfg, lora)
-    base = _state_bytes(frozen, mesh, cbytes)
+    base = _state_bytes(frozen, mesh, None)  # compute dtype, or the quantized form's codes and scales
     trained = _state_bytes(adapters, mesh, 4)
     params = base + trained
 
@@ -185,15 +192,17 @@ def scaled_loop_flops(figures: dict, cfg: MixtralConfig, mesh, seq: int) -> dict
 
 
 def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1, lora_rank: int | None = None,
-         dump_hlo: str | None = None) -> dict:
+         base_quantize: str | None = None, dump_hlo: str | None = None) -> dict:
   """Compiles the train step for ``mesh`` and returns the compiled and analytic figures per device
-  (``lora_rank``: the LoRA step, default targets, frozen base in the compute dtype). On a mesh over
-  several slices, also the bytes per step that cross DCN against the ideal (``dcn``)."""
+  (``lora_rank``: the LoRA step, default targets, frozen base in the compute dtype, or stored as
+  ``base_quantize`` int8 / nf4). On a mesh over several slices, also the bytes per step that cross DCN
+  against the ideal (``dcn``)."""
   from mixtral_jax.train.config import TrainConfig  # noqa: PLC0415
   from mixtral_jax.train.step import build_train_step  # noqa: PLC0415
 
   train_cfg = TrainConfig().override({"data.batch_size": batch, "data.seq_len": seq,
-                                      "optimizer.grad_accum": grad_accum, "lora.rank": lora_rank})
+                                      "optimizer.grad_accum": grad_accum, "lora.rank": lora_rank,
+                                      "lora.base_quantize": base_quantize})
   if lora_rank is not None:  # LoRA: checked before compiling
     from mixtral_jax.lora import validate  # noqa: PLC0415
     validate(train_cfg.lora, cfg)
@@ -237,7 +246,7 @@ def train_main(args, count: int) -> int:
   remat_policy(cfg.remat, devices)  # offload needs pinned host memory on the target
   mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
   out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum, lora_rank=args.lora,
-             dump_hlo=args.dump_hlo)
+             base_quantize=getattr(args, "base_quantize", None), dump_hlo=args.dump_hlo)
   c, a = out["compiled"], out["analytic"]
   print(header(args, cfg, mesh, f"batch {args.batch} x {args.seq}, {args.grad_accum} microbatch(es), "
                                  f"remat {cfg.remat}") + f"; compiled in {out['compile_seconds']:.1f} s")
@@ -293,5 +302,6 @@ def train_main(args, count: int) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"preset": args.preset, "mesh": format_mesh(mesh), "topology": args.topology,
-                 "device": verdict, "lora_rank": args.lora, **out}, f, indent=2)
+                 "device": verdict, "lora_rank": args.lora, "base_quantize": getattr(args, "base_quantize", None),
+                 **out}, f, indent=2)
   return 0

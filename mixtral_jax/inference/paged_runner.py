@@ -1,0 +1,94 @@
+"""The paged KV cache of one model on device plus its host bookkeeping: what the engine asks of it.
+
+``PagedRunner`` owns the device pools ``[L, P, p, K, H]`` (keys and values), the host
+:class:`~mixtral_jax.inference.pages.PagePool`, and the compiled paged step
+(:mod:`mixtral_jax.inference.paged_programs`). The engine keeps its requests, sampling and streaming,
+and calls:
+
+  * ``admit(id, tokens, adapter)``: a :class:`Sequence` holding pages for the prompt (its longest cached
+    prefix reused), or None when the pool cannot take it now (the request keeps waiting);
+  * ``prefill(seq)``: the sequence's next chunk of uncached tokens; the logits ``[V]`` of its last token
+    once the whole prompt is in the cache, else None (logits are device arrays, not waited for);
+  * ``append(seq, token)`` after sampling; then ``ensure_room(seqs)`` before a decode step (returns
+    the sequences preempted for lack of pages: released, to be admitted again with their tokens);
+  * ``decode(seqs)``: one step of these sequences compacted into the first rows of the next compiled
+    batch size R; logits ``[R, V]`` (rows past len(seqs) are padding);
+  * ``release(seq)`` when a request ends.
+
+``layers`` (the single-CPU-device per-layer weight views, :func:`mixtral_jax.model.layer_views`) serve
+decode steps, as in the engine's contiguous-cache decode; prefill chunks run the scanned stack.
+
+Memory: ``num_pages`` from ``--kv-cache-gib`` (:func:`~mixtral_jax.inference.pages.pages_for_budget`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mixtral_jax.attn.paged import PagedKVCache, init_pools
+from mixtral_jax.inference.paged_batch import StepArrays, compiled_sizes, decode_arrays, prefill_arrays
+from mixtral_jax.inference.paged_programs import paged_step_program
+from mixtral_jax.inference.pages import PAGE_SIZE, PagePool, Sequence
+
+
+class PagedRunner:
+  """See the module docstring. Not thread-safe: the engine's loop thread owns it."""
+
+  def __init__(self, graphdef, state, cfg, *, num_pages: int, max_batch: int, max_context: int,
+               prefill_chunk: int = 256, page_size: int = PAGE_SIZE, prefix_caching: bool = True, layers=None,
+               dtype=None):
+    self.graphdef, self.state, self.layers = graphdef, state, layers
+    self.pool = PagePool(num_pages, page_size, prefix_caching=prefix_caching)
+    self.width = -(-max_context // page_size)
+    if self.width + 1 > num_pages:
+      raise ValueError(f"{num_pages} pages of {page_size} tokens cannot hold one --max-context {max_context} "
+                       f"request ({self.width} pages plus the null page); raise --kv-cache-gib or lower --max-context")
+    self.sizes = compiled_sizes(max_batch)
+    self.prefill_chunk = int(prefill_chunk)
+    self.k, self.v = init_pools(cfg.num_hidden_layers, num_pages, page_size, cfg.num_key_value_heads,
+                                cfg.head_size, jnp.dtype(dtype or cfg.dtype))
+    self._run = paged_step_program(graphdef)
+
+  # ------------------------------------------------------------------ sequences
+
+  def admit(self, seq_id: int, tokens: list[int], adapter: str | None = None) -> Sequence | None:
+    return self.pool.admit(seq_id, tokens, adapter)
+
+  def prefill(self, seq: Sequence) -> jax.Array | None:
+    a = prefill_arrays(self.pool, seq, self.prefill_chunk, self.width)
+    logits = self._step(a, None)
+    self.pool.mark_computed(seq, int(a.kv_len_R[0]))
+    return logits[0] if seq.computed == len(seq.tokens) else None
+
+  def append(self, seq: Sequence, token: int) -> None:
+    self.pool.append(seq, token)
+
+  def ensure_room(self, seqs: list[Sequence]) -> list[Sequence]:
+    return self.pool.ensure_room(seqs)
+
+  def decode(self, seqs: list[Sequence]) -> jax.Array:
+    """Logits ``[R, V]`` of the compiled batch size R >= len(seqs): row r < len(seqs) is seqs[r]'s,
+    the rest padding (kept, so the sampler too sees only compiled sizes)."""
+    a = decode_arrays(self.pool, seqs, self.width, self.sizes)
+    logits = self._step(a, self.layers)
+    for seq in seqs:
+      self.pool.mark_computed(seq, len(seq.tokens))
+    return logits
+
+  def release(self, seq: Sequence) -> None:
+    self.pool.release(seq)
+
+  # ------------------------------------------------------------------ device
+
+  def _step(self, a: StepArrays, layers) -> jax.Array:
+    cache = PagedKVCache(self.k, self.v, jnp.asarray(a.table_RM), jnp.asarray(a.kv_len_R))
+    logits, cache = self._run(self.state, a.ids_RC, a.positions_RC, a.valid_RC, cache, a.last_R, layers)
+    self.k, self.v = cache.k, cache.v
+    return logits  # not waited for: the caller prepares sampling (grammar masks) while it runs
+
+  def warmup(self) -> None:
+    """Compiles the decode step for every compiled batch size (padding rows only: nothing is written)."""
+    for R in self.sizes:
+      a = decode_arrays(self.pool, [], self.width, (R,))
+      self._step(a, self.layers)

@@ -41,14 +41,21 @@ CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_ti
 def compilation_cache(directory):
   """A persistent compilation cache in ``directory``, so runs that compile identical programs (in this
   process or in a child with the same JAX_* variables) compile each once."""
+  from jax._src import compilation_cache as cc  # noqa: PLC0415 (no public reset; JAX's own tests use it)
+
   old = {n: getattr(jax.config, n) for n in CACHE_FLAGS}
   for n, v in zip(CACHE_FLAGS, (str(directory), 0, 0)):
     jax.config.update(n, v)
+  cc.reset_cache()
   try:
     yield
   finally:
     for n, v in old.items():
       jax.config.update(n, v)
+    # JAX decides once per process whether the cache is used and keeps the directory it opened: without a
+    # reset, every later test's compile (over 1 s) would still be serialized into this directory, and
+    # serializing some executables aborts the process (seen in test_model after this module).
+    cc.reset_cache()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,14 +14,14 @@ from mixtral_jax.checkpoint import bnb4_params, hf
 from mixtral_jax.checkpoint.bnb4 import Bnb4Source
 from mixtral_jax.checkpoint.loading import our_shapes
 from mixtral_jax.config import MixtralConfig
-from tests import reference
+import reference
 
 pytestmark = pytest.mark.slow  # transformers references / several compiles
 
-torch = pytest.importorskip("torch")
-bnbf = pytest.importorskip("bitsandbytes.functional")
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+import torch
+import bitsandbytes.functional as bnbf
+import transformers
+import safetensors.torch as safetensors_torch
 
 SMALL = dict(num_hidden_layers=2, num_local_experts=4, vocab_size=256, head_dim=64)  # nf4 packs o along H: H % 64 == 0
 QUANT_CONFIG = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,

@@ -11,13 +11,13 @@ from flax import nnx
 
 import mixtral_jax
 from mixtral_jax.inference import quantize as quantize_lib
-from tests import reference
+import reference
 
 pytestmark = pytest.mark.slow  # transformers references / several compiles
 
-torch = pytest.importorskip("torch")
-bnbf = pytest.importorskip("bitsandbytes.functional")
-transformers = pytest.importorskip("transformers")
+import torch
+import bitsandbytes.functional as bnbf
+import transformers
 
 SMALL = dict(num_hidden_layers=2, num_local_experts=4, vocab_size=256, head_dim=64)  # nf4 packs o along H
 

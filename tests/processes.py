@@ -1,11 +1,14 @@
-"""Starting several Python processes for the multi-process tests (jax.distributed over 127.0.0.1)."""
+"""Child processes for the tests: several Python processes for the multi-process tests (jax.distributed
+over 127.0.0.1), and a `mixtral-jax serve` on loopback for the server tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -40,3 +43,32 @@ def run_all(argvs: list[list[str]], *, env: dict[str, str], timeout: float) -> l
   if any(p.returncode != 0 for p in procs):
     pytest.fail("a process failed:\n" + "\n----\n".join(logs)[-6000:])
   return logs
+
+
+@contextlib.contextmanager
+def serving(model_path: str, *args: str, startup_s: float = 300):
+  """Runs ``mixtral-jax serve --model MODEL_PATH ARGS`` on a free loopback port and yields its base URL
+  once ``/health`` answers 200; fails the test, with the server's output, if it exits or does not come
+  up within ``startup_s``. Terminates the server afterwards."""
+  import httpx  # noqa: PLC0415 (test extra; only the server tests need it)
+
+  port = free_port()
+  proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax", "serve", "--model", model_path, "--port", str(port),
+                           *args], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.time() + startup_s
+  while True:
+    try:
+      if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+        break
+    except httpx.HTTPError:
+      pass
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      pytest.fail(f"the server did not start:\n{proc.stdout.read()}")
+    time.sleep(0.25)
+  try:
+    yield url
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)

@@ -12,8 +12,6 @@ and an LM head that maps chain token i to chain token i+1. ``[/INST]`` starts th
 import concurrent.futures
 import json
 import re
-import subprocess
-import sys
 import time
 
 import httpx
@@ -27,6 +25,7 @@ from mixtral_jax.checkpoint import save
 from mixtral_jax.chat import encode_chat
 from mixtral_jax.generate import generate
 from mixtral_jax.tokenizer import Tokenizer
+from processes import serving
 
 pytestmark = pytest.mark.subprocess_cli
 
@@ -56,30 +55,12 @@ def planted_model(tok: Tokenizer):
 
 
 @pytest.fixture(scope="module")
-def server(child_env, free_port, tmp_path_factory):
+def server(tmp_path_factory):
   tok = Tokenizer.load("v3")
   path = save(planted_model(tok), tmp_path_factory.mktemp("serve") / NAME)
-  port = free_port()
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "mixtral_jax", "serve", "--model", path, "--port", str(port), "--max-batch", "4",
-       "--max-queue", "4", "--max-context", str(CONTEXT), "--prefill-chunk", "32"],
-      env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  url = f"http://127.0.0.1:{port}"
   model = mixtral_jax.from_pretrained(path)
-  deadline = time.time() + 240
-  while True:
-    try:
-      if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-        break
-    except httpx.HTTPError:
-      pass
-    if proc.poll() is not None or time.time() > deadline:
-      proc.kill()
-      pytest.fail(f"the server did not start:\n{proc.stdout.read()}")
-    time.sleep(0.25)
-  yield url, model, tok
-  proc.terminate()
-  proc.wait(timeout=30)
+  with serving(path, "--max-batch", "4", "--max-queue", "4", "--max-context", str(CONTEXT), "--prefill-chunk", "32") as url:
+    yield url, model, tok
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@
 concurrent requests that share a long prompt prefix (reused from the prefix cache, seen in /metrics)."""
 
 import concurrent.futures
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -16,7 +13,7 @@ import mixtral_jax
 from mixtral_jax.checkpoint import save
 from mixtral_jax.generate import generate
 from mixtral_jax.tokenizer import Tokenizer
-from processes import child_env, free_port
+from processes import serving
 from test_serve import metrics
 
 NAME = "tiny-paged"
@@ -31,28 +28,10 @@ def server(tmp_path_factory):
   cfg = model.cfg
   per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_size * 4  # float32 K and V
   gib = 80 * PAGE * per_token / 2**30  # 80 pages: more than one 512-token request, fewer than 4 x 512
-  port = free_port()
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "mixtral_jax", "serve", "--model", path, "--port", str(port), "--max-batch", "4",
-       "--max-context", str(CONTEXT), "--prefill-chunk", "64", "--kv-cache-gib", f"{gib:.9f}", "--page-size",
-       str(PAGE), "--dtype", "float32"],
-      env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  url = f"http://127.0.0.1:{port}"
   model = mixtral_jax.from_pretrained(path, dtype="float32")
-  deadline = time.time() + 300
-  while True:
-    try:
-      if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-        break
-    except httpx.HTTPError:
-      pass
-    if proc.poll() is not None or time.time() > deadline:
-      proc.kill()
-      pytest.fail(f"the server did not start:\n{proc.stdout.read()}")
-    time.sleep(0.25)
-  yield url, model, tok
-  proc.terminate()
-  proc.wait(timeout=30)
+  with serving(path, "--max-batch", "4", "--max-context", str(CONTEXT), "--prefill-chunk", "64",
+               "--kv-cache-gib", f"{gib:.9f}", "--page-size", str(PAGE), "--dtype", "float32") as url:
+    yield url, model, tok
 
 
 @pytest.fixture(scope="module")

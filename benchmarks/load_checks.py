@@ -3,14 +3,17 @@
 Builds a random model (float32), saves it as our Orbax checkpoint and exports it to Hugging Face
 safetensors, then times, alternating within each repeat (medians over ``--repeats``):
 
-  convert          HF -> Orbax: NaN/Inf count of every block + CRC-32 digests, against both disabled
-  load hf          from_pretrained(HF dir): NaN/Inf count of every block, against it disabled
-  load orbax       from_pretrained(Orbax): now read layer by layer through TensorStore, each layer
-                   checked (CRC-32 + NaN/Inf) as it is read, against the previous path: Orbax's
-                   whole-tree restore (``orbax_io.restore_params``), no checks
+  convert          HF -> Orbax: NaN/Inf count of every block + XXH3-64 digests, against both disabled
+  load hf          from_pretrained(HF dir): NaN/Inf count of every layer slice on its device, against it
+                   disabled
+  load orbax       from_pretrained(Orbax): read layer by layer through TensorStore with the next array's
+                   read in flight, each layer's digest checked and its NaN/Inf counted on the device,
+                   against the previous path: Orbax's whole-tree restore (``orbax_io.restore_params``),
+                   no checks
 
-"Disabled" (convert, load hf) patches ``integrity.count_nonfinite`` to return 0, ``Digests.add`` to do nothing and
-``integrity.verify`` to return at once: the code path of the implementation before the checks.
+"Disabled" (convert, load hf) patches ``integrity.count_nonfinite`` to return 0, ``Digests.add`` and
+``DeviceFiniteCheck.add`` to do nothing and ``integrity.verify`` to return at once: the code path of the
+implementation before the checks.
 
   python benchmarks/load_checks.py --layers 4 --hidden 512 --ffn 1024 --repeats 3
 """
@@ -31,14 +34,15 @@ from mixtral_jax.checkpoint import integrity
 
 @contextlib.contextmanager
 def checks_disabled():
-  saved = integrity.count_nonfinite, integrity.Digests.add, integrity.verify
+  saved = integrity.count_nonfinite, integrity.Digests.add, integrity.verify, integrity.DeviceFiniteCheck.add
   integrity.count_nonfinite = lambda block: 0
   integrity.Digests.add = lambda self, key, i, data: None
   integrity.verify = lambda *a, **k: True
+  integrity.DeviceFiniteCheck.add = lambda self, name, array: array
   try:
     yield
   finally:
-    integrity.count_nonfinite, integrity.Digests.add, integrity.verify = saved
+    integrity.count_nonfinite, integrity.Digests.add, integrity.verify, integrity.DeviceFiniteCheck.add = saved
 
 
 def timed(fn) -> float:

@@ -11,6 +11,7 @@ not depend on the rootdir, the working directory or the import mode.
 Tiers: the markers are registered in setup.cfg; see ``pytest_collection_modifyitems`` below.
 """
 
+import gc
 import os
 
 os.environ["XLA_FLAGS"] = " ".join(
@@ -31,6 +32,38 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
   assert jax.device_count() == 8, "tests expect 8 simulated CPU devices; import jax only after conftest"
+
+
+def _memory_maps() -> int:
+  try:
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+  except OSError:  # not Linux
+    return 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """Drops every compiled program after each test module. XLA:CPU maps each executable's machine code
+  into its own three memory mappings, and JAX keeps every executable it compiled while the process
+  lives: one pytest process compiling the whole suite's ~8,000 programs reached Linux's default
+  ``vm.max_map_count`` (65,530) and segfaulted inside the compiler (CI, in test_model after 457 tests).
+  Clearing per module keeps the count near one module's worth; the next module recompiles what it needs."""
+  yield
+  _PEAK_MAPS[0] = max(_PEAK_MAPS[0], _memory_maps())
+  jax.clear_caches()
+  gc.collect()
+
+
+_PEAK_MAPS = [0]
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Reports the peak count of memory mappings at a module's end, so a suite creeping back toward the
+  limit shows in CI's log."""
+  if _PEAK_MAPS[0]:
+    terminalreporter.write_line(f"memory mappings: peak {_PEAK_MAPS[0]} at a module's end "
+                                "(Linux's default vm.max_map_count is 65,530)")
 
 
 @pytest.fixture(scope="session")

@@ -148,7 +148,7 @@ def test_existing_dst_is_refused_unless_overwrite(src, capsys):
   assert cli(["convert", str(src), str(dst)]) == 2
   assert "already exists" in capsys.readouterr().err and (dst / "keep.txt").read_text() == "mine"
   assert cli(["convert", str(src), str(dst), "--overwrite"]) == 0
-  assert sorted(os.listdir(dst)) == ["config.json", "params", "params.crc32.json"]
+  assert sorted(os.listdir(dst)) == ["config.json", "params", "params.digests.json"]
   assert cli(["export", str(dst), str(dst)]) == 2
   assert "already exists" in capsys.readouterr().err
 

@@ -51,7 +51,7 @@ def test_training_steps_are_sealed_and_a_changed_weight_is_caught(tmp_path):
   w = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{params}/", "path": "blocks.w"}},
               open=True).result()
   w[1, 2, 3].write(np.float32(7.5)).result()  # decodes fine: only the digest can tell
-  with pytest.raises(integrity.ChecksumError, match=r"array blocks\.w \(layer 1\) fails its CRC-32"):
+  with pytest.raises(integrity.ChecksumError, match=r"array blocks\.w \(layer 1\) fails its checksum"):
     integrity.verify(str(params))
   ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=5, async_save=False)
   state, data = ckpt.restore_latest(_abstract())

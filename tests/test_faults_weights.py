@@ -7,11 +7,13 @@ import glob
 import json
 import os
 import shutil
+import zlib
 
 import ml_dtypes
 import numpy as np
 import pytest
 import tensorstore as ts
+import xxhash
 from safetensors.numpy import load_file, save_file
 
 import mixtral_jax
@@ -94,6 +96,42 @@ def test_converted_and_saved_checkpoints_carry_digests_that_match(pristine, tmp_
   assert a == b
 
 
+def _stored(params_dir, name):
+  """The array ``name`` as TensorStore reads it from the checkpoint (not through our reader)."""
+  spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir}/", "path": name}}
+  return np.asarray(ts.open(spec, open=True).result().read().result())
+
+
+def test_recorded_digests_are_xxh3_of_the_stored_bytes(pristine):
+  """Reference: the xxhash library over each layer's C-order bytes, read by TensorStore directly."""
+  params = str(pristine / "orbax" / "params")
+  arrays = json.load(open(pristine / "orbax" / integrity.DIGEST_FILE))["arrays"]
+  for name in ("blocks.moe.w2_EFD", "embed_VD"):
+    value = _stored(params, name)
+    layers = list(value) if name.startswith("blocks.") else [value]
+    assert arrays[name]["xxh3_64"] == [xxhash.xxh3_64_intdigest(np.ascontiguousarray(v).tobytes()) for v in layers]
+
+
+def test_a_checkpoint_with_the_older_crc32_file_is_still_verified(pristine, tmp_path):
+  """Checkpoints of the previous release carry ``params.crc32.json``: it is read and enforced."""
+  shutil.copytree(pristine / "orbax", tmp_path / "old")
+  params = str(tmp_path / "old" / "params")
+  arrays = json.load(open(tmp_path / "old" / integrity.DIGEST_FILE))["arrays"]
+  for name, entry in arrays.items():
+    value = _stored(params, name)
+    layers = list(value) if len(entry.pop("xxh3_64")) > 1 else [value]
+    entry["crc32"] = [zlib.crc32(np.ascontiguousarray(v).tobytes()) for v in layers]
+  os.remove(tmp_path / "old" / integrity.DIGEST_FILE)
+  with open(tmp_path / "old" / "params.crc32.json", "w") as f:
+    json.dump({"algorithm": "crc32", "arrays": arrays}, f)
+  assert integrity.verify(params) is True
+  arrays["blocks.moe.w2_EFD"]["crc32"][1] ^= 1  # the recorded value no longer matches the data
+  with open(tmp_path / "old" / "params.crc32.json", "w") as f:
+    json.dump({"algorithm": "crc32", "arrays": arrays}, f)
+  with pytest.raises(integrity.ChecksumError, match=r"blocks\.moe\.w2_EFD \(layer 1\) fails its checksum \(crc32\)"):
+    mixtral_jax.from_pretrained(tmp_path / "old")
+
+
 def _flip_bytes(params_dir):
   """Flips one byte in the middle of every OCDBT data file (the arrays' chunks live there)."""
   files = [f for f in glob.glob(os.path.join(params_dir, "**", "d", "*"), recursive=True) if os.path.isfile(f)]
@@ -121,7 +159,7 @@ def test_single_flipped_value_fails_its_crc(pristine, tmp_path):
   w2 = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{params}/",
                                               "path": "blocks.moe.w2_EFD"}}, open=True).result()
   w2[1, 3, 5, 7].write(np.asarray(w2[1, 3, 5, 7].read().result()) + 1).result()
-  with pytest.raises(integrity.ChecksumError, match=r"array blocks\.moe\.w2_EFD \(layer 1\) fails its CRC-32"):
+  with pytest.raises(integrity.ChecksumError, match=r"array blocks\.moe\.w2_EFD \(layer 1\) fails its checksum"):
     mixtral_jax.from_pretrained(tmp_path / "ckpt")
 
 
@@ -130,4 +168,4 @@ def test_checkpoint_without_digests_loads_with_a_note(pristine, tmp_path, caplog
   os.remove(tmp_path / "old" / integrity.DIGEST_FILE)
   with caplog.at_level("WARNING"):
     model = mixtral_jax.from_pretrained(tmp_path / "old")
-  assert "no params.crc32.json" in caplog.text and model is not None
+  assert "no params.digests.json" in caplog.text and model is not None

@@ -10,7 +10,7 @@ Layout: ``WORKDIR/checkpoints/<step>/`` with the items
 
 Orbax writes a step into a temporary directory and renames it when every item is complete, so a process
 killed mid-save leaves the previous steps intact. Once a save has finished, its ``params`` get a digest
-file, ``<step>/params.crc32.json`` (``mixtral_jax.checkpoint.integrity``: a CRC-32 per layer of every
+file, ``<step>/params.digests.json`` (``mixtral_jax.checkpoint.integrity``: an XXH3-64 per layer of every
 array, read back from disk). Resuming takes the newest step that verifies (checksums, no NaN/Inf) and
 restores; a step that does not is reported, and once an older step has restored it is moved aside to
 ``checkpoints/corrupt-<step>``, so the run continues from that good one and later saves the step again
@@ -119,7 +119,7 @@ class Checkpointer:
       if step in self._sealed:
         continue
       params = os.path.join(self.directory, str(step), "params")
-      if os.path.isdir(params) and not os.path.exists(integrity.digest_path(params)):
+      if os.path.isdir(params) and not integrity.has_digests(params):
         integrity.seal(params)
       self._sealed.add(step)
 

@@ -6,7 +6,7 @@ expert parameter. Peak host memory is about one such block plus I/O buffers, not
 in ``benchmarks/convert_rss.py``). Output goes to a temporary sibling renamed at the end; the
 temporaries of killed earlier runs are removed first (:mod:`staging`), and a destination inside the
 source is refused. Every block is checked for NaN/Inf on its way through (:mod:`integrity`; the error
-names the tensor and the count) and its CRC-32 recorded in ``params.crc32.json``.
+names the tensor and the count) and its XXH3-64 digest recorded in ``params.digests.json``.
 """
 
 from __future__ import annotations

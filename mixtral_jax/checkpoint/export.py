@@ -7,7 +7,7 @@ checkpoint has one.
 Streaming: each output tensor is read from the checkpoint as the block it needs (one layer, one
 expert) just before it is written, so memory holds one tensor at a time.
 
-Safety (:mod:`staging`, :mod:`integrity`): the checkpoint is verified first (each array's CRC-32, no
+Safety (:mod:`staging`, :mod:`integrity`): the checkpoint is verified first (each array's digest, no
 NaN/Inf; one extra read), a destination equal to or inside the checkpoint is refused, and the
 temporaries of killed earlier exports to the same destination are removed before writing.
 """
@@ -93,7 +93,7 @@ def export(ckpt: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
   staging.refuse_inside(found.directory, dst, "export")  # --overwrite would delete the checkpoint itself
   limit = parse_size(max_shard_size)
   cfg = config_for(found, {})
-  # One read of every array against its CRC-32 and for NaN/Inf before anything is written: a corrupt
+  # One read of every array against its digest and for NaN/Inf before anything is written: a corrupt
   # checkpoint is named here, not exported as a valid-looking Hub directory. (The layer-by-layer
   # VerifiedReader would re-read each stacked array from its first layer, as export interleaves arrays.)
   integrity.verify(found.params)

@@ -10,10 +10,12 @@ With ``quantize="int8"`` every format is read the same way, and each
 layer of each matmul weight is quantized on its devices as soon as it is there, before the next is
 read: the full-precision model never exists, only the int8 one and one layer in flight.
 
-Nothing non-finite or damaged gets in: foreign formats count NaN/Inf in every block as it is read; our
-Orbax format is read block by block through TensorStore (``integrity.VerifiedReader``: each layer's
-CRC-32 against ``params.crc32.json`` and its NaN/Inf count as it is read), as the int8 path always did. The error names the tensor and the count;
-``allow_nonfinite=True`` lets such weights through with a warning.
+Nothing non-finite or damaged gets in. Our Orbax format is read through TensorStore by
+``integrity.VerifiedReader``, each layer checked against the checkpoint's digest file, with the next
+array's read already in flight while one is checked and placed. Every format's tensors are counted for
+NaN/Inf on their devices as they are placed (``integrity.DeviceFiniteCheck``: a fused reduction per
+layer slice, dispatched without waiting), and the load raises for the first tensor that holds any,
+naming it and the count; ``allow_nonfinite=True`` lets such weights through with a warning.
 """
 
 from __future__ import annotations
@@ -66,12 +68,20 @@ def config_for(found: formats.Found, runtime) -> MixtralConfig:
 
 
 def our_shapes(cfg: MixtralConfig) -> tuple[dict[Key, tuple[int, ...]], dict[Key, tuple[str, ...]]]:
-  """Our parameters' shapes and logical axes, from the abstract model."""
-  shapes, axes = {}, {}
+  """Our parameters' shapes and logical axes, from the abstract model (traced once per config: a load
+  asks several times, and tracing the model costs a quarter second or more)."""
+  shapes, axes = _shapes_and_axes(cfg)
+  return dict(shapes), dict(axes)
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes_and_axes(cfg: MixtralConfig):
+  shapes, axes = [], []
   for path, var in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param)):
     key = tuple(str(p) for p in path)
-    shapes[key], axes[key] = tuple(var.shape), tuple(var.get_metadata()[LOGICAL_AXES])
-  return shapes, axes
+    shapes.append((key, tuple(var.shape)))
+    axes.append((key, tuple(var.get_metadata()[LOGICAL_AXES])))
+  return tuple(shapes), tuple(axes)
 
 
 def open_plan(found: formats.Found, cfg: MixtralConfig) -> Plan:
@@ -109,9 +119,9 @@ def _mesh(mesh, cfg: MixtralConfig):
   return make_mesh(mesh, num_experts=cfg.num_local_experts)
 
 
-def _shardings(cfg: MixtralConfig, mesh, quantize: str | None = None) -> dict[Key, jax.sharding.Sharding]:
-  """Every parameter's placement (with ``quantize``, the int8 model's, scales included)."""
-  state = nnx.state(abstract_model(cfg, quantize), nnx.Param)
+def _shardings(abstract: Mixtral, mesh) -> dict[Key, jax.sharding.Sharding]:
+  """Every parameter of ``abstract`` (the model as loaded: quantized forms include their scales) placed."""
+  state = nnx.state(abstract, nnx.Param)
   if mesh is None:
     device = SingleDeviceSharding(jax.local_devices()[0])
     return {tuple(str(p) for p in path): device for path, _ in nnx.to_flat_state(state)}
@@ -146,60 +156,74 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
   """
   found = formats.detect(path)
   cfg = config_for(found, runtime_overrides(dtype, param_dtype, runtime))
-  if quantize is not None and quantize not in quantize_lib.MODES:
-    raise ValueError(f"unknown quantization {quantize!r}; supported: {', '.join(quantize_lib.MODES)}")
+  _check_request(found, path, quantize)
   if found.kind == "hf" and bnb4.quantization_config(found.directory) is not None:
     return _load_bnb4(found, cfg, _mesh(mesh, cfg), quantize, adapter)
-  factors = None
+  factors = lora_merge.load_factors(adapter, cfg) if adapter is not None else None  # checked before any read
+  mesh = _mesh(mesh, cfg)
+  shapes, _ = our_shapes(cfg)
+  read_block, cfg = _block_reader(found, cfg, shapes, allow_nonfinite, infer_dtype=param_dtype is None)
+  abstract = abstract_model(cfg, quantize)
+  finite = integrity.DeviceFiniteCheck(found.directory, allow=allow_nonfinite)
+  arrays = _place_all(cfg, shapes, read_block, _shardings(abstract, mesh), _leaves(abstract), quantize,
+                      {lora_merge.PARAM_KEYS[f.target]: f for f in factors or ()}, finite)
+  finite.finish()
+  return _merge(abstract, arrays)
+
+
+def _check_request(found: formats.Found, path, quantize: str | None) -> None:
+  if quantize is not None and quantize not in quantize_lib.MODES:
+    raise ValueError(f"unknown quantization {quantize!r}; supported: {', '.join(quantize_lib.MODES)}")
   if found.kind == "orbax" and lora_run.is_lora_run(os.path.dirname(found.config)):
     raise ValueError(f"{path} is a LoRA training run: its checkpoints hold adapters only. Load its base with the "
                      f"adapter: from_pretrained(BASE, adapter={str(path)!r}), or generate --model BASE --adapter "
                      f"{path}")
-  if adapter is not None:
-    factors = lora_merge.load_factors(adapter, cfg)  # checked against this base before any weight is read
-  mesh = _mesh(mesh, cfg)
-  shapes, _ = our_shapes(cfg)
-  finite = integrity.FiniteCheck(found.directory, allow=allow_nonfinite)
+
+
+def _block_reader(found: formats.Found, cfg: MixtralConfig, shapes, allow_nonfinite: bool, *, infer_dtype: bool):
+  """(read_block(key, index, dtype) -> host block, cfg). Our Orbax format reads through the digest check
+  (damaged storage is named there); a consolidated directory's tensors say its ``param_dtype`` unless the
+  caller gave one (``infer_dtype`` False)."""
   if found.kind == "orbax":
-    reader = integrity.VerifiedReader(found.params, allow_nonfinite=allow_nonfinite)  # names damaged storage
+    reader = integrity.VerifiedReader(found.params, allow_nonfinite=allow_nonfinite, check_finite=False,
+                                      order=list(shapes))
     check_orbax_shapes(found.params, shapes, found.config)
-    finite = integrity.FiniteCheck(found.directory, allow=True)  # the reader checks; not counted twice
-    read_block = lambda key, idx, dtype: np.asarray(reader.read(key, tuple(idx))).astype(dtype)  # noqa: E731
-  else:
-    plan = open_plan(found, cfg)
-    if found.kind == "consolidated" and param_dtype is None:  # params.json does not say; the tensors do
-      cfg = cfg.replace(param_dtype=str(jnp.dtype(plan.dtype())))
-    read_block = lambda key, idx, dtype: finite.add(".".join(key), plan.read(key, idx, dtype=dtype))  # noqa: E731
-  shardings = _shardings(cfg, mesh, quantize)
-  targets = _leaves(cfg, quantize)
+    return (lambda key, idx, dtype: np.asarray(reader.read(key, tuple(idx))).astype(dtype, copy=False)), cfg
+  plan = open_plan(found, cfg)
+  if found.kind == "consolidated" and infer_dtype:  # params.json does not say; the tensors do
+    cfg = cfg.replace(param_dtype=str(jnp.dtype(plan.dtype())))
+  return (lambda key, idx, dtype: plan.read(key, idx, dtype=dtype)), cfg
+
+
+def _place_all(cfg, shapes, read_block, shardings, targets, quantize, adapted, finite) -> dict[Key, jax.Array]:
+  """Every parameter made on its devices from ``read_block``: quantized as it is read where ``quantize``
+  has a site for it, merged with its adapter factors where ``adapted`` has some, each layer slice counted
+  for NaN/Inf by ``finite`` as it is placed."""
   sites = quantize_lib.site_axes(quantize) if quantize else {}
   dt = jnp.dtype(cfg.param_dtype)
-  adapted = {lora_merge.PARAM_KEYS[f.target]: f for f in factors or ()}
   arrays = {}
   for key, shape in shapes.items():
     read = functools.partial(read_block, key, dtype=dt)
-    stacked = key[0] == "blocks"
-    axes = sites.get(key)
+    stacked, axes, name = key[0] == "blocks", sites.get(key), ".".join(key)
+    placed = functools.partial(finite.add, name)
     keys = (key,) + tuple(key[:-1] + (key[-1] + s,) for s in quant.FORMS[quantize].suffixes) if axes else (key,)
     if axes is not None and key not in adapted:
-      arrays.update(zip(keys, _create_quantized(shape, dt, keys, targets, shardings, axes, quantize, read,
+      arrays.update(zip(keys, _create_quantized(shape, dt, keys, targets, shardings, axes, quantize, read, placed,
                                                 stacked=stacked)))
-      finite.done(".".join(key), int(np.prod(shape)))
       continue
-    arrays[key] = _create(shape, dt, shardings[key], read, stacked=stacked)
-    finite.done(".".join(key), int(np.prod(shape)))
+    arrays[key] = _create(shape, dt, shardings[key], read, placed, stacked=stacked)
     if key in adapted:
       arrays[key] = lora_merge.merge_arrays({key: arrays[key]}, [adapted[key]])[key]
     if axes is not None:
       q, extras = quantize_lib.quantize_form_into(arrays[key], axes, quantize, shardings[key],
                                                   tuple(shardings[k] for k in keys[1:]))
       arrays.update(zip(keys, (q, *extras.values())))
-  return _merge(cfg, arrays, quantize)
+  return arrays
 
 
-def _leaves(cfg: MixtralConfig, quantize: str | None) -> dict[Key, tuple[tuple[int, ...], jnp.dtype]]:
-  """(shape, dtype) of every parameter of the (quantized) model, from shapes alone."""
-  state = nnx.state(abstract_model(cfg, quantize), nnx.Param)
+def _leaves(abstract: Mixtral) -> dict[Key, tuple[tuple[int, ...], jnp.dtype]]:
+  """(shape, dtype) of every parameter of the abstract (quantized) model."""
+  state = nnx.state(abstract, nnx.Param)
   return {tuple(str(p) for p in path): (tuple(v.shape), jnp.dtype(v.dtype)) for path, v in nnx.to_flat_state(state)}
 
 
@@ -214,7 +238,8 @@ def _load_bnb4(found: formats.Found, cfg: MixtralConfig, mesh, quantize, adapter
                      "weights; train or generate with the adapter as LoRA on the nf4 base instead")
   shapes, _ = our_shapes(cfg)
   params = bnb4_params.read_params(found.directory, cfg, shapes, dtype=jnp.dtype(cfg.param_dtype))
-  shardings = _shardings(cfg, mesh, "nf4")
+  abstract = abstract_model(cfg, "nf4")
+  shardings = _shardings(abstract, mesh)
   arrays = {}
   for key, value in params.items():
     if isinstance(value, bnb4.Nf4Tensor):
@@ -223,45 +248,46 @@ def _load_bnb4(found: formats.Found, cfg: MixtralConfig, mesh, quantize, adapter
       arrays[absmax_key] = jax.device_put(value.absmax, shardings[absmax_key])
     else:
       arrays[key] = jax.device_put(value, shardings[key])
-  return _merge(cfg, arrays, "nf4")
+  return _merge(abstract, arrays)
 
 
-def _merge(cfg: MixtralConfig, arrays: dict[Key, jax.Array], quantize: str | None = None) -> Mixtral:
-  graphdef, state = nnx.split(abstract_model(cfg, quantize))
+def _merge(abstract: Mixtral, arrays: dict[Key, jax.Array]) -> Mixtral:
+  graphdef, state = nnx.split(abstract)
   nnx.replace_by_pure_dict(state, orbax_io.unflatten(arrays))
   return nnx.merge(graphdef, state)
 
 
-def _create(shape, dtype, sharding, read: Callable[[tuple], np.ndarray], *, stacked: bool) -> jax.Array:
+def _create(shape, dtype, sharding, read: Callable[[tuple], np.ndarray], placed: Callable[[jax.Array], Any], *,
+            stacked: bool) -> jax.Array:
   """One parameter, made directly in ``sharding`` from ``read(index) -> block``. A stacked parameter is
   filled one layer at a time into a donated buffer, so the host holds one layer's slice (its shards, one
   copy per local device that holds them) at a time, never the whole parameter."""
   if not stacked:
-    return jax.make_array_from_callback(shape, sharding, _once_per_block(read))
+    return placed(jax.make_array_from_callback(shape, sharding, _once_per_block(read)))
   layer_sharding = _drop_leading_axis(sharding)
   buf = _zeros(shape, dtype, sharding)
   for layer in range(shape[0]):
     read_layer = _once_per_block(lambda idx, l=layer: read((l,) + tuple(idx)))
-    buf = _set_layer(buf, jax.make_array_from_callback(shape[1:], layer_sharding, read_layer), layer)
+    buf = _set_layer(buf, placed(jax.make_array_from_callback(shape[1:], layer_sharding, read_layer)), layer)
   return buf
 
 
-def _create_quantized(shape, dtype, keys, targets, shardings, axes, mode, read: Callable[[tuple], np.ndarray], *,
-                      stacked: bool) -> list[jax.Array]:
+def _create_quantized(shape, dtype, keys, targets, shardings, axes, mode, read: Callable[[tuple], np.ndarray],
+                      placed: Callable[[jax.Array], Any], *, stacked: bool) -> list[jax.Array]:
   """One matmul weight in the stored form ``mode`` (its values, then its sibling leaves, for ``keys``), in
   their shardings, quantized as it is read: each layer's slice is made on its devices in ``dtype`` (as
   :func:`_create` does), quantized there and written into donated buffers shaped as ``targets`` says,
   then dropped before the next slice is read."""
   sh = tuple(shardings[k] for k in keys)
   if not stacked:
-    w = jax.make_array_from_callback(shape, sh[0], _once_per_block(read))
+    w = placed(jax.make_array_from_callback(shape, sh[0], _once_per_block(read)))
     q, extras = quantize_lib.quantize_form_into(w, axes, mode, sh[0], sh[1:])
     return [q, *extras.values()]
   layer_sh = tuple(_drop_leading_axis(s) for s in sh)
   bufs = [_zeros(targets[k][0], targets[k][1], s) for k, s in zip(keys, sh)]
   for layer in range(shape[0]):
     read_layer = _once_per_block(lambda idx, l=layer: read((l,) + tuple(idx)))
-    w = jax.make_array_from_callback(shape[1:], layer_sh[0], read_layer)
+    w = placed(jax.make_array_from_callback(shape[1:], layer_sh[0], read_layer))
     q, extras = quantize_lib.quantize_form_into(w, axes, mode, layer_sh[0], layer_sh[1:])
     del w  # the full-precision slice is gone before the next one is read
     bufs = [_set_layer(b, part, layer) for b, part in zip(bufs, (q, *extras.values()))]

@@ -122,7 +122,7 @@ class StreamingWriter:
 
   Call :meth:`write` for every block (together covering every array, each array's blocks in C order),
   then :meth:`finalize`. Each write is compressed and committed at once, so memory holds one block plus
-  TensorStore's buffers. The blocks' CRC-32s go to ``params.crc32.json`` beside the directory
+  TensorStore's buffers. The blocks' digests go to ``params.digests.json`` beside the directory
   (:mod:`integrity`).
   """
 
@@ -183,7 +183,12 @@ class ParamsReader:
     return np.dtype(self._arrays[key].dtype.numpy_dtype)
 
   def read(self, key: Key, index: tuple = ()) -> np.ndarray:
-    return self._arrays[key][index].read().result()
+    return self.read_async(key, index).result()
+
+  def read_async(self, key: Key, index: tuple = ()):
+    """The read of ``array[index]`` issued; ``.result()`` waits for it (TensorStore decompresses on its
+    own threads meanwhile)."""
+    return self._arrays[key][index].read()
 
   def chunk_shape(self, key: Key) -> tuple[int, ...]:
     """The shape of one stored chunk (the unit the storage decompresses)."""

@@ -99,7 +99,9 @@ def build_bank(named: list[tuple[str, list[Factors]]], cfg: MixtralConfig) -> Ba
           _place(f, A, B, s * rank)
     values[adapters_lib.adapter_key(t, "A")] = A
     values[adapters_lib.adapter_key(t, "B")] = B
-  return Bank(tuple(n for n, _ in named), section, _unflatten(values))
+  from mixtral_jax.checkpoint.orbax_io import unflatten  # noqa: PLC0415 - the checkpoint package imports lora
+
+  return Bank(tuple(n for n, _ in named), section, unflatten(values))
 
 
 def _place(f: Factors, A: np.ndarray, B: np.ndarray, col: int) -> None:
@@ -109,16 +111,6 @@ def _place(f: Factors, A: np.ndarray, B: np.ndarray, col: int) -> None:
   A[..., col:col + r] = f.A
   index = (slice(None),) * f.lead + (slice(col, col + r),)
   B[index] = f.B.astype(np.float32) * np.float32(f.scale)
-
-
-def _unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
-  out: dict = {}
-  for key, value in flat.items():
-    node = out
-    for part in key[:-1]:
-      node = node.setdefault(part, {})
-    node[key[-1]] = value
-  return out
 
 
 def attach_bank(model, bank: Bank):

@@ -115,6 +115,8 @@ def _place(f: Factors, A: np.ndarray, B: np.ndarray, col: int) -> None:
 
 def attach_bank(model, bank: Bank):
   """A model serving ``bank`` beside ``model``'s weights (shared, not copied): see the module docstring."""
+  import jax  # noqa: PLC0415
+
   from .merge import attach  # noqa: PLC0415
 
-  return attach(model, bank.section, bank.values)
+  return attach(model, bank.section, jax.tree.map(jax.numpy.asarray, bank.values))

@@ -115,7 +115,8 @@ def test_mixed_batch_equals_merged_generate_and_keeps_prefixes_apart(setup, serv
   assert ask(NAME).choices[0].text == want[None]
   before = metrics(server)
   assert ask(NAME).choices[0].text == want[None]  # the base's repeat: its prefix comes from the cache
-  base_hits = metrics(server)["mixtral_jax_prefix_cache_hit_tokens_total"] - before["mixtral_jax_prefix_cache_hit_tokens_total"]
+  hits = "mixtral_jax_prefix_cache_hit_tokens_total"
+  base_hits = metrics(server)[hits] - before[hits]
   assert base_hits >= 2 * PAGE
 
   before = metrics(server)
@@ -126,7 +127,7 @@ def test_mixed_batch_equals_merged_generate_and_keeps_prefixes_apart(setup, serv
     assert r.model == name
     assert r.choices[0].text == want[None if name == NAME else name], name
   # Only the base row hit the cache: the adapters' rows computed their own pages.
-  assert after["mixtral_jax_prefix_cache_hit_tokens_total"] - before["mixtral_jax_prefix_cache_hit_tokens_total"] == base_hits
+  assert after[hits] - before[hits] == base_hits
   steps = after["mixtral_jax_batch_occupancy"] * after["mixtral_jax_batch_rows"]  # mean rows per decode step so far
   assert steps > 1.0  # rows of different adapters decoded in the same steps
 

@@ -1,13 +1,14 @@
 """The compiled step over a paged KV cache: one program for prefill chunks and decode steps alike.
 
-``run(state, ids_RC, positions_RC, valid_RC, cache, last_R, layers, adapter_R)`` runs the model over R rows of C
-columns (:class:`mixtral_jax.inference.paged_batch.StepArrays`: a prefill chunk is R = 1, C = the chunk
+``run(state, ids_RC, positions_RC, valid_RC, cache, last_R, layers, adapter_R)`` runs the model over R
+rows of C columns (:class:`mixtral_jax.inference.paged_batch.StepArrays`: a prefill chunk is R = 1, C = the chunk
 bucket; a decode step is R = a compiled batch size, C = 1), each layer writing its new keys/values into
 the rows' pages and attending through the page tables (:mod:`mixtral_jax.attn.paged`), and returns the
 float32 logits at column ``last_R`` of each row ``[R, V]`` and the cache (donated: the pools are updated
 in place). ``adapter_R`` (int32 [R], or None): each row's adapter slot when the model serves a bank of
-adapters (``mixtral_jax.lora.bank``; 0 is the base). Sampling, grammar masks and logprobs run on those logits in their own small programs, so a
-mask computed on the host while this one runs is applied without a second model call.
+adapters (``mixtral_jax.lora.bank``; 0 is the base). Sampling, grammar masks and logprobs run on those
+logits in their own small programs, so a mask computed on the host while this one runs is applied without
+a second model call.
 """
 
 from __future__ import annotations

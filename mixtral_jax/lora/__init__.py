@@ -10,8 +10,8 @@
   bank       many adapters served at once, unmerged: their factors side by side, each row its own adapter
 
 Imports go one way: spec <- adapters <- factors <- peft_io <- merge <- export (run beside them, from
-spec; bank on factors, reaching merge inside functions). The model imports ``adapters`` only; merge and export reach the model and ``checkpoint`` inside
-functions, and nothing in the model imports them back.
+spec; bank on factors, reaching merge inside functions). The model imports ``adapters`` only; merge and
+export reach the model and ``checkpoint`` inside functions, and nothing in the model imports them back.
 """
 
 from mixtral_jax.lora.adapters import LoRAParam, init_values

@@ -43,9 +43,6 @@ class Bank:
   section: LoraSection
   values: dict
 
-  def slot(self, name: str | None) -> int:
-    return 0 if name is None else self.names.index(name) + 1
-
 
 def parse_adapter_flags(flags: list[str], base_name: str) -> list[tuple[str, str]]:
   """``["NAME=PATH", ...]`` -> [(name, path)]; ValueError (one line) on a malformed, reused or base name."""

@@ -6,7 +6,8 @@ against plain ``generate``.
 Two adapters: a PEFT directory on attention (q, v, o; rank 4) and a mixtral-jax LoRA run with per-expert
 adapters (w1, w2, w3 of every expert, and the router; rank 2, so the bank pads it to 4). Also: /v1/models
 lists the base and both adapters; an unknown name is a 404 ``model_not_found``; prefix-cache pages are
-never shared across adapters; bad adapters fail at start-up in one line naming the adapter."""
+never shared across adapters; bad adapters fail at start-up in one line naming the adapter; and
+``generate --adapter PATH`` still merges its one adapter."""
 
 import concurrent.futures
 import json
@@ -152,3 +153,17 @@ def test_bad_adapters_fail_at_startup_in_one_line(setup, capsys):
   rc = cli.main(["serve", "--model", path, "--port", str(free_port()), "--adapter", f"attn={adapters['attn']}"])
   line = capsys.readouterr().err.strip()
   assert rc == 2 and "--adapter needs the paged KV cache" in line and "\n" not in line, line
+
+
+def test_generate_cli_still_merges_its_adapter(setup, capsys):
+  """``generate --adapter PATH`` (one adapter, merged, as before ``serve --adapter``) prints what
+  ``generate`` prints on ``from_pretrained(base, adapter=PATH)``, and not the base's continuation."""
+  _, path, adapters = setup
+  tok = Tokenizer.load("v1")
+  prompt = "The lighthouse keeper"
+  want = generate(mixtral_jax.from_pretrained(path, adapter=adapters["experts"]), [prompt], 6, tokenizer=tok)
+  base = generate(mixtral_jax.from_pretrained(path), [prompt], 6, tokenizer=tok)
+  assert want.texts[0] != base.texts[0]
+  rc = cli.main(["generate", "--model", path, "--adapter", adapters["experts"], "--prompt", prompt,
+                 "--max-new-tokens", "6", "--temperature", "0", "--no-echo"])
+  assert rc == 0 and capsys.readouterr().out.strip() == want.texts[0].strip()

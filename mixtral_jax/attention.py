@@ -41,8 +41,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD, positions_BT, *, valid_BT=None, segment_ids_BT=None,
                cache: LayerCache | None = None, cache_pos_BS=None, write_slots_BT=None, layer=None,
-               kept_rows: LayerCache | None = None, lora_key=None):
-    """Returns (out_BTD, new_cache).
+               kept_rows: LayerCache | None = None, lora_key=None, adapter_B=None):
+    """Returns (out_BTD, new_cache). ``adapter_B``: each row's adapter in a serving bank (or None).
 
     ``valid_BT`` marks real tokens (pads are never attended to). Without a cache, keys are this
     call's tokens. With one, the new keys and values are written into slots ``write_slots_BT`` (an
@@ -59,7 +59,7 @@ class Attention(nnx.Module):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     x_BTD = x_BTD.astype(dt)
     # x W (+ (drop(x) A) B alpha/r with a LoRA adapter), W dequantised if stored quantized.
-    q_BTNH, k_BTKH, v_BTKH = (proj(x_BTD, lora_key) for proj in (self.q, self.k, self.v))
+    q_BTNH, k_BTKH, v_BTKH = (proj(x_BTD, lora_key, adapter_B=adapter_B) for proj in (self.q, self.k, self.v))
     q_BTNH = constrain(q_BTNH, ("batch", "seq", "act_heads", None))
     cos, sin = rope_cos_sin(positions_BT, cfg.head_size, cfg.rope_theta)
     q_BTNH = apply_rope(q_BTNH, cos, sin)
@@ -85,5 +85,5 @@ class Attention(nnx.Module):
                         q_seg_BT=segment_ids_BT if kv_seg is not None else None, kv_seg_BS=kv_seg,
                         sliding_window=cfg.sliding_window, impl=cfg.attention_impl, block=cfg.attention_block,
                         index_aligned=cache is None, padded=valid_BT is not None)
-    out_BTD = self.o(out_BTNH, lora_key, dt)
+    out_BTD = self.o(out_BTNH, lora_key, dt, adapter_B)
     return out_BTD, new_cache

@@ -36,13 +36,19 @@ class ExpertLoRA:
 
   ``key``: this layer's dropout key (raw uint32 [2]) in training with ``rate > 0``, else None.
   ``tensor_axis``: inside ``shard_map``, the mesh axis that splits F (so w2's input row is a slice of a
-  row whose mask is drawn whole, the same mask a single device draws)."""
+  row whose mask is drawn whole, the same mask a single device draws).
+
+  ``pair_adapter`` (serving a bank of adapters, ``mixtral_jax.lora.bank``): int32 [N*k], the adapter slot
+  of each routed pair; the rank axis then holds the bank's adapters side by side, ``slot_rank`` columns
+  each, and a row keeps only its pair's adapter's columns (:func:`own_columns`)."""
   w1: tuple | None = None
   w3: tuple | None = None
   w2: tuple | None = None
   key: jax.Array | None = None
   rate: float = dataclasses.field(default=0.0, metadata={"static": True})
   tensor_axis: str | None = dataclasses.field(default=None, metadata={"static": True})
+  pair_adapter: jax.Array | None = None
+  slot_rank: int | None = dataclasses.field(default=None, metadata={"static": True})
 
   def get(self, target: str):
     return getattr(self, target)
@@ -50,6 +56,11 @@ class ExpertLoRA:
   @property
   def dropping(self) -> bool:
     return self.key is not None and self.rate > 0
+
+  @property
+  def needs_rows(self) -> bool:
+    """Whether the kernels must pass each row's pair id: for dropout masks or for the row's adapter."""
+    return self.dropping or self.pair_adapter is not None
 
   def expert(self, e) -> ExpertLoRA:
     """Expert ``e``'s adapters (A [in, r], B [r, out]); ``e`` static or traced."""
@@ -80,13 +91,24 @@ def drop(lora: ExpertLoRA | None, target: str, x_RI, rows_R):
   return jnp.where(mask, x_RI / jnp.asarray(keep, x_RI.dtype), 0).astype(x_RI.dtype)
 
 
+def own_columns(lora: ExpertLoRA, u_Rr, rows_R):
+  """``u`` (the rows' product with A) with only each row's own adapter's columns kept, for a bank
+  (``pair_adapter``; column c belongs to adapter slot c // slot_rank + 1, slot 0 the base owns none);
+  ``u`` itself otherwise. ``rows_R``: the pair id of every row (< 0: an empty row, its output unused)."""
+  if lora.pair_adapter is None:
+    return u_Rr
+  adapter_R = lora.pair_adapter[jnp.maximum(rows_R, 0)]
+  owner = jnp.arange(u_Rr.shape[-1]) // lora.slot_rank + 1
+  return jnp.where(owner == adapter_R[..., None], u_Rr, jnp.zeros((), u_Rr.dtype))
+
+
 def project(lora: ExpertLoRA | None, target: str, x_RI, y_RO, rows_R=None):
   """One expert's ``y + (drop(x) A) B`` (A [in, r], B [r, out] of :meth:`ExpertLoRA.expert`), in y's
   dtype; ``y`` when ``target`` is not adapted."""
   if lora is None or lora.get(target) is None:
     return y_RO
   A, B = lora.get(target)
-  u_Rr = drop(lora, target, x_RI, rows_R) @ A.astype(x_RI.dtype)
+  u_Rr = own_columns(lora, drop(lora, target, x_RI, rows_R) @ A.astype(x_RI.dtype), rows_R)
   return y_RO + (u_Rr @ B.astype(x_RI.dtype)).astype(y_RO.dtype)
 
 
@@ -96,6 +118,7 @@ def project_buckets(lora: ExpertLoRA | None, target: str, x_ECI, y_ECO, rows_EC=
     return y_ECO
   A, B = lora.get(target)
   u_ECr = jnp.einsum("eci,eir->ecr", drop(lora, target, x_ECI, rows_EC), A.astype(x_ECI.dtype))
+  u_ECr = own_columns(lora, u_ECr, rows_EC)
   return y_ECO + jnp.einsum("ecr,ero->eco", u_ECr, B.astype(x_ECI.dtype)).astype(y_ECO.dtype)
 
 
@@ -104,7 +127,7 @@ def project_ragged(lora: ExpertLoRA | None, target: str, x_MI, y_MO, sizes_E, do
   if lora is None or lora.get(target) is None:
     return y_MO
   A, B = lora.get(target)
-  u_Mr = dot(drop(lora, target, x_MI, rows_M), A.astype(x_MI.dtype), sizes_E)
+  u_Mr = own_columns(lora, dot(drop(lora, target, x_MI, rows_M), A.astype(x_MI.dtype), sizes_E), rows_M)
   return y_MO + dot(u_Mr, B.astype(x_MI.dtype), sizes_E).astype(y_MO.dtype)
 
 

@@ -320,7 +320,7 @@ def grouped_expert_ffn(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, *, impl:
   if impl == "dense":
     raise ValueError("the dense implementation works on [E, C, D] buckets; call dense_expert_ffn")
   block = max(1, min(block, x_MD.shape[0]))
-  if lora is not None and not lora.dropping:
+  if lora is not None and not lora.needs_rows:
     rows_M = None
   # Under jit: a custom VJP with symbolic zeros cannot be traced by an eager (un-jitted) shard_map.
   return _blocked_jit(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, block, lora, rows_M)

@@ -24,11 +24,13 @@ import sys
 EXIT_COMMANDS = ("/exit", "/quit")
 
 
-def model_arguments(p: argparse.ArgumentParser) -> None:
-  """The options that say which model to load and how (shared by generate, chat and serve)."""
+def model_arguments(p: argparse.ArgumentParser, merged_adapter: bool = True) -> None:
+  """The options that say which model to load and how (shared by generate, chat and serve; serve has its
+  own unmerged ``--adapter NAME=PATH``, so ``merged_adapter=False`` leaves the merged one out)."""
   p.add_argument("--model", required=True, help="checkpoint directory (HF, consolidated, ours, or a training run)")
-  p.add_argument("--adapter", help="LoRA adapter merged into --model: a PEFT adapter directory or a mixtral-jax "
-                 "LoRA training run")
+  if merged_adapter:
+    p.add_argument("--adapter", help="LoRA adapter merged into --model: a PEFT adapter directory or a mixtral-jax "
+                   "LoRA training run")
   p.add_argument("--tokenizer", help="tokenizer.model path or bundled name v1/v3 (default: found or by vocab)")
   p.add_argument("--mesh", help="device mesh such as 'expert=4' or 'data=2,expert=4' (default: one device)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
@@ -58,7 +60,8 @@ def load_model(args):
   from mixtral_jax.tokenizer import BUNDLED_VOCAB, Tokenizer  # noqa: PLC0415
 
   # int8 is quantized as it is read (the full-precision model is never resident; see checkpoint.load)
-  model = mixtral_jax.from_pretrained(args.model, mesh=args.mesh, dtype=args.dtype, adapter=args.adapter,
+  merged = getattr(args, "adapter", None)  # generate/chat's merged adapter (serve's are unmerged: args.adapters)
+  model = mixtral_jax.from_pretrained(args.model, mesh=args.mesh, dtype=args.dtype, adapter=merged,
                                       quantize=args.quantize)
   vocab = model.cfg.vocab_size
   name = args.tokenizer or find_tokenizer(args.model) or BUNDLED_VOCAB.get(vocab)

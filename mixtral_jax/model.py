@@ -85,13 +85,14 @@ class Block(nnx.Module):
     self.moe = MoE(cfg, rngs=rngs, lora_cfg=lora_cfg)
 
   def __call__(self, h_BTD, positions_BT, valid_BT, segment_ids_BT, cache, cache_pos_BS, write_slots_BT,
-               experts=None, layer=None, kept_rows=None, lora_key=None):
+               experts=None, layer=None, kept_rows=None, lora_key=None, adapter_B=None):
     a_BTD, new_cache = self.attn(self.attn_norm(h_BTD), positions_BT, valid_BT=valid_BT,
                                  segment_ids_BT=segment_ids_BT, cache=cache, cache_pos_BS=cache_pos_BS,
                                  write_slots_BT=write_slots_BT, layer=layer, kept_rows=kept_rows,
-                                 lora_key=lora_key)
+                                 lora_key=lora_key, adapter_B=adapter_B)
     h_BTD = h_BTD + checkpoint_name(a_BTD, ATTN_OUT)
-    m_BTD, logits_BTE, stats = self.moe(checkpoint_name(self.moe_norm(h_BTD), MOE_IN), valid_BT, experts, lora_key)
+    m_BTD, logits_BTE, stats = self.moe(checkpoint_name(self.moe_norm(h_BTD), MOE_IN), valid_BT, experts, lora_key,
+                                        adapter_B)
     h_BTD = constrain(h_BTD + m_BTD, ("batch", "seq", "act_embed"))
     return h_BTD, new_cache, logits_BTE, stats
 
@@ -130,7 +131,8 @@ class Mixtral(nnx.Module):
     return constrain(h, ("batch", "seq", "act_embed"))
 
   def hidden(self, input_ids_BT, *, attention_mask=None, positions=None, segment_ids=None,
-             cache: KVCache | None = None, unroll: bool = False, layers: list | None = None, lora_key=None):
+             cache: KVCache | None = None, unroll: bool = False, layers: list | None = None, lora_key=None,
+             adapter_B=None):
     """Final-normed hidden states ``[B, T, D]`` and aux = {router_logits [L,B,T,E], load [L,E],
     dropped [L]} (plus ``cache`` when one is given).
 
@@ -139,6 +141,8 @@ class Mixtral(nnx.Module):
     loop instead of ``nnx.scan`` (for tests; same parameters, same maths). ``layers`` (from
     :func:`layer_views`) also unrolls, reading each layer's weights from its own arrays (CPU decode).
     ``lora_key``: LoRA dropout key (training only); each layer gets its own ``fold_in(key, layer)``.
+    ``adapter_B`` int32 [B]: with a serving bank of adapters (``mixtral_jax.lora.bank``), each row's
+    adapter slot (0: the base); a bank without it computes the base.
     """
     B, T = input_ids_BT.shape
     if positions is None:
@@ -159,10 +163,10 @@ class Mixtral(nnx.Module):
     h = self.embed(input_ids_BT)
     if layers is not None:
       h, new_layers, logits, stats = self._run_views(layers, h, positions, valid, segment_ids, layer_cache,
-                                                     cache_pos, write_slots, kept)
+                                                     cache_pos, write_slots, kept, adapter_B)
     else:
       h, new_layers, logits, stats = self._run_blocks(h, positions, valid, segment_ids, layer_cache, cache_pos,
-                                                      write_slots, unroll, kept, lora_key)
+                                                      write_slots, unroll, kept, lora_key, adapter_B)
     aux: dict[str, Any] = {"router_logits": logits, **stats}
     if paged:
       aux["cache"] = new_layers
@@ -170,29 +174,30 @@ class Mixtral(nnx.Module):
       aux["cache"] = KVCache(new_layers, written_positions(cache.pos, write_slots, positions))
     return self.final_norm(h), aux
 
-  def head_operands(self, h_BTD: jax.Array, lora_key=None) -> tuple[jax.Array, jax.Array]:
+  def head_operands(self, h_BTD: jax.Array, lora_key=None, adapter_B=None) -> tuple[jax.Array, jax.Array]:
     """(h, W) with ``logits = h @ W``: the final hidden states and LM head weight [D, V] in the compute
     dtype, with the head's LoRA adapter folded in if there is one (``lora.head_operands``)."""
     dt = jnp.dtype(self.cfg.dtype)
     w_DV = self.head.operand(jnp.dtype(self.cfg.param_dtype)).astype(dt)
-    return self.head.head_operands(h_BTD.astype(dt), w_DV, lora_key)
+    return self.head.head_operands(h_BTD.astype(dt), w_DV, lora_key, adapter_B)
 
-  def logits(self, h_BTD: jax.Array) -> jax.Array:
-    h, w = self.head_operands(h_BTD)
+  def logits(self, h_BTD: jax.Array, adapter_B=None) -> jax.Array:
+    h, w = self.head_operands(h_BTD, adapter_B=adapter_B)
     return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids_BT, *, attention_mask=None, positions=None, segment_ids=None,
-               return_router_logits: bool = False):
-    """int32 [B, T] -> float32 logits [B, T, V]; with ``return_router_logits``, (logits, aux)."""
+               return_router_logits: bool = False, adapter_B=None):
+    """int32 [B, T] -> float32 logits [B, T, V]; with ``return_router_logits``, (logits, aux).
+    ``adapter_B``: each row's adapter slot in a serving bank (see :meth:`hidden`)."""
     h, aux = self.hidden(input_ids_BT, attention_mask=attention_mask, positions=positions,
-                         segment_ids=segment_ids)
-    logits = self.logits(h)
+                         segment_ids=segment_ids, adapter_B=adapter_B)
+    logits = self.logits(h, adapter_B)
     return (logits, aux) if return_router_logits else logits
 
   # ------------------------------------------------------------------------------ layer stack
 
   def _run_blocks(self, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots, unroll, kept=None,
-                  lora_key=None):
+                  lora_key=None, adapter_B=None):
     """The scanned layer stack. With a cache, the whole stacked ``[L, B, S, K, H]`` cache rides in the
     scan's carry with a layer counter, and layer i writes its slots into it in place
     (``Attention(layer=i)``): passing the layers' caches as the scan's xs and collecting the new ones as
@@ -208,7 +213,7 @@ class Mixtral(nnx.Module):
 
     def body(block: Block, h, layer_cache, key=None):
       h, new_cache, logits, stats = block(h, positions, valid, segment_ids, layer_cache, cache_pos,
-                                          write_slots, lora_key=key)
+                                          write_slots, lora_key=key, adapter_B=adapter_B)
       return h, (new_cache, logits, stats)
 
     body = checkpointed(body)
@@ -232,7 +237,7 @@ class Mixtral(nnx.Module):
     def cached_body(block: Block, carry, kept_rows):
       h, cache, i = carry
       h, cache, logits, stats = block(h, positions, valid, segment_ids, cache, cache_pos, write_slots, layer=i,
-                                      kept_rows=kept_rows)
+                                      kept_rows=kept_rows, adapter_B=adapter_B)
       return (h, cache, i + 1), (logits, stats)
 
     scan = nnx.scan(cached_body, in_axes=(0, nnx.Carry, 0 if kept is not None else None), out_axes=(nnx.Carry, 0),
@@ -240,7 +245,8 @@ class Mixtral(nnx.Module):
     (h, new_cache, _), (logits, stats) = scan(self.blocks, (h, layer_cache, jnp.int32(0)), kept)
     return h, new_cache, logits, stats
 
-  def _run_views(self, layers, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots, kept=None):
+  def _run_views(self, layers, h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots, kept=None,
+                 adapter_B=None):
     """The layer loop unrolled over :func:`layer_views`. Layer i writes its new keys/values straight
     into the stacked cache (in place when the cache is donated), not into a copy of its layer."""
     graphdef = nnx.graphdef(self.blocks)
@@ -249,7 +255,8 @@ class Mixtral(nnx.Module):
       block = nnx.merge(graphdef, state)
       h, new_cache, logits, stats = block(h, positions, valid, segment_ids, layer_cache, cache_pos, write_slots,
                                           experts, layer=None if layer_cache is None else i,
-                                          kept_rows=None if kept is None else jax.tree.map(lambda a: a[i], kept))
+                                          kept_rows=None if kept is None else jax.tree.map(lambda a: a[i], kept),
+                                          adapter_B=adapter_B)
       layer_cache = new_cache
       outs.append((logits, stats))
     logits, stats = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)

@@ -38,8 +38,9 @@ from mixtral_jax.projection import Projection
 from mixtral_jax.quant import as_compute, operand
 
 
-def _dropping(lora: ExpertLoRA | None) -> bool:
-  return lora is not None and lora.dropping
+def _needs_rows(lora: ExpertLoRA | None) -> bool:
+  """Whether the kernels need each row's pair id (for its dropout mask or its adapter in a bank)."""
+  return lora is not None and lora.needs_rows
 
 
 def dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, impl="auto", block=128,
@@ -51,7 +52,7 @@ def dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, impl=
   order_M, counts_E, starts_E = routing.sort_by_expert(ids_Nk, E)
   x_MD = x_ND[order_M // k]  # row r holds the token of sorted pair r (pair id order_M[r])
   y_MD = grouped_expert_ffn(x_MD, starts_E, counts_E, w1_EDF, w3_EDF, w2_EFD, impl=impl, block=block,
-                            contiguous=True, lora=lora, rows_M=order_M if _dropping(lora) else None)
+                            contiguous=True, lora=lora, rows_M=order_M if _needs_rows(lora) else None)
   inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(N * k, dtype=order_M.dtype))
   y_NkD = y_MD[inverse_M].reshape(N, k, D)
   return combine(y_NkD, weights_Nk)
@@ -93,7 +94,7 @@ def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=
       return (h_NF @ w2_FD).astype(jnp.float32)
     lo = lora.expert(e)
     rows_N = None
-    if lora.dropping:  # the pair (n, slot) of token n that chose e
+    if lora.needs_rows:  # the pair (n, slot) of token n that chose e
       rows_N = jnp.arange(N) * k + jnp.argmax(ids_Nk == e, axis=1)
     a1_NF = project(lo, "w1", x_ND, x_ND @ w1_DF, rows_N)
     a3_NF = project(lo, "w3", x_ND, x_ND @ w3_DF, rows_N)
@@ -155,7 +156,7 @@ def dispatch_capacity(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, capac
   E, C = w1_EDF.shape[0], capacity
   x_ECD, kept_Nk, rank_Nk, counts_E = bucket(x_ND, ids_Nk, capacity, E)
   rows_EC = None
-  if _dropping(lora):  # each bucket row's pair id (-1: empty)
+  if _needs_rows(lora):  # each bucket row's pair id (-1: empty)
     N, k = ids_Nk.shape
     slot_M = jnp.where(kept_Nk, ids_Nk * C + rank_Nk, E * C).reshape(-1)
     rows_EC = jnp.full((E * C,), -1, jnp.int32).at[slot_M].set(jnp.arange(N * k, dtype=jnp.int32),
@@ -191,22 +192,28 @@ class MoE(nnx.Module):
     self.lora = lora.make("moe", cfg, lora_cfg)  # LoRA adapters on router, w1, w3, w2 (or None)
     self.cfg = cfg
 
-  def __call__(self, x_BTD, mask_BT=None, experts=None, lora_key=None):
+  def __call__(self, x_BTD, mask_BT=None, experts=None, lora_key=None, adapter_B=None):
     """Returns (y_BTD, router_logits_BTE float32, stats) with stats = {load_E, dropped}.
 
     ``experts``: optional per-expert views of this layer's weights for small-batch dispatch (see
     :func:`dispatch_selected`); the other paths use the stacked parameters. ``lora_key``: this layer's
-    LoRA dropout key (training with ``lora.dropout > 0``), or None."""
+    LoRA dropout key (training with ``lora.dropout > 0``), or None. ``adapter_B``: each batch row's adapter
+    slot when the adapters are a serving bank (``mixtral_jax.lora.bank``)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T, D = x_BTD.shape
     x_ND = x_BTD.reshape(B * T, D).astype(dt)
-    logits_NE = self.router(x_ND, lora_key).astype(jnp.float32)  # x W (+ LoRA)
+    logits_NE = self.router(x_ND, lora_key, adapter_B=adapter_B).astype(jnp.float32)  # x W (+ LoRA)
     weights_Nk, ids_Nk = routing.top_k_route(logits_NE, cfg.num_experts_per_tok)
     w1, w3, w2 = (operand(self, param_paths.attr(id_), dt) for id_ in param_paths.EXPERT_IDS)
     # LoRA: per-expert adapters (or None), applied by whichever dispatch runs, inside its expert computation.
-    lo = lora.expert_adapters(self.lora, lora_key)
+    k = cfg.num_experts_per_tok
+    pair_adapter = None if adapter_B is None else jnp.repeat(adapter_B, T * k, total_repeat_length=B * T * k)
+    lo = lora.expert_adapters(self.lora, lora_key, pair_adapter)
 
     if _expert_mesh_size() > 1:
+      if lo is not None and lo.pair_adapter is not None:
+        raise ValueError("per-row adapters (serve --adapter) are not applied on an expert-parallel mesh yet; "
+                         "serve them on one device or a mesh without an expert axis")
       from mixtral_jax.sharding import expert_parallel  # layer 1; imported lazily only for clarity
       y_ND, dropped = expert_parallel.moe_expert_parallel(
           x_ND, weights_Nk, ids_Nk, w1, w3, w2, capacity_factor=cfg.capacity_factor,

@@ -5,6 +5,8 @@
 
   y = x W_operand + (drop(x) A) B * alpha/r
 
+(or, serving a bank of adapters, ``mixtral_jax.lora.bank``, each batch row's own adapter's A and B)
+
 where ``W_operand`` is the stored weight made a matmul operand by its storage form
 (``mixtral_jax.quant``: float, int8 + scales, ...) and the second term is present when the module's
 adapters (``lora_attr``, a ``mixtral_jax.lora.adapters.Adapters``) adapt this target.
@@ -73,8 +75,9 @@ class BoundProjection:
   def adapters(self):
     return getattr(self.module, self.spec.lora_attr, None)
 
-  def __call__(self, x, lora_key=None, dtype=None):
-    """``x W`` by the projection's einsum in ``dtype`` (default: x's), plus the LoRA term if adapted."""
+  def __call__(self, x, lora_key=None, dtype=None, adapter_B=None):
+    """``x W`` by the projection's einsum in ``dtype`` (default: x's), plus the LoRA term if adapted.
+    ``adapter_B``: each batch row's adapter in a serving bank (``lora.add``)."""
     w = self.operand(jnp.dtype(dtype or x.dtype))
     if self.spec.flatten:
       n_in = self.spec.weight.contracted
@@ -82,9 +85,9 @@ class BoundProjection:
       y = jnp.einsum(self.spec.equation, x_in, w.reshape(math.prod(w.shape[:n_in]), *w.shape[n_in:]))
     else:
       y = jnp.einsum(self.spec.equation, x, w)
-    return lora.add(self.adapters, self.spec.weight.id, x, y, lora_key)
+    return lora.add(self.adapters, self.spec.weight.id, x, y, lora_key, adapter_B)
 
-  def head_operands(self, h, w, lora_key=None):
+  def head_operands(self, h, w, lora_key=None, adapter_B=None):
     """(h, W) with the adapter folded into one matmul's operands (``lora.head_operands``): for the fused
     cross-entropy, which takes the head as operands rather than calling it."""
-    return lora.head_operands(self.adapters, h, w, lora_key)
+    return lora.head_operands(self.adapters, h, w, lora_key, adapter_B)

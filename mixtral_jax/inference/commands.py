@@ -2,11 +2,17 @@
 
   mixtral-jax serve --model PATH [--mesh expert=4] [--host 127.0.0.1 --port 8000] [--max-batch 16]
                     [--max-context N] [--quantize int8] [--kv-cache-gib N [--page-size 64] [--no-prefix-cache]]
+                    [--adapter NAME=PATH ...]
 
 Then, from another shell::
 
   curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "tiny", "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}'
+
+``--adapter NAME=PATH`` (repeatable, with ``--kv-cache-gib``) serves LoRA adapters unmerged beside the base
+(``mixtral_jax.lora.bank``): a request's ``model`` field picks ``NAME``, or the base by the served model
+name, and one decode step mixes rows of different adapters. Each adapter is checked against the base
+before anything compiles.
 
 Start-up loads the model (``from_pretrained``, quantizing as it reads when asked), compiles the decode step and
 the smallest prefill chunk, and only then listens, so ``GET /health`` answering means ready.
@@ -25,7 +31,10 @@ serve_example = "mixtral-jax serve --model runs/tiny --port 8000 --max-batch 16 
 def serve_parser(p: argparse.ArgumentParser) -> None:
   from mixtral_jax.generation_commands import model_arguments  # noqa: PLC0415
 
-  model_arguments(p)
+  model_arguments(p, merged_adapter=False)
+  p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=PATH",
+                 help="serve a LoRA adapter unmerged under the model name NAME (repeatable; needs --kv-cache-gib): a "
+                      "PEFT adapter directory or a mixtral-jax LoRA run, per-expert adapters included")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on")
   p.add_argument("--port", type=int, default=8000, help="port to listen on")
   p.add_argument("--max-batch", type=int, default=16, help="decode rows sharing the KV cache")
@@ -54,6 +63,13 @@ def check_serve_args(args: argparse.Namespace) -> None:
                            ("--max-context", args.max_context, 2), ("--prefill-chunk", args.prefill_chunk, 1)):
     if value is not None and value < low:
       raise ValueError(f"{flag} must be >= {low}, got {value}")
+  if args.adapters and args.kv_cache_gib is None:
+    raise ValueError("--adapter needs the paged KV cache: add --kv-cache-gib N (e.g. --kv-cache-gib 4)")
+  if args.adapters and args.quantize:
+    raise ValueError(f"--adapter is not served on a --quantize {args.quantize} base yet; serve the base unquantized")
+  if args.adapters:
+    from mixtral_jax.lora.bank import parse_adapter_flags  # noqa: PLC0415
+    parse_adapter_flags(args.adapters, served_name(args))
   try:
     infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
   except socket.gaierror as e:
@@ -69,6 +85,11 @@ def check_serve_args(args: argparse.Namespace) -> None:
                        "another --port") from None
 
 
+def served_name(args: argparse.Namespace) -> str:
+  """The base model's name in requests: --served-model-name, else the model directory's name."""
+  return args.served_model_name or os.path.basename(os.path.normpath(args.model))
+
+
 def serve_main(args: argparse.Namespace) -> int:
   from mixtral_jax.generation_commands import load_model  # noqa: PLC0415 - keep `mixtral-jax --help` fast
   from mixtral_jax.inference.engine import Engine  # noqa: PLC0415
@@ -77,16 +98,24 @@ def serve_main(args: argparse.Namespace) -> int:
   check_serve_args(args)
   model, tokenizer = load_model(args)
   version = args.chat_version or ("v3" if model.cfg.vocab_size == 32768 else "v1")
-  name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+  name = served_name(args)
+  adapters: tuple[str, ...] = ()
+  if args.adapters:  # checked against the base before anything compiles; kept unmerged, one bank
+    from mixtral_jax.lora.bank import attach_bank, load_bank, parse_adapter_flags  # noqa: PLC0415
+    bank = load_bank(parse_adapter_flags(args.adapters, name), model.cfg)
+    model, adapters = attach_bank(model, bank), bank.names
   engine = Engine(model, tokenizer, max_batch=args.max_batch, max_context=args.max_context,
                   max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, mesh=args.mesh,
-                  kv_cache_gib=args.kv_cache_gib, page_size=args.page_size, prefix_caching=not args.no_prefix_cache)
+                  kv_cache_gib=args.kv_cache_gib, page_size=args.page_size, prefix_caching=not args.no_prefix_cache,
+                  adapters=adapters)
   engine.warmup()
   engine.start()
   app = build_app(engine, tokenizer, name, version)
   import uvicorn  # noqa: PLC0415
   cache = (f"{engine.B} rows x {engine.max_context} tokens" if engine.runner is None else
            f"{engine.B} rows, {(engine.runner.pool.num_pages - 1) * engine.runner.pool.page_size} paged cache tokens")
+  if adapters:
+    cache += f", adapters {', '.join(adapters)}"
   print(f"serving {name!r} ({version} chat, {cache}"
         f"{', ' + args.quantize if args.quantize else ''}) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
   try:

@@ -90,6 +90,7 @@ class Request:
   grammar: str | None = None  # structured output (paged cache only): an llguidance grammar
   matcher: object = None  # its matcher, following the sampled tokens (made at submit)
   logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprobs of each token in row.tokens
+  adapter: str | None = None  # a served adapter's name (paged cache only), None for the base
 
   def cancel(self) -> None:
     """Safe from any thread: the engine frees the request's row (or queue place) at its next step."""
@@ -114,7 +115,7 @@ class Engine:
   def __init__(self, model, tokenizer=None, *, max_batch: int = 16, max_context: int | None = None,
                max_queue: int = 64, prefill_chunk: int = 256, mesh=None,
                decode_views_wanted: bool = True, kv_cache_gib: float | None = None, page_size: int = PAGE_SIZE,
-               prefix_caching: bool = True):
+               prefix_caching: bool = True, adapters: tuple[str, ...] = ()):
     cfg = model.cfg
     self.cfg, self.tokenizer = cfg, tokenizer
     self.max_context = int(max_context or cfg.max_position_embeddings)
@@ -132,6 +133,9 @@ class Engine:
     self.layers = decode_views(model, self.mesh) if decode_views_wanted else None
     self.runner: PagedRunner | None = None  # the paged cache (--kv-cache-gib), else fixed rows
     self.cache = None
+    self.adapters = tuple(adapters)  # a served bank's names (model with lora.bank adapters), slot i + 1
+    if self.adapters and kv_cache_gib is None:
+      raise ValueError("serving adapters needs the paged KV cache: pass kv_cache_gib (serve --kv-cache-gib)")
     with mesh_context(self.mesh):
       if kv_cache_gib is None:
         self.cache = init_cache(cfg, self.B, self.max_context)
@@ -141,7 +145,7 @@ class Engine:
                                      max_context=self.max_context, page_size=page_size)
         self.runner = PagedRunner(self.graphdef, self.state, cfg, num_pages=num_pages, max_batch=self.B,
                                   max_context=self.max_context, prefill_chunk=self.prefill_chunk, page_size=page_size,
-                                  prefix_caching=prefix_caching, layers=self.layers)
+                                  prefix_caching=prefix_caching, layers=self.layers, adapters=self.adapters)
     self.running: list[Request] = []  # paged: admitted requests, oldest first
     self.seqs: dict[int, Sequence] = {}  # paged: request id -> its pages
     self._sample = jax.jit(sample_rows)
@@ -171,6 +175,8 @@ class Engine:
     if (req.top_logprobs is not None or req.grammar is not None) and self.runner is None:
       raise ValueError("logprobs and response_format need the paged KV cache: pass kv_cache_gib "
                        "(serve --kv-cache-gib)")
+    if req.adapter is not None and req.adapter not in self.adapters:
+      raise ValueError(f"no adapter {req.adapter!r} is served (served: {', '.join(self.adapters) or 'none'})")
     if req.grammar is not None:
       req.matcher = self.structured().matcher(req.grammar)
     if n + req.max_tokens > self.max_context:
@@ -362,7 +368,7 @@ class Engine:
         self._paged_free(req, "cancelled")
       while self.waiting and len(self.running) < self.B:
         req = self.waiting[0]
-        seq = self.runner.admit(req.id, req.prompt + req.row.tokens)
+        seq = self.runner.admit(req.id, req.prompt + req.row.tokens, req.adapter)
         if seq is None:
           break
         self.waiting.popleft()

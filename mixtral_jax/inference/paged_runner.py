@@ -18,6 +18,12 @@ and calls:
 ``layers`` (the single-CPU-device per-layer weight views, :func:`mixtral_jax.model.layer_views`) serve
 decode steps, as in the engine's contiguous-cache decode; prefill chunks run the scanned stack.
 
+Adapters: with ``adapters`` (the names of a served bank, ``mixtral_jax.lora.bank``, slot i + 1 for
+name i), each row of a step carries its sequence's adapter slot (0: the base), so one decode step mixes
+rows of different adapters; a prefill chunk is one sequence, so one adapter. A sequence's adapter is
+also part of its pages' prefix keys (:func:`~mixtral_jax.inference.pages.page_key`): pages computed under
+one adapter are never reused under another.
+
 Memory: ``num_pages`` from ``--kv-cache-gib`` (:func:`~mixtral_jax.inference.pages.pages_for_budget`).
 """
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mixtral_jax.attn.paged import PagedKVCache, init_pools
 from mixtral_jax.inference.paged_batch import StepArrays, compiled_sizes, decode_arrays, prefill_arrays
@@ -37,8 +44,9 @@ class PagedRunner:
 
   def __init__(self, graphdef, state, cfg, *, num_pages: int, max_batch: int, max_context: int,
                prefill_chunk: int = 256, page_size: int = PAGE_SIZE, prefix_caching: bool = True, layers=None,
-               dtype=None):
+               dtype=None, adapters: tuple[str, ...] = ()):
     self.graphdef, self.state, self.layers = graphdef, state, layers
+    self.adapters = tuple(adapters)
     self.pool = PagePool(num_pages, page_size, prefix_caching=prefix_caching)
     self.width = -(-max_context // page_size)
     if self.width + 1 > num_pages:
@@ -53,6 +61,8 @@ class PagedRunner:
   # ------------------------------------------------------------------ sequences
 
   def admit(self, seq_id: int, tokens: list[int], adapter: str | None = None) -> Sequence | None:
+    if adapter is not None and adapter not in self.adapters:
+      raise ValueError(f"no adapter {adapter!r} is served (served: {', '.join(self.adapters) or 'none'})")
     return self.pool.admit(seq_id, tokens, adapter)
 
   def prefill(self, seq: Sequence) -> jax.Array | None:
@@ -81,9 +91,17 @@ class PagedRunner:
 
   # ------------------------------------------------------------------ device
 
+  def _adapter_rows(self, a: StepArrays):
+    """int32 [R]: each row's adapter slot (padding rows: the base), or None without served adapters."""
+    if not self.adapters:
+      return None
+    slots = [0 if s.adapter is None else self.adapters.index(s.adapter) + 1 for s in a.seqs]
+    return np.asarray(slots + [0] * (a.ids_RC.shape[0] - len(slots)), np.int32)
+
   def _step(self, a: StepArrays, layers) -> jax.Array:
     cache = PagedKVCache(self.k, self.v, jnp.asarray(a.table_RM), jnp.asarray(a.kv_len_R))
-    logits, cache = self._run(self.state, a.ids_RC, a.positions_RC, a.valid_RC, cache, a.last_R, layers)
+    logits, cache = self._run(self.state, a.ids_RC, a.positions_RC, a.valid_RC, cache, a.last_R, layers,
+                              self._adapter_rows(a))
     self.k, self.v = cache.k, cache.v
     return logits  # not waited for: the caller prepares sampling (grammar masks) while it runs
 

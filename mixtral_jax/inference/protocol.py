@@ -63,13 +63,19 @@ def parse_json(raw: bytes) -> dict:
   return body
 
 
-def check_model(body: dict, served: str) -> None:
+def check_model(body: dict, served: str, adapters: tuple[str, ...] = ()) -> str | None:
+  """The served adapter a request's ``model`` names, None for the base ``served``; 404 (OpenAI's
+  ``model_not_found``) for any other name."""
   name = body.get("model")
   if not isinstance(name, str) or not name:
     raise ApiError(400, f"'model' is required: this server serves {served!r}", param="model")
+  if name in adapters:
+    return name
   if name != served:
-    raise ApiError(404, f"the model {name!r} does not exist; this server serves {served!r} (GET /v1/models)",
+    names = ", ".join(repr(n) for n in (served, *adapters))
+    raise ApiError(404, f"the model {name!r} does not exist; this server serves {names} (GET /v1/models)",
                    param="model", code="model_not_found")
+  return None
 
 
 def _number(body, key, default, lo, hi, kind=float):

@@ -4,7 +4,8 @@
                               and answers ``tool_calls`` (parsed by ``parse_tool_calls``) when the
                               reply starts with the ``[TOOL_CALLS]`` token
   POST /v1/completions        a text prompt (BOS added) or token ids
-  GET  /v1/models             the one served model
+  GET  /v1/models             the served base model and its adapters (``serve --adapter NAME=PATH``); a
+                              request's ``model`` picks one, and the answer names it
   GET  /health                200 once the model is loaded and compiled
   GET  /metrics               Prometheus text: requests, tokens, queue depth, rows busy, batch
                               occupancy, time to first token
@@ -66,15 +67,17 @@ class Server:
     return {"status": "ok", "model": self.model_name}
 
   async def models(self):
-    return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                        "owned_by": "mixtral-jax", "max_model_len": self.engine.max_context}]}
+    card = lambda name, **extra: {"id": name, "object": "model", "created": self.created,  # noqa: E731
+                                  "owned_by": "mixtral-jax", "max_model_len": self.engine.max_context, **extra}
+    adapters = [card(a, parent=self.model_name, root=self.model_name) for a in self.engine.adapters]
+    return {"object": "list", "data": [card(self.model_name)] + adapters}
 
   async def metrics(self):
     return PlainTextResponse(prometheus(self.engine), media_type="text/plain; version=0.0.4")
 
   async def chat(self, http: HttpRequest):
     body = P.parse_json(await http.body())
-    P.check_model(body, self.model_name)
+    adapter = P.check_model(body, self.model_name, self.engine.adapters)
     messages, tools = P.parse_chat(body, self.chat_version)
     params = P.parse_params(body, None, "chat")
     try:
@@ -82,20 +85,21 @@ class Server:
     except ValueError as e:
       raise P.ApiError(400, str(e), param="messages") from None
     detect = self.tool_calls_id if tools else None
-    return await self._generate(http, prompt, params, "chat", detect)
+    return await self._generate(http, prompt, params, "chat", detect, adapter)
 
   async def completions(self, http: HttpRequest):
     body = P.parse_json(await http.body())
-    P.check_model(body, self.model_name)
+    adapter = P.check_model(body, self.model_name, self.engine.adapters)
     if body.get("echo") or body.get("suffix"):
       raise P.ApiError(400, "'echo' and 'suffix' are not supported by this server")
     params = P.parse_params(body, 16)  # OpenAI's default for completions
-    return await self._generate(http, P.parse_prompt(body, self.tokenizer), params, "completion", None)
+    return await self._generate(http, P.parse_prompt(body, self.tokenizer), params, "completion", None, adapter)
 
   # ------------------------------------------------------------------------------ one request
 
-  async def _generate(self, http, prompt, params, kind, tool_calls_id):
-    """Submits the request to the engine; its tokens arrive on ``events`` (this event loop)."""
+  async def _generate(self, http, prompt, params, kind, tool_calls_id, adapter=None):
+    """Submits the request to the engine (under ``adapter``, a served adapter's name, or the base); its
+    tokens arrive on ``events`` (this event loop)."""
     max_tokens = P.check_length(len(prompt), params.max_tokens, self.engine.max_context,
                                 "messages" if kind == "chat" else "prompt")
     if params.top_logprobs is not None and self.engine.runner is None:
@@ -108,7 +112,7 @@ class Server:
     req = Request(prompt, max_tokens, on_token=lambda t, d: put("token", t, d), on_done=lambda r, e: put("done", r, e),
                   temperature=params.temperature, top_k=max(params.top_k, 0), top_p=params.top_p, seed=params.seed,
                   stop=params.stop, eos=frozenset([self.tokenizer.eos_id]), top_logprobs=params.top_logprobs,
-                  grammar=grammar)
+                  grammar=grammar, adapter=adapter)
     try:
       self.engine.submit(req)
     except QueueFull as e:
@@ -167,8 +171,12 @@ class Server:
     text, calls, finish, use = self._result(req, reason, tool_calls_id)
     lp = self._logprobs(req, 0, len(req.logprobs), kind, 0)
     if kind == "chat":
-      return P.chat_response(rid, self.model_name, text, calls, finish, use, lp)
-    return P.completion_response(rid, self.model_name, text, finish, use, lp)
+      return P.chat_response(rid, self._name(req), text, calls, finish, use, lp)
+    return P.completion_response(rid, self._name(req), text, finish, use, lp)
+
+  def _name(self, req: Request) -> str:
+    """The model a request asked for: its adapter's name, or the base's."""
+    return req.adapter or self.model_name
 
   def _logprobs(self, req: Request, lo: int, hi: int, kind: str, offset: int):
     """OpenAI's ``logprobs`` of the request's tokens lo..hi (None when the request asked for none);
@@ -185,7 +193,7 @@ class Server:
     done = False
     try:
       if kind == "chat":
-        yield P.sse(P.chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}))
+        yield P.sse(P.chat_chunk(rid, self._name(req), {"role": "assistant", "content": ""}))
       held, seen = False, 0  # a tool call is held back until it is complete
       sent, offset = 0, 0  # logprobs entries already streamed, and their completion characters
       while True:
@@ -203,8 +211,8 @@ class Server:
           if req.top_logprobs is not None:
             offset += text_length(req.logprobs[sent:n], vocabulary_bytes(self.tokenizer.path))
           sent = n
-          yield P.sse(P.chat_chunk(rid, self.model_name, {"content": delta}, logprobs=lp) if kind == "chat"
-                      else P.completion_chunk(rid, self.model_name, delta, logprobs=lp))
+          yield P.sse(P.chat_chunk(rid, self._name(req), {"content": delta}, logprobs=lp) if kind == "chat"
+                      else P.completion_chunk(rid, self._name(req), delta, logprobs=lp))
       for chunk in self._stream_end(req, event, rid, kind, tool_calls_id, held, (sent, offset)):
         yield chunk
     finally:
@@ -223,12 +231,12 @@ class Server:
     if kind == "chat":
       if calls:
         delta = {"tool_calls": [dict(c, index=i) for i, c in enumerate(P.tool_calls_json(calls))]}
-        out.append(P.sse(P.chat_chunk(rid, self.model_name, delta)))
+        out.append(P.sse(P.chat_chunk(rid, self._name(req), delta)))
       elif held and text:
-        out.append(P.sse(P.chat_chunk(rid, self.model_name, {"content": text})))
-      out.append(P.sse(P.chat_chunk(rid, self.model_name, {}, finish, use, lp)))
+        out.append(P.sse(P.chat_chunk(rid, self._name(req), {"content": text})))
+      out.append(P.sse(P.chat_chunk(rid, self._name(req), {}, finish, use, lp)))
     else:
-      out.append(P.sse(P.completion_chunk(rid, self.model_name, "", finish, use, lp)))
+      out.append(P.sse(P.completion_chunk(rid, self._name(req), "", finish, use, lp)))
     return out + [P.sse("[DONE]")]
 
 

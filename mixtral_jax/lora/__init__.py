@@ -7,10 +7,11 @@
   peft_io    our adapters <-> Hugging Face PEFT ``adapter_config.json`` + ``adapter_model.safetensors``
   run        a LoRA training run's record of its base (``WORKDIR/lora.json``) and its adapters
   export     ``mixtral-jax export RUN DST --merge | --peft``
+  bank       many adapters served at once, unmerged: their factors side by side, each row its own adapter
 
 Imports go one way: spec <- adapters <- factors <- peft_io <- merge <- export (run beside them, from
-spec). The model imports ``adapters`` only; merge and export reach the model and ``checkpoint`` inside
-functions, and nothing in the model imports them back.
+spec; bank on factors, reaching merge inside functions). The model imports ``adapters`` only; merge and
+export reach the model and ``checkpoint`` inside functions, and nothing in the model imports them back.
 """
 
 from mixtral_jax.lora.adapters import LoRAParam, init_values

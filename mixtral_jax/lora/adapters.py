@@ -99,6 +99,7 @@ class Adapters(nnx.Module):
     self.targets = tuple(targets)
     self.scale = lora.scale
     self.dropout = float(lora.dropout)
+    self.slot_rank = lora.slot_rank  # a bank of adapters along the rank axis (serving), else None
     for t in self.targets:
       (a_shape, b_shape), (a_axes, b_axes) = shapes(cfg, t, lora.rank), LAYOUT[t]
       setattr(self, f"{t}_A", LoRAParam(jnp.zeros(a_shape, jnp.float32), **{LOGICAL_AXES: tuple(n for _, n in a_axes)}))
@@ -128,20 +129,45 @@ def _dropout(adapters: Adapters, target: str, x, key):
   return jnp.where(mask, x / jnp.asarray(keep, x.dtype), 0).astype(x.dtype)
 
 
-def add(adapters: Adapters | None, target: str, x, y, key=None):
+def slot_columns(u, adapter_B, slot_rank: int):
+  """``u`` [..., S*r] (the inputs' product with a bank's A, S adapters of r columns each) with every
+  column zeroed but those of the row's own adapter: column c belongs to slot ``c // r + 1``, and slot 0
+  (the base) owns none. ``adapter_B`` [B]: each batch row's slot; u's leading dims are [B, ...] or the
+  flattened [B*T] (the router, the expert pairs), row-major, so row n of a flattened u is batch row
+  ``n // (len(u) // B)``. Zeroed by ``where``, so the other adapters add exact zeros."""
+  lead, B = u.shape[:-1], adapter_B.shape[0]
+  if lead[0] == B:
+    s = jnp.broadcast_to(adapter_B.reshape((B,) + (1,) * (len(lead) - 1)), lead)
+  else:
+    s = jnp.repeat(adapter_B, lead[0] // B, total_repeat_length=lead[0]).reshape(lead)
+  owner = jnp.arange(u.shape[-1]) // slot_rank + 1
+  return jnp.where(owner == s[..., None], u, jnp.zeros((), u.dtype))
+
+
+def add(adapters: Adapters | None, target: str, x, y, key=None, adapter_B=None):
   """``y + (drop(x) A) B * scale`` (x's trailing dims are A's leading ones; y's shape is x's batch dims +
-  B's trailing ones), in x's dtype; ``y`` itself when ``target`` is not adapted. ``key``: dropout key."""
+  B's trailing ones), in x's dtype; ``y`` itself when ``target`` is not adapted. ``key``: dropout key.
+  ``adapter_B`` [B]: with a bank of adapters (``slot_rank``), each batch row's adapter (0: the base); a bank
+  without ``adapter_B`` computes the base."""
   if adapters is None or target not in adapters.targets:
+    return y
+  if adapters.slot_rank is not None and adapter_B is None:
     return y
   A, B = adapters.factors(target)
   xa = jnp.tensordot(_dropout(adapters, target, x, key), A.astype(x.dtype), axes=A.ndim - 1)  # [..., r]
+  if adapters.slot_rank is not None:
+    xa = slot_columns(xa, adapter_B, adapters.slot_rank)
   delta = jnp.tensordot(xa, B.astype(x.dtype), axes=1) * jnp.asarray(adapters.scale, x.dtype)
   return y + delta.astype(y.dtype)
 
 
-def expert_adapters(adapters: Adapters | None, key=None) -> ExpertLoRA | None:
-  """The expert targets' factors for the MoE dispatch (B scaled by alpha/r in float32), or None."""
+def expert_adapters(adapters: Adapters | None, key=None, pair_adapter=None) -> ExpertLoRA | None:
+  """The expert targets' factors for the MoE dispatch (B scaled by alpha/r in float32), or None.
+  ``pair_adapter`` [N*k]: with a bank (``slot_rank``), the adapter slot of each routed (token, expert choice) pair;
+  a bank without them computes the base (None)."""
   if adapters is None or not any(is_expert(t) for t in adapters.targets):
+    return None
+  if adapters.slot_rank is not None and pair_adapter is None:
     return None
   pairs = {}
   for t in ("w1", "w3", "w2"):
@@ -149,17 +175,21 @@ def expert_adapters(adapters: Adapters | None, key=None) -> ExpertLoRA | None:
       A, B = adapters.factors(t)
       pairs[t] = (A, B * adapters.scale)
   dropping = key is not None and adapters.dropout > 0
-  return ExpertLoRA(**pairs, key=key if dropping else None, rate=adapters.dropout if dropping else 0.0)
+  banked = adapters.slot_rank is not None
+  return ExpertLoRA(**pairs, key=key if dropping else None, rate=adapters.dropout if dropping else 0.0,
+                    pair_adapter=pair_adapter if banked else None, slot_rank=adapters.slot_rank if banked else None)
 
 
-def head_operands(adapters: Adapters | None, h_BTD, w_DV, key=None):
+def head_operands(adapters: Adapters | None, h_BTD, w_DV, key=None, adapter_B=None):
   """(h, W) for ``logits = h @ W`` with the LM head's adapter folded in: ``[h, drop(h) A] @ [W; B scale]``
   equals ``h W + (drop(h) A) B scale``; (h_BTD, w_DV) themselves without an lm_head adapter. The concatenated
   operands are in h's and W's dtypes (A, B cast)."""
-  if adapters is None or "lm_head" not in adapters.targets:
+  if adapters is None or "lm_head" not in adapters.targets or (adapters.slot_rank is not None and adapter_B is None):
     return h_BTD, w_DV
   A, B = adapters.factors("lm_head")
   u_BTr = jnp.tensordot(_dropout(adapters, "lm_head", h_BTD, key), A.astype(h_BTD.dtype), axes=1)
+  if adapters.slot_rank is not None:
+    u_BTr = slot_columns(u_BTr, adapter_B, adapters.slot_rank)
   return (jnp.concatenate([h_BTD, u_BTr.astype(h_BTD.dtype)], axis=-1),
           jnp.concatenate([w_DV, (B * adapters.scale).astype(w_DV.dtype)], axis=0))
 

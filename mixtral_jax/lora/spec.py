@@ -34,6 +34,9 @@ class LoraSection:
   # the frozen base's stored form: None (the compute dtype), "int8" or "nf4" (QLoRA: attention and every
   # expert's w1/w2/w3 in 4-bit NormalFloat, dequantized per layer inside the scan; no base gradient)
   base_quantize: str | None = None
+  # serving only (``mixtral_jax.lora.bank``): the rank axis holds a bank of adapters side by side, each
+  # ``slot_rank`` columns wide, and every batch row uses only its own adapter's columns
+  slot_rank: int | None = None
 
   @property
   def enabled(self) -> bool:

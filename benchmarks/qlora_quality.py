@@ -30,8 +30,10 @@ import time
 MODES = ("none", "nf4", "int8")
 
 
-def stdlib_chats(path: str, limit: int, max_chars: int = 600) -> int:
-  """Writes up to ``limit`` conversations (module docstring, step 2) to ``path``; returns how many."""
+def stdlib_chats(path: str, limit: int, seq_len: int, max_chars: int = 600) -> int:
+  """Writes up to ``limit`` conversations (module docstring, step 2) that fit a row of ``seq_len`` + 1
+  tokens to ``path``; returns how many."""
+  from mixtral_jax.train.data.chat import assistant_spans  # noqa: PLC0415 - mistral-common, slow to import
   root = sysconfig.get_paths()["stdlib"]
   n = 0
   with open(path, "w") as out:
@@ -52,6 +54,8 @@ def stdlib_chats(path: str, limit: int, max_chars: int = 600) -> int:
         args = ", ".join(a.arg for a in node.args.args)
         messages = [{"role": "user", "content": f"Write the Python function {node.name}({args}) of module {name[:-3]}."},
                     {"role": "assistant", "content": code}]
+        if len(assistant_spans(messages, "v1")[0]) > seq_len + 1:
+          continue
         out.write(json.dumps({"messages": messages}) + "\n")
         n += 1
   return n
@@ -95,7 +99,7 @@ def main(argv=None) -> None:
                              "--set", f"train.eval_every={a.pretrain_steps}", "--set", "model.overrides.head_dim=64",
                              *quiet], os.path.join(a.out, "pretrain.log"))
   chats = os.path.join(a.out, "chats.jsonl")
-  print(f"{stdlib_chats(chats, a.chats)} conversations in {chats}", flush=True)
+  print(f"{stdlib_chats(chats, a.chats, 256)} conversations in {chats}", flush=True)
   curves = {}
   for mode in MODES:
     workdir = os.path.join(a.out, f"sft-{mode}")

@@ -8,7 +8,7 @@ nf4 within 2% of bf16, int8 within 1%).
    already holds a run).
 2. SFT data the base can learn from: chat conversations made from the standard library's own functions
    (user: "Write the Python function NAME(ARGS) of module M."; assistant: its source, cut to fit a row),
-   written to ``OUT/chats.jsonl``; held out per conversation by the run config's ``heldout_fraction``.
+   written to ``OUT/chats/<module>.jsonl``; held out by file (``data.heldout_fraction`` 0.1).
 3. Three runs of the shipped ``lora-sft`` recipe (rank 16 on q, k, v, o, w1, w2, w3; bf16 compute, remat
    full), shortened (``--sft-steps``, 8 x 256 rows, lr ``--lr``), from the same base and seed, with
    ``lora.base_quantize`` none (the bf16 base), nf4 and int8. Each logs the held-out loss every
@@ -30,21 +30,23 @@ import time
 MODES = ("none", "nf4", "int8")
 
 
-def stdlib_chats(path: str, limit: int, seq_len: int, max_chars: int = 600) -> int:
+def stdlib_chats(directory: str, limit: int, seq_len: int, max_chars: int = 600) -> int:
   """Writes up to ``limit`` conversations (module docstring, step 2) that fit a row of ``seq_len`` + 1
-  tokens to ``path``; returns how many."""
+  tokens, one JSONL file per module under ``directory`` (chat data is held out by file); returns how
+  many."""
   from mixtral_jax.train.data.chat import assistant_spans  # noqa: PLC0415 - mistral-common, slow to import
   root = sysconfig.get_paths()["stdlib"]
   n = 0
-  with open(path, "w") as out:
-    for name in sorted(os.listdir(root)):
-      if not name.endswith(".py") or n >= limit:
-        continue
-      try:
-        source = open(os.path.join(root, name), encoding="utf-8").read()
-        tree = ast.parse(source)
-      except (SyntaxError, UnicodeDecodeError, OSError):
-        continue
+  os.makedirs(directory, exist_ok=True)
+  for name in sorted(os.listdir(root)):
+    if not name.endswith(".py") or n >= limit:
+      continue
+    try:
+      source = open(os.path.join(root, name), encoding="utf-8").read()
+      tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, OSError):
+      continue
+    with open(os.path.join(directory, name[:-3] + ".jsonl"), "w") as out:
       for node in tree.body:
         if not isinstance(node, ast.FunctionDef) or n >= limit:
           continue
@@ -98,7 +100,7 @@ def main(argv=None) -> None:
     times["pretrain"] = run(["train", "--config", "tiny-pretrain", "--workdir", base, "--steps", str(a.pretrain_steps),
                              "--set", f"train.eval_every={a.pretrain_steps}", "--set", "model.overrides.head_dim=64",
                              *quiet], os.path.join(a.out, "pretrain.log"))
-  chats = os.path.join(a.out, "chats.jsonl")
+  chats = os.path.join(a.out, "chats")
   print(f"{stdlib_chats(chats, a.chats, 256)} conversations in {chats}", flush=True)
   curves = {}
   for mode in MODES:

@@ -115,7 +115,7 @@ class PairRows:
   rejected rows, each field ``[2, T]`` (the iterator flattens it to ``2T``; the DPO step un-flattens
   with :func:`unflatten_pairs`). Pairs held in memory, already encoded; ``__getitem__`` only pads.
   Training streams pairs from shards instead (``preference_shards.PreferenceRows``, the same rows); this
-  in-memory form serves small loops (``benchmarks/dpo_sum.py``) and is the tests' reference."""
+  in-memory form is the tests' reference."""
 
   def __init__(self, pairs: list[Pair], seq_len: int):
     self.pairs, self.seq_len = list(pairs), seq_len

@@ -31,11 +31,12 @@ from flax import nnx
 from mixtral_jax import param_paths, routing
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.expert_adapters import ExpertLoRA, project
+from mixtral_jax.expert_dequant import dense_expert_ffn_dequant, is_stored_quantized, num_experts
 from mixtral_jax.experts import dense_expert_ffn, grouped_expert_ffn, resolve_impl
 from mixtral_jax.layers import registry_param
 from mixtral_jax.lora import adapters as lora
 from mixtral_jax.projection import Projection
-from mixtral_jax.quant import as_compute, operand
+from mixtral_jax.quant import as_compute, stored_weight
 
 
 def _needs_rows(lora: ExpertLoRA | None) -> bool:
@@ -152,8 +153,10 @@ def dispatch_capacity(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, capac
   """Capacity-bucketed (dropping) dispatch on one device. Returns (y_ND, dropped fraction).
 
   ``impl="blocked"`` (the CPU default) runs each bucket only over its filled rows, so work follows the
-  routed load (at most N*k rows) instead of the E*C bucket slots; otherwise one batched einsum."""
-  E, C = w1_EDF.shape[0], capacity
+  routed load (at most N*k rows) instead of the E*C bucket slots; otherwise one batched einsum, or, for
+  weights in ``quant.stored`` form (a quantized frozen base), one expert at a time dequantized inside a
+  checkpoint (``mixtral_jax.expert_dequant``)."""
+  E, C = num_experts(w1_EDF), capacity
   x_ECD, kept_Nk, rank_Nk, counts_E = bucket(x_ND, ids_Nk, capacity, E)
   rows_EC = None
   if _needs_rows(lora):  # each bucket row's pair id (-1: empty)
@@ -167,6 +170,8 @@ def dispatch_capacity(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, capac
                               w2_EFD, impl="blocked", block=block, lora=lora,
                               rows_M=None if rows_EC is None else rows_EC.reshape(-1))
     y_ECD = y_MD.reshape(x_ECD.shape)
+  elif is_stored_quantized(w1_EDF):
+    y_ECD = dense_expert_ffn_dequant(x_ECD, w1_EDF, w3_EDF, w2_EFD, lora, rows_EC)
   else:
     y_ECD = dense_expert_ffn(x_ECD, w1_EDF, w3_EDF, w2_EFD, lora, rows_EC)
   y_ND = combine(unbucket(y_ECD, ids_Nk, rank_Nk, kept_Nk), weights_Nk)
@@ -204,7 +209,13 @@ class MoE(nnx.Module):
     x_ND = x_BTD.reshape(B * T, D).astype(dt)
     logits_NE = self.router(x_ND, lora_key, adapter_B=adapter_B).astype(jnp.float32)  # x W (+ LoRA)
     weights_Nk, ids_Nk = routing.top_k_route(logits_NE, cfg.num_experts_per_tok)
-    w1, w3, w2 = (operand(self, param_paths.attr(id_), dt) for id_ in param_paths.EXPERT_IDS)
+    ws = tuple(stored_weight(self, param_paths.attr(id_)) for id_ in param_paths.EXPERT_IDS)
+    # A quantized base on the single-device bucketed batched path stays stored, to be dequantized expert
+    # by expert inside the expert computation (mixtral_jax.expert_dequant); elsewhere the layer's experts
+    # are dequantized here, whole.
+    per_expert = (any(map(is_stored_quantized, ws)) and cfg.capacity_factor is not None
+                  and _expert_mesh_size() == 1 and resolve_impl(cfg.moe_impl) != "blocked")
+    w1, w3, w2 = ws if per_expert else (as_compute(w, dt) for w in ws)
     # LoRA: per-expert adapters (or None), applied by whichever dispatch runs, inside its expert computation.
     k = cfg.num_experts_per_tok
     pair_adapter = None if adapter_B is None else jnp.repeat(adapter_B, T * k, total_repeat_length=B * T * k)

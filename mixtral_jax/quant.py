@@ -81,6 +81,14 @@ def operand(module, name: str, dtype) -> jax.Array:
   return form.operand(getattr(module, name)[...], extras, dtype)
 
 
+def stored_weight(module, name: str):
+  """Weight ``name`` of ``module`` as :func:`as_compute` takes it, not yet dequantized: the array itself
+  when float, else (values, {suffix: sibling array}) of its quantized form."""
+  form = form_of(module, name)
+  values = getattr(module, name)[...]
+  return values if form is FLOAT else (values, {s: getattr(module, name + s)[...] for s in form.suffixes})
+
+
 def dequantize(q, scale, dtype) -> jax.Array:
   return (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype)
 

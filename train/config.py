@@ -42,7 +42,7 @@ class DataSection:
   field: str = "text"  # JSONL field / Parquet column holding the text (text format)
   workers: int = 1  # tokenizer processes for first-use tokenization of data.paths
   extensions: tuple = (".py",)  # file suffixes read from directories (text format)
-  heldout_fraction: float = 0.02  # fraction of files (text) or examples (chat) held out for evaluation
+  heldout_fraction: float = 0.02  # fraction of files (text) or examples (chat, preference pairs) held out
   tokenizer: str = "v1"  # "v1", "v3" or a path to a tokenizer.model
   chat_version: str = "v1"  # instruct template for chat data: v1 (8x7B-Instruct) or v3 (8x22B-Instruct)
   batch_size: int = 8  # global sequences per optimizer step (all microbatches, all processes)

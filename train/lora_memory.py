@@ -10,7 +10,8 @@ Terms, in bytes (compute dtype c = 2 bytes for bf16; B sequences of T tokens; re
               value, gradient, and AdamW's two moments.
   saved       the residual stream kept at each layer boundary for the backward pass: L x B x T x D x c.
   layer       the largest one-layer working set while a layer is recomputed and differentiated:
-              its quantized sites dequantized to c (once for the forward, once for the backward), the
+              its quantized sites dequantized to c (once for the forward, once for the backward): attention
+              whole, the experts one at a time (``mixtral_jax.expert_dequant``, the bucketed path); the
               MoE rows (B T k tokens x (2F + D) x c, x 3 for silu(h1) * h3 and their cotangents), the
               attention projections (B T (N + 2K) H c, x 4: q, k, v, the output and their cotangents;
               flash attention, no [T, S] logits), and a CE chunk of logits.
@@ -49,6 +50,9 @@ class LoraMemory:
     return "\n".join(f"  {name:<26} {b / GIB:8.2f} GiB" for name, b in rows)
 
 
+EXPERT_SITES = ("w1", "w3", "w2")
+
+
 def site_shapes(cfg: MixtralConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
   """Per layer: site -> (our shape, contracted axes counted from the end)."""
   D, N, K, H, F, E = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size,
@@ -81,14 +85,15 @@ def estimate(cfg: MixtralConfig, lora: LoraSection, batch: int, seq_len: int, ba
   N, K, H, F, k = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, cfg.intermediate_size,
                    cfg.num_experts_per_tok)
   sites = site_shapes(cfg)
-  site_weights = sum(_count(s) for s, _ in sites.values())
   per_layer = sum(stored_bytes(s, a, base_quantize, c) for s, a in sites.values())
   other = (2 * V * D + L * (D * cfg.num_local_experts + 2 * D) + D) * c
   base = L * per_layer + other
   adapters = 16 * adapter_params(cfg, lora)
   tokens = batch * seq_len
   saved = L * tokens * D * c
-  dequantized = 0 if base_quantize == "none" else 2 * site_weights * c
+  # attention dequantized whole, the experts one at a time (mixtral_jax.expert_dequant); x 2: forward, backward
+  one_expert = {n: _count(sh) // (cfg.num_local_experts if n in EXPERT_SITES else 1) for n, (sh, _) in sites.items()}
+  dequantized = 0 if base_quantize == "none" else 2 * sum(one_expert.values()) * c
   moe = 3 * tokens * k * (2 * F + D) * c
   attn = 4 * tokens * (N + 2 * K) * H * c
   logits = batch * min(ce_chunk, seq_len) * V * 4

@@ -6,6 +6,7 @@ per-process global batches, mixed from several sources by weight.
   shards.py    the shard format: atomic writes, checksums, the manifest, reads by offset
   tokenize.py  ``mixtral-jax tokenize``: plan, parallel workers, resumable, manifest
   rows.py      rows of T (+1) tokens from shards: packed text windows, packed conversations
+  preference.py, preference_shards.py   DPO pairs: encoding, pair rows, pair shards (tokenize --preference)
   pipeline.py  the Grain pipeline: shuffle, mix, batch, per-process columns, prefetch, state
   build.py     from the run config to the iterators (tokenizing ``data.paths`` on first use)
   commands.py  the ``tokenize`` subcommand

@@ -6,6 +6,10 @@ globs, ``stdlib``) is tokenized on first use into ``WORKDIR/data/<kind>-<key>/``
 inputs and the tokenizer, so a rerun finds it and a changed input makes a new one). Either way training
 reads shards through the same Grain pipeline.
 
+Preference pairs (DPO, ``data.format: preference``) go the same way: ``mixtral-jax tokenize --preference``
+shards (``preference_shards``), or JSONL tokenized on first use into ``WORKDIR/data/preference-<key>/``;
+each row is one pair, held out pair by pair.
+
 Checks, all before anything compiles: every manifest's tokenizer is the run's; every shard's checksum
 (each process verifies its share of the shards, shard k by process k mod P, so a pod reads the corpus
 once); weights are positive; there is at least one global batch of rows.
@@ -83,7 +87,7 @@ def resolve_sources(cfg, tokenizer, data_dir: str | None, progress: bool = False
                      "under data.sources, or tokenize the files first")
   spec = TokenizeSpec(tokenizer=tokenizer.path, kind=d.format, field=d.field, chat_version=d.chat_version,
                       heldout_fraction=d.heldout_fraction)
-  exts = (".jsonl", ".json") if d.format == "chat" else d.extensions
+  exts = (".jsonl", ".json") if d.format in ("chat", "preference") else d.extensions
   pairs = find_files(d.paths, exts)[:d.max_files or None]
   key = plan_key(plan(pairs, spec, shards_lib.tokenizer_fingerprint(tokenizer.path)))
   if data_dir is None:
@@ -96,8 +100,6 @@ def resolve_sources(cfg, tokenizer, data_dir: str | None, progress: bool = False
 def build(cfg, tokenizer, data_dir: str | None, *, local: slice = slice(None), progress: bool = False) -> Data:
   """The training iterator and the held-out batches of ``cfg`` (module docstring)."""
   d = cfg.data
-  if d.format == "preference":
-    return _build_preference(cfg, local)
   fingerprint = shards_lib.tokenizer_fingerprint(tokenizer.path)
   sources = resolve_sources(cfg, tokenizer, data_dir, progress)
   me, count = jax.process_index(), jax.process_count()
@@ -105,6 +107,7 @@ def build(cfg, tokenizer, data_dir: str | None, *, local: slice = slice(None), p
   for src in sources:
     manifest = shards_lib.load_manifest(src.directory)
     shards_lib.check_tokenizer(manifest, src.directory, fingerprint, tokenizer.path)
+    _check_kind(manifest, src, d.format)
     if manifest["splits"]["train"]["tokens"] == 0:
       raise ValueError(f"data source {src.name!r} ({src.directory}) holds no tokens (empty source)")
     for split, into in (("train", train_rows), ("heldout", held_rows)):
@@ -123,27 +126,14 @@ def build(cfg, tokenizer, data_dir: str | None, *, local: slice = slice(None), p
   return Data(train, heldout, sum(map(len, train_rows)), sources)
 
 
-def _build_preference(cfg, local: slice) -> Data:
-  """Preference pairs (DPO) from the JSONL files of ``data.paths``, encoded up front by the chat template
-  (``preference.PairRows``); a pair is held out when a CRC of its file and line offset says so (stable
-  under reordering), at ``data.heldout_fraction``."""
-  import zlib  # noqa: PLC0415
-
-  from .preference import PairRows, preference_pairs  # noqa: PLC0415
-  d = cfg.data
-  train, held = [], []
-  for _, path in find_files(d.paths, (".jsonl", ".json")):
-    for offset, pair in preference_pairs(path, d.chat_version):
-      key = zlib.crc32(f"{os.path.basename(path)}:{offset}".encode()) % 10_000
-      (held if key < d.heldout_fraction * 10_000 else train).append(pair)
-  rows = PairRows(train, d.seq_len)
-  it = BatchIterator(rows, d.batch_size, cfg.optimizer.grad_accum, cfg.train.seed, names=["preference"], local=local)
-  heldout = []
-  if len(held) >= d.batch_size and cfg.train.eval_every:
-    held_it = BatchIterator(PairRows(held, d.seq_len), d.batch_size, cfg.optimizer.grad_accum, 0, shuffle=False,
-                            local=local, threads=0, prefetch=0)
-    heldout = [next(held_it) for _ in range(min(cfg.train.eval_batches, held_it.batches_per_epoch))]
-  return Data(it, heldout, len(rows), [Source("preference", ",".join(map(str, d.paths)), 1.0)])
+def _check_kind(manifest: dict, src: Source, data_format: str) -> None:
+  """Preference shards feed only DPO (data.format=preference), and DPO reads only preference shards."""
+  kind = manifest.get("kind", "text")
+  if (kind == "preference") != (data_format == "preference"):
+    fix = ("make them with mixtral-jax tokenize --preference" if data_format == "preference" else
+           "set data.format=preference (DPO), or point data.paths at text/chat shards")
+    raise ValueError(f"data source {src.name!r} ({src.directory}) holds {kind} shards but data.format={data_format}; "
+                     f"{fix}")
 
 
 class _Concat:

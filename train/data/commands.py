@@ -2,6 +2,7 @@
 
   mixtral-jax tokenize ~/corpus/**/*.txt --out shards/corpus --workers 16
   mixtral-jax tokenize chats.jsonl --chat --out shards/chats
+  mixtral-jax tokenize prefs.jsonl --preference --out shards/prefs     # DPO pairs
 
 Rerunning the same command finishes an interrupted run (complete shards are kept).
 """
@@ -25,8 +26,11 @@ def tokenize_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("--field", default="text", help="JSONL field / Parquet column holding the text (default: text)")
   p.add_argument("--chat", action="store_true",
                  help='chat data for SFT: JSONL lines {"messages": [...]}, loss on assistant turns')
+  p.add_argument("--preference", action="store_true",
+                 help='preference pairs for DPO: JSONL lines {"prompt" | "messages", "chosen", "rejected"}; held out '
+                      "pair by pair")
   p.add_argument("--chat-version", default="v1", choices=("v1", "v3"),
-                 help="mistral-common instruct template for --chat (default: v1)")
+                 help="mistral-common instruct template for --chat and --preference (default: v1)")
   p.add_argument("--ext", default=".txt,.md,.jsonl,.json,.parquet",
                  help="file suffixes read from directories, comma-separated (default: %(default)s)")
   p.add_argument("--heldout-fraction", type=float, default=0.02,
@@ -46,14 +50,17 @@ def tokenize_main(args) -> int:
     raise ValueError(f"--heldout-fraction {args.heldout_fraction} must be in [0, 1)")
   if args.shard_mb <= 0:
     raise ValueError(f"--shard-mb {args.shard_mb} must be > 0")
+  if args.chat and args.preference:
+    raise ValueError("--chat and --preference both given; choose one (chat: SFT conversations, preference: DPO pairs)")
   tok = Tokenizer.load(args.tokenizer)
-  spec = TokenizeSpec(tokenizer=tok.path, kind="chat" if args.chat else "text", field=args.field,
+  kind = "chat" if args.chat else "preference" if args.preference else "text"
+  spec = TokenizeSpec(tokenizer=tok.path, kind=kind, field=args.field,
                       chat_version=args.chat_version, heldout_fraction=args.heldout_fraction,
                       shard_mb=args.shard_mb)
   exts = tuple(e if e.startswith(".") else f".{e}" for e in args.ext.split(",") if e)
   m = tokenize(args.sources, args.out, spec, workers=args.workers, extensions=exts, progress=not args.no_progress)
   tr, held = m["splits"]["train"], m["splits"]["heldout"]
-  print(f"{args.out}: train {tr['tokens']:,} tokens in {tr['documents']:,} documents ({len(tr['shards'])} shard(s)), "
-        f"held-out {held['tokens']:,} tokens in {held['documents']:,} documents; {m['dtype']}, tokenizer "
+  print(f"{args.out}: train {tr['tokens']:,} tokens in {tr['documents']:,} {'pairs' if kind == 'preference' else 'documents'} ({len(tr['shards'])} shard(s)), "
+        f"held-out {held['tokens']:,} tokens in {held['documents']:,} {'pairs' if kind == 'preference' else 'documents'}; {m['dtype']}, tokenizer "
         f"{m['tokenizer']['fingerprint']}")
   return 0

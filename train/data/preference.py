@@ -113,8 +113,9 @@ def pair_batch(pairs: list[Pair], seq_len: int) -> dict[str, np.ndarray]:
 class PairRows:
   """Preference pairs as rows for ``train.data.pipeline.BatchIterator``: row i is pair i's chosen and
   rejected rows, each field ``[2, T]`` (the iterator flattens it to ``2T``; the DPO step un-flattens
-  with :func:`unflatten_pairs`). Pairs are encoded up front (a preference file is small next to a
-  pretraining corpus); ``__getitem__`` only pads."""
+  with :func:`unflatten_pairs`). Pairs held in memory, already encoded; ``__getitem__`` only pads.
+  Training streams pairs from shards instead (``preference_shards.PreferenceRows``, the same rows); this
+  in-memory form is the tests' reference."""
 
   def __init__(self, pairs: list[Pair], seq_len: int):
     self.pairs, self.seq_len = list(pairs), seq_len

@@ -9,6 +9,8 @@ Chat: conversations are packed whole into rows, first fit in shard order among t
 opened rows (bounded work per conversation); padding has segment id 0 and weight 0. Only the packing
 (three small integers per conversation) is kept in memory; tokens are read when a row is asked for.
 
+Preference pairs (DPO): ``preference_shards.PreferenceRows``, one pair per row.
+
 Every row is a dict of ``inputs``, ``targets``, ``segment_ids``, ``positions`` (int32 [T]) and
 ``weights`` (float32 [T]).
 """
@@ -22,6 +24,7 @@ import numpy as np
 
 from . import files as files_lib
 from . import shards as shards_lib
+from .preference_shards import PreferenceRows
 
 OPEN_BINS = 64
 
@@ -171,4 +174,6 @@ class PackedChatRows:
 
 
 def make_rows(shard_set: ShardSet, seq_len: int):
+  if shard_set.kind == "preference":
+    return PreferenceRows(shard_set, seq_len)
   return PackedChatRows(shard_set, seq_len) if shard_set.kind == "chat" else TextRows(shard_set, seq_len)

@@ -38,7 +38,7 @@ TEXT_EXTENSIONS = (".txt", ".md", ".jsonl", ".json", ".parquet")
 @dataclasses.dataclass(frozen=True)
 class TokenizeSpec:
   tokenizer: str  # a path to the tokenizer.model (resolved)
-  kind: str = "text"  # text | chat
+  kind: str = "text"  # text | chat | preference (DPO pairs: ``preference_shards``)
   field: str = "text"  # JSONL field / Parquet column holding the text (text kind)
   chat_version: str = "v1"  # mistral-common instruct template (chat kind)
   heldout_fraction: float = 0.02
@@ -56,11 +56,15 @@ class PlannedShard:
 
 def plan(file_pairs, spec: TokenizeSpec, fingerprint: str) -> list[PlannedShard]:
   """The shards for these (root, path) files, deterministic in the inputs (module docstring, step 2)."""
-  train, held = files_lib.split_files(file_pairs, spec.heldout_fraction)
+  # preference pairs are held out one by one (preference_shards), so every file goes to the train plan
+  by_file = 0.0 if spec.kind == "preference" else spec.heldout_fraction
+  train, held = files_lib.split_files(file_pairs, by_file)
   if not train:
     raise ValueError(f"all {len(file_pairs)} input files fell in the held-out split; add files or lower the "
                      "held-out fraction")
   what = f"{fingerprint}|{spec.kind}|{spec.field if spec.kind == 'text' else spec.chat_version}"
+  if spec.kind == "preference":  # the per-pair held-out flags are part of the shards
+    what += f"|{spec.heldout_fraction}"
   target = max(int(spec.shard_mb * 2**20), 1)
   planned = []
   for split, group in (("train", train), ("heldout", held)):
@@ -115,6 +119,12 @@ def tokenize_shard(task, on_piece=None) -> dict:
   ``on_piece(input_bytes, tokens)`` is called after each file piece (the in-process progress bar)."""
   out, shard, spec = task
   tok = _tokenizer(spec.tokenizer)
+  if spec.kind == "preference":
+    from .preference_shards import tokenize_preference_shard  # noqa: PLC0415 - mistral-common only for pairs
+    record = tokenize_preference_shard(out, shard, spec, tok.vocab_size)
+    if on_piece is not None:
+      on_piece(shard.bytes, record["tokens"])
+    return record
   dtype = shards_lib.token_dtype(tok.vocab_size)
   pieces, masks, where, sources = [], [], [], []
   for path, start, stop in shard.files:
@@ -157,7 +167,7 @@ def tokenize(sources, out: str, spec: TokenizeSpec, *, workers: int = 1, extensi
   """Tokenizes ``sources`` (files, directories, globs, "stdlib") into shards in ``out``; returns the
   manifest. Resumable (module docstring). ``pairs``: the (root, file) list already found, if it was."""
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-  exts = (".jsonl", ".json") if spec.kind == "chat" else extensions
+  exts = (".jsonl", ".json") if spec.kind in ("chat", "preference") else extensions
   pairs = pairs if pairs is not None else files_lib.find_files(sources, exts)
   fingerprint = shards_lib.tokenizer_fingerprint(spec.tokenizer)
   planned = plan(pairs, spec, fingerprint)
@@ -207,7 +217,7 @@ def tokenize(sources, out: str, spec: TokenizeSpec, *, workers: int = 1, extensi
   manifest = _manifest(planned, records, spec, fingerprint, key, sources)
   if manifest["splits"]["train"]["tokens"] == 0:
     raise ValueError(f"the {len(pairs)} input files under {list(map(str, sources))} hold no "
-                     f"{'conversations' if spec.kind == 'chat' else 'text'} (empty source); check the paths")
+                     f"{ {'chat': 'conversations', 'preference': 'training pairs'}.get(spec.kind, 'text')} (empty source); check the paths")
   shards_lib.write_json_atomic(manifest_path, manifest)
   return manifest
 
@@ -242,7 +252,10 @@ def _start_method() -> str:
 def _manifest(planned, records, spec, fingerprint, key, sources) -> dict:
   tok = _tokenizer(spec.tokenizer)
   splits = {}
-  for split in ("train", "heldout"):
+  if spec.kind == "preference":
+    from .preference_shards import preference_splits  # noqa: PLC0415
+    splits = preference_splits([records[s.name] for s in planned])
+  for split in () if splits else ("train", "heldout"):
     recs = [records[s.name] for s in planned if s.split == split]
     splits[split] = {"tokens": sum(r["tokens"] for r in recs), "documents": sum(r["documents"] for r in recs),
                      "shards": [{k: r[k] for k in ("name", "tokens", "documents", "files")} for r in recs]}

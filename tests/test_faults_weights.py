@@ -60,6 +60,25 @@ def test_count_nonfinite_matches_numpy(dtype):
   assert integrity.count_nonfinite(x) == int((~np.isfinite(x.astype(np.float64))).sum()) == 37
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_device_check_flags_each_kind_alone_and_counts_exactly(dtype, bad):
+  """One kind of bad value at a time (a NaN alone must not hide behind max's ordering), in one of three
+  layer slices; the count comes from the host re-read and equals NumPy's."""
+  import jax  # noqa: PLC0415
+  rng = np.random.default_rng(1)
+  layers = [rng.standard_normal((16, 24)).astype(dtype) for _ in range(3)]
+  layers[1].reshape(-1)[rng.choice(16 * 24, 5, replace=False)] = bad
+  check = integrity.DeviceFiniteCheck("CKPT")
+  for i, layer in enumerate(layers):
+    check.add("blocks.w", jax.device_put(layer), lambda i=i: layers[i])
+  check.add("head", jax.device_put(np.ones((4, 4), dtype)), lambda: pytest.fail("a finite slice is not re-read"))
+  want = int((~np.isfinite(np.stack(layers).astype(np.float64))).sum())
+  with pytest.raises(integrity.NonFiniteError, match=rf"CKPT: tensor blocks\.w holds {want} NaN/Inf value\(s\) out of "
+                                                     rf"{3 * 16 * 24}"):
+    check.finish()
+
+
 def test_convert_refuses_nonfinite_naming_tensor_and_count(bad_hf, tmp_path, capsys):
   rc = cli(["convert", str(bad_hf), str(tmp_path / "out")])
   err = capsys.readouterr().err

@@ -12,10 +12,10 @@ read: the full-precision model never exists, only the int8 one and one layer in 
 
 Nothing non-finite or damaged gets in. Our Orbax format is read through TensorStore by
 ``integrity.VerifiedReader``, each layer checked against the checkpoint's digest file, with the next
-array's read already in flight while one is checked and placed. Every format's tensors are counted for
-NaN/Inf on their devices as they are placed (``integrity.DeviceFiniteCheck``: a fused reduction per
-layer slice, dispatched without waiting), and the load raises for the first tensor that holds any,
-naming it and the count; ``allow_nonfinite=True`` lets such weights through with a warning.
+array's read already in flight while one is checked and placed. Every format's tensors are checked for
+NaN/Inf on their devices as they are placed (``integrity.DeviceFiniteCheck``: one fused max-reduction
+per layer slice, dispatched without waiting; a slice that fails is read again on the host and counted),
+and the load raises for the first tensor that holds any, naming it and the count; ``allow_nonfinite=True`` lets such weights through with a warning.
 """
 
 from __future__ import annotations
@@ -257,37 +257,38 @@ def _merge(abstract: Mixtral, arrays: dict[Key, jax.Array]) -> Mixtral:
   return nnx.merge(graphdef, state)
 
 
-def _create(shape, dtype, sharding, read: Callable[[tuple], np.ndarray], placed: Callable[[jax.Array], Any], *,
+def _create(shape, dtype, sharding, read: Callable[[tuple], np.ndarray], placed: Callable[..., jax.Array], *,
             stacked: bool) -> jax.Array:
   """One parameter, made directly in ``sharding`` from ``read(index) -> block``. A stacked parameter is
   filled one layer at a time into a donated buffer, so the host holds one layer's slice (its shards, one
   copy per local device that holds them) at a time, never the whole parameter."""
   if not stacked:
-    return placed(jax.make_array_from_callback(shape, sharding, _once_per_block(read)))
+    return placed(jax.make_array_from_callback(shape, sharding, _once_per_block(read)), lambda: read(()))
   layer_sharding = _drop_leading_axis(sharding)
   buf = _zeros(shape, dtype, sharding)
   for layer in range(shape[0]):
     read_layer = _once_per_block(lambda idx, l=layer: read((l,) + tuple(idx)))
-    buf = _set_layer(buf, placed(jax.make_array_from_callback(shape[1:], layer_sharding, read_layer)), layer)
+    part = placed(jax.make_array_from_callback(shape[1:], layer_sharding, read_layer), lambda l=layer: read((l,)))
+    buf = _set_layer(buf, part, layer)
   return buf
 
 
 def _create_quantized(shape, dtype, keys, targets, shardings, axes, mode, read: Callable[[tuple], np.ndarray],
-                      placed: Callable[[jax.Array], Any], *, stacked: bool) -> list[jax.Array]:
+                      placed: Callable[..., jax.Array], *, stacked: bool) -> list[jax.Array]:
   """One matmul weight in the stored form ``mode`` (its values, then its sibling leaves, for ``keys``), in
   their shardings, quantized as it is read: each layer's slice is made on its devices in ``dtype`` (as
   :func:`_create` does), quantized there and written into donated buffers shaped as ``targets`` says,
   then dropped before the next slice is read."""
   sh = tuple(shardings[k] for k in keys)
   if not stacked:
-    w = placed(jax.make_array_from_callback(shape, sh[0], _once_per_block(read)))
+    w = placed(jax.make_array_from_callback(shape, sh[0], _once_per_block(read)), lambda: read(()))
     q, extras = quantize_lib.quantize_form_into(w, axes, mode, sh[0], sh[1:])
     return [q, *extras.values()]
   layer_sh = tuple(_drop_leading_axis(s) for s in sh)
   bufs = [_zeros(targets[k][0], targets[k][1], s) for k, s in zip(keys, sh)]
   for layer in range(shape[0]):
     read_layer = _once_per_block(lambda idx, l=layer: read((l,) + tuple(idx)))
-    w = placed(jax.make_array_from_callback(shape[1:], layer_sh[0], read_layer))
+    w = placed(jax.make_array_from_callback(shape[1:], layer_sh[0], read_layer), lambda l=layer: read((l,)))
     q, extras = quantize_lib.quantize_form_into(w, axes, mode, layer_sh[0], layer_sh[1:])
     del w  # the full-precision slice is gone before the next one is read
     bufs = [_set_layer(b, part, layer) for b, part in zip(bufs, (q, *extras.values()))]

@@ -34,11 +34,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
 from mixtral_jax import grouped_matmul as gmm
 from mixtral_jax.expert_adapters import ExpertLoRA, drop, project, project_buckets, project_ragged
 from mixtral_jax.sharding.mesh import current_platform
 
 f32 = jnp.float32
+
+# Names of the expert FFN's three products (``checkpoint_name``), so that a remat policy
+# (``mixtral_jax.model.REMAT_POLICIES``) can keep them for the backward instead of re-dispatching the
+# tokens and recomputing the experts, which are most of a Mixtral layer's FLOPs. The gate and up
+# products are what the backward of silu(a1) * a3 needs; the down product is what the router's
+# gradient (through the combine weights) needs. The blocked kernel keeps its own residuals (custom VJP).
+EXPERT_GATE, EXPERT_UP, EXPERT_OUT = "expert_gate", "expert_up", "expert_out"
 
 
 GROUPED_GEMM = {"ragged": "lax", "triton": "triton", "mosaic_gpu": "mosaic_gpu"}  # moe_impl -> grouped matmul
@@ -77,12 +86,12 @@ def dense_expert_ffn(x_ECD: jax.Array, w1_EDF, w3_EDF, w2_EFD, lora: ExpertLoRA 
                      rows_EC=None) -> jax.Array:
   """Every expert on its own fixed-size bucket: three batched matmuls (plus the adapters' thin ones)."""
   a1_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, w1_EDF)  # gate projection
-  a1_ECF = project_buckets(lora, "w1", x_ECD, a1_ECF, rows_EC)
+  a1_ECF = checkpoint_name(project_buckets(lora, "w1", x_ECD, a1_ECF, rows_EC), EXPERT_GATE)
   a3_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, w3_EDF)  # up projection
-  a3_ECF = project_buckets(lora, "w3", x_ECD, a3_ECF, rows_EC)
+  a3_ECF = checkpoint_name(project_buckets(lora, "w3", x_ECD, a3_ECF, rows_EC), EXPERT_UP)
   h_ECF = jax.nn.silu(a1_ECF) * a3_ECF
   y_ECD = jnp.einsum("ecf,efd->ecd", h_ECF, w2_EFD)  # down projection
-  return project_buckets(lora, "w2", h_ECF, y_ECD, rows_EC)
+  return checkpoint_name(project_buckets(lora, "w2", h_ECF, y_ECD, rows_EC), EXPERT_OUT)
 
 
 # ------------------------------------------------------------------------------------ ragged
@@ -97,8 +106,10 @@ def ragged_expert_ffn(x_MD, sizes_E, w1_EDF, w3_EDF, w2_EFD, lora: ExpertLoRA | 
   dot = lambda a, w, sizes: gmm.grouped_matmul(a, w, sizes, kernel)  # noqa: E731
   a1_MF = project_ragged(lora, "w1", x_MD, dot(x_MD, w1_EDF, sizes_E), sizes_E, dot, rows_M)
   a3_MF = project_ragged(lora, "w3", x_MD, dot(x_MD, w3_EDF, sizes_E), sizes_E, dot, rows_M)
+  a1_MF, a3_MF = checkpoint_name(a1_MF, EXPERT_GATE), checkpoint_name(a3_MF, EXPERT_UP)
   h_MF = jax.nn.silu(a1_MF) * a3_MF
-  y_MD = project_ragged(lora, "w2", h_MF, dot(h_MF, w2_EFD, sizes_E), sizes_E, dot, rows_M)
+  y_MD = checkpoint_name(project_ragged(lora, "w2", h_MF, dot(h_MF, w2_EFD, sizes_E), sizes_E, dot, rows_M),
+                         EXPERT_OUT)
   covered_M = jnp.arange(x_MD.shape[0]) < jnp.sum(sizes_E)
   return jnp.where(covered_M[:, None], y_MD, 0).astype(x_MD.dtype)
 

@@ -19,7 +19,11 @@ X = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 16)), j
 
 
 def _grad_fn(remat):
-  graph, params = nnx.split(mixtral_jax.Mixtral(CFG.replace(remat=remat), rngs=nnx.Rngs(3)))
+  return _grad_fn_for(CFG, remat)
+
+
+def _grad_fn_for(cfg, remat):
+  graph, params = nnx.split(mixtral_jax.Mixtral(cfg.replace(remat=remat), rngs=nnx.Rngs(3)))
 
   def loss(params):
     logits, aux = nnx.merge(graph, params)(X, return_router_logits=True)
@@ -45,6 +49,38 @@ def test_policy_equals_full(remat, full):
   # XLA:CPU then drops the placement, host and device memory being one), the others keep none there.
   jaxpr = str(jax.make_jaxpr(fn)(params))
   assert ("<host>" in jaxpr) == (remat == "offload")
+
+
+# The batched-einsum experts of the capacity path (the TPU path with a capacity factor), where the
+# expert products carry their names; CPU's default blocked kernel keeps its own residuals (custom VJP).
+DENSE = CFG.replace(moe_impl="dense", capacity_factor=2.0)
+
+
+def _saved_residuals(cfg, remat, capsys) -> list[str]:
+  """The residuals the backward keeps, as ``jax.ad_checkpoint.print_saved_residuals`` lists them."""
+  graph, params = nnx.split(mixtral_jax.Mixtral(cfg.replace(remat=remat), rngs=nnx.Rngs(3)))
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(lambda p: jnp.mean(nnx.merge(graph, p)(X) ** 2), params)
+  return capsys.readouterr().out.splitlines()
+
+
+def test_save_projections_keeps_the_expert_products(capsys):
+  """save_projections keeps each layer's expert gate and up products [E, C, F] and down product
+  [E, C, D] (stacked over the L layers by the scan) where ``dots`` (the dense projections only)
+  keeps none of them, and its values and gradients still equal full's."""
+  from mixtral_jax.routing import capacity  # noqa: PLC0415
+  L, E, D, F = DENSE.num_hidden_layers, DENSE.num_local_experts, DENSE.hidden_size, DENSE.intermediate_size
+  C = capacity(X.size, DENSE.num_experts_per_tok, E, DENSE.capacity_factor)
+  gate_up, down = f"f32[{L},{E},{C},{F}] output of scan", f"f32[{L},{E},{C},{D}] output of scan"
+  kept = _saved_residuals(DENSE, "save_projections", capsys)
+  assert sum(line.startswith(gate_up) for line in kept) == 2 and sum(line.startswith(down) for line in kept) == 1
+  dots = _saved_residuals(DENSE, "dots", capsys)
+  assert not any(line.startswith((gate_up, down)) for line in dots)
+  fns = {r: _grad_fn_for(DENSE, r) for r in ("save_projections", "full")}
+  (v, g), (v_ref, g_ref) = (jax.jit(fn)(params) for fn, params in fns.values())
+  np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-6)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g), nnx.to_flat_state(g_ref)):
+    np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-5, atol=1e-7, err_msg=str(path))
 
 
 def test_bad_policy_names_and_offload_without_host_memory():

@@ -42,12 +42,13 @@ from mixtral_jax.sharding.mesh import current_platform
 
 f32 = jnp.float32
 
-# Names of the expert FFN's three products (``checkpoint_name``), so that a remat policy
+# Names of the expert FFN's input rows and three products (``checkpoint_name``), so that a remat policy
 # (``mixtral_jax.model.REMAT_POLICIES``) can keep them for the backward instead of re-dispatching the
-# tokens and recomputing the experts, which are most of a Mixtral layer's FLOPs. The gate and up
-# products are what the backward of silu(a1) * a3 needs; the down product is what the router's
-# gradient (through the combine weights) needs. The blocked kernel keeps its own residuals (custom VJP).
-EXPERT_GATE, EXPERT_UP, EXPERT_OUT = "expert_gate", "expert_up", "expert_out"
+# tokens and recomputing the experts, which are most of a Mixtral layer's FLOPs. The input rows (as
+# the dispatch all-to-all delivered them) and the gate and up products are what the weight gradients
+# and the backward of silu(a1) * a3 need; the down product is what the router's gradient (through the
+# combine weights) needs. The blocked kernel keeps its own residuals (custom VJP).
+EXPERT_IN, EXPERT_GATE, EXPERT_UP, EXPERT_OUT = "expert_in", "expert_gate", "expert_up", "expert_out"
 
 
 GROUPED_GEMM = {"ragged": "lax", "triton": "triton", "mosaic_gpu": "mosaic_gpu"}  # moe_impl -> grouped matmul
@@ -85,6 +86,7 @@ def grouped_kernel(impl: str, platform: str | None = None) -> str:
 def dense_expert_ffn(x_ECD: jax.Array, w1_EDF, w3_EDF, w2_EFD, lora: ExpertLoRA | None = None,
                      rows_EC=None) -> jax.Array:
   """Every expert on its own fixed-size bucket: three batched matmuls (plus the adapters' thin ones)."""
+  x_ECD = checkpoint_name(x_ECD, EXPERT_IN)
   a1_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, w1_EDF)  # gate projection
   a1_ECF = checkpoint_name(project_buckets(lora, "w1", x_ECD, a1_ECF, rows_EC), EXPERT_GATE)
   a3_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, w3_EDF)  # up projection
@@ -104,6 +106,7 @@ def ragged_expert_ffn(x_MD, sizes_E, w1_EDF, w3_EDF, w2_EFD, lora: ExpertLoRA | 
   Every product, the adapters' thin ones included, is one grouped matmul by ``kernel``
   (``mixtral_jax.grouped_matmul``), so no step computes an expert on another expert's rows."""
   dot = lambda a, w, sizes: gmm.grouped_matmul(a, w, sizes, kernel)  # noqa: E731
+  x_MD = checkpoint_name(x_MD, EXPERT_IN)
   a1_MF = project_ragged(lora, "w1", x_MD, dot(x_MD, w1_EDF, sizes_E), sizes_E, dot, rows_M)
   a3_MF = project_ragged(lora, "w3", x_MD, dot(x_MD, w3_EDF, sizes_E), sizes_E, dot, rows_M)
   a1_MF, a3_MF = checkpoint_name(a1_MF, EXPERT_GATE), checkpoint_name(a3_MF, EXPERT_UP)

@@ -29,7 +29,7 @@ TRAIN = TrainConfig().override({"data.batch_size": 8, "data.seq_len": 16, "optim
                                 "optimizer.lr": 1e-2, "loss.ce_chunk": 8, "loss.z_loss_coef": 1e-3})
 MESHES = {  # name -> (spec, devices, simulated slices)
     "two_slices": ("dcn_data=2,fsdp=2,expert=2", 8, 2),
-    "one_slice_x8": ("fsdp=4,expert=2", 8, None),
+    "one_slice_x8": ("dcn_data=1,fsdp=4,expert=2", 8, None),  # one slice of 8
     "four_devices": ("fsdp=2,expert=2", 4, None),
     "one_device": (None, 1, None),
 }

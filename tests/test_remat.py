@@ -65,15 +65,15 @@ def _saved_residuals(cfg, remat, capsys) -> list[str]:
 
 
 def test_save_projections_keeps_the_expert_products(capsys):
-  """save_projections keeps each layer's expert gate and up products [E, C, F] and down product
-  [E, C, D] (stacked over the L layers by the scan) where ``dots`` (the dense projections only)
-  keeps none of them, and its values and gradients still equal full's."""
+  """save_projections keeps each layer's expert gate and up products [E, C, F] and its input rows and
+  down product [E, C, D] (stacked over the L layers by the scan) where ``dots`` (the dense
+  projections only) keeps none of them, and its values and gradients still equal full's."""
   from mixtral_jax.routing import capacity  # noqa: PLC0415
   L, E, D, F = DENSE.num_hidden_layers, DENSE.num_local_experts, DENSE.hidden_size, DENSE.intermediate_size
   C = capacity(X.size, DENSE.num_experts_per_tok, E, DENSE.capacity_factor)
   gate_up, down = f"f32[{L},{E},{C},{F}] output of scan", f"f32[{L},{E},{C},{D}] output of scan"
   kept = _saved_residuals(DENSE, "save_projections", capsys)
-  assert sum(line.startswith(gate_up) for line in kept) == 2 and sum(line.startswith(down) for line in kept) == 1
+  assert sum(line.startswith(gate_up) for line in kept) == 2 and sum(line.startswith(down) for line in kept) == 2
   dots = _saved_residuals(DENSE, "dots", capsys)
   assert not any(line.startswith((gate_up, down)) for line in dots)
   fns = {r: _grad_fn_for(DENSE, r) for r in ("save_projections", "full")}

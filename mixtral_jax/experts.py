@@ -42,12 +42,15 @@ from mixtral_jax.sharding.mesh import current_platform
 
 f32 = jnp.float32
 
-# Names of the expert FFN's input rows and three products (``checkpoint_name``), so that a remat policy
-# (``mixtral_jax.model.REMAT_POLICIES``) can keep them for the backward instead of re-dispatching the
-# tokens and recomputing the experts, which are most of a Mixtral layer's FLOPs. The input rows (as
-# the dispatch all-to-all delivered them) and the gate and up products are what the weight gradients
-# and the backward of silu(a1) * a3 need; the down product is what the router's gradient (through the
-# combine weights) needs. The blocked kernel keeps its own residuals (custom VJP).
+# Names (``checkpoint_name``) of what the backward of the experts needs, so that a remat policy
+# (``mixtral_jax.model.REMAT_POLICIES``) can keep it instead of exchanging the tokens again and
+# recomputing the experts, which are most of a Mixtral layer's FLOPs:
+#   EXPERT_IN    the FFN's input rows as the dispatch delivered them (for the w1/w3 gradients);
+#   EXPERT_GATE, EXPERT_UP  the gate and up products (the backward of silu(a1) * a3, the w2 gradient);
+#   EXPERT_OUT   each token's k expert outputs, back from the experts, as the combine reads them (the
+#                router's gradient through the combine weights), named where the combine is
+#                (``moe.combine``, ``sharding.expert_parallel``).
+# The blocked kernel keeps its own residuals (custom VJP).
 EXPERT_IN, EXPERT_GATE, EXPERT_UP, EXPERT_OUT = "expert_in", "expert_gate", "expert_up", "expert_out"
 
 
@@ -93,7 +96,7 @@ def dense_expert_ffn(x_ECD: jax.Array, w1_EDF, w3_EDF, w2_EFD, lora: ExpertLoRA 
   a3_ECF = checkpoint_name(project_buckets(lora, "w3", x_ECD, a3_ECF, rows_EC), EXPERT_UP)
   h_ECF = jax.nn.silu(a1_ECF) * a3_ECF
   y_ECD = jnp.einsum("ecf,efd->ecd", h_ECF, w2_EFD)  # down projection
-  return checkpoint_name(project_buckets(lora, "w2", h_ECF, y_ECD, rows_EC), EXPERT_OUT)
+  return project_buckets(lora, "w2", h_ECF, y_ECD, rows_EC)
 
 
 # ------------------------------------------------------------------------------------ ragged
@@ -111,8 +114,7 @@ def ragged_expert_ffn(x_MD, sizes_E, w1_EDF, w3_EDF, w2_EFD, lora: ExpertLoRA | 
   a3_MF = project_ragged(lora, "w3", x_MD, dot(x_MD, w3_EDF, sizes_E), sizes_E, dot, rows_M)
   a1_MF, a3_MF = checkpoint_name(a1_MF, EXPERT_GATE), checkpoint_name(a3_MF, EXPERT_UP)
   h_MF = jax.nn.silu(a1_MF) * a3_MF
-  y_MD = checkpoint_name(project_ragged(lora, "w2", h_MF, dot(h_MF, w2_EFD, sizes_E), sizes_E, dot, rows_M),
-                         EXPERT_OUT)
+  y_MD = project_ragged(lora, "w2", h_MF, dot(h_MF, w2_EFD, sizes_E), sizes_E, dot, rows_M)
   covered_M = jnp.arange(x_MD.shape[0]) < jnp.sum(sizes_E)
   return jnp.where(covered_M[:, None], y_MD, 0).astype(x_MD.dtype)
 

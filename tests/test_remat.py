@@ -65,17 +65,20 @@ def _saved_residuals(cfg, remat, capsys) -> list[str]:
 
 
 def test_save_projections_keeps_the_expert_products(capsys):
-  """save_projections keeps each layer's expert gate and up products [E, C, F] and its input rows and
-  down product [E, C, D] (stacked over the L layers by the scan) where ``dots`` (the dense
-  projections only) keeps none of them, and its values and gradients still equal full's."""
+  """save_projections keeps each layer's expert gate and up products [E, C, F], the experts' input rows
+  [E, C, D] and each token's k expert outputs [N, k, D] (stacked over the L layers by the scan) where
+  ``dots`` (the dense projections only) keeps none of them, and its values and gradients still equal
+  full's."""
   from mixtral_jax.routing import capacity  # noqa: PLC0415
   L, E, D, F = DENSE.num_hidden_layers, DENSE.num_local_experts, DENSE.hidden_size, DENSE.intermediate_size
   C = capacity(X.size, DENSE.num_experts_per_tok, E, DENSE.capacity_factor)
-  gate_up, down = f"f32[{L},{E},{C},{F}] output of scan", f"f32[{L},{E},{C},{D}] output of scan"
+  N, k = X.size, DENSE.num_experts_per_tok
+  gate_up, rows = f"f32[{L},{E},{C},{F}] output of scan", f"f32[{L},{E},{C},{D}] output of scan"
+  outs = f"f32[{L},{N},{k},{D}] output of scan"
   kept = _saved_residuals(DENSE, "save_projections", capsys)
-  assert sum(line.startswith(gate_up) for line in kept) == 2 and sum(line.startswith(down) for line in kept) == 2
+  assert [sum(line.startswith(w) for line in kept) for w in (gate_up, rows, outs)] == [2, 1, 1], kept
   dots = _saved_residuals(DENSE, "dots", capsys)
-  assert not any(line.startswith((gate_up, down)) for line in dots)
+  assert not any(line.startswith((gate_up, rows, outs)) for line in dots)
   fns = {r: _grad_fn_for(DENSE, r) for r in ("save_projections", "full")}
   (v, g), (v_ref, g_ref) = (jax.jit(fn)(params) for fn, params in fns.values())
   np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-6)
@@ -109,17 +112,21 @@ def tpu_mesh():
 @pytest.mark.libtpu
 def test_policies_compile_for_tpu(tpu_mesh, tmp_path):
   """The train step under each policy compiles with the TPU compiler. Recompute shows in the compiled
-  FLOPs: none <= save_attn_moe_in <= full; offload's kept activations land in host memory (XLA's
+  FLOPs: none <= save_projections < save_attn_moe_in < full, and save_projections exchanges tokens
+  as often as none (the expert inputs and products are kept, so the backward does not dispatch again); offload's kept activations land in host memory (XLA's
   memory space S(5) in the compiled layouts), which no other policy uses. (At this tiny size the
   compiled FLOPs are about 2x the analytic count even without remat, so the reference here is the
   compiled ``none`` program, not the analytic recompute factor that ``plan`` prints at full size.)"""
   from mixtral_jax.train.plan.training import plan  # noqa: PLC0415
 
-  flops, host = {}, {}
-  for remat in ("none", "save_attn_moe_in", "offload", "full"):
+  flops, host, a2a = {}, {}, {}
+  for remat in ("none", "save_projections", "save_attn_moe_in", "offload", "full"):
     hlo = tmp_path / f"{remat}.hlo"
     out = plan(CFG.replace(remat=remat, dtype="bfloat16"), tpu_mesh, batch=4, seq=128, dump_hlo=str(hlo))
     flops[remat], host[remat] = out["compiled"]["flops"], "S(5)" in hlo.read_text()
-  assert flops["none"] < flops["save_attn_moe_in"] < flops["full"], flops
+    a2a[remat] = out["compiled"]["all_to_all_bytes"] + out["compiled"]["ragged_all_to_all_buffer_bytes"]
+  assert flops["none"] <= flops["save_projections"] < flops["save_attn_moe_in"] < flops["full"], flops
+  assert a2a["save_projections"] == a2a["none"] < a2a["save_attn_moe_in"], a2a  # no second dispatch
   assert flops["offload"] == flops["save_attn_moe_in"], flops
-  assert host == {"none": False, "save_attn_moe_in": False, "offload": True, "full": False}, host
+  assert host == {"none": False, "save_projections": False, "save_attn_moe_in": False, "offload": True,
+                  "full": False}, host

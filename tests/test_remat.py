@@ -126,7 +126,9 @@ def test_policies_compile_for_tpu(tpu_mesh, tmp_path):
     flops[remat], host[remat] = out["compiled"]["flops"], "S(5)" in hlo.read_text()
     a2a[remat] = out["compiled"]["all_to_all_bytes"] + out["compiled"]["ragged_all_to_all_buffer_bytes"]
   assert flops["none"] <= flops["save_projections"] < flops["save_attn_moe_in"] < flops["full"], flops
-  assert a2a["save_projections"] == a2a["none"] < a2a["save_attn_moe_in"], a2a  # no second dispatch
+  # No second exchange of token rows: at most the ragged dispatch's int32 offsets travel again (64 B
+  # here), against the whole dispatch and return that save_attn_moe_in repeats.
+  assert 0 <= a2a["save_projections"] - a2a["none"] <= 128 < a2a["save_attn_moe_in"] - a2a["none"], a2a
   assert flops["offload"] == flops["save_attn_moe_in"], flops
   assert host == {"none": False, "save_projections": False, "save_attn_moe_in": False, "offload": True,
                   "full": False}, host

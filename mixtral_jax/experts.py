@@ -34,11 +34,24 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
 from mixtral_jax import grouped_matmul as gmm
 from mixtral_jax.expert_adapters import ExpertLoRA, drop, project, project_buckets, project_ragged
 from mixtral_jax.sharding.mesh import current_platform
 
 f32 = jnp.float32
+
+# Names (``checkpoint_name``) of what the backward of the experts needs, so that a remat policy
+# (``mixtral_jax.model.REMAT_POLICIES``) can keep it instead of exchanging the tokens again and
+# recomputing the experts, which are most of a Mixtral layer's FLOPs:
+#   EXPERT_IN    the FFN's input rows as the dispatch delivered them (for the w1/w3 gradients);
+#   EXPERT_GATE, EXPERT_UP  the gate and up products (the backward of silu(a1) * a3, the w2 gradient);
+#   EXPERT_OUT   each token's k expert outputs, back from the experts, as the combine reads them (the
+#                router's gradient through the combine weights), named where the combine is
+#                (``moe.combine``, ``sharding.expert_parallel``).
+# The blocked kernel keeps its own residuals (custom VJP).
+EXPERT_IN, EXPERT_GATE, EXPERT_UP, EXPERT_OUT = "expert_in", "expert_gate", "expert_up", "expert_out"
 
 
 GROUPED_GEMM = {"ragged": "lax", "triton": "triton", "mosaic_gpu": "mosaic_gpu"}  # moe_impl -> grouped matmul
@@ -76,10 +89,11 @@ def grouped_kernel(impl: str, platform: str | None = None) -> str:
 def dense_expert_ffn(x_ECD: jax.Array, w1_EDF, w3_EDF, w2_EFD, lora: ExpertLoRA | None = None,
                      rows_EC=None) -> jax.Array:
   """Every expert on its own fixed-size bucket: three batched matmuls (plus the adapters' thin ones)."""
+  x_ECD = checkpoint_name(x_ECD, EXPERT_IN)
   a1_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, w1_EDF)  # gate projection
-  a1_ECF = project_buckets(lora, "w1", x_ECD, a1_ECF, rows_EC)
+  a1_ECF = checkpoint_name(project_buckets(lora, "w1", x_ECD, a1_ECF, rows_EC), EXPERT_GATE)
   a3_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, w3_EDF)  # up projection
-  a3_ECF = project_buckets(lora, "w3", x_ECD, a3_ECF, rows_EC)
+  a3_ECF = checkpoint_name(project_buckets(lora, "w3", x_ECD, a3_ECF, rows_EC), EXPERT_UP)
   h_ECF = jax.nn.silu(a1_ECF) * a3_ECF
   y_ECD = jnp.einsum("ecf,efd->ecd", h_ECF, w2_EFD)  # down projection
   return project_buckets(lora, "w2", h_ECF, y_ECD, rows_EC)
@@ -95,8 +109,10 @@ def ragged_expert_ffn(x_MD, sizes_E, w1_EDF, w3_EDF, w2_EFD, lora: ExpertLoRA | 
   Every product, the adapters' thin ones included, is one grouped matmul by ``kernel``
   (``mixtral_jax.grouped_matmul``), so no step computes an expert on another expert's rows."""
   dot = lambda a, w, sizes: gmm.grouped_matmul(a, w, sizes, kernel)  # noqa: E731
+  x_MD = checkpoint_name(x_MD, EXPERT_IN)
   a1_MF = project_ragged(lora, "w1", x_MD, dot(x_MD, w1_EDF, sizes_E), sizes_E, dot, rows_M)
   a3_MF = project_ragged(lora, "w3", x_MD, dot(x_MD, w3_EDF, sizes_E), sizes_E, dot, rows_M)
+  a1_MF, a3_MF = checkpoint_name(a1_MF, EXPERT_GATE), checkpoint_name(a3_MF, EXPERT_UP)
   h_MF = jax.nn.silu(a1_MF) * a3_MF
   y_MD = project_ragged(lora, "w2", h_MF, dot(h_MF, w2_EFD, sizes_E), sizes_E, dot, rows_M)
   covered_M = jnp.arange(x_MD.shape[0]) < jnp.sum(sizes_E)

@@ -24,6 +24,7 @@ from mixtral_jax import kv_cache
 from mixtral_jax.attn.paged import PagedKVCache
 from mixtral_jax.kv_cache import KVCache, LayerCache, init_cache, rows_at_slots, written_positions  # noqa: F401  (re-exported)
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.experts import EXPERT_GATE, EXPERT_IN, EXPERT_OUT, EXPERT_UP
 from mixtral_jax import param_paths
 from mixtral_jax.layers import LOGICAL_AXES, RMSNorm, registry_param
 from mixtral_jax.lora import adapters as lora
@@ -43,10 +44,16 @@ _cp = jax.checkpoint_policies
 # scan always keeps).
 REMAT_POLICIES = {
     "none": None,  # keep everything: no recompute, most memory
-    # the q/k/v/o projections and the router (matmuls without batch dimensions); attention scores and
-    # expert FFNs are recomputed
-    "save_projections": _cp.checkpoint_dots_with_no_batch_dims,
-    "dots": _cp.checkpoint_dots_with_no_batch_dims,  # the older name of save_projections
+    # every projection: q/k/v/o and the router (matmuls without batch dimensions) and the expert FFN's
+    # input rows and gate, up and down products (batched over experts, so kept by name,
+    # ``experts.EXPERT_*``). The backward recomputes only attention scores and elementwise work, not
+    # the token dispatch nor the expert matmuls (most of a layer's FLOPs); the expert products are the
+    # memory it costs.
+    "save_projections": _cp.save_from_both_policies(
+        _cp.checkpoint_dots_with_no_batch_dims,
+        _cp.save_only_these_names(EXPERT_IN, EXPERT_GATE, EXPERT_UP, EXPERT_OUT)),
+    # the dense projections only (the older meaning of save_projections): the experts are recomputed
+    "dots": _cp.checkpoint_dots_with_no_batch_dims,
     # the attention output and the MoE input: the backward recomputes each sublayer once, not the
     # attention again to reach the MoE block
     "save_attn_moe_in": _cp.save_only_these_names(ATTN_OUT, MOE_IN),

@@ -27,12 +27,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mixtral_jax import param_paths, routing
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.expert_adapters import ExpertLoRA, project
 from mixtral_jax.expert_dequant import dense_expert_ffn_dequant, is_stored_quantized, num_experts
-from mixtral_jax.experts import dense_expert_ffn, grouped_expert_ffn, resolve_impl
+from mixtral_jax.experts import EXPERT_OUT, dense_expert_ffn, grouped_expert_ffn, resolve_impl
 from mixtral_jax.layers import registry_param
 from mixtral_jax.lora import adapters as lora
 from mixtral_jax.projection import Projection
@@ -121,6 +122,7 @@ def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=
 
 def combine(y_NkD, weights_Nk):
   """y_ND = sum_k w_Nk * y_NkD, the weighting in float32 as transformers does, then cast back."""
+  y_NkD = checkpoint_name(y_NkD, EXPERT_OUT)  # what the router's gradient needs (remat can keep it)
   out = jnp.einsum("nkd,nk->nd", y_NkD.astype(jnp.float32), weights_Nk.astype(jnp.float32))
   return out.astype(y_NkD.dtype)
 

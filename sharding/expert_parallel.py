@@ -48,6 +48,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from mixtral_jax import experts, routing
@@ -140,6 +141,7 @@ def _local_moe(x_nD, w_nk, ids_nk, w1_LDF, w3_LDF, w2_LFD, lora, *, mode, kernel
     C = routing.capacity(n, k, E, capacity_factor)
     y_nkD, kept_nk = _bucket_exchange(x_nD, ids_nk, w1_LDF, w3_LDF, w2_LFD, E, C, mode, block, lora, pairs_nk)
 
+  y_nkD = checkpoint_name(y_nkD, experts.EXPERT_OUT)  # kept by remat save_projections: no second exchange
   y_nD = jnp.einsum("nkd,nk->nd", y_nkD.astype(f32), w_nk.astype(f32))  # as transformers: weights in f32
   if tensor_axis is not None:
     y_nD = jax.lax.psum(y_nD, tensor_axis)

@@ -13,6 +13,10 @@ each ``data`` index is one slice: only what reduces over ``data`` (the gradient 
 DCN, while the expert all-to-all and the FSDP gathers stay on a slice's inter-chip links. Keeping the
 axis names unchanged means the logical-axis table, the batch split and checkpoints (restore on any
 slice count) need nothing new.
+
+Devices without a ``slice_index`` (CPU, GPU) are one slice. ``simulated_slices=N`` splits them, in
+order, into N equal groups that stand for slices, so tests on simulated CPU devices run the very mesh
+a multi-slice pod gets (numerically a CPU mesh is the same whichever link an axis crosses).
 """
 
 from __future__ import annotations
@@ -67,16 +71,17 @@ def parse_hybrid(spec: str | Mapping[str, int] | None) -> tuple[dict[str, int], 
   return {a: sizes.get(a, 1) for a in MESH_AXES}, {a: sizes.get(DCN + a, 1) for a in MESH_AXES}
 
 
-def make_mesh(spec: str | Mapping[str, int] | None = None, *, devices=None, num_experts: int | None = None) -> Mesh:
+def make_mesh(spec: str | Mapping[str, int] | None = None, *, devices=None, num_experts: int | None = None,
+              simulated_slices: int | None = None) -> Mesh:
   """A mesh over ``devices`` (default: all devices of all processes).
 
   Refuses a mesh whose size differs from the device count, and an ``expert`` axis that does not
-  divide ``num_experts``, naming both numbers.
+  divide ``num_experts``, naming both numbers. ``simulated_slices``: see the module docstring.
   """
   devices = list(jax.devices() if devices is None else devices)
   ici, dcn = parse_hybrid(spec)
   if any(v > 1 for v in dcn.values()):
-    return _hybrid_mesh(spec, ici, dcn, devices, num_experts)
+    return _hybrid_mesh(spec, ici, dcn, devices, num_experts, simulated_slices)
   sizes = ici
   if not sizes or all(v == 1 for v in sizes.values()):
     sizes = {**sizes, "data": -1} if len(devices) > 1 else sizes
@@ -103,17 +108,29 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, *, devices=None, num_
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def device_slices(devices) -> dict[int, list]:
-  """slice index -> that slice's devices (devices without ``slice_index``, as CPU and GPU ones, are one slice)."""
+def device_slices(devices, simulated_slices: int | None = None) -> dict[int, list]:
+  """slice index -> that slice's devices (devices without ``slice_index``, as CPU and GPU ones, are one
+  slice, or ``simulated_slices`` equal groups in device order)."""
+  devices = list(devices)
+  if simulated_slices is not None:
+    if any(getattr(d, "slice_index", None) is not None for d in devices):
+      raise ValueError(f"simulated_slices={simulated_slices} given for devices that have a slice_index; "
+                       "drop simulated_slices and let the devices' own slices count")
+    if simulated_slices < 1 or len(devices) % simulated_slices:
+      raise ValueError(f"simulated_slices={simulated_slices} does not split the {len(devices)} devices into "
+                       "equal slices; use a divisor of the device count")
+    per = len(devices) // simulated_slices
+    return {i: devices[i * per:(i + 1) * per] for i in range(simulated_slices)}
   slices: dict[int, list] = {}
   for d in devices:
     slices.setdefault(getattr(d, "slice_index", 0) or 0, []).append(d)
   return slices
 
 
-def _hybrid_mesh(spec, ici: dict, dcn: dict, devices: list, num_experts: int | None) -> Mesh:
+def _hybrid_mesh(spec, ici: dict, dcn: dict, devices: list, num_experts: int | None,
+                 simulated_slices: int | None = None) -> Mesh:
   """A multi-slice mesh: ``dcn`` sizes across slices, ``ici`` sizes inside each (see the module doc)."""
-  slices = device_slices(devices)
+  slices = device_slices(devices, simulated_slices)
   n_dcn = math.prod(dcn.values())
   dcn_text = ",".join(f"{DCN}{a}={v}" for a, v in dcn.items() if v > 1)
   if len(slices) == 1:
@@ -136,12 +153,23 @@ def _hybrid_mesh(spec, ici: dict, dcn: dict, devices: list, num_experts: int | N
     raise ValueError(f"mesh axis expert={merged['expert']} does not divide the {num_experts} experts; "
                      f"use a divisor of {num_experts}")
   ici_shape, dcn_shape = [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES]
+  if simulated_slices is not None:  # JAX's helper groups by slice_index, which these devices lack
+    return Mesh(_blocks(ici_shape, dcn_shape, list(slices.values())), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
   try:
     grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):  # a shape the torus cannot hold whole: split axes
     grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices,
                                                 allow_split_physical_axes=True)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _blocks(ici_shape: list[int], dcn_shape: list[int], groups: list[list]) -> np.ndarray:
+  """What ``create_hybrid_device_mesh`` builds, over explicit groups: one ``ici_shape`` block per group,
+  the blocks laid out in ``dcn_shape`` (so the outer part of each axis steps across groups)."""
+  per_group = [mesh_utils.create_device_mesh(ici_shape, g) for g in groups]
+  layout = np.arange(len(groups)).reshape(dcn_shape)
+  return np.block(np.vectorize(lambda i: per_group[i], otypes=[object])(layout).tolist())
 
 
 def format_mesh(sizes: Mapping[str, int] | Mesh) -> str:

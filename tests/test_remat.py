@@ -19,7 +19,11 @@ X = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 16)), j
 
 
 def _grad_fn(remat):
-  graph, params = nnx.split(mixtral_jax.Mixtral(CFG.replace(remat=remat), rngs=nnx.Rngs(3)))
+  return _grad_fn_for(CFG, remat)
+
+
+def _grad_fn_for(cfg, remat):
+  graph, params = nnx.split(mixtral_jax.Mixtral(cfg.replace(remat=remat), rngs=nnx.Rngs(3)))
 
   def loss(params):
     logits, aux = nnx.merge(graph, params)(X, return_router_logits=True)
@@ -45,6 +49,41 @@ def test_policy_equals_full(remat, full):
   # XLA:CPU then drops the placement, host and device memory being one), the others keep none there.
   jaxpr = str(jax.make_jaxpr(fn)(params))
   assert ("<host>" in jaxpr) == (remat == "offload")
+
+
+# The batched-einsum experts of the capacity path (the TPU path with a capacity factor), where the
+# expert products carry their names; CPU's default blocked kernel keeps its own residuals (custom VJP).
+DENSE = CFG.replace(moe_impl="dense", capacity_factor=2.0)
+
+
+def _saved_residuals(cfg, remat, capsys) -> list[str]:
+  """The residuals the backward keeps, as ``jax.ad_checkpoint.print_saved_residuals`` lists them."""
+  graph, params = nnx.split(mixtral_jax.Mixtral(cfg.replace(remat=remat), rngs=nnx.Rngs(3)))
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(lambda p: jnp.mean(nnx.merge(graph, p)(X) ** 2), params)
+  return capsys.readouterr().out.splitlines()
+
+
+def test_save_projections_keeps_the_expert_products(capsys):
+  """save_projections keeps each layer's expert gate and up products [E, C, F], the experts' input rows
+  [E, C, D] and each token's k expert outputs [N, k, D] (stacked over the L layers by the scan) where
+  ``dots`` (the dense projections only) keeps none of them, and its values and gradients still equal
+  full's."""
+  from mixtral_jax.routing import capacity  # noqa: PLC0415
+  L, E, D, F = DENSE.num_hidden_layers, DENSE.num_local_experts, DENSE.hidden_size, DENSE.intermediate_size
+  C = capacity(X.size, DENSE.num_experts_per_tok, E, DENSE.capacity_factor)
+  N, k = X.size, DENSE.num_experts_per_tok
+  gate_up, rows = f"f32[{L},{E},{C},{F}] output of scan", f"f32[{L},{E},{C},{D}] output of scan"
+  outs = f"f32[{L},{N},{k},{D}] output of scan"
+  kept = _saved_residuals(DENSE, "save_projections", capsys)
+  assert [sum(line.startswith(w) for line in kept) for w in (gate_up, rows, outs)] == [2, 1, 1], kept
+  dots = _saved_residuals(DENSE, "dots", capsys)
+  assert not any(line.startswith((gate_up, rows, outs)) for line in dots)
+  fns = {r: _grad_fn_for(DENSE, r) for r in ("save_projections", "full")}
+  (v, g), (v_ref, g_ref) = (jax.jit(fn)(params) for fn, params in fns.values())
+  np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-6)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g), nnx.to_flat_state(g_ref)):
+    np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-5, atol=1e-7, err_msg=str(path))
 
 
 def test_bad_policy_names_and_offload_without_host_memory():
@@ -73,17 +112,23 @@ def tpu_mesh():
 @pytest.mark.libtpu
 def test_policies_compile_for_tpu(tpu_mesh, tmp_path):
   """The train step under each policy compiles with the TPU compiler. Recompute shows in the compiled
-  FLOPs: none <= save_attn_moe_in <= full; offload's kept activations land in host memory (XLA's
+  FLOPs: none <= save_projections < save_attn_moe_in < full, and save_projections exchanges tokens
+  as often as none (the expert inputs and products are kept, so the backward does not dispatch again); offload's kept activations land in host memory (XLA's
   memory space S(5) in the compiled layouts), which no other policy uses. (At this tiny size the
   compiled FLOPs are about 2x the analytic count even without remat, so the reference here is the
   compiled ``none`` program, not the analytic recompute factor that ``plan`` prints at full size.)"""
   from mixtral_jax.train.plan.training import plan  # noqa: PLC0415
 
-  flops, host = {}, {}
-  for remat in ("none", "save_attn_moe_in", "offload", "full"):
+  flops, host, a2a = {}, {}, {}
+  for remat in ("none", "save_projections", "save_attn_moe_in", "offload", "full"):
     hlo = tmp_path / f"{remat}.hlo"
     out = plan(CFG.replace(remat=remat, dtype="bfloat16"), tpu_mesh, batch=4, seq=128, dump_hlo=str(hlo))
     flops[remat], host[remat] = out["compiled"]["flops"], "S(5)" in hlo.read_text()
-  assert flops["none"] < flops["save_attn_moe_in"] < flops["full"], flops
+    a2a[remat] = out["compiled"]["all_to_all_bytes"] + out["compiled"]["ragged_all_to_all_buffer_bytes"]
+  assert flops["none"] <= flops["save_projections"] < flops["save_attn_moe_in"] < flops["full"], flops
+  # No second exchange of token rows: at most the ragged dispatch's int32 offsets travel again (64 B
+  # here), against the whole dispatch and return that save_attn_moe_in repeats.
+  assert 0 <= a2a["save_projections"] - a2a["none"] <= 128 < a2a["save_attn_moe_in"] - a2a["none"], a2a
   assert flops["offload"] == flops["save_attn_moe_in"], flops
-  assert host == {"none": False, "save_attn_moe_in": False, "offload": True, "full": False}, host
+  assert host == {"none": False, "save_projections": False, "save_attn_moe_in": False, "offload": True,
+                  "full": False}, host

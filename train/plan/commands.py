@@ -35,8 +35,9 @@ def plan_parser(p):
   p.add_argument("--param-dtype", default="float32", help="master weight dtype (serving: bfloat16)")
   p.add_argument("--remat", default="full", choices=tuple(REMAT_POLICIES),
                  help="activation rematerialisation (mixtral_jax.model.REMAT_POLICIES): none (keep all), "
-                      "save_projections (keep q/k/v/o and router outputs), save_attn_moe_in (keep attention output "
-                      "and MoE input), offload (those two in pinned host memory), full (recompute each layer)")
+                      "save_projections (keep q/k/v/o, router and expert FFN products), dots (q/k/v/o and router only), "
+                      "save_attn_moe_in (keep attention output and MoE input), offload (those two in pinned host memory), "
+                      "full (recompute each layer)")
   p.add_argument("--capacity-factor", default="1.25", help="expert capacity factor, or 'none' for dropless")
   p.add_argument("--moe-impl", default="auto", help="auto | blocked | ragged | dense (dropless expert kernel)")
   p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,

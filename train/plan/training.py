@@ -84,13 +84,20 @@ def _lora_states(cfg: MixtralConfig, lora):
   return adapters, frozen
 
 
-def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lora=None) -> dict:
+def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lora=None, dpo: bool = False) -> dict:
   """Per-device expectations from the config, the mesh and the logical-axis table alone.
 
   Full fine-tuning: params in ``param_dtype`` with AdamW's two moments and a gradient each; every
   weight matmul costs 3x its forward (forward, input gradient, weight gradient). LoRA (``lora``, a
   ``LoraSection``): the frozen base in the compute dtype with no gradient and no optimizer state, fp32
-  adapters with AdamW; a base matmul costs 2x its forward (no weight gradient), an adapter's 3x."""
+  adapters with AdamW; a base matmul costs 2x its forward (no weight gradient), an adapter's 3x.
+  DPO (``dpo``, LoRA only): ``batch`` counts pairs, each a chosen and a rejected row of ``seq`` tokens,
+  so the LoRA step runs on ``2 * batch`` rows; the reference forward (adapters off) adds one forward of
+  those rows, adapters included (they are zeros, still multiplied inside the layer scan), and no backward."""
+  if dpo and lora is None:
+    raise ValueError("DPO takes its reference from the base with the adapters off: give the LoRA section (--lora RANK)")
+  if dpo:
+    batch = 2 * batch  # rows: every pair's chosen row, then its rejected row
   pbytes = np.dtype(cfg.param_dtype).itemsize
   cbytes = np.dtype(cfg.dtype).itemsize
   if lora is None:
@@ -130,7 +137,10 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
   if lora is not None:  # frozen weight matmuls lose their weight-gradient pass; the adapters add theirs
     from mixtral_jax.lora.spec import adapter_params  # noqa: PLC0415
     weights = forward - batch * seq * L * 2 * 2 * N * H * keys  # all but the scores
-    flops = forward * passes - weights + batch * seq * 2 * adapter_params(cfg, lora, active=True) * passes
+    adapter_forward = batch * seq * 2 * adapter_params(cfg, lora, active=True)
+    flops = forward * passes - weights + adapter_forward * passes
+    if dpo:  # the reference forward: no gradient, so neither a backward nor a remat recompute
+      flops += forward + adapter_forward
 
   remat_saved = L * micro_local * seq * D * cbytes  # the residual stream entering each layer
   # One layer's f32 attention scores: [T, S] per head for dense, a [T, block] strip for the kernels.
@@ -147,6 +157,7 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
       "a2a_per_token_layer": 2 * k * D * cbytes * (cfg.capacity_factor or E / k),
       "tokens_per_device": n_local * grad_accum,
       "attention": attention,
+      "reference_forward_flops": (forward + adapter_forward) / devices if dpo else 0.0,
   }
 
 
@@ -192,17 +203,22 @@ def scaled_loop_flops(figures: dict, cfg: MixtralConfig, mesh, seq: int) -> dict
 
 
 def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1, lora_rank: int | None = None,
-         base_quantize: str | None = None, dump_hlo: str | None = None) -> dict:
+         base_quantize: str | None = None, dpo: bool = False, dump_hlo: str | None = None) -> dict:
   """Compiles the train step for ``mesh`` and returns the compiled and analytic figures per device
   (``lora_rank``: the LoRA step, default targets, frozen base in the compute dtype, or stored as
-  ``base_quantize`` int8 / nf4). On a mesh over several slices, also the bytes per step that cross DCN
-  against the ideal (``dcn``)."""
+  ``base_quantize`` int8 / nf4; ``dpo``: the DPO step of the run config's ``data.format: preference``
+  on ``batch`` pairs of two ``seq``-token rows, policy forward and backward plus the reference forward).
+  On a mesh over several slices, also the bytes per step that cross DCN against the ideal (``dcn``)."""
   from mixtral_jax.train.config import TrainConfig  # noqa: PLC0415
   from mixtral_jax.train.step import build_train_step  # noqa: PLC0415
 
+  if dpo and lora_rank is None:
+    raise ValueError("--dpo compiles the DPO step, whose reference is the base with the adapters off: add --lora RANK "
+                     "(e.g. --lora 16)")
   train_cfg = TrainConfig().override({"data.batch_size": batch, "data.seq_len": seq,
                                       "optimizer.grad_accum": grad_accum, "lora.rank": lora_rank,
-                                      "lora.base_quantize": base_quantize})
+                                      "lora.base_quantize": base_quantize,
+                                      "data.format": "preference" if dpo else "text"})
   if lora_rank is not None:  # LoRA: checked before compiling
     from mixtral_jax.lora import validate  # noqa: PLC0415
     validate(train_cfg.lora, cfg)
@@ -224,11 +240,11 @@ def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1,
              "dcn_ideal_compute_dtype_bytes": ideal_compute, "dcn_ops": traffic["ops"], "partition_slices": slices}
   figures.pop("collectives", None)  # per-instruction detail: --dump-hlo has it all
   lora = train_cfg.lora if lora_rank is not None else None
-  expected = analytic(cfg, mesh, batch, seq, grad_accum, lora)
+  expected = analytic(cfg, mesh, batch, seq, grad_accum, lora, dpo)
   # Recompute factor: compiled FLOPs over the analytic FLOPs of the same step without remat (which the
   # analytic count matches within a few percent; compiling a second, no-remat program would double the
   # compile time, and at full size it often does not fit, so the compiler gives no FLOPs for it).
-  no_remat = analytic(cfg.replace(remat="none"), mesh, batch, seq, grad_accum, lora)["flops"]
+  no_remat = analytic(cfg.replace(remat="none"), mesh, batch, seq, grad_accum, lora, dpo)["flops"]
   if "flops" in figures and no_remat:
     figures["recompute_factor"] = figures["flops"] / no_remat
   return {**multi,

@@ -262,10 +262,13 @@ def train_main(args, count: int) -> int:
   remat_policy(cfg.remat, devices)  # offload needs pinned host memory on the target
   mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
   out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum, lora_rank=args.lora,
-             base_quantize=getattr(args, "base_quantize", None), dump_hlo=args.dump_hlo)
+             base_quantize=getattr(args, "base_quantize", None), dpo=getattr(args, "dpo", False),
+             dump_hlo=args.dump_hlo)
   c, a = out["compiled"], out["analytic"]
-  print(header(args, cfg, mesh, f"batch {args.batch} x {args.seq}, {args.grad_accum} microbatch(es), "
-                                 f"remat {cfg.remat}") + f"; compiled in {out['compile_seconds']:.1f} s")
+  rows = (f"DPO, batch {args.batch} pairs ({2 * args.batch} rows) x {args.seq}" if getattr(args, "dpo", False)
+          else f"batch {args.batch} x {args.seq}")
+  print(header(args, cfg, mesh, f"{rows}, {args.grad_accum} microbatch(es), remat {cfg.remat}")
+        + f"; compiled in {out['compile_seconds']:.1f} s")
   device = topology.device_memory(args.device, list(mesh.devices.flat))
   tips = topology.advice(c["peak_bytes"] / GiB, device[1], mesh_sizes=dict(mesh.shape), remat=cfg.remat,
                          grad_accum=args.grad_accum, batch=args.batch) if device else []
@@ -285,6 +288,9 @@ def train_main(args, count: int) -> int:
             ("all-to-all GiB per step", c["all_to_all_bytes"] / GiB, a["all_to_all_bytes"] / GiB)]
     for name, got, want in rows:
       print(f"  {name:<30}{got:12.3f}{want:12.3f}")
+    if a["reference_forward_flops"]:
+      print(f"  of which the DPO reference forward (adapters off, no backward): {a['reference_forward_flops'] / 1e12:.3f} "
+            "TFLOPs analytic")
     print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB; recompute "
           f"factor {c.get('recompute_factor', float('nan')):.3f}x (compiled FLOPs / analytic FLOPs without remat)")
     if "dcn_bytes" in out:
@@ -319,5 +325,6 @@ def train_main(args, count: int) -> int:
     with open(args.json, "w") as f:
       json.dump({"preset": args.preset, "mesh": format_mesh(mesh), "topology": args.topology,
                  "device": verdict, "lora_rank": args.lora, "base_quantize": getattr(args, "base_quantize", None),
+                 "dpo": getattr(args, "dpo", False),
                  **out}, f, indent=2)
   return 0

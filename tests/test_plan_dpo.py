@@ -1,0 +1,80 @@
+"""``mixtral-jax plan --lora R --dpo`` compiles the DPO step: on the same rows it costs the SFT LoRA step's
+FLOPs plus one reference forward (adapters off, no backward), which the analytic count predicts.
+
+Independent reference: the SFT LoRA plan of the same program on the same ``2 x pairs`` rows. One device
+(``data=1``) so the expert capacity of the analytic count is the compiled one's, and ``--moe-impl dense``
+(the bucketed ``[E, C, D]`` experts, the GPU/TPU training path's shape; XLA:CPU's ``blocked`` kernel computes
+more expert rows than the analytic count models, in SFT and DPO alike)."""
+
+import argparse
+import json
+
+import jax
+import pytest
+
+import mixtral_jax
+from mixtral_jax.sharding.mesh import make_mesh
+from mixtral_jax.train.plan import training as plan_training
+from mixtral_jax.train.plan.commands import plan_main, plan_parser
+from mixtral_jax.train.plan.compiling import model_config
+
+pytestmark = pytest.mark.slow  # four compiles of a tiny train step
+
+PAIRS, T = 2, 32
+# The two programs share the policy forward and backward on the same rows, so their difference is the
+# reference forward's dots alone, which the analytic count lists one by one (projections, scores, router,
+# E*C expert rows, LM head, adapters); measured here 0.99. A reference forward missing, run twice, or
+# differentiated would put the ratio near 0, 2 or >= 3: 5% separates those with a wide margin.
+TOL = 0.05
+
+
+def _args(*extra):
+  p = argparse.ArgumentParser()
+  plan_parser(p)
+  return p.parse_args(["--preset", "tiny", "--mesh", "data=1", "--moe-impl", "dense", "--seq", str(T),
+                        *extra])
+
+
+def _reference_forward_ratio(sft: dict, dpo: dict) -> float:
+  """(DPO compiled FLOPs - SFT compiled FLOPs on the same rows) / the analytic reference forward."""
+  return (dpo["compiled"]["flops"] - sft["compiled"]["flops"]) / dpo["analytic"]["reference_forward_flops"]
+
+
+def test_cli_dpo_plan_is_sft_plus_the_reference_forward(tmp_path, capsys):
+  out_json = tmp_path / "dpo.json"
+  args = _args("--batch", str(PAIRS), "--lora", "4", "--dpo", "--json", str(out_json))
+  assert plan_main(args) == 0
+  printed = capsys.readouterr().out
+  assert f"DPO, batch {PAIRS} pairs ({2 * PAIRS} rows) x {T}" in printed
+  assert "DPO reference forward (adapters off, no backward)" in printed and "peak (arguments" in printed
+  dpo = json.loads(out_json.read_text())
+  assert dpo["dpo"] is True and dpo["compiled"]["peak_bytes"] > 0
+
+  cfg = model_config(args)
+  mesh = make_mesh("data=1", devices=jax.devices()[:1], num_experts=cfg.num_local_experts)
+  sft = plan_training.plan(cfg, mesh, batch=2 * PAIRS, seq=T, lora_rank=4)  # the same rows, scored once
+  assert abs(_reference_forward_ratio(sft, dpo) - 1) < TOL
+  # the reference's log-probs and its forward's buffers come on top of the SFT step's
+  assert dpo["compiled"]["peak_bytes"] >= sft["compiled"]["peak_bytes"]
+
+
+def test_qlora_dpo_plan_on_an_nf4_base():
+  cfg = mixtral_jax.get_config("tiny", vocab_size=512, head_dim=64, capacity_factor=1.25, moe_impl="dense")
+  mesh = make_mesh("data=1", devices=jax.devices()[:1], num_experts=cfg.num_local_experts)
+  sft = plan_training.plan(cfg, mesh, batch=2 * PAIRS, seq=T, lora_rank=4, base_quantize="nf4")
+  dpo = plan_training.plan(cfg, mesh, batch=PAIRS, seq=T, lora_rank=4, base_quantize="nf4", dpo=True)
+  # the per-expert dequantization recomputes the policy's expert products in the backward (more compiled
+  # FLOPs than the analytic step), but the reference forward has no backward: the difference is still one forward
+  assert abs(_reference_forward_ratio(sft, dpo) - 1) < TOL
+  assert dpo["compiled"]["base_bytes"] == sft["compiled"]["base_bytes"]  # one base, no second model
+  assert dpo["analytic"]["tokens_per_device"] == 2 * PAIRS * T
+
+
+def test_dpo_without_lora_is_one_line():
+  with pytest.raises(ValueError, match=r"^--dpo plans the DPO training step.*add --lora RANK") as e:
+    plan_main(_args("--batch", str(PAIRS), "--dpo"))
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="add --lora RANK"):
+    plan_main(_args("--batch", str(PAIRS), "--dpo", "--lora", "4", "--generate"))
+  with pytest.raises(ValueError, match=r"^--dpo compiles the DPO step.*add --lora RANK"):
+    plan_training.plan(mixtral_jax.get_config("tiny"), None, batch=PAIRS, seq=T, dpo=True)

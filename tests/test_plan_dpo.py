@@ -78,3 +78,20 @@ def test_dpo_without_lora_is_one_line():
     plan_main(_args("--batch", str(PAIRS), "--dpo", "--lora", "4", "--generate"))
   with pytest.raises(ValueError, match=r"^--dpo compiles the DPO step.*add --lora RANK"):
     plan_training.plan(mixtral_jax.get_config("tiny"), None, batch=PAIRS, seq=T, dpo=True)
+
+
+def test_mfu_counts_the_reference_forward():
+  """Training's MFU numerator: per row token, DPO adds 2 FLOPs per frozen matmul parameter (the parameter
+  count from ``param_counts``, independent of the formula) and the scores' forward, 2 * L * N * H * T."""
+  from mixtral_jax.train import metrics  # noqa: PLC0415
+  from mixtral_jax.train.config import TrainConfig  # noqa: PLC0415
+
+  cfg = mixtral_jax.get_config("tiny")
+  lora = TrainConfig().override({"lora.rank": 4}).lora
+  _, active = mixtral_jax.param_counts(cfg)
+  frozen = active - cfg.vocab_size * cfg.hidden_size
+  scores = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_size * T
+  diff = metrics.train_flops_per_token(cfg, T, lora, dpo=True) - metrics.train_flops_per_token(cfg, T, lora)
+  assert diff == pytest.approx(2 * frozen + scores, rel=1e-12)
+  with pytest.raises(ValueError, match="set lora.rank"):
+    metrics.train_flops_per_token(cfg, T, None, dpo=True)

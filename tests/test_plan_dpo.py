@@ -54,8 +54,11 @@ def test_cli_dpo_plan_is_sft_plus_the_reference_forward(tmp_path, capsys):
   mesh = make_mesh("data=1", devices=jax.devices()[:1], num_experts=cfg.num_local_experts)
   sft = plan_training.plan(cfg, mesh, batch=2 * PAIRS, seq=T, lora_rank=4)  # the same rows, scored once
   assert abs(_reference_forward_ratio(sft, dpo) - 1) < TOL
-  # the reference's log-probs and its forward's buffers come on top of the SFT step's
-  assert dpo["compiled"]["peak_bytes"] >= sft["compiled"]["peak_bytes"]
+  # The reference forward runs outside the differentiated function, so it saves nothing: the peak is the
+  # SFT step's on the same rows. (Inside, the policy's layer scan kept a copy of the stacked base weights
+  # for its backward: +56% temporaries here, +21.9 GiB for 8x7B nf4 on one H100.)
+  sft_peak = sft["compiled"]["peak_bytes"]
+  assert sft_peak <= dpo["compiled"]["peak_bytes"] <= 1.02 * sft_peak
 
 
 def test_qlora_dpo_plan_on_an_nf4_base():

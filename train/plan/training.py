@@ -2,6 +2,7 @@
 
   mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 --topology v5p-128
   mixtral-jax plan --preset mixtral-8x7b --mesh fsdp=8 --batch 8 --seq 16384 --device h200
+  mixtral-jax plan --preset mixtral-8x7b --lora 16 --base-quantize nf4 --dpo --batch 4 --seq 4096 --topology h100
 
 The step is the training engineer's (``mixtral_jax.train.step.build_train_step``), lowered from abstract
 ``ShapeDtypeStruct``s and compiled for the mesh's devices; no weight is allocated. The devices are:

@@ -82,7 +82,7 @@ def test_dpo_without_lora_is_one_line():
   with pytest.raises(ValueError, match=r"^--dpo plans the DPO training step.*add --lora RANK") as e:
     plan_main(_args("--batch", str(PAIRS), "--dpo"))
   assert "\n" not in str(e.value)
-  with pytest.raises(ValueError, match="add --lora RANK"):
+  with pytest.raises(ValueError, match="not serving: drop --generate"):
     plan_main(_args("--batch", str(PAIRS), "--dpo", "--lora", "4", "--generate"))
   with pytest.raises(ValueError, match=r"^--dpo compiles the DPO step.*add --lora RANK"):
     plan_training.plan(mixtral_jax.get_config("tiny"), None, batch=PAIRS, seq=T, dpo=True)

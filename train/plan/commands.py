@@ -83,9 +83,11 @@ def plan_main(args) -> int:
   count = math.prod(v for v in parse_mesh(args.mesh).values() if v > 0)
   if args.topology and args.simulate:
     raise ValueError("--topology compiles for that TPU slice or GPU host; drop --simulate")
-  if getattr(args, "dpo", False) and (args.generate or args.lora is None):
+  if getattr(args, "dpo", False) and args.generate:
+    raise ValueError("--dpo plans the DPO training step, not serving: drop --generate")
+  if getattr(args, "dpo", False) and args.lora is None:
     raise ValueError("--dpo plans the DPO training step, whose reference is the base with the adapters off: add "
-                     "--lora RANK (e.g. --lora 16) and drop --generate")
+                     "--lora RANK (e.g. --lora 16)")
   if args.generate:
     return serve_main(args, count)
   return train_main(args, count)

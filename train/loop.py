@@ -245,8 +245,9 @@ def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, sta
   current step and stops cleanly. Closes the data iterator, logger and checkpointer whatever happens."""
   it, eval_batches, bsh = setup.data.train, setup.data.heldout, step_lib.batch_sharding(setup.mesh)
   start = int(state.step)
-  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  flops_per_step = train_flops_per_token(setup.mcfg, cfg.data.seq_len, cfg.lora) * tokens_per_step
+  dpo = step_lib.is_dpo(cfg)  # a DPO batch_size counts pairs: a chosen and a rejected row each
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * (2 if dpo else 1)
+  flops_per_step = train_flops_per_token(setup.mcfg, cfg.data.seq_len, cfg.lora, dpo) * tokens_per_step
   peak = (cfg.train.peak_flops or measure_peak_flops()) * jax.device_count()
   logger = _open_logger(cfg, workdir, setup, start, resumed)
   preempt = _Preemption()

@@ -22,7 +22,7 @@ from mixtral_jax.config import MixtralConfig
 from mixtral_jax.params import param_counts
 
 
-def train_flops_per_token(cfg: MixtralConfig, seq_len: int, lora=None) -> float:
+def train_flops_per_token(cfg: MixtralConfig, seq_len: int, lora=None, dpo: bool = False) -> float:
   """Model FLOPs of one trained token (forward + backward = 3x forward), PaLM-style:
   6 * (active parameters that multiply: all but the embedding table) + 6 * L * N * H * T for the
   causal attention scores and values (half of PaLM's 12 * L * N * H * T, since half the pairs are masked).
@@ -31,13 +31,19 @@ def train_flops_per_token(cfg: MixtralConfig, seq_len: int, lora=None) -> float:
   forward and the input gradient, so the base counts 4 per parameter instead of 6; the adapters a token
   uses (``lora.spec.adapter_params(active=True)``) count 6; the attention scores still 6 (both their
   operands need gradients). Remat's recomputation is not model FLOPs and is never counted.
+
+  DPO (``dpo``; per token of a chosen or rejected row): the LoRA step's count plus the reference forward
+  (adapters off, no backward): 2 per frozen parameter and a third of the scores' 6.
   """
   _, active = param_counts(cfg)
   matmul_params = active - cfg.vocab_size * cfg.hidden_size
   attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_size * seq_len
   if lora is not None and lora.enabled:
     from mixtral_jax.lora.spec import adapter_params  # noqa: PLC0415
-    return 4.0 * matmul_params + 6.0 * adapter_params(cfg, lora, active=True) + attn
+    reference = 2.0 * matmul_params + attn / 3 if dpo else 0.0
+    return 4.0 * matmul_params + 6.0 * adapter_params(cfg, lora, active=True) + attn + reference
+  if dpo:
+    raise ValueError("DPO takes its reference from the base with the adapters off: set lora.rank (e.g. 16)")
   return 6.0 * matmul_params + attn
 
 

@@ -205,18 +205,28 @@ def microbatch_loss(model: Mixtral, mb: dict, train_cfg: TrainConfig, total_weig
   return loss, metrics
 
 
-def dpo_microbatch_loss(model: Mixtral, mb: dict, train_cfg: TrainConfig, total_weight, num_microbatches: int,
-                        lora_key=None):
-  """DPO's share of the step loss for a microbatch of pair rows ``[b, 2T]``: un-flattened to the chosen
-  rows then the rejected rows ``[2b, T]``, scored with the adapters on and off
-  (:func:`mixtral_jax.train.dpo.microbatch_loss`). ``total_weight`` is unused: the loss is a mean over pairs."""
+def _pair_rows(mb: dict, train_cfg: TrainConfig) -> dict:
   from .data.preference import unflatten_pairs  # noqa: PLC0415
+  return {k: unflatten_pairs(v, train_cfg.data.seq_len) for k, v in mb.items()}
+
+
+def dpo_reference(model: Mixtral, mb: dict, train_cfg: TrainConfig):
+  """The reference log-probs ``[2b]`` of a microbatch of pair rows ``[b, 2T]`` (adapters off, no gradient)."""
+  return dpo_lib.reference_logprobs(model, _pair_rows(mb, train_cfg), train_cfg.loss.ce_chunk,
+                                    train_cfg.dpo.loss_type == "ipo")
+
+
+def dpo_microbatch_loss(model: Mixtral, mb: dict, train_cfg: TrainConfig, total_weight, num_microbatches: int,
+                        lora_key=None, ref_B=None):
+  """DPO's share of the step loss for a microbatch of pair rows ``[b, 2T]``: un-flattened to the chosen
+  rows then the rejected rows ``[2b, T]``, scored with the adapters on, against ``ref_B``
+  (:func:`dpo_reference`; computed inside when None) (:func:`mixtral_jax.train.dpo.microbatch_loss`).
+  ``total_weight`` is unused: the loss is a mean over pairs."""
   del total_weight
-  T = train_cfg.data.seq_len
-  rows = {k: unflatten_pairs(v, T) for k, v in mb.items()}
   d = train_cfg.dpo
-  return dpo_lib.microbatch_loss(model, rows, beta=d.beta, label_smoothing=d.label_smoothing, loss_type=d.loss_type,
-                                 chunk=train_cfg.loss.ce_chunk, num_microbatches=num_microbatches, lora_key=lora_key)
+  return dpo_lib.microbatch_loss(model, _pair_rows(mb, train_cfg), beta=d.beta, label_smoothing=d.label_smoothing,
+                                 loss_type=d.loss_type, chunk=train_cfg.loss.ce_chunk,
+                                 num_microbatches=num_microbatches, lora_key=lora_key, ref_B=ref_B)
 
 
 # ---------------------------------------------------------------------------- the step
@@ -238,8 +248,12 @@ def build_train_step(model_cfg: MixtralConfig, train_cfg: TrainConfig, mesh: jax
   loss_of = dpo_microbatch_loss if is_dpo(train_cfg) else microbatch_loss
 
   def grads_of(params, mb, total_weight, base, key):
+    extra = {}
+    if is_dpo(train_cfg):  # the reference forward outside the differentiated function: nothing of it is saved
+      extra["ref_B"] = dpo_reference(_merge(graphdef, template, params, base_template, base), mb, train_cfg)
+
     def f(p):  # differentiated in the trainable params only (with LoRA, the adapters; never the base)
-      return loss_of(_merge(graphdef, template, p, base_template, base), mb, train_cfg, total_weight, A, key)
+      return loss_of(_merge(graphdef, template, p, base_template, base), mb, train_cfg, total_weight, A, key, **extra)
     return jax.value_and_grad(f, has_aux=True)(params)
 
   def step(state: TrainState, batch: dict):

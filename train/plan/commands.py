@@ -24,7 +24,9 @@ def plan_parser(p):
               "  mixtral-jax plan --generate --preset mixtral-8x7b --mesh expert=2 --batch 8 --context 32768 "
               "--device h200\n"
               "  mixtral-jax plan --generate --preset mixtral-8x7b --batch 8 --context 8192 --quantize int8 "
-              "--prefill-chunk 2048 --device 70")
+              "--prefill-chunk 2048 --device 70\n"
+              "  mixtral-jax plan --preset mixtral-8x7b --lora 16 --base-quantize nf4 --dpo --batch 4 --seq 4096 "
+              "--topology h100")
   p.add_argument("--preset", default="mixtral-8x7b", help="model preset (mixtral_jax.config.PRESETS)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,expert=8 (default: all devices on data); "
                                               "dcn_data=2,fsdp=8,expert=8: data across slices (--topology 2xv5p-128)")
@@ -70,6 +72,10 @@ def plan_parser(p):
   p.add_argument("--base-quantize", choices=("int8", "nf4"), default=None,
                  help="--lora: the frozen base stored as int8 or nf4 (QLoRA), as lora.base_quantize in the run "
                       "config")
+  p.add_argument("--dpo", action="store_true",
+                 help="--lora: compile the DPO step (data.format: preference) instead of SFT's: --batch counts "
+                      "pairs, each a chosen and a rejected row of --seq tokens (2 x batch rows), scored by the policy "
+                      "forward and backward plus the reference forward with the adapters off")
 
 
 
@@ -78,6 +84,11 @@ def plan_main(args) -> int:
   count = math.prod(v for v in parse_mesh(args.mesh).values() if v > 0)
   if args.topology and args.simulate:
     raise ValueError("--topology compiles for that TPU slice or GPU host; drop --simulate")
+  if getattr(args, "dpo", False) and args.generate:
+    raise ValueError("--dpo plans the DPO training step, not serving: drop --generate")
+  if getattr(args, "dpo", False) and args.lora is None:
+    raise ValueError("--dpo plans the DPO training step, whose reference is the base with the adapters off: add "
+                     "--lora RANK (e.g. --lora 16)")
   if args.generate:
     return serve_main(args, count)
   return train_main(args, count)

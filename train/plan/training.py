@@ -2,6 +2,7 @@
 
   mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 --topology v5p-128
   mixtral-jax plan --preset mixtral-8x7b --mesh fsdp=8 --batch 8 --seq 16384 --device h200
+  mixtral-jax plan --preset mixtral-8x7b --lora 16 --base-quantize nf4 --dpo --batch 4 --seq 4096 --topology h100
 
 The step is the training engineer's (``mixtral_jax.train.step.build_train_step``), lowered from abstract
 ``ShapeDtypeStruct``s and compiled for the mesh's devices; no weight is allocated. The devices are:
@@ -84,13 +85,20 @@ def _lora_states(cfg: MixtralConfig, lora):
   return adapters, frozen
 
 
-def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lora=None) -> dict:
+def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lora=None, dpo: bool = False) -> dict:
   """Per-device expectations from the config, the mesh and the logical-axis table alone.
 
   Full fine-tuning: params in ``param_dtype`` with AdamW's two moments and a gradient each; every
   weight matmul costs 3x its forward (forward, input gradient, weight gradient). LoRA (``lora``, a
   ``LoraSection``): the frozen base in the compute dtype with no gradient and no optimizer state, fp32
-  adapters with AdamW; a base matmul costs 2x its forward (no weight gradient), an adapter's 3x."""
+  adapters with AdamW; a base matmul costs 2x its forward (no weight gradient), an adapter's 3x.
+  DPO (``dpo``, LoRA only): ``batch`` counts pairs, each a chosen and a rejected row of ``seq`` tokens,
+  so the LoRA step runs on ``2 * batch`` rows; the reference forward (adapters off) adds one forward of
+  those rows, adapters included (they are zeros, still multiplied inside the layer scan), and no backward."""
+  if dpo and lora is None:
+    raise ValueError("DPO takes its reference from the base with the adapters off: give the LoRA section (--lora RANK)")
+  if dpo:
+    batch = 2 * batch  # rows: every pair's chosen row, then its rejected row
   pbytes = np.dtype(cfg.param_dtype).itemsize
   cbytes = np.dtype(cfg.dtype).itemsize
   if lora is None:
@@ -130,7 +138,10 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
   if lora is not None:  # frozen weight matmuls lose their weight-gradient pass; the adapters add theirs
     from mixtral_jax.lora.spec import adapter_params  # noqa: PLC0415
     weights = forward - batch * seq * L * 2 * 2 * N * H * keys  # all but the scores
-    flops = forward * passes - weights + batch * seq * 2 * adapter_params(cfg, lora, active=True) * passes
+    adapter_forward = batch * seq * 2 * adapter_params(cfg, lora, active=True)
+    flops = forward * passes - weights + adapter_forward * passes
+    if dpo:  # the reference forward: no gradient, so neither a backward nor a remat recompute
+      flops += forward + adapter_forward
 
   remat_saved = L * micro_local * seq * D * cbytes  # the residual stream entering each layer
   # One layer's f32 attention scores: [T, S] per head for dense, a [T, block] strip for the kernels.
@@ -149,6 +160,7 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
       "attention": attention,
       # one forward pass of the scores and weighted values, per device (what a kernel hides from HLO)
       "attention_forward_flops": batch * seq * L * 2 * 2 * N * H * keys / devices,
+      "reference_forward_flops": (forward + adapter_forward) / devices if dpo else 0.0,
   }
 
 
@@ -197,17 +209,22 @@ def scaled_loop_flops(figures: dict, cfg: MixtralConfig, mesh, seq: int) -> dict
 
 
 def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1, lora_rank: int | None = None,
-         base_quantize: str | None = None, dump_hlo: str | None = None) -> dict:
+         base_quantize: str | None = None, dpo: bool = False, dump_hlo: str | None = None) -> dict:
   """Compiles the train step for ``mesh`` and returns the compiled and analytic figures per device
   (``lora_rank``: the LoRA step, default targets, frozen base in the compute dtype, or stored as
-  ``base_quantize`` int8 / nf4). On a mesh over several slices, also the bytes per step that cross DCN
-  against the ideal (``dcn``)."""
+  ``base_quantize`` int8 / nf4; ``dpo``: the DPO step of the run config's ``data.format: preference``
+  on ``batch`` pairs of two ``seq``-token rows, policy forward and backward plus the reference forward).
+  On a mesh over several slices, also the bytes per step that cross DCN against the ideal (``dcn``)."""
   from mixtral_jax.train.config import TrainConfig  # noqa: PLC0415
   from mixtral_jax.train.step import build_train_step  # noqa: PLC0415
 
+  if dpo and lora_rank is None:
+    raise ValueError("--dpo compiles the DPO step, whose reference is the base with the adapters off: add --lora RANK "
+                     "(e.g. --lora 16)")
   train_cfg = TrainConfig().override({"data.batch_size": batch, "data.seq_len": seq,
                                       "optimizer.grad_accum": grad_accum, "lora.rank": lora_rank,
-                                      "lora.base_quantize": base_quantize})
+                                      "lora.base_quantize": base_quantize,
+                                      "data.format": "preference" if dpo else "text"})
   if lora_rank is not None:  # LoRA: checked before compiling
     from mixtral_jax.lora import validate  # noqa: PLC0415
     validate(train_cfg.lora, cfg)
@@ -229,11 +246,11 @@ def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1,
              "dcn_ideal_compute_dtype_bytes": ideal_compute, "dcn_ops": traffic["ops"], "partition_slices": slices}
   figures.pop("collectives", None)  # per-instruction detail: --dump-hlo has it all
   lora = train_cfg.lora if lora_rank is not None else None
-  expected = analytic(cfg, mesh, batch, seq, grad_accum, lora)
+  expected = analytic(cfg, mesh, batch, seq, grad_accum, lora, dpo)
   # Recompute factor: compiled FLOPs over the analytic FLOPs of the same step without remat (which the
   # analytic count matches within a few percent; compiling a second, no-remat program would double the
   # compile time, and at full size it often does not fit, so the compiler gives no FLOPs for it).
-  no_remat = analytic(cfg.replace(remat="none"), mesh, batch, seq, grad_accum, lora)["flops"]
+  no_remat = analytic(cfg.replace(remat="none"), mesh, batch, seq, grad_accum, lora, dpo)["flops"]
   if "flops" in figures and no_remat:
     figures["recompute_factor"] = figures["flops"] / no_remat
     if expected["attention"] in KERNEL_ATTENTION and figures.get("kernels"):
@@ -256,10 +273,13 @@ def train_main(args, count: int) -> int:
   remat_policy(cfg.remat, devices)  # offload needs pinned host memory on the target
   mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
   out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum, lora_rank=args.lora,
-             base_quantize=getattr(args, "base_quantize", None), dump_hlo=args.dump_hlo)
+             base_quantize=getattr(args, "base_quantize", None), dpo=getattr(args, "dpo", False),
+             dump_hlo=args.dump_hlo)
   c, a = out["compiled"], out["analytic"]
-  print(header(args, cfg, mesh, f"batch {args.batch} x {args.seq}, {args.grad_accum} microbatch(es), "
-                                 f"remat {cfg.remat}") + f"; compiled in {out['compile_seconds']:.1f} s")
+  rows = (f"DPO, batch {args.batch} pairs ({2 * args.batch} rows) x {args.seq}" if getattr(args, "dpo", False)
+          else f"batch {args.batch} x {args.seq}")
+  print(header(args, cfg, mesh, f"{rows}, {args.grad_accum} microbatch(es), remat {cfg.remat}")
+        + f"; compiled in {out['compile_seconds']:.1f} s")
   device = topology.device_memory(args.device, list(mesh.devices.flat))
   tips = topology.advice(c["peak_bytes"] / GiB, device[1], mesh_sizes=dict(mesh.shape), remat=cfg.remat,
                          grad_accum=args.grad_accum, batch=args.batch) if device else []
@@ -279,6 +299,9 @@ def train_main(args, count: int) -> int:
             ("all-to-all GiB per step", c["all_to_all_bytes"] / GiB, a["all_to_all_bytes"] / GiB)]
     for name, got, want in rows:
       print(f"  {name:<30}{got:12.3f}{want:12.3f}")
+    if a["reference_forward_flops"]:
+      print(f"  of which the DPO reference forward (adapters off, no backward): {a['reference_forward_flops'] / 1e12:.3f} "
+            "TFLOPs analytic")
     print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB; recompute "
           f"factor {c.get('recompute_factor', float('nan')):.3f}x (compiled FLOPs / analytic FLOPs without remat)")
     if "recompute_factor_outside_attention" in c:
@@ -316,5 +339,6 @@ def train_main(args, count: int) -> int:
     with open(args.json, "w") as f:
       json.dump({"preset": args.preset, "mesh": format_mesh(mesh), "topology": args.topology,
                  "device": verdict, "lora_rank": args.lora, "base_quantize": getattr(args, "base_quantize", None),
+                 "dpo": getattr(args, "dpo", False),
                  **out}, f, indent=2)
   return 0

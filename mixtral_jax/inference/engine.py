@@ -197,7 +197,7 @@ class Engine:
           zeros = np.zeros((self.B, C), np.int32)
           _, self.cache = self._prefill(self.state, zeros, zeros, zeros.astype(bool), self.cache, None,
                                         np.zeros(self.B, bool), np.zeros(self.B, np.int32),
-                                        self._settings([None] * self.B))
+                                        self._settings([None] * self.B), self.layers)
           C *= 2
     self.metrics = Metrics()
 
@@ -272,7 +272,7 @@ class Engine:
     reqs = [self.slots[b] if b in chunks else None for b in order]
     rows_R = np.asarray(order, np.int32) if R == 1 else None
     tokens, self.cache = self._prefill(self.state, ids, positions, valid, self.cache, rows_R, reset, last,
-                                       self._settings(reqs))
+                                       self._settings(reqs), self.layers)
     tokens = np.asarray(tokens)
     for r, b in enumerate(order):
       if b in chunks:

@@ -74,7 +74,7 @@ def run_tree(tree: str, path: str) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--base", required=True, help="the other tree (with its own .venv)")
+  p.add_argument("--base", help="the other tree (with its own .venv); required")
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--out-dir", default="/tmp/engine-ab")
   p.add_argument("--child", help=argparse.SUPPRESS)
@@ -82,6 +82,8 @@ def main():
   if args.child:
     print("RESULT " + json.dumps(child(args.child)), flush=True)
     return
+  if not args.base:
+    p.error("--base TREE is required")
   new = os.path.dirname(HERE)
   path = os.path.join(args.out_dir, "bench-small")
   if not os.path.exists(path):

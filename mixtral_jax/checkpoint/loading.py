@@ -159,18 +159,34 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
     factors = lora_merge.load_factors(adapter, cfg)  # checked against this base before any weight is read
   mesh = _mesh(mesh, cfg)
   shapes, _ = our_shapes(cfg)
+  cfg, read_block, finite = _block_reader(found, cfg, shapes, allow_nonfinite, param_dtype)
+  arrays = _read_arrays(cfg, shapes, read_block, finite, _shardings(cfg, mesh, quantize), quantize, factors)
+  return _merge(cfg, arrays, quantize)
+
+
+def _block_reader(found: formats.Found, cfg: MixtralConfig, shapes, allow_nonfinite: bool, param_dtype):
+  """(the config, ``read_block(key, index, dtype)`` reading one block of a stored parameter, the finite
+  check that counts what was read) for a checkpoint of any format. Orbax storage is checked by its
+  verifying reader (shapes checked first); a foreign checkpoint goes through its validated plan, and a
+  consolidated one takes its parameter dtype from its tensors when none is given."""
   finite = integrity.FiniteCheck(found.directory, allow=allow_nonfinite)
   if found.kind == "orbax":
     reader = integrity.VerifiedReader(found.params, allow_nonfinite=allow_nonfinite)  # names damaged storage
     check_orbax_shapes(found.params, shapes, found.config)
     finite = integrity.FiniteCheck(found.directory, allow=True)  # the reader checks; not counted twice
     read_block = lambda key, idx, dtype: np.asarray(reader.read(key, tuple(idx))).astype(dtype)  # noqa: E731
-  else:
-    plan = open_plan(found, cfg)
-    if found.kind == "consolidated" and param_dtype is None:  # params.json does not say; the tensors do
-      cfg = cfg.replace(param_dtype=str(jnp.dtype(plan.dtype())))
-    read_block = lambda key, idx, dtype: finite.add(".".join(key), plan.read(key, idx, dtype=dtype))  # noqa: E731
-  shardings = _shardings(cfg, mesh, quantize)
+    return cfg, read_block, finite
+  plan = open_plan(found, cfg)
+  if found.kind == "consolidated" and param_dtype is None:  # params.json does not say; the tensors do
+    cfg = cfg.replace(param_dtype=str(jnp.dtype(plan.dtype())))
+  read_block = lambda key, idx, dtype: finite.add(".".join(key), plan.read(key, idx, dtype=dtype))  # noqa: E731
+  return cfg, read_block, finite
+
+
+def _read_arrays(cfg: MixtralConfig, shapes, read_block, finite, shardings, quantize, factors) -> dict:
+  """Every parameter created on its devices from ``read_block``: a quantization site without an
+  adapter is quantized as it is read (one layer at a time); an adapted weight is read in full, merged
+  with its LoRA factors, then quantized if it is a site."""
   targets = _leaves(cfg, quantize)
   sites = quantize_lib.site_axes(quantize) if quantize else {}
   dt = jnp.dtype(cfg.param_dtype)
@@ -194,7 +210,7 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None, ad
       q, extras = quantize_lib.quantize_form_into(arrays[key], axes, quantize, shardings[key],
                                                   tuple(shardings[k] for k in keys[1:]))
       arrays.update(zip(keys, (q, *extras.values())))
-  return _merge(cfg, arrays, quantize)
+  return arrays
 
 
 def _leaves(cfg: MixtralConfig, quantize: str | None) -> dict[Key, tuple[tuple[int, ...], jnp.dtype]]:

@@ -91,20 +91,11 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
   weight matmul costs 3x its forward (forward, input gradient, weight gradient). LoRA (``lora``, a
   ``LoraSection``): the frozen base in the compute dtype with no gradient and no optimizer state, fp32
   adapters with AdamW; a base matmul costs 2x its forward (no weight gradient), an adapter's 3x."""
-  pbytes = np.dtype(cfg.param_dtype).itemsize
   cbytes = np.dtype(cfg.dtype).itemsize
-  if lora is None:
-    params = trained = _state_bytes(nnx.state(abstract_model(cfg), nnx.Param), mesh, pbytes)
-    base = 0.0  # no frozen weights
-  else:
-    adapters, frozen = _lora_states(cfg, lora)
-    base = _state_bytes(frozen, mesh, None)  # compute dtype, or the quantized form's codes and scales
-    trained = _state_bytes(adapters, mesh, 4)
-    params = base + trained
-
-  D, F, E, k, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
-                      cfg.num_hidden_layers, cfg.vocab_size)
-  N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+  params, base, trained = _param_bytes(cfg, mesh, lora)
+  D, F, E, k, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
+                   cfg.num_hidden_layers)
+  N = cfg.num_attention_heads
   devices = mesh.size
   batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
   tp = mesh.shape["tensor"]
@@ -120,17 +111,8 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
   # Keys each query is scored against: all T for dense (masked, not skipped); the kernels skip the
   # blocks above the diagonal, about (T + block) / 2 on average.
   keys = seq if attention == "dense" else min(seq, (seq + block) / 2)
-  per_token_layer = (2 * D * (N * H + 2 * K * H) + 2 * N * H * D  # q, k, v, o projections
-                     + 2 * 2 * N * H * keys  # scores and weighted values
-                     + 2 * D * E  # router
-                     + routed * 2 * 3 * D * F)  # expert FFNs
-  forward = batch * seq * (L * per_token_layer + 2 * D * V)
   passes = 3 + (cfg.remat == "full")  # backward is two forwards; full remat recomputes the forward
-  flops = forward * passes
-  if lora is not None:  # frozen weight matmuls lose their weight-gradient pass; the adapters add theirs
-    from mixtral_jax.lora.spec import adapter_params  # noqa: PLC0415
-    weights = forward - batch * seq * L * 2 * 2 * N * H * keys  # all but the scores
-    flops = forward * passes - weights + batch * seq * 2 * adapter_params(cfg, lora, active=True) * passes
+  flops = _step_flops(cfg, batch * seq, keys, routed, passes, lora)
 
   remat_saved = L * micro_local * seq * D * cbytes  # the residual stream entering each layer
   # One layer's f32 attention scores: [T, S] per head for dense, a [T, block] strip for the kernels.
@@ -148,6 +130,37 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
       "tokens_per_device": n_local * grad_accum,
       "attention": attention,
   }
+
+
+def _param_bytes(cfg: MixtralConfig, mesh, lora) -> tuple[float, float, float]:
+  """Per device: (all parameters, the frozen base (0 without LoRA), the trained ones). Full fine-tuning
+  trains everything in ``param_dtype``; LoRA freezes the base in the compute dtype (or its quantized
+  form's codes and scales) and trains fp32 adapters."""
+  if lora is None:
+    trained = _state_bytes(nnx.state(abstract_model(cfg), nnx.Param), mesh, np.dtype(cfg.param_dtype).itemsize)
+    return trained, 0.0, trained
+  adapters, frozen = _lora_states(cfg, lora)
+  base = _state_bytes(frozen, mesh, None)
+  trained = _state_bytes(adapters, mesh, 4)
+  return base + trained, base, trained
+
+
+def _step_flops(cfg: MixtralConfig, tokens: int, keys: float, routed: float, passes: int, lora) -> float:
+  """FLOPs of one step over ``tokens`` tokens, all devices: the forward (projections, attention scores
+  over ``keys`` keys per query, router, ``routed`` expert rows per token, LM head) times ``passes``;
+  with LoRA the frozen weight matmuls lose their weight-gradient pass and the adapters add theirs."""
+  D, F, E, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_hidden_layers, cfg.vocab_size
+  N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+  per_token_layer = (2 * D * (N * H + 2 * K * H) + 2 * N * H * D  # q, k, v, o projections
+                     + 2 * 2 * N * H * keys  # scores and weighted values
+                     + 2 * D * E  # router
+                     + routed * 2 * 3 * D * F)  # expert FFNs
+  forward = tokens * (L * per_token_layer + 2 * D * V)
+  if lora is None:
+    return forward * passes
+  from mixtral_jax.lora.spec import adapter_params  # noqa: PLC0415
+  weights = forward - tokens * L * 2 * 2 * N * H * keys  # all but the scores
+  return forward * passes - weights + tokens * 2 * adapter_params(cfg, lora, active=True) * passes
 
 
 def attention_choice(cfg: MixtralConfig, mesh, seq: int) -> str:
@@ -254,48 +267,10 @@ def train_main(args, count: int) -> int:
   tips = topology.advice(c["peak_bytes"] / GiB, device[1], mesh_sizes=dict(mesh.shape), remat=cfg.remat,
                          grad_accum=args.grad_accum, batch=args.batch) if device else []
   if c.get("oom"):
-    print(f"does not fit: the TPU compiler needs {c['temp_bytes'] / GiB:.2f} GiB of temporaries, plus "
-          f"{(c['peak_bytes'] - c['temp_bytes']) / GiB:.2f} GiB of arguments, of {c['available_bytes'] / GiB:.2f} GiB "
-          f"HBM per device")
-    print(f"  compiler: {c['message']}")
-    print(f"  analytic: parameters {a['param_bytes'] / GiB:.2f} GiB, optimizer state {a['opt_bytes'] / GiB:.2f} GiB, "
-          f"temporaries {a['temp_bytes'] / GiB:.2f} GiB per device")
+    _print_oom(c, a)
   else:
-    print(f"per device{'':22}{'compiled':>12}{'analytic':>12}")
-    rows = [("parameters (GiB)", c["param_bytes"] / GiB, a["param_bytes"] / GiB),
-            ("optimizer state (GiB)", c["opt_bytes"] / GiB, a["opt_bytes"] / GiB),
-            ("temporaries (GiB)", c["temp_bytes"] / GiB, a["temp_bytes"] / GiB),
-            ("TFLOPs per step", c["flops"] / 1e12, a["flops"] / 1e12),
-            ("all-to-all GiB per step", c["all_to_all_bytes"] / GiB, a["all_to_all_bytes"] / GiB)]
-    for name, got, want in rows:
-      print(f"  {name:<30}{got:12.3f}{want:12.3f}")
-    print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB; recompute "
-          f"factor {c.get('recompute_factor', float('nan')):.3f}x (compiled FLOPs / analytic FLOPs without remat)")
-    if "dcn_bytes" in out:
-      for line in dcn.dcn_lines({"dcn_bytes": out["dcn_bytes"], "ops": out["dcn_ops"]}, out["dcn_ideal_bytes"],
-                                out["dcn_ideal_compute_dtype_bytes"], cfg.param_dtype, cfg.dtype):
-        print(line)
-    if c["cost_analysis_flops"] is not None:
-      print(f"  XLA cost_analysis: {c['cost_analysis_flops'] / 1e12:.3f} TFLOPs (each loop body counted once: the "
-            f"layer scan, microbatch scan and loss chunks run many times; the row above weights them)")
-    if c["ragged_all_to_all_ops"]:
-      print(f"  ragged-all-to-all: {c['ragged_all_to_all_ops']} per step, worst-case buffers "
-            f"{c['ragged_all_to_all_buffer_bytes'] / GiB:.3f} GiB (the traffic itself follows the routing)")
-    for line in kernel_lines(c, ragged=False):  # the ragged all-to-all line above has the count
-      print(line)
-    print("  (analytic temporaries: gradients and update plus a rough sum of saved residuals, one layer's attention "
-          "scores and MoE buffers; all-to-all counts forward, remat and backward exchanges)")
-    if mesh.devices.flat[0].platform == "cpu" and cfg.dtype == "bfloat16" and c["all_to_all_bytes"]:
-      print("  note: XLA:CPU carries bfloat16 all-to-alls as float32, so the compiled bytes here are twice "
-            "what TPU/GPU send")
-    if "while-loop-invariant-code-motion" in os.environ.get("XLA_FLAGS", ""):
-      print("  note: simulated with XLA:CPU's loop-invariant code motion off (it hoists f32 copies of whole "
-            "stacked bf16 operands out of the layer scan, which GPU/TPU programs do not hold)")
-    if c.get("unknown_trip_scale"):
-      print(f"  note: {c['unknown_trip_loops']} blockwise-attention loop(s) over live key blocks counted at "
-            f"{c['unknown_trip_scale']:.2f} trips, the average for causal rows of one document each")
-    elif c["unknown_trip_loops"]:
-      print(f"  note: {c['unknown_trip_loops']} loop(s) with data-dependent trip counts were counted once")
+    _print_table(out, cfg)
+    _print_notes(c, cfg, mesh)
   lines, verdict = fit_lines(c["peak_bytes"], device, tips)
   for line in lines:
     print(line)
@@ -305,3 +280,58 @@ def train_main(args, count: int) -> int:
                  "device": verdict, "lora_rank": args.lora, "base_quantize": getattr(args, "base_quantize", None),
                  **out}, f, indent=2)
   return 0
+
+
+def _print_oom(c: dict, a: dict) -> None:
+  """What the TPU compiler refused, beside the analytic parameters, optimizer state and temporaries."""
+  print(f"does not fit: the TPU compiler needs {c['temp_bytes'] / GiB:.2f} GiB of temporaries, plus "
+        f"{(c['peak_bytes'] - c['temp_bytes']) / GiB:.2f} GiB of arguments, of {c['available_bytes'] / GiB:.2f} GiB "
+        f"HBM per device")
+  print(f"  compiler: {c['message']}")
+  print(f"  analytic: parameters {a['param_bytes'] / GiB:.2f} GiB, optimizer state {a['opt_bytes'] / GiB:.2f} GiB, "
+        f"temporaries {a['temp_bytes'] / GiB:.2f} GiB per device")
+
+
+def _print_table(out: dict, cfg: MixtralConfig) -> None:
+  """The compiled figures beside the analytic ones, the peak and recompute factor, and DCN traffic."""
+  c, a = out["compiled"], out["analytic"]
+  print(f"per device{'':22}{'compiled':>12}{'analytic':>12}")
+  rows = [("parameters (GiB)", c["param_bytes"] / GiB, a["param_bytes"] / GiB),
+          ("optimizer state (GiB)", c["opt_bytes"] / GiB, a["opt_bytes"] / GiB),
+          ("temporaries (GiB)", c["temp_bytes"] / GiB, a["temp_bytes"] / GiB),
+          ("TFLOPs per step", c["flops"] / 1e12, a["flops"] / 1e12),
+          ("all-to-all GiB per step", c["all_to_all_bytes"] / GiB, a["all_to_all_bytes"] / GiB)]
+  for name, got, want in rows:
+    print(f"  {name:<30}{got:12.3f}{want:12.3f}")
+  print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB; recompute "
+        f"factor {c.get('recompute_factor', float('nan')):.3f}x (compiled FLOPs / analytic FLOPs without remat)")
+  if "dcn_bytes" in out:
+    for line in dcn.dcn_lines({"dcn_bytes": out["dcn_bytes"], "ops": out["dcn_ops"]}, out["dcn_ideal_bytes"],
+                              out["dcn_ideal_compute_dtype_bytes"], cfg.param_dtype, cfg.dtype):
+      print(line)
+
+
+def _print_notes(c: dict, cfg: MixtralConfig, mesh) -> None:
+  """What to know reading the table: XLA's own FLOP count, ragged all-to-alls, kernels, and the
+  simulation's known differences from TPU/GPU programs."""
+  if c["cost_analysis_flops"] is not None:
+    print(f"  XLA cost_analysis: {c['cost_analysis_flops'] / 1e12:.3f} TFLOPs (each loop body counted once: the "
+          f"layer scan, microbatch scan and loss chunks run many times; the row above weights them)")
+  if c["ragged_all_to_all_ops"]:
+    print(f"  ragged-all-to-all: {c['ragged_all_to_all_ops']} per step, worst-case buffers "
+          f"{c['ragged_all_to_all_buffer_bytes'] / GiB:.3f} GiB (the traffic itself follows the routing)")
+  for line in kernel_lines(c, ragged=False):  # the ragged all-to-all line above has the count
+    print(line)
+  print("  (analytic temporaries: gradients and update plus a rough sum of saved residuals, one layer's attention "
+        "scores and MoE buffers; all-to-all counts forward, remat and backward exchanges)")
+  if mesh.devices.flat[0].platform == "cpu" and cfg.dtype == "bfloat16" and c["all_to_all_bytes"]:
+    print("  note: XLA:CPU carries bfloat16 all-to-alls as float32, so the compiled bytes here are twice "
+          "what TPU/GPU send")
+  if "while-loop-invariant-code-motion" in os.environ.get("XLA_FLAGS", ""):
+    print("  note: simulated with XLA:CPU's loop-invariant code motion off (it hoists f32 copies of whole "
+          "stacked bf16 operands out of the layer scan, which GPU/TPU programs do not hold)")
+  if c.get("unknown_trip_scale"):
+    print(f"  note: {c['unknown_trip_loops']} blockwise-attention loop(s) over live key blocks counted at "
+          f"{c['unknown_trip_scale']:.2f} trips, the average for causal rows of one document each")
+  elif c["unknown_trip_loops"]:
+    print(f"  note: {c['unknown_trip_loops']} loop(s) with data-dependent trip counts were counted once")

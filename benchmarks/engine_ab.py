@@ -1,7 +1,7 @@
 """A/B of generation between two source trees in one run: decode at batch 1 and 16, the server at 16
 clients, and ``generate`` on serve.py's static batch of 16, alternating the trees round by round.
 
-  python benchmarks/engine_ab.py --base /tmp/base [--rounds 2] [--out-dir /tmp/engine-ab]
+  python benchmarks/engine_ab.py --base /tmp/base [--rounds 2] [--figures all|serve] [--out-dir /tmp/engine-ab]
 
 Each tree runs in its own child process with its own virtual environment's Python (``TREE/.venv``,
 which imports ``mixtral_jax`` from TREE), in the order base, new, new, base, ... so that load changes
@@ -32,8 +32,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NEW = 65  # tokens per decode measurement (64 decode steps after the first token)
 
 
-def child(path: str) -> dict:
-  """The measurements of the tree this Python imports (see the module docstring)."""
+def child(path: str, figures: str) -> dict:
+  """The measurements of the tree this Python imports (see the module docstring); ``figures``: "all",
+  or "serve" for the server and static ``generate`` only."""
   import numpy as np  # noqa: PLC0415
 
   import mixtral_jax  # noqa: PLC0415
@@ -44,7 +45,7 @@ def child(path: str) -> dict:
   out = {"load": os.getloadavg()[0], "tree": os.path.dirname(os.path.dirname(mixtral_jax.__file__))}
   model = mixtral_jax.from_pretrained(path)
   rng = np.random.RandomState(0)
-  for B in (1, 16):
+  for B in (1, 16) if figures == "all" else ():
     prompts = [rng.randint(100, 30000, 128).tolist() for _ in range(B)]
     times = {}
     for n in (1, NEW):
@@ -60,9 +61,10 @@ def child(path: str) -> dict:
   return out
 
 
-def run_tree(tree: str, path: str) -> dict:
+def run_tree(tree: str, path: str, figures: str) -> dict:
   python = os.path.join(tree, ".venv", "bin", "python")
-  proc = subprocess.run([python, os.path.abspath(__file__), "--child", path], capture_output=True, text=True,
+  proc = subprocess.run([python, os.path.abspath(__file__), "--child", path, "--figures", figures],
+                        capture_output=True, text=True,
                         cwd=tree, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
   if proc.returncode or not lines:
@@ -77,10 +79,12 @@ def main():
   p.add_argument("--base", help="the other tree (with its own .venv); required")
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--out-dir", default="/tmp/engine-ab")
+  p.add_argument("--figures", choices=("all", "serve"), default="all",
+                 help="serve: only the server at 16 clients and static generate (not decode)")
   p.add_argument("--child", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
-    print("RESULT " + json.dumps(child(args.child)), flush=True)
+    print("RESULT " + json.dumps(child(args.child, args.figures)), flush=True)
     return
   if not args.base:
     p.error("--base TREE is required")
@@ -93,8 +97,8 @@ def main():
   runs = {"base": [], "new": []}
   for r in range(args.rounds):
     for name in (("base", "new") if r % 2 == 0 else ("new", "base")):
-      runs[name].append(run_tree(args.base if name == "base" else new, path))
-  keys = ("decode_b1", "decode_b16", "generate16", "serve16")
+      runs[name].append(run_tree(args.base if name == "base" else new, path, args.figures))
+  keys = ("decode_b1", "decode_b16", "generate16", "serve16")[0 if args.figures == "all" else 2:]
   med = {name: {k: statistics.median(x[k] for x in rs) for k in keys} for name, rs in runs.items()}
   print("\n| figure (tokens/s) | base | new | new / base |\n|---|---|---|---|")
   for k in keys:

@@ -7,6 +7,7 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 import mixtral_jax as mj
@@ -80,3 +81,22 @@ def test_chunks_overlap_and_tokens_equal_a_cacheless_recomputation():
   pairs = list(zip(events, events[1:]))
   assert ("dispatch", "dispatch") in pairs, f"no chunk was dispatched before the last one was read: {events}"
   assert events.count("read") <= events.count("dispatch")
+
+
+@pytest.mark.slow
+def test_requests_joining_a_decoding_batch_equal_a_cacheless_recomputation():
+  """Three requests join while one decodes: their prompts run as one prefill of 4 rows cut out of the
+  8-row cache (the fourth a decoding row, which must come back unchanged), then all decode together."""
+  rng = np.random.default_rng(5)
+  prompts = [[int(t) for t in rng.integers(3, 1000, n)] for n in (12, 5, 16, 2)]
+  limits = [20, 9, 6, 11]
+  engine = Engine(_model(), max_batch=8, max_context=WIDTH, prefill_chunk=16)
+  requests = [Request(p, n, lambda *_: None, lambda *_: None) for p, n in zip(prompts, limits)]
+  engine.submit(requests[0])
+  for _ in range(3):  # its prefill, then decode chunks
+    engine.step()
+  assert 0 < len(requests[0].row.tokens) < limits[0]
+  for req in requests[1:]:
+    engine.submit(req)
+  engine.run_until_done()
+  assert [req.row.tokens for req in requests] == [_reference(p, n) for p, n in zip(prompts, limits)]

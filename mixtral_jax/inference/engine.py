@@ -11,8 +11,9 @@ One thread runs the loop; each iteration:
   3. Prefill: every row still reading its prompt runs its next chunk of at most ``prefill_chunk``
      tokens (right-padded to a power of two >= 16, so few shapes compile; positions reset to -1 on
      the first chunk, so a reused row forgets its last request), all in one call of the prefill
-     program (:mod:`mixtral_jax.inference.programs`): one row alone is cut out of the shared cache and
-     written back; two or more run over the whole cache in place, the other rows masked out. A long
+     program (:mod:`mixtral_jax.inference.programs`): R rows (their count rounded up to a power of
+     two, padded with other rows that write nothing) are cut out of the shared cache and written
+     back, or, when R reaches B, all rows run over the whole cache in place. A long
      prompt thus takes several iterations, with decode steps for the others in between. The last
      chunk samples the request's first token, and the row joins the decode batch.
   4. Decode: one compiled program for all B rows (rows not decoding are masked out, so they write
@@ -175,7 +176,8 @@ class Engine:
       self._thread.join(timeout=30)
 
   def warmup(self, prompt_lengths=(1,)) -> None:
-    """Compiles the prefill chunk shapes needed by prompts of these lengths, and the decode step."""
+    """Compiles the prefill chunk shapes needed by prompts of these lengths, the decode step, and (fixed
+    rows) the prefill of every row count and chunk width a server meets."""
     for n in prompt_lengths:
       done = threading.Event()
       self.submit(Request([self.cfg.bos_token_id] * n, 2, lambda *_: None, lambda *_: done.set()))
@@ -190,15 +192,17 @@ class Engine:
         for R in self.runner.sizes:
           self._sample(jnp.zeros((R, self.cfg.vocab_size), jnp.float32), self._settings([None] * R),
                        np.zeros(R, np.int32))
-    elif self.B > 1:  # the batch prefill (two or more rows at once), every chunk width, writing nothing
+    else:  # the prefill of every row count (1, 2, 4, ... cut out; B in place), every chunk width, writing nothing
       with mesh_context(self.mesh):
-        C = 16
-        while C <= min(self.prefill_chunk, bucket(self.max_context, 16)):
-          zeros = np.zeros((self.B, C), np.int32)
-          _, self.cache = self._prefill(self.state, zeros, zeros, zeros.astype(bool), self.cache, None,
-                                        np.zeros(self.B, bool), np.zeros(self.B, np.int32),
-                                        self._settings([None] * self.B), self.layers)
-          C *= 2
+        for R in sorted({min(1 << i, self.B) for i in range(self.B.bit_length() + 1)}):
+          C = 16
+          while C <= min(self.prefill_chunk, bucket(self.max_context, 16)):
+            zeros = np.zeros((R, C), np.int32)
+            rows_R = np.arange(R, dtype=np.int32) if R < self.B else None
+            _, self.cache = self._prefill(self.state, zeros, zeros, zeros.astype(bool), self.cache, rows_R,
+                                          np.zeros(R, bool), np.zeros(R, np.int32), self._settings([None] * R),
+                                          self.layers)
+            C *= 2
     self.metrics = Metrics()
 
   # ------------------------------------------------------------------------------ the loop
@@ -255,12 +259,23 @@ class Engine:
     return RowSettings.of([(r.temperature, r.top_k, r.top_p, r.seed, r.index) if r else (0.0, 0, 1.0, 0, 0)
                            for r in reqs])
 
+  def _prefill_order(self, rows: list[int]) -> list[int]:
+    """The cache rows one prefill call runs for the prefilling ``rows``: R = their count rounded up to a
+    power of two; all B rows in place when R reaches B, else ``rows`` and R - len(rows) other rows,
+    cut out of the cache and written back (distinct rows, so none is written back twice; the others pass
+    no valid column, so they come back as they were). Why not always all B in place: a prefill costs
+    its rows times its columns, and 2 of 16 rows joining would pay for 16."""
+    R = bucket(len(rows))
+    if R >= self.B:
+      return list(range(self.B))
+    return list(rows) + [b for b in range(self.B) if b not in rows][:R - len(rows)]
+
   def _prefill_rows(self, rows: list[int]) -> None:
-    """The next prompt chunk of each row in ``rows`` in one prefill call: that row alone, cut out of
-    the cache, or (two or more) all B rows in place with the others masked out."""
+    """The next prompt chunk of each row in ``rows`` in one prefill call over the rows of
+    :meth:`_prefill_order`, the others masked out."""
     chunks = {b: self.slots[b].prompt[self.prefilled[b]:self.prefilled[b] + self.prefill_chunk] for b in rows}
     C = min(bucket(max(map(len, chunks.values())), 16), self.prefill_chunk)
-    order = rows if len(rows) == 1 else list(range(self.B))
+    order = self._prefill_order(rows)
     R = len(order)
     ids, valid = np.zeros((R, C), np.int32), np.zeros((R, C), bool)
     positions, reset, last = np.zeros((R, C), np.int32), np.zeros(R, bool), np.zeros(R, np.int32)
@@ -270,7 +285,7 @@ class Engine:
         ids[r, :n], valid[r, :n], positions[r] = chunks[b], True, start + np.arange(C)
         reset[r], last[r] = start == 0, n - 1
     reqs = [self.slots[b] if b in chunks else None for b in order]
-    rows_R = np.asarray(order, np.int32) if R == 1 else None
+    rows_R = np.asarray(order, np.int32) if R < self.B else None
     tokens, self.cache = self._prefill(self.state, ids, positions, valid, self.cache, rows_R, reset, last,
                                        self._settings(reqs), self.layers)
     tokens = np.asarray(tokens)

@@ -54,6 +54,7 @@ class _Recorded:
     return np.asarray(self.array, dtype)
 
 
+@pytest.mark.slow
 def test_chunks_overlap_and_tokens_equal_a_cacheless_recomputation():
   rng = np.random.default_rng(4)
   prompts = [[int(t) for t in rng.integers(3, 1000, n)] for n in (9, 3, 14)]

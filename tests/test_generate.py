@@ -47,6 +47,7 @@ def greedy(models):
   return generate(model, PROMPTS, NEW, eos_id=None)
 
 
+@pytest.mark.slow
 def test_greedy_batch1_matches_transformers(models):
   hf, _, model = models
   got = generate(model, [PROMPTS[0]], NEW, eos_id=None)
@@ -220,6 +221,7 @@ def test_moe_with_expert_views_up_to_one_block_equals_the_blocked_kernel(models)
 # ------------------------------------------------------------------------------ mesh
 
 
+@pytest.mark.slow
 def test_expert_parallel_mesh_matches_one_device(models, greedy):
   _, path, _ = models
   model = mixtral_jax.from_pretrained(path, mesh="data=2,expert=4")

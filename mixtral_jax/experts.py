@@ -239,25 +239,7 @@ def _blocked_bwd_impl(block, res, dy_MD):
         rb = jax.lax.dynamic_slice_in_dim(rp, r0, block)
         a1 = jax.lax.dynamic_slice_in_dim(a1_all, r0, block)
         a3 = jax.lax.dynamic_slice_in_dim(a3_all, r0, block)
-        sig = jax.nn.sigmoid(a1)
-        silu = a1 * sig
-        h = silu * a3
-        dab = dict(dab)
-        dh = dyb @ w2.T
-        if "w2" in dab:
-          dh_a, dA, dB = _lowrank_bwd(lo, "w2", h, dyb, rb)
-          dh, dab["w2"] = dh + dh_a, (dab["w2"][0] + dA, dab["w2"][1] + dB)
-        da3 = dh * silu
-        da1 = dh * a3 * (sig * (1 + a1 * (1 - sig)))  # d silu(a) / da
-        dxb = da1 @ w1.T + da3 @ w3.T
-        for t, da in (("w1", da1), ("w3", da3)):
-          if t in dab:
-            dx_a, dA, dB = _lowrank_bwd(lo, t, xb, da, rb)
-            dxb, dab[t] = dxb + dx_a, (dab[t][0] + dA, dab[t][1] + dB)
-        if dw is not None:  # the base weights' gradients, only when they are differentiated
-          dw = (dw[0] + jnp.einsum("bd,bf->df", xb, da1, preferred_element_type=f32),
-                dw[1] + jnp.einsum("bd,bf->df", xb, da3, preferred_element_type=f32),
-                dw[2] + jnp.einsum("bf,bd->fd", h, dyb, preferred_element_type=f32))
+        dxb, dw, dab = _block_bwd((w1, w3, w2), lo, xb, dyb, rb, a1, a3, dw, dab)
         dx = jax.lax.dynamic_update_slice_in_dim(
             dx, jnp.where(keep, dxb, jax.lax.dynamic_slice_in_dim(dx, r0, block)), r0, 0)
         return j + 1, dx, dw, dab
@@ -272,14 +254,47 @@ def _blocked_bwd_impl(block, res, dy_MD):
     dws.append(dw)
     dlora.append(dab)
 
+  return dx[:M], *_stack_grads(dws, dlora, (w1_EDF, w3_EDF, w2_EFD), lora, targets, need_w)
+
+
+def _block_bwd(ws, lo, xb, dyb, rb, a1, a3, dw, dab):
+  """One block's backward through y = (silu(a1) * a3) W2 (+ adapters), with a1 = x W1 and a3 = x W3
+  saved by the forward: (dx of the block, the running base-weight gradients ``dw`` plus this block's
+  (None when not differentiated), the running adapter gradients ``dab`` plus this block's)."""
+  w1, w3, w2 = ws
+  sig = jax.nn.sigmoid(a1)
+  silu = a1 * sig
+  h = silu * a3
+  dab = dict(dab)
+  dh = dyb @ w2.T
+  if "w2" in dab:
+    dh_a, dA, dB = _lowrank_bwd(lo, "w2", h, dyb, rb)
+    dh, dab["w2"] = dh + dh_a, (dab["w2"][0] + dA, dab["w2"][1] + dB)
+  da3 = dh * silu
+  da1 = dh * a3 * (sig * (1 + a1 * (1 - sig)))  # d silu(a) / da
+  dxb = da1 @ w1.T + da3 @ w3.T
+  for t, da in (("w1", da1), ("w3", da3)):
+    if t in dab:
+      dx_a, dA, dB = _lowrank_bwd(lo, t, xb, da, rb)
+      dxb, dab[t] = dxb + dx_a, (dab[t][0] + dA, dab[t][1] + dB)
+  if dw is not None:  # the base weights' gradients, only when they are differentiated
+    dw = (dw[0] + jnp.einsum("bd,bf->df", xb, da1, preferred_element_type=f32),
+          dw[1] + jnp.einsum("bd,bf->df", xb, da3, preferred_element_type=f32),
+          dw[2] + jnp.einsum("bf,bd->fd", h, dyb, preferred_element_type=f32))
+  return dxb, dw, dab
+
+
+def _stack_grads(dws, dlora, weights, lora, targets, need_w):
+  """The per-expert gradients stacked back into the weights' [E, ...] layout and dtypes: (dW1, dW3,
+  dW2) (Nones when not differentiated) and the adapters' gradients as an ExpertLoRA (or None)."""
   stack = lambda ws, like: jnp.stack(ws).astype(like.dtype)  # noqa: E731
   dW = (None, None, None) if need_w is None else tuple(
-      stack([d[i] for d in dws], w) for i, w in enumerate((w1_EDF, w3_EDF, w2_EFD)))
+      stack([d[i] for d in dws], w) for i, w in enumerate(weights))
   dL = None
   if lora is not None:
     dL = dataclasses.replace(lora, key=None, **{
         t: tuple(stack([d[t][i] for d in dlora], lora.get(t)[i]) for i in range(2)) for t in targets})
-  return dx[:M], dW, dL
+  return dW, dL
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

@@ -15,7 +15,8 @@ row has finished. So generation has one prefill program, one decode program and 
      last chunk samples its first new token from its last prompt column only.
   3. Decode: a jitted loop of up to MAX_CHUNK steps per device call (one token per row, the cache
      donated so it is updated in place), the chunk length traced (one compilation) and adapted to
-     about CHUNK_SECONDS of device time, so tokens still stream in small bursts. On a single CPU
+     about CHUNK_SECONDS of device time, so tokens still stream in small bursts; the next call is
+     dispatched before the last one is read back (the engine's pipelining). On a single CPU
      device the step runs the layers unrolled over zero-copy per-layer, per-expert views of the
      stacked weights (``model.layer_views``).
   4. A row finishes at EOS (excluded from its tokens), when its text contains a stop string (text

@@ -10,7 +10,9 @@ Dropless (``capacity_factor=None``): the N*k routed pairs are sorted by expert i
 
 Small decode batches (dropless, N*k <= 2E): each chosen expert's weights are sliced at its dynamic id
 (or, given per-expert arrays, picked by a ``lax.switch`` so the matmuls read them in place) and run on
-the few tokens, so a step reads only the chosen experts (``dispatch_selected``).
+the few tokens, so a step reads only the chosen experts (``dispatch_selected``). Given per-expert
+arrays, batches of up to ``moe_block`` tokens (a 16-row decode step, a short prefill chunk) take it too:
+then every expert runs on every token, its weights read in place (``_selects``).
 
 Dropping (``capacity_factor=cf``): pairs of rank < C = ceil(cf*N*k/E) are scattered into [E, C, D]
 buckets and run as one batched einsum (or, on CPU, the blocked kernel over each bucket's filled rows);
@@ -69,7 +71,7 @@ def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=
   filler); slot j runs expert e_j on all N tokens, weighted by W_N[e_j] (all zero for a filler).
   Decode is memory-bound: each step reads M experts' weights once instead of all E. The FLOPs on
   tokens that did not choose e_j (at most E/k times the routed work) are cheap at small N. Used when
-  N*k <= 2E.
+  N*k <= 2E, and with ``experts`` when N <= moe_block (see ``_selects``).
 
   How slot j gets expert e_j's weights: from the stacked [E, ...] arrays, a slice at the dynamic id,
   which XLA:CPU copies out before the matmul reads it. With ``experts`` (a tuple of E per-expert
@@ -118,6 +120,17 @@ def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=
       y_j = ffn(*(jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in (w1_EDF, w3_EDF, w2_EFD)), x_ND, e)
     y_ND = y_ND + jnp.take(W_NE, e, axis=1)[:, None] * y_j
   return y_ND.astype(x_ND.dtype)
+
+
+def _selects(N: int, cfg: MixtralConfig, experts) -> bool:
+  """Whether N tokens take :func:`dispatch_selected`: when N*k <= 2E (few experts chosen), and, given
+  per-expert weight views, for any N up to one ``moe_block``. Why the second: the blocked kernel
+  computes a whole ``moe_block`` of rows for every expert that got a token and copies each expert's
+  weight slice first, while every expert over N <= moe_block tokens read in place was 3.4x faster at
+  N = 16 and 1.7x at N = 128 on XLA:CPU (docs/benchmarks.md, "16-row decode on one CPU device")."""
+  if N * cfg.num_experts_per_tok <= 2 * cfg.num_local_experts:
+    return True
+  return experts is not None and N <= cfg.moe_block
 
 
 def combine(y_NkD, weights_Nk):
@@ -231,7 +244,7 @@ class MoE(nnx.Module):
       y_ND, dropped = expert_parallel.moe_expert_parallel(
           x_ND, weights_Nk, ids_Nk, w1, w3, w2, capacity_factor=cfg.capacity_factor,
           impl=cfg.moe_impl, block=cfg.moe_block, lora=lo)
-    elif cfg.capacity_factor is None and B * T * cfg.num_experts_per_tok <= 2 * cfg.num_local_experts:
+    elif cfg.capacity_factor is None and _selects(B * T, cfg, experts):
       y_ND = dispatch_selected(x_ND, weights_Nk, ids_Nk, w1, w3, w2, experts, lora=lo)
       dropped = jnp.zeros((), jnp.float32)
     elif cfg.capacity_factor is None:

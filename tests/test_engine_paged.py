@@ -6,6 +6,7 @@ many-row engine (decoded as a batch of one)."""
 import functools
 
 import numpy as np
+import pytest
 from flax import nnx
 
 import mixtral_jax as mj
@@ -51,6 +52,7 @@ def _alone(prompt, new_tokens, temperature=0.0, top_k=None, seed=0):
   return [int(t) for t in out.tokens[0]]
 
 
+@pytest.mark.slow
 def test_paged_engine_greedy_equals_generate_alone_with_prefix_reuse():
   engine = Engine(_model(), max_batch=4, max_context=64, prefill_chunk=16, kv_cache_gib=_gib(40), page_size=PAGE)
   first = _run(engine, _prompts()[:1], 9)  # its full pages enter the prefix cache
@@ -61,6 +63,7 @@ def test_paged_engine_greedy_equals_generate_alone_with_prefix_reuse():
   assert engine.runner.pool.available() == engine.runner.pool.num_pages - 1  # every page back
 
 
+@pytest.mark.slow
 def test_paged_engine_preempts_and_still_equals_generate_alone_sampled():
   engine = Engine(_model(), max_batch=4, max_context=64, prefill_chunk=16, kv_cache_gib=_gib(11), page_size=PAGE)
   got = _run(engine, _prompts(), 12, temperature=0.8, top_k=50, seed=7)
@@ -68,6 +71,7 @@ def test_paged_engine_preempts_and_still_equals_generate_alone_sampled():
   assert got == [_alone(tuple(p), 12, temperature=0.8, top_k=50, seed=7) for p in _prompts()]
 
 
+@pytest.mark.slow
 def test_one_request_on_a_many_row_engine_decodes_one_row():
   engine = Engine(_model(), max_batch=16, max_context=64, prefill_chunk=16, kv_cache_gib=_gib(20), page_size=PAGE)
   got = _run(engine, _prompts()[:1], 6)

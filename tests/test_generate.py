@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import mixtral_jax
 from mixtral_jax import sampling
 from mixtral_jax.generate import generate
+from mixtral_jax.model import layer_views
 from reference import TINY
 
 NEW = 32
@@ -45,6 +47,7 @@ def greedy(models):
   return generate(model, PROMPTS, NEW, eos_id=None)
 
 
+@pytest.mark.slow
 def test_greedy_batch1_matches_transformers(models):
   hf, _, model = models
   got = generate(model, [PROMPTS[0]], NEW, eos_id=None)
@@ -175,17 +178,18 @@ def test_sample_frequencies_match_filtered_softmax():
 
 
 @pytest.mark.parametrize("per_expert", [False, True])
-@pytest.mark.parametrize("N", [1, 3, 4])
+@pytest.mark.parametrize("N", [1, 3, 4, 16])
 def test_selected_expert_dispatch_matches_numpy(N, per_expert):
   """The small-batch MoE path (each pair slices its own expert, or with ``per_expert`` switches over
   per-expert arrays) against float64 NumPy; with N=3 two tokens share an expert; with N=4 all E slots
-  are used."""
+  are used; N=16 (a 16-row decode step, N*k > 2E) runs every expert on every token."""
   from mixtral_jax.moe import dispatch_selected
   rs = np.random.RandomState(N)
   E, D, F, k = 8, 16, 24, 2
   x, w1, w3 = rs.randn(N, D), rs.randn(E, D, F) / 4, rs.randn(E, D, F) / 4
   w2 = rs.randn(E, F, D) / 4
-  ids = np.array([[3, 5], [5, 0], [7, 3], [1, 0]][:N], np.int32)
+  ids = np.array([[3, 5], [5, 0], [7, 3], [1, 0]] + [rs.choice(E, k, replace=False) for _ in range(N - 4)],
+                 np.int32)[:N]
   w = rs.rand(N, k)
   w /= w.sum(1, keepdims=True)
   silu = lambda a: a / (1 + np.exp(-a))
@@ -197,9 +201,27 @@ def test_selected_expert_dispatch_matches_numpy(N, per_expert):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+def test_moe_with_expert_views_up_to_one_block_equals_the_blocked_kernel(models):
+  """A 16-row decode step and a 128-token prefill chunk given per-expert views (every expert over every
+  token, weights read in place) against the same MoE layer without views (the blocked dropless kernel,
+  its float32 results checked against NumPy in test_experts)."""
+  _, _, model = models
+  cfg = model.cfg
+  assert cfg.moe_block == 128 and cfg.dtype == "float32"
+  state, experts = layer_views(model)[0]
+  moe = nnx.merge(nnx.graphdef(model.blocks), state).moe  # layer 0, over the views of its arrays
+  graphdef, params = nnx.split(moe)
+  run = jax.jit(lambda params, x_BTD, experts: nnx.merge(graphdef, params)(x_BTD, experts=experts)[0])
+  for B, T in ((16, 1), (1, 128)):
+    x_BTD = jax.random.normal(jax.random.key(B), (B, T, cfg.hidden_size))
+    want, got = run(params, x_BTD, None), run(params, x_BTD, experts)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ mesh
 
 
+@pytest.mark.slow
 def test_expert_parallel_mesh_matches_one_device(models, greedy):
   _, path, _ = models
   model = mixtral_jax.from_pretrained(path, mesh="data=2,expert=4")

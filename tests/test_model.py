@@ -117,6 +117,7 @@ def test_bf16_params():
   assert bool(jnp.all(jnp.isfinite(m(ids(10)))))
 
 
+@pytest.mark.slow
 def test_capacity_drop_changes_only_overflowing_tokens():
   """With a generous capacity the dropping path equals dropless; with a tight one some tokens differ."""
   x = ids(11)
@@ -130,6 +131,7 @@ def test_capacity_drop_changes_only_overflowing_tokens():
     assert (float(jnp.max(aux["dropped"])) == 0.0) == same
 
 
+@pytest.mark.slow
 def test_sharded_creation_places_every_parameter():
   mesh = make_mesh("fsdp=2,tensor=2,data=2")
   m = mixtral_jax.create_model(CFG, seed=7, mesh=mesh)

@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import mixtral_jax as mj
@@ -44,6 +45,7 @@ def _close(got, want, what):
   assert err <= RTOL * scale, f"{what}: max abs error {err:.3g} > {RTOL} x {scale:.3g}"
 
 
+@pytest.mark.slow
 def test_paged_prefill_and_decode_equal_the_full_forward():
   model = _model()
   cfg = model.cfg

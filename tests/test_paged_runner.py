@@ -74,6 +74,7 @@ def test_paged_greedy_equals_generate_alone():
   assert preempted == 0 and runner.pool.stats.hit_tokens == 2 * 16
 
 
+@pytest.mark.slow
 def test_preempted_requests_still_equal_generate_alone():
   """Also with decode on the per-layer weight views (the engine's single-CPU decode path)."""
   got, runner, preempted = _serve(num_pages=12, new_tokens=10, views=True)

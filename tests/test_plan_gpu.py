@@ -108,6 +108,7 @@ def test_async_all_to_all_is_counted_once(h100):
   assert hlo_stats(_a2a_text(h100, jnp.bfloat16))["all_to_all_bytes"] == 8 * 16 * 32 * 2
 
 
+@pytest.mark.slow
 def test_train_step_capacity_on_h100x8(h100):
   """Expert parallelism with capacity: async all-to-alls whose bytes equal the analytic exchange."""
   cfg = CFG.replace(capacity_factor=1.25)
@@ -120,6 +121,7 @@ def test_train_step_capacity_on_h100x8(h100):
   assert stats["all_to_all_bytes"] == analytic(cfg, mesh, BATCH, SEQ, 1)["all_to_all_bytes"]
 
 
+@pytest.mark.slow
 def test_train_step_dropless_uses_fused_kernels(h100):
   """Dropless expert parallelism on 8 H100s (attention "auto", packed rows): ragged all-to-all, a fused
   attention kernel, a grouped-GEMM kernel, and no dense dot over every expert (the expansion of
@@ -143,6 +145,7 @@ def test_train_step_dropless_uses_fused_kernels(h100):
   assert any(t.startswith(FUSED_ATTENTION) for t in targets), targets
 
 
+@pytest.mark.slow
 def test_prefill_and_decode_on_h100x8(h100):
   """generate's prefill and decode programs compile for 8 H100s (expert=8): async all-to-alls for the
   experts, figures for both programs."""
@@ -154,6 +157,7 @@ def test_prefill_and_decode_on_h100x8(h100):
     assert f["all_to_all_ops"] + f["ragged_all_to_all_ops"] >= 2 * CFG.num_hidden_layers, f
 
 
+@pytest.mark.slow
 def test_one_gpu_generate_compiles():
   """A one-device serving plan compiles deviceless (issue 18 saw cudaErrorInvalidDevice there)."""
   devices = topology.gpu_devices("h100x1")

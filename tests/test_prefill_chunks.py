@@ -80,6 +80,7 @@ def test_prefill_chunk_must_be_a_power_of_two():
     generate(_model(), [[1, 2, 3]], 2, prefill_chunk=24)
 
 
+@pytest.mark.slow
 def test_compiled_steps_hold_no_second_cache():
   """Scanned stack (no layer views), cache much larger than every activation: decode's and a
   prefill chunk's temporaries stay below one cache (a copy as scan output would be one whole cache)."""

@@ -39,6 +39,7 @@ def client(server):
   return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="none", max_retries=0)
 
 
+@pytest.mark.slow
 def test_paged_completions_equal_generate_and_reuse_the_prefix(server, client):
   url, model, tok = server
   system = "You are a careful assistant. " * 12  # full pages shared by every request
@@ -57,6 +58,7 @@ def test_paged_completions_equal_generate_and_reuse_the_prefix(server, client):
   assert 0 < m["mixtral_jax_prefix_cache_hit_rate"] < 1 and CONTEXT // PAGE <= m["mixtral_jax_kv_pages"] <= 79
 
 
+@pytest.mark.slow
 def test_paged_chat_stream_equals_generate(server, client):
   _, model, tok = server
   from mixtral_jax.chat import encode_chat
@@ -73,6 +75,7 @@ def _log_softmax(logits):
   return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
+@pytest.mark.slow
 def test_logprobs_equal_the_models_log_softmax(server, client):
   """Chat logprobs/top_logprobs and completions logprobs (streamed too) are the log-softmax of the
   model's logits at each generated position (our forward equals transformers' within 1e-4:

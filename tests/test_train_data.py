@@ -40,6 +40,7 @@ def test_sft_weights_cover_exactly_the_assistant_turns(version):
   assert w.sum() == sum(len(r) for r in learned)
 
 
+@pytest.mark.slow
 def test_sft_loss_ignores_prompt_tokens():
   """Hand-built packed batches: changing prompt targets leaves the loss unchanged; changing an
   assistant target changes it."""

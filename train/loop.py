@@ -270,9 +270,7 @@ def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, sta
         raise _diverged(loss, step, ckpt, last_saved)
       now = time.perf_counter()
       dt, t_prev = now - t_prev, now
-      record = {**metrics, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                "mfu": flops_per_step / dt / peak,
-                **{f"data_tokens/{n}": t for n, t in it.source_tokens.items()}}  # realised mixture
+      record = _step_record(metrics, dt, tokens_per_step, (flops_per_step, peak), it.source_tokens)
       result.losses[step] = loss
       if eval_batches and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
         with timer.phase("eval"):
@@ -292,14 +290,7 @@ def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, sta
         with timer.phase("checkpoint"):  # in the next step's record
           ckpt.save(state, it.state(), force=True)
         last_saved = step
-    with timer.phase("checkpoint"):
-      ckpt.wait()
-    barrier("done", cfg.train.barrier_timeout_s)
-    totals = timer.summary()
-    logger.write(summary_line(totals))
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "goodput.json"), "w") as f:
-        json.dump(totals, f, indent=2)
+    _finish_run(cfg, workdir, ckpt, timer, logger)
   finally:
     window.stop()
     timer.close()
@@ -308,6 +299,27 @@ def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, sta
     logger.close()
     ckpt.close()
   return result
+
+
+def _step_record(metrics, dt: float, tokens_per_step: int, flops, source_tokens: dict) -> dict:
+  """One step's record: its metrics, time, throughput, MFU (``flops``: the step's FLOPs and the peak
+  FLOP/s of all devices) and the realised data mixture (tokens read from each source so far)."""
+  flops_per_step, peak = flops
+  return {**metrics, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "mfu": flops_per_step / dt / peak,
+          **{f"data_tokens/{n}": t for n, t in source_tokens.items()}}
+
+
+def _finish_run(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, timer: Goodput, logger) -> None:
+  """After the last step: waits for the checkpoint writes, meets the other processes, and reports the
+  goodput summary (logged, and written to goodput.json by process 0)."""
+  with timer.phase("checkpoint"):
+    ckpt.wait()
+  barrier("done", cfg.train.barrier_timeout_s)
+  totals = timer.summary()
+  logger.write(summary_line(totals))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "goodput.json"), "w") as f:
+      json.dump(totals, f, indent=2)
 
 
 def _evaluate(eval_fn, params, batches, sharding, global_shape) -> dict[str, float]:

@@ -11,15 +11,19 @@ One thread runs the loop; each iteration:
   3. Prefill: every row still reading its prompt runs its next chunk of at most ``prefill_chunk``
      tokens (right-padded to a power of two >= 16, so few shapes compile; positions reset to -1 on
      the first chunk, so a reused row forgets its last request), all in one call of the prefill
-     program (:mod:`mixtral_jax.inference.programs`): one row alone is cut out of the shared cache and
-     written back; two or more run over the whole cache in place, the other rows masked out. A long
+     program (:mod:`mixtral_jax.inference.programs`): R rows (their count rounded up to a power of
+     two, padded with other rows that write nothing) are cut out of the shared cache and written
+     back, or, when R reaches B, all rows run over the whole cache in place. A long
      prompt thus takes several iterations, with decode steps for the others in between. The last
      chunk samples the request's first token, and the row joins the decode batch.
   4. Decode: one compiled program for all B rows (rows not decoding are masked out, so they write
      nothing), ``n`` steps per device call in a ``fori_loop``: n = 1 while anything waits or
      prefills (new requests join at the next step), else up to MAX_CHUNK, capped by the fewest
      tokens any row still may produce and sized to about CHUNK_SECONDS of device time (so tokens
-     stream in small bursts and a slow model decodes one token per call).
+     stream in small bursts and a slow model decodes one token per call). Outside the n = 1 case two
+     chunks are in flight: chunk c+1 is dispatched (fed chunk c's last tokens on the device) before
+     chunk c is read back, so the device does not wait for the host's bookkeeping; tokens a row
+     decodes after it finished are dropped. A prefill first reads back the chunk in flight.
   5. Each new token goes through generate's per-row bookkeeping (EOS, stop strings, held-back
      streaming text) and out to the request's callback; a finished row is free for step 2 at once.
 
@@ -39,11 +43,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import itertools
 import threading
 import time
 import traceback
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +57,7 @@ from mixtral_jax.inference.pages import PAGE_SIZE, Sequence, pages_for_budget
 from mixtral_jax.inference.paged_runner import PagedRunner
 from mixtral_jax.inference.placement import decode_views, mesh_context, place, resolve_mesh
 from mixtral_jax.inference.programs import MAX_CHUNK, bucket, decode_program, prefill_program
+from mixtral_jax.inference.requests import Metrics, QueueFull, Request
 from mixtral_jax.inference.row import Row
 from mixtral_jax.model import init_cache
 from mixtral_jax.sampling import RowSettings, sample_rows
@@ -62,50 +65,15 @@ from mixtral_jax.sampling import RowSettings, sample_rows
 CHUNK_SECONDS = 0.1  # device time per decode call, about (see the module docstring)
 
 
-class QueueFull(Exception):
-  """The waiting queue is at its limit; the server answers 429."""
-
-
 @dataclasses.dataclass
-class Request:
-  """One generation request. ``on_token(token, text_delta)`` and ``on_done(finish_reason, error)`` are
-  called from the engine thread. ``finish_reason``: "eos", "stop", "length" or "cancelled"."""
-  prompt: list[int]
-  max_tokens: int
-  on_token: Callable[[int | None, str], None]
-  on_done: Callable[[str, "str | None"], None]
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  seed: int = 0
-  index: int = 0  # the sampling key's index (generate: the prompt's index in its call)
-  stop: tuple[str, ...] = ()
-  eos: frozenset = frozenset()
-  id: int = dataclasses.field(default_factory=itertools.count().__next__)
-  submitted: float = dataclasses.field(default_factory=time.perf_counter)
-  first_token_at: float | None = None
-  cancelled: bool = False
-  row: Row | None = None
-  top_logprobs: int | None = None  # logprobs wanted (paged cache only): alternatives per token
-  grammar: str | None = None  # structured output (paged cache only): an llguidance grammar
-  matcher: object = None  # its matcher, following the sampled tokens (made at submit)
-  logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprobs of each token in row.tokens
-  adapter: str | None = None  # a served adapter's name (paged cache only), None for the base
-
-  def cancel(self) -> None:
-    """Safe from any thread: the engine frees the request's row (or queue place) at its next step."""
-    self.cancelled = True
-
-
-@dataclasses.dataclass
-class Metrics:
-  requests: int = 0  # finished, any reason
-  rejected: int = 0  # 429
-  prompt_tokens: int = 0
-  generated_tokens: int = 0
-  decode_steps: int = 0
-  occupied_row_steps: int = 0  # sum over decode steps of decoding rows
-  ttft: list = dataclasses.field(default_factory=list)  # seconds, one per request that got a token
+class _Chunk:
+  """A dispatched decode chunk: its tokens (device arrays: step j in row j of ``out_CB``, the last ones
+  ``last_B``), the request of each row it decoded (None: inactive), its steps, its dispatch time."""
+  out_CB: jax.Array
+  last_B: jax.Array
+  reqs: list
+  n: int
+  t: float
 
 
 class Engine:
@@ -153,6 +121,8 @@ class Engine:
     self._logprobs = jax.jit(functools.partial(token_logprobs, k=MAX_TOP_LOGPROBS))
     self._prefill, self._decode = prefill_program(self.graphdef), decode_program(self.graphdef)
     self._chunk = 1  # decode steps per call, adapted to CHUNK_SECONDS
+    self._flight: _Chunk | None = None  # the decode chunk dispatched and not yet read back
+    self._last_read = 0.0  # when the last chunk was read back (perf_counter)
     B = self.B
     self.slots: list[Request | None] = [None] * B
     self.prefilled = [0] * B  # prompt tokens of the row's request already in the cache
@@ -211,7 +181,8 @@ class Engine:
       self._thread.join(timeout=30)
 
   def warmup(self, prompt_lengths=(1,)) -> None:
-    """Compiles the prefill chunk shapes needed by prompts of these lengths, and the decode step."""
+    """Compiles the prefill chunk shapes needed by prompts of these lengths, the decode step, and (fixed
+    rows) the prefill of every row count and chunk width a server meets."""
     for n in prompt_lengths:
       done = threading.Event()
       self.submit(Request([self.cfg.bos_token_id] * n, 2, lambda *_: None, lambda *_: done.set()))
@@ -226,15 +197,17 @@ class Engine:
         for R in self.runner.sizes:
           self._sample(jnp.zeros((R, self.cfg.vocab_size), jnp.float32), self._settings([None] * R),
                        np.zeros(R, np.int32))
-    elif self.B > 1:  # the batch prefill (two or more rows at once), every chunk width, writing nothing
+    else:  # the prefill of every row count (1, 2, 4, ... cut out; B in place), every chunk width, writing nothing
       with mesh_context(self.mesh):
-        C = 16
-        while C <= min(self.prefill_chunk, bucket(self.max_context, 16)):
-          zeros = np.zeros((self.B, C), np.int32)
-          _, self.cache = self._prefill(self.state, zeros, zeros, zeros.astype(bool), self.cache, None,
-                                        np.zeros(self.B, bool), np.zeros(self.B, np.int32),
-                                        self._settings([None] * self.B))
-          C *= 2
+        for R in sorted({min(1 << i, self.B) for i in range(self.B.bit_length() + 1)}):
+          C = 16
+          while C <= min(self.prefill_chunk, bucket(self.max_context, 16)):
+            zeros = np.zeros((R, C), np.int32)
+            rows_R = np.arange(R, dtype=np.int32) if R < self.B else None
+            _, self.cache = self._prefill(self.state, zeros, zeros, zeros.astype(bool), self.cache, rows_R,
+                                          np.zeros(R, bool), np.zeros(R, np.int32), self._settings([None] * R),
+                                          self.layers)
+            C *= 2
     self.metrics = Metrics()
 
   # ------------------------------------------------------------------------------ the loop
@@ -262,6 +235,7 @@ class Engine:
     with mesh_context(self.mesh):
       prefilling = [b for b, req in enumerate(self.slots) if req is not None and not self.decoding[b]]
       if prefilling:
+        self._drain()  # the rows joining decode take their first token from the host
         self._prefill_rows(prefilling)
       if self.decoding.any():
         self._decode_steps()
@@ -290,12 +264,23 @@ class Engine:
     return RowSettings.of([(r.temperature, r.top_k, r.top_p, r.seed, r.index) if r else (0.0, 0, 1.0, 0, 0)
                            for r in reqs])
 
+  def _prefill_order(self, rows: list[int]) -> list[int]:
+    """The cache rows one prefill call runs for the prefilling ``rows``: R = their count rounded up to a
+    power of two; all B rows in place when R reaches B, else ``rows`` and R - len(rows) other rows,
+    cut out of the cache and written back (distinct rows, so none is written back twice; the others pass
+    no valid column, so they come back as they were). Why not always all B in place: a prefill costs
+    its rows times its columns, and 2 of 16 rows joining would pay for 16."""
+    R = bucket(len(rows))
+    if R >= self.B:
+      return list(range(self.B))
+    return list(rows) + [b for b in range(self.B) if b not in rows][:R - len(rows)]
+
   def _prefill_rows(self, rows: list[int]) -> None:
-    """The next prompt chunk of each row in ``rows`` in one prefill call: that row alone, cut out of
-    the cache, or (two or more) all B rows in place with the others masked out."""
+    """The next prompt chunk of each row in ``rows`` in one prefill call over the rows of
+    :meth:`_prefill_order`, the others masked out."""
     chunks = {b: self.slots[b].prompt[self.prefilled[b]:self.prefilled[b] + self.prefill_chunk] for b in rows}
     C = min(bucket(max(map(len, chunks.values())), 16), self.prefill_chunk)
-    order = rows if len(rows) == 1 else list(range(self.B))
+    order = self._prefill_order(rows)
     R = len(order)
     ids, valid = np.zeros((R, C), np.int32), np.zeros((R, C), bool)
     positions, reset, last = np.zeros((R, C), np.int32), np.zeros(R, bool), np.zeros(R, np.int32)
@@ -305,9 +290,9 @@ class Engine:
         ids[r, :n], valid[r, :n], positions[r] = chunks[b], True, start + np.arange(C)
         reset[r], last[r] = start == 0, n - 1
     reqs = [self.slots[b] if b in chunks else None for b in order]
-    rows_R = np.asarray(order, np.int32) if R == 1 else None
+    rows_R = np.asarray(order, np.int32) if R < self.B else None
     tokens, self.cache = self._prefill(self.state, ids, positions, valid, self.cache, rows_R, reset, last,
-                                       self._settings(reqs))
+                                       self._settings(reqs), self.layers)
     tokens = np.asarray(tokens)
     for r, b in enumerate(order):
       if b in chunks:
@@ -321,35 +306,69 @@ class Engine:
     self.tokens[b], self.positions[b], self.steps[b], self.decoding[b] = token, len(req.prompt), 1, True
     self._push(b, req, token)
 
-  def _chunk_length(self, reqs) -> int:
-    """Decode steps for this call: 1 while anything waits or prefills, else the adapted chunk length
-    capped by the fewest tokens any row may still produce."""
-    left = min(r.max_tokens - len(r.row.tokens) for r in reqs if r is not None)
-    busy = self.waiting or any(r is not None and not self.decoding[b] for b, r in enumerate(self.slots))
-    return 1 if busy else max(1, min(self._chunk, left))
+  def _busy(self) -> bool:
+    """Whether a request waits or a row still prefills: then decode runs one step per call, read at
+    once, so that new requests join at the next step."""
+    return bool(self.waiting) or any(r is not None and not self.decoding[b] for b, r in enumerate(self.slots))
 
   def _decode_steps(self) -> None:
-    reqs = [r if self.decoding[b] else None for b, r in enumerate(self.slots)]
-    n = self._chunk_length(reqs)
-    t0 = time.perf_counter()
-    out, _, self.cache = self._decode(self.state, self.tokens, self.positions, self.cache, self.decoding,
-                                      self._settings(reqs), self.steps, n, self.layers)
-    out = np.asarray(out)
-    # Sizes the next chunk to about CHUNK_SECONDS of device time from this call's time per step.
-    self._chunk = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS * n / max(time.perf_counter() - t0, 1e-6))))
-    active = self.decoding.copy()
-    self.metrics.decode_steps += n
-    self.metrics.occupied_row_steps += n * int(active.sum())
-    for b in np.flatnonzero(active):
-      req = self.slots[b]
-      for j in range(n):
+    """Decode: while busy, one step, read back at once. Else chunk c+1 is dispatched before chunk c is
+    read back (its input tokens are chunk c's last tokens, still on the device), so the device works
+    while the host does chunk c's bookkeeping; rows that finish inside chunk c decode on in chunk c+1
+    and those tokens are dropped (each row's tokens depend only on its own history)."""
+    if self._busy():
+      self._drain()
+      self._read(self._dispatch(1))
+      return
+    nxt = self._dispatch(self._chunk)
+    self._drain()
+    self._flight = nxt
+
+  def _dispatch(self, most: int) -> "_Chunk | None":
+    """Starts the next decode chunk of every decoding row with tokens left to produce (counting those
+    already dispatched), at most ``most`` steps and no more than the fewest any of them has left.
+    Positions and step counts advance here; the tokens come back through :meth:`_read`."""
+    budget_B = np.array([r.max_tokens if r is not None else 0 for r in self.slots], np.int32)
+    active_B = self.decoding & (self.steps < budget_B)
+    if not active_B.any():
+      return None
+    n = max(1, min(most, int((budget_B - self.steps)[active_B].min())))
+    tokens_B = self.tokens if self._flight is None else self._flight.last_B  # the device's, unread
+    reqs = [r if active_B[b] else None for b, r in enumerate(self.slots)]
+    out_CB, last_B, self.cache = self._decode(self.state, tokens_B, self.positions, self.cache, active_B,
+                                              self._settings(reqs), self.steps, n, self.layers)
+    self.positions = np.where(active_B, self.positions + n, self.positions).astype(np.int32)
+    self.steps = np.where(active_B, self.steps + n, self.steps).astype(np.int32)
+    return _Chunk(out_CB, last_B, reqs, n, time.perf_counter())
+
+  def _drain(self) -> None:
+    """Reads back the chunk in flight, if any."""
+    chunk, self._flight = self._flight, None
+    if chunk is not None:
+      self._read(chunk)
+
+  def _read(self, chunk: "_Chunk | None") -> None:
+    """Passes a chunk's tokens to the rows that still serve the request they had at its dispatch (a
+    row freed in between, finished or cancelled, drops them), and sizes the next chunk to about
+    CHUNK_SECONDS of device time from this chunk's: from its dispatch, or from the last read when it
+    was dispatched before that (then it ran while the host worked)."""
+    if chunk is None:
+      return
+    out_CB = np.asarray(chunk.out_CB)
+    now = time.perf_counter()
+    live = [b for b, req in enumerate(chunk.reqs) if req is not None and self.slots[b] is req]
+    if live:
+      self._chunk = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS * chunk.n / max(now - max(chunk.t, self._last_read), 1e-6))))
+      self.metrics.decode_steps += chunk.n
+      self.metrics.occupied_row_steps += chunk.n * len(live)
+    self._last_read = now
+    for b in live:
+      req = chunk.reqs[b]
+      self.tokens[b] = out_CB[chunk.n - 1, b]
+      for j in range(chunk.n):
         if self.slots[b] is not req:  # finished at an earlier step of this chunk
           break
-        self._push(b, req, int(out[j, b]))
-    self.tokens = np.where(active, out[n - 1], self.tokens).astype(np.int32)
-    self.positions = np.where(active, self.positions + n, self.positions).astype(np.int32)
-    self.steps = np.where(active, self.steps + n, self.steps).astype(np.int32)
-
+        self._push(b, req, int(out_CB[j, b]))
 
   # ------------------------------------------------------------------------------ paged cache
 
@@ -470,6 +489,7 @@ class Engine:
       traceback.print_exc()
 
   def _fail_all(self, error: str) -> None:
+    self._flight = None
     for req in list(self.running):
       self.runner.release(self.seqs.pop(req.id))
       self.running.remove(req)

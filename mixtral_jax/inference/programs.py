@@ -8,6 +8,8 @@ contents first when ``reset_R`` (a reused row), and it samples its next token fr
 ``last_R``. With ``rows_R`` None the R rows are the cache's B rows (a batch prefill; rows not
 prefilling pass no valid column and are left as they are), and the cache is written in place. With
 ``rows_R`` the R rows are cut out of the cache, run, and written back (one request joining a batch).
+``layers``: as for decode; a chunk of at most ``moe_block`` tokens then runs every expert over its
+weights in place (``mixtral_jax.moe``), as the decode step does.
 
 Decode (:func:`decode_program`): ``n`` <= MAX_CHUNK steps in a ``fori_loop`` on device, step j feeding
 token t_j at position p + j and sampling t_{j+1} with step ``step_B + j``; rows not ``active_B`` write
@@ -46,11 +48,12 @@ def prefill_program(graphdef):
   token of each of the R rows [R], the cache)."""
 
   @functools.partial(jax.jit, donate_argnums=(4,))
-  def run(state, ids_RC, positions_RC, valid_RC, cache: KVCache, rows_R, reset_R, last_R, settings: RowSettings):
+  def run(state, ids_RC, positions_RC, valid_RC, cache: KVCache, rows_R, reset_R, last_R, settings: RowSettings,
+          layers=None):
     model = nnx.merge(graphdef, state)
     part = cache if rows_R is None else _cut_rows(cache, rows_R)
     part = KVCache(part.layers, jnp.where(reset_R[:, None], -1, part.pos))
-    h_RCD, aux = model.hidden(ids_RC, attention_mask=valid_RC, positions=positions_RC, cache=part)
+    h_RCD, aux = model.hidden(ids_RC, attention_mask=valid_RC, positions=positions_RC, cache=part, layers=layers)
     h_R1D = jnp.take_along_axis(h_RCD, last_R[:, None, None], axis=1)
     tokens_R = sample_rows(model.logits(h_R1D)[:, 0], settings, 0)
     new = aux["cache"]

@@ -211,6 +211,38 @@ def hlo_stats(hlo: str) -> dict:
   sites of the caller's weight times the site's trip count (1 for fusions, calls and branches, so
   branches count as if all ran).
   """
+  shapes, instrs, edges, bodies, comp_lines, entry = _parse(hlo)
+  unknown_bodies = _add_loop_edges(bodies, comp_lines, edges)
+  unknown = len(unknown_bodies)
+
+  weights: dict[str, int] = {}
+
+  def weight(c: str) -> int:
+    if c not in weights:
+      weights[c] = 1 if c == entry else 0  # 0 first: a cycle (none in HLO) cannot recurse forever
+      weights[c] = (1 if c == entry else 0) + sum(weight(p) * n for p, n in edges.get(c, ()))
+    return weights[c]
+
+  inside: dict[str, bool] = {}
+
+  def in_unknown_loop(c: str) -> bool:
+    """Whether ``c`` runs inside the body of a loop whose trip count is data (counted once)."""
+    if c not in inside:
+      inside[c] = False  # first: a cycle (none in HLO) cannot recurse forever
+      inside[c] = c in unknown_bodies or any(in_unknown_loop(p) for p, _ in edges.get(c, ()))
+    return inside[c]
+
+  out = _tally(instrs, shapes, weight, unknown, in_unknown_loop)
+  parts = re.search(r"num_partitions=(\d+)", hlo.split("\n", 1)[0])
+  out["num_partitions"] = int(parts.group(1)) if parts else None
+  return out
+
+
+def _parse(hlo: str):
+  """One pass over the module's lines: (result shapes by instruction name, instructions as (computation,
+  op, type text, the rest of the line, name), call edges {callee: [(caller, 1)]} of fusions, calls and
+  branches, while loops as (caller, body, condition, trip count from the backend config or None), each
+  computation's lines, the entry computation's name)."""
   shapes: dict[str, list] = {}
   instrs = []  # (computation, op, type text, the rest of the line, instruction name)
   edges: dict[str, list] = {}
@@ -243,36 +275,20 @@ def hlo_stats(hlo: str) -> dict:
     for group in _BRANCHES.findall(rest):
       for callee in group.split(","):
         edges.setdefault(callee.strip().lstrip("%"), []).append((comp, 1))
+  return shapes, instrs, edges, bodies, comp_lines, entry
 
+
+def _add_loop_edges(bodies, comp_lines, edges) -> set:
+  """Adds each while body's edge from its caller weighted by the trip count (from the backend config,
+  else read from the loop condition, else 1); returns the bodies whose trip count is data."""
   unknown_bodies = set()
   for caller, body, cond, known in bodies:
     trip = int(known) if known is not None else _trip_from_condition(comp_lines.get(cond, []))
     if trip is None:
       unknown_bodies.add(body)
     edges.setdefault(body, []).append((caller, trip or 1))
-  unknown = len(unknown_bodies)
 
-  weights: dict[str, int] = {}
-
-  def weight(c: str) -> int:
-    if c not in weights:
-      weights[c] = 1 if c == entry else 0  # 0 first: a cycle (none in HLO) cannot recurse forever
-      weights[c] = (1 if c == entry else 0) + sum(weight(p) * n for p, n in edges.get(c, ()))
-    return weights[c]
-
-  inside: dict[str, bool] = {}
-
-  def in_unknown_loop(c: str) -> bool:
-    """Whether ``c`` runs inside the body of a loop whose trip count is data (counted once)."""
-    if c not in inside:
-      inside[c] = False  # first: a cycle (none in HLO) cannot recurse forever
-      inside[c] = c in unknown_bodies or any(in_unknown_loop(p) for p, _ in edges.get(c, ()))
-    return inside[c]
-
-  out = _tally(instrs, shapes, weight, unknown, in_unknown_loop)
-  parts = re.search(r"num_partitions=(\d+)", hlo.split("\n", 1)[0])
-  out["num_partitions"] = int(parts.group(1)) if parts else None
-  return out
+  return unknown_bodies
 
 
 def _tally(instrs, shapes, weight, unknown: int, in_unknown_loop) -> dict:

@@ -99,20 +99,11 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
     raise ValueError("DPO takes its reference from the base with the adapters off: give the LoRA section (--lora RANK)")
   if dpo:
     batch = 2 * batch  # rows: every pair's chosen row, then its rejected row
-  pbytes = np.dtype(cfg.param_dtype).itemsize
   cbytes = np.dtype(cfg.dtype).itemsize
-  if lora is None:
-    params = trained = _state_bytes(nnx.state(abstract_model(cfg), nnx.Param), mesh, pbytes)
-    base = 0.0  # no frozen weights
-  else:
-    adapters, frozen = _lora_states(cfg, lora)
-    base = _state_bytes(frozen, mesh, None)  # compute dtype, or the quantized form's codes and scales
-    trained = _state_bytes(adapters, mesh, 4)
-    params = base + trained
-
-  D, F, E, k, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
-                      cfg.num_hidden_layers, cfg.vocab_size)
-  N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+  params, base, trained = _param_bytes(cfg, mesh, lora)
+  D, F, E, k, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
+                   cfg.num_hidden_layers)
+  N, H = cfg.num_attention_heads, cfg.head_size
   devices = mesh.size
   batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
   tp = mesh.shape["tensor"]
@@ -128,20 +119,9 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
   # Keys each query is scored against: all T for dense (masked, not skipped); the kernels skip the
   # blocks above the diagonal, about (T + block) / 2 on average.
   keys = seq if attention == "dense" else min(seq, (seq + block) / 2)
-  per_token_layer = (2 * D * (N * H + 2 * K * H) + 2 * N * H * D  # q, k, v, o projections
-                     + 2 * 2 * N * H * keys  # scores and weighted values
-                     + 2 * D * E  # router
-                     + routed * 2 * 3 * D * F)  # expert FFNs
-  forward = batch * seq * (L * per_token_layer + 2 * D * V)
   passes = 3 + (cfg.remat == "full")  # backward is two forwards; full remat recomputes the forward
-  flops = forward * passes
-  if lora is not None:  # frozen weight matmuls lose their weight-gradient pass; the adapters add theirs
-    from mixtral_jax.lora.spec import adapter_params  # noqa: PLC0415
-    weights = forward - batch * seq * L * 2 * 2 * N * H * keys  # all but the scores
-    adapter_forward = batch * seq * 2 * adapter_params(cfg, lora, active=True)
-    flops = forward * passes - weights + adapter_forward * passes
-    if dpo:  # the reference forward: no gradient, so neither a backward nor a remat recompute
-      flops += forward + adapter_forward
+  reference = _reference_flops(cfg, batch * seq, keys, routed, lora) if dpo else 0.0
+  flops = _step_flops(cfg, batch * seq, keys, routed, passes, lora) + reference
 
   remat_saved = L * micro_local * seq * D * cbytes  # the residual stream entering each layer
   # One layer's f32 attention scores: [T, S] per head for dense, a [T, block] strip for the kernels.
@@ -160,11 +140,49 @@ def analytic(cfg: MixtralConfig, mesh, batch: int, seq: int, grad_accum: int, lo
       "attention": attention,
       # one forward pass of the scores and weighted values, per device (what a kernel hides from HLO)
       "attention_forward_flops": batch * seq * L * 2 * 2 * N * H * keys / devices,
-      "reference_forward_flops": (forward + adapter_forward) / devices if dpo else 0.0,
+      "reference_forward_flops": reference / devices,
   }
 
 
 KERNEL_ATTENTION = ("splash", "cudnn", "flash")  # custom calls: their FLOPs are not in the HLO count
+
+
+def _param_bytes(cfg: MixtralConfig, mesh, lora) -> tuple[float, float, float]:
+  """Per device: (all parameters, the frozen base (0 without LoRA), the trained ones). Full fine-tuning
+  trains everything in ``param_dtype``; LoRA freezes the base in the compute dtype (or its quantized
+  form's codes and scales) and trains fp32 adapters."""
+  if lora is None:
+    trained = _state_bytes(nnx.state(abstract_model(cfg), nnx.Param), mesh, np.dtype(cfg.param_dtype).itemsize)
+    return trained, 0.0, trained
+  adapters, frozen = _lora_states(cfg, lora)
+  base = _state_bytes(frozen, mesh, None)
+  trained = _state_bytes(adapters, mesh, 4)
+  return base + trained, base, trained
+
+
+def _reference_flops(cfg: MixtralConfig, tokens: int, keys: float, routed: float, lora) -> float:
+  """The DPO reference forward over ``tokens`` tokens: no gradient, so neither a backward nor a remat
+  recompute; the (zeroed) adapters are still multiplied inside the layer scan."""
+  from mixtral_jax.lora.spec import adapter_params  # noqa: PLC0415
+  return _step_flops(cfg, tokens, keys, routed, 1, None) + tokens * 2 * adapter_params(cfg, lora, active=True)
+
+
+def _step_flops(cfg: MixtralConfig, tokens: int, keys: float, routed: float, passes: int, lora) -> float:
+  """FLOPs of one step over ``tokens`` tokens, all devices: the forward (projections, attention scores
+  over ``keys`` keys per query, router, ``routed`` expert rows per token, LM head) times ``passes``;
+  with LoRA the frozen weight matmuls lose their weight-gradient pass and the adapters add theirs."""
+  D, F, E, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_hidden_layers, cfg.vocab_size
+  N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+  per_token_layer = (2 * D * (N * H + 2 * K * H) + 2 * N * H * D  # q, k, v, o projections
+                     + 2 * 2 * N * H * keys  # scores and weighted values
+                     + 2 * D * E  # router
+                     + routed * 2 * 3 * D * F)  # expert FFNs
+  forward = tokens * (L * per_token_layer + 2 * D * V)
+  if lora is None:
+    return forward * passes
+  from mixtral_jax.lora.spec import adapter_params  # noqa: PLC0415
+  weights = forward - tokens * L * 2 * 2 * N * H * keys  # all but the scores
+  return forward * passes - weights + tokens * 2 * adapter_params(cfg, lora, active=True) * passes
 
 
 def attention_choice(cfg: MixtralConfig, mesh, seq: int) -> str:
@@ -247,17 +265,8 @@ def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1,
   figures.pop("collectives", None)  # per-instruction detail: --dump-hlo has it all
   lora = train_cfg.lora if lora_rank is not None else None
   expected = analytic(cfg, mesh, batch, seq, grad_accum, lora, dpo)
-  # Recompute factor: compiled FLOPs over the analytic FLOPs of the same step without remat (which the
-  # analytic count matches within a few percent; compiling a second, no-remat program would double the
-  # compile time, and at full size it often does not fit, so the compiler gives no FLOPs for it).
-  no_remat = analytic(cfg.replace(remat="none"), mesh, batch, seq, grad_accum, lora, dpo)["flops"]
-  if "flops" in figures and no_remat:
-    figures["recompute_factor"] = figures["flops"] / no_remat
-    if expected["attention"] in KERNEL_ATTENTION and figures.get("kernels"):
-      # The attention kernel's FLOPs (forward and backward: 3 forward passes' worth) are in neither
-      # the compiled count nor, then, its recompute: the factor of everything else.
-      rest = no_remat - 3 * expected["attention_forward_flops"]
-      figures["recompute_factor_outside_attention"] = figures["flops"] / rest
+  no_remat = _recompute_factors(figures, expected, analytic(cfg.replace(remat="none"), mesh, batch, seq, grad_accum,
+                                                             lora, dpo)["flops"])
   return {**multi,
       "compiled": {"param_bytes": shard_bytes(abs_state.params) + base, "base_bytes": base,
                    "opt_bytes": shard_bytes(abs_state.opt_state), **figures},
@@ -266,72 +275,40 @@ def plan(cfg: MixtralConfig, mesh, *, batch: int, seq: int, grad_accum: int = 1,
   }
 
 
+def _recompute_factors(figures: dict, expected: dict, no_remat: float) -> float:
+  """Adds the recompute factor to ``figures``: compiled FLOPs over the analytic FLOPs of the same step
+  without remat (which the analytic count matches within a few percent; compiling a second, no-remat
+  program would double the compile time, and at full size it often does not fit). With an attention
+  kernel, also the factor outside it: the kernel's FLOPs (forward and backward: 3 forward passes' worth)
+  are in neither the compiled count nor, then, its recompute. Returns ``no_remat``."""
+  if "flops" in figures and no_remat:
+    figures["recompute_factor"] = figures["flops"] / no_remat
+    if expected["attention"] in KERNEL_ATTENTION and figures.get("kernels"):
+      figures["recompute_factor_outside_attention"] = figures["flops"] / (no_remat - 3 * expected["attention_forward_flops"])
+  return no_remat
+
+
 def train_main(args, count: int) -> int:
   """``mixtral-jax plan`` for training: compile, then print each figure beside its expectation."""
   cfg = model_config(args)
   devices = target_devices(args, count)
   remat_policy(cfg.remat, devices)  # offload needs pinned host memory on the target
   mesh = make_mesh(args.mesh, devices=devices, num_experts=cfg.num_local_experts)
+  dpo = getattr(args, "dpo", False)
   out = plan(cfg, mesh, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum, lora_rank=args.lora,
-             base_quantize=getattr(args, "base_quantize", None), dpo=getattr(args, "dpo", False),
-             dump_hlo=args.dump_hlo)
+             base_quantize=getattr(args, "base_quantize", None), dpo=dpo, dump_hlo=args.dump_hlo)
   c, a = out["compiled"], out["analytic"]
-  rows = (f"DPO, batch {args.batch} pairs ({2 * args.batch} rows) x {args.seq}" if getattr(args, "dpo", False)
-          else f"batch {args.batch} x {args.seq}")
+  rows = f"DPO, batch {args.batch} pairs ({2 * args.batch} rows) x {args.seq}" if dpo else f"batch {args.batch} x {args.seq}"
   print(header(args, cfg, mesh, f"{rows}, {args.grad_accum} microbatch(es), remat {cfg.remat}")
         + f"; compiled in {out['compile_seconds']:.1f} s")
   device = topology.device_memory(args.device, list(mesh.devices.flat))
   tips = topology.advice(c["peak_bytes"] / GiB, device[1], mesh_sizes=dict(mesh.shape), remat=cfg.remat,
                          grad_accum=args.grad_accum, batch=args.batch) if device else []
   if c.get("oom"):
-    print(f"does not fit: the TPU compiler needs {c['temp_bytes'] / GiB:.2f} GiB of temporaries, plus "
-          f"{(c['peak_bytes'] - c['temp_bytes']) / GiB:.2f} GiB of arguments, of {c['available_bytes'] / GiB:.2f} GiB "
-          f"HBM per device")
-    print(f"  compiler: {c['message']}")
-    print(f"  analytic: parameters {a['param_bytes'] / GiB:.2f} GiB, optimizer state {a['opt_bytes'] / GiB:.2f} GiB, "
-          f"temporaries {a['temp_bytes'] / GiB:.2f} GiB per device")
+    _print_oom(c, a)
   else:
-    print(f"per device{'':22}{'compiled':>12}{'analytic':>12}")
-    rows = [("parameters (GiB)", c["param_bytes"] / GiB, a["param_bytes"] / GiB),
-            ("optimizer state (GiB)", c["opt_bytes"] / GiB, a["opt_bytes"] / GiB),
-            ("temporaries (GiB)", c["temp_bytes"] / GiB, a["temp_bytes"] / GiB),
-            ("TFLOPs per step", c["flops"] / 1e12, a["flops"] / 1e12),
-            ("all-to-all GiB per step", c["all_to_all_bytes"] / GiB, a["all_to_all_bytes"] / GiB)]
-    for name, got, want in rows:
-      print(f"  {name:<30}{got:12.3f}{want:12.3f}")
-    if a["reference_forward_flops"]:
-      print(f"  of which the DPO reference forward (adapters off, no backward): {a['reference_forward_flops'] / 1e12:.3f} "
-            "TFLOPs analytic")
-    print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB; recompute "
-          f"factor {c.get('recompute_factor', float('nan')):.3f}x (compiled FLOPs / analytic FLOPs without remat)")
-    if "recompute_factor_outside_attention" in c:
-      print(f"  recompute factor outside the {a['attention']} attention kernel (whose FLOPs the HLO count lacks): "
-            f"{c['recompute_factor_outside_attention']:.3f}x")
-    if "dcn_bytes" in out:
-      for line in dcn.dcn_lines({"dcn_bytes": out["dcn_bytes"], "ops": out["dcn_ops"]}, out["dcn_ideal_bytes"],
-                                out["dcn_ideal_compute_dtype_bytes"], cfg.param_dtype, cfg.dtype):
-        print(line)
-    if c["cost_analysis_flops"] is not None:
-      print(f"  XLA cost_analysis: {c['cost_analysis_flops'] / 1e12:.3f} TFLOPs (each loop body counted once: the "
-            f"layer scan, microbatch scan and loss chunks run many times; the row above weights them)")
-    if c["ragged_all_to_all_ops"]:
-      print(f"  ragged-all-to-all: {c['ragged_all_to_all_ops']} per step, worst-case buffers "
-            f"{c['ragged_all_to_all_buffer_bytes'] / GiB:.3f} GiB (the traffic itself follows the routing)")
-    for line in kernel_lines(c, ragged=False):  # the ragged all-to-all line above has the count
-      print(line)
-    print("  (analytic temporaries: gradients and update plus a rough sum of saved residuals, one layer's attention "
-          "scores and MoE buffers; all-to-all counts forward, remat and backward exchanges)")
-    if mesh.devices.flat[0].platform == "cpu" and cfg.dtype == "bfloat16" and c["all_to_all_bytes"]:
-      print("  note: XLA:CPU carries bfloat16 all-to-alls as float32, so the compiled bytes here are twice "
-            "what TPU/GPU send")
-    if "while-loop-invariant-code-motion" in os.environ.get("XLA_FLAGS", ""):
-      print("  note: simulated with XLA:CPU's loop-invariant code motion off (it hoists f32 copies of whole "
-            "stacked bf16 operands out of the layer scan, which GPU/TPU programs do not hold)")
-    if c.get("unknown_trip_scale"):
-      print(f"  note: {c['unknown_trip_loops']} blockwise-attention loop(s) over live key blocks counted at "
-            f"{c['unknown_trip_scale']:.2f} trips, the average for causal rows of one document each")
-    elif c["unknown_trip_loops"]:
-      print(f"  note: {c['unknown_trip_loops']} loop(s) with data-dependent trip counts were counted once")
+    _print_table(out, cfg)
+    _print_notes(c, cfg, mesh)
   lines, verdict = fit_lines(c["peak_bytes"], device, tips)
   for line in lines:
     print(line)
@@ -339,6 +316,66 @@ def train_main(args, count: int) -> int:
     with open(args.json, "w") as f:
       json.dump({"preset": args.preset, "mesh": format_mesh(mesh), "topology": args.topology,
                  "device": verdict, "lora_rank": args.lora, "base_quantize": getattr(args, "base_quantize", None),
-                 "dpo": getattr(args, "dpo", False),
-                 **out}, f, indent=2)
+                 "dpo": dpo, **out}, f, indent=2)
   return 0
+
+
+def _print_oom(c: dict, a: dict) -> None:
+  """What the TPU compiler refused, beside the analytic parameters, optimizer state and temporaries."""
+  print(f"does not fit: the TPU compiler needs {c['temp_bytes'] / GiB:.2f} GiB of temporaries, plus "
+        f"{(c['peak_bytes'] - c['temp_bytes']) / GiB:.2f} GiB of arguments, of {c['available_bytes'] / GiB:.2f} GiB "
+        f"HBM per device")
+  print(f"  compiler: {c['message']}")
+  print(f"  analytic: parameters {a['param_bytes'] / GiB:.2f} GiB, optimizer state {a['opt_bytes'] / GiB:.2f} GiB, "
+        f"temporaries {a['temp_bytes'] / GiB:.2f} GiB per device")
+
+
+def _print_table(out: dict, cfg: MixtralConfig) -> None:
+  """The compiled figures beside the analytic ones, the peak and recompute factor, and DCN traffic."""
+  c, a = out["compiled"], out["analytic"]
+  print(f"per device{'':22}{'compiled':>12}{'analytic':>12}")
+  rows = [("parameters (GiB)", c["param_bytes"] / GiB, a["param_bytes"] / GiB),
+          ("optimizer state (GiB)", c["opt_bytes"] / GiB, a["opt_bytes"] / GiB),
+          ("temporaries (GiB)", c["temp_bytes"] / GiB, a["temp_bytes"] / GiB),
+          ("TFLOPs per step", c["flops"] / 1e12, a["flops"] / 1e12),
+          ("all-to-all GiB per step", c["all_to_all_bytes"] / GiB, a["all_to_all_bytes"] / GiB)]
+  for name, got, want in rows:
+    print(f"  {name:<30}{got:12.3f}{want:12.3f}")
+  if a["reference_forward_flops"]:
+    print(f"  of which the DPO reference forward (adapters off, no backward): {a['reference_forward_flops'] / 1e12:.3f} "
+          "TFLOPs analytic")
+  print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB; recompute "
+        f"factor {c.get('recompute_factor', float('nan')):.3f}x (compiled FLOPs / analytic FLOPs without remat)")
+  if "recompute_factor_outside_attention" in c:
+    print(f"  recompute factor outside the {a['attention']} attention kernel (whose FLOPs the HLO count lacks): "
+          f"{c['recompute_factor_outside_attention']:.3f}x")
+  if "dcn_bytes" in out:
+    for line in dcn.dcn_lines({"dcn_bytes": out["dcn_bytes"], "ops": out["dcn_ops"]}, out["dcn_ideal_bytes"],
+                              out["dcn_ideal_compute_dtype_bytes"], cfg.param_dtype, cfg.dtype):
+      print(line)
+
+
+def _print_notes(c: dict, cfg: MixtralConfig, mesh) -> None:
+  """What to know reading the table: XLA's own FLOP count, ragged all-to-alls, kernels, and the
+  simulation's known differences from TPU/GPU programs."""
+  if c["cost_analysis_flops"] is not None:
+    print(f"  XLA cost_analysis: {c['cost_analysis_flops'] / 1e12:.3f} TFLOPs (each loop body counted once: the "
+          f"layer scan, microbatch scan and loss chunks run many times; the row above weights them)")
+  if c["ragged_all_to_all_ops"]:
+    print(f"  ragged-all-to-all: {c['ragged_all_to_all_ops']} per step, worst-case buffers "
+          f"{c['ragged_all_to_all_buffer_bytes'] / GiB:.3f} GiB (the traffic itself follows the routing)")
+  for line in kernel_lines(c, ragged=False):  # the ragged all-to-all line above has the count
+    print(line)
+  print("  (analytic temporaries: gradients and update plus a rough sum of saved residuals, one layer's attention "
+        "scores and MoE buffers; all-to-all counts forward, remat and backward exchanges)")
+  if mesh.devices.flat[0].platform == "cpu" and cfg.dtype == "bfloat16" and c["all_to_all_bytes"]:
+    print("  note: XLA:CPU carries bfloat16 all-to-alls as float32, so the compiled bytes here are twice "
+          "what TPU/GPU send")
+  if "while-loop-invariant-code-motion" in os.environ.get("XLA_FLAGS", ""):
+    print("  note: simulated with XLA:CPU's loop-invariant code motion off (it hoists f32 copies of whole "
+          "stacked bf16 operands out of the layer scan, which GPU/TPU programs do not hold)")
+  if c.get("unknown_trip_scale"):
+    print(f"  note: {c['unknown_trip_loops']} blockwise-attention loop(s) over live key blocks counted at "
+          f"{c['unknown_trip_scale']:.2f} trips, the average for causal rows of one document each")
+  elif c["unknown_trip_loops"]:
+    print(f"  note: {c['unknown_trip_loops']} loop(s) with data-dependent trip counts were counted once")

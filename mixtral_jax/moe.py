@@ -39,6 +39,13 @@ from mixtral_jax.projection import Projection
 from mixtral_jax.quant import as_compute, stored_weight
 
 
+# With per-expert views (single-CPU-device decode), dispatch_selected serves up to 16 E token-expert pairs:
+# on XLA:CPU the blocked grouped path pads every expert's group to a block of 128 rows, so a 16-row decode
+# step ran 225 ms per bench-small layer against 21 ms selected (all 8 experts on the 16 tokens, read in
+# place); see docs/benchmarks.md, issue 22 throughput.
+SELECTED_PAIRS_WITH_VIEWS = 16
+
+
 def _needs_rows(lora: ExpertLoRA | None) -> bool:
   """Whether the kernels need each row's pair id (for its dropout mask or its adapter in a bank)."""
   return lora is not None and lora.needs_rows
@@ -68,7 +75,7 @@ def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=
   filler); slot j runs expert e_j on all N tokens, weighted by W_N[e_j] (all zero for a filler).
   Decode is memory-bound: each step reads M experts' weights once instead of all E. The FLOPs on
   tokens that did not choose e_j (at most E/k times the routed work) are cheap at small N. Used when
-  N*k <= 2E.
+  N*k <= 2E, or with per-expert views when N*k <= 16E (SELECTED_PAIRS_WITH_VIEWS).
 
   How slot j gets expert e_j's weights: from the stacked [E, ...] arrays, a slice at the dynamic id,
   which XLA:CPU copies out before the matmul reads it. With ``experts`` (a tuple of E per-expert
@@ -229,7 +236,8 @@ class MoE(nnx.Module):
       y_ND, dropped = expert_parallel.moe_expert_parallel(
           x_ND, weights_Nk, ids_Nk, w1, w3, w2, capacity_factor=cfg.capacity_factor,
           impl=cfg.moe_impl, block=cfg.moe_block, lora=lo)
-    elif cfg.capacity_factor is None and B * T * cfg.num_experts_per_tok <= 2 * cfg.num_local_experts:
+    elif cfg.capacity_factor is None and B * T * cfg.num_experts_per_tok <= (
+        SELECTED_PAIRS_WITH_VIEWS if experts is not None else 2) * cfg.num_local_experts:
       y_ND = dispatch_selected(x_ND, weights_Nk, ids_Nk, w1, w3, w2, experts, lora=lo)
       dropped = jnp.zeros((), jnp.float32)
     elif cfg.capacity_factor is None:

@@ -41,8 +41,8 @@ from mixtral_jax.quant import as_compute, stored_weight
 
 # With per-expert views (single-CPU-device decode), dispatch_selected serves up to 16 E token-expert pairs:
 # on XLA:CPU the blocked grouped path pads every expert's group to a block of 128 rows, so a 16-row decode
-# step ran 225 ms per bench-small layer against 21 ms selected (all 8 experts on the 16 tokens, read in
-# place); see docs/benchmarks.md, issue 22 throughput.
+# step of one bench-small layer took 3.7-10x as long as selected (all 8 experts on the 16 tokens, read in
+# place); see benchmarks/moe_decode_dispatch.py and docs/benchmarks.md, issue 22 throughput.
 SELECTED_PAIRS_WITH_VIEWS = 16
 
 

@@ -3,6 +3,15 @@ against ``generate`` on a static batch of 16, in one run.
 
   python benchmarks/serve.py [--preset bench-small] [--clients 1,4,16] [--out-dir /tmp/serve-bench]
                              [--kv-cache-gib N] [--skip-generate]
+  python benchmarks/serve.py --servers NAME=MAX_BATCH[:GIB],... [--workload short|mixed] [--context N]
+                             [--clients 32] [--rounds 1]
+
+With ``--servers`` the named servers (``:GIB``: paged with that much cache, else fixed rows) all start
+first and stay up; each concurrency level then loads them in turn, A B ... then ... B A, ``--rounds``
+times, so a drift in the shared machine's load falls on both sides. Each pass prints its figures and
+the 1-minute load average at its end; each half (A B .., .. B A) sends new prompts, the same to every
+server, so no pass reuses another's cached prefixes. The table gives each server's mean over its passes. ``--workload mixed``:
+prompts of 8-300 tokens, one in eight of 1,800-2,000; outputs of 16-128 tokens; one request per client.
 
 A random ``bench-small`` model (V 32000, D 512, L 4, E 8, k 2) is saved once; then, for each server
 (``--max-batch 16`` and ``--max-batch 1``, both ``--max-context 256``), for each concurrency c, c
@@ -46,6 +55,16 @@ def workload(n: int, seed: int) -> list[tuple[list[int], int]]:
           for _ in range(n)]
 
 
+def mixed_workload(n: int, seed: int) -> list[tuple[list[int], int]]:
+  """Chat-like: most prompts 8-300 tokens, one in eight 1,800-2,000; outputs 16-128 tokens."""
+  rng = np.random.RandomState(seed)
+  jobs = []
+  for i in range(n):
+    length = rng.randint(1800, 2000) if i % 8 == 3 else rng.randint(8, 300)
+    jobs.append(([1] + rng.randint(100, 30000, length).tolist(), int(rng.randint(16, 128))))
+  return jobs
+
+
 async def one(client, url, name, prompt, max_tokens):
   import httpx  # noqa: PLC0415
   body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
@@ -83,25 +102,30 @@ async def load(url, name, jobs, clients):
           "ttft_p50": float(np.percentile(ttfts, 50)), "ttft_p99": float(np.percentile(ttfts, 99))}
 
 
-def run_server(path, name, max_batch, levels, env, extra=()):
+def start_server(path, name, max_batch, env, extra=(), context=CONTEXT, warm_lengths=(10, 20, 40, 100)):
+  """A server process, up and warmed (one request per prefill chunk shape): (process, url)."""
   import httpx  # noqa: PLC0415
   port = free_port()
   url = f"http://127.0.0.1:{port}"
   proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax", "serve", "--model", path, "--port", str(port),
-                           "--max-batch", str(max_batch), "--max-context", str(CONTEXT), "--max-queue", "64",
+                           "--max-batch", str(max_batch), "--max-context", str(context), "--max-queue", "64",
                            "--served-model-name", name, *extra], env=env)
+  while True:
+    try:
+      if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+        break
+    except httpx.HTTPError:
+      pass
+    if proc.poll() is not None:
+      raise RuntimeError("the server exited")
+    time.sleep(0.5)
+  asyncio.run(load(url, name, [([1] * n, 2) for n in warm_lengths], 1))
+  return proc, url
+
+
+def run_server(path, name, max_batch, levels, env, extra=()):
+  proc, url = start_server(path, name, max_batch, env, extra)
   try:
-    while True:
-      try:
-        if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-          break
-      except httpx.HTTPError:
-        pass
-      if proc.poll() is not None:
-        raise RuntimeError("the server exited")
-      time.sleep(0.5)
-    warm = [([1] * n, 2) for n in (10, 20, 40, 100)]  # one request per prefill chunk shape
-    asyncio.run(load(url, name, warm, 1))
     out = {}
     for c in levels:
       out[c] = asyncio.run(load(url, name, workload(max(2 * c, 4), seed=c), c))
@@ -125,8 +149,57 @@ def generate_static(path, n=16, new=64):
   return {"tokens": tokens, "tok_s": tokens / wall}
 
 
+def alternated(path, preset, specs, levels, rounds, mixed, context, env):
+  """Every server of ``specs`` [(name, max_batch, gib or None)] up at once; each level loads them in the
+  order A B .. then .. B A, ``rounds`` times. Prints each pass and the table of means."""
+  warm = (10, 20, 40, 100, 200, 2000) if mixed else (10, 20, 40, 100)
+  servers = {}
+  try:
+    for name, max_batch, gib in specs:
+      extra = () if gib is None else ("--kv-cache-gib", str(gib))
+      servers[name] = start_server(path, preset, max_batch, env, extra, context, warm)
+    passes = {(name, c): [] for name, _, _ in specs for c in levels}
+    for c in levels:
+      order = [n for n, _, _ in specs]
+      for half, names in enumerate([order, order[::-1]] * rounds):
+        # New prompts for each half (each server sees them once: no prefix-cache hits across passes).
+        jobs = (mixed_workload if mixed else workload)(c if mixed else max(2 * c, 4), seed=100 * c + half)
+        for name in names:
+          r = asyncio.run(load(servers[name][1], preset, jobs, c))
+          r["load1"] = os.getloadavg()[0]
+          passes[(name, c)].append(r)
+          print(f"{name}, {c} clients: {json.dumps(r)}", flush=True)
+  finally:
+    for proc, _ in servers.values():
+      proc.terminate()
+      proc.wait(timeout=60)
+  print("\n| clients | server | passes: output tok/s (load avg) | mean tok/s | mean TTFT p50 |")
+  print("|---|---|---|---|---|")
+  for c in levels:
+    for name, max_batch, gib in specs:
+      rs = passes[(name, c)]
+      mode = "fixed rows" if gib is None else f"paged {gib:g} GiB"
+      runs = ", ".join(f"{r['tok_s']:.1f} ({r['load1']:.1f})" for r in rs)
+      print(f"| {c} | {name} (max-batch {max_batch}, {mode}) | {runs} | {np.mean([r['tok_s'] for r in rs]):.1f} | "
+            f"{np.mean([r['ttft_p50'] for r in rs]):.2f} s |")
+
+
+def parse_servers(text: str):
+  """``NAME=MAX_BATCH[:GIB],...`` -> [(name, max_batch, gib or None)]."""
+  specs = []
+  for item in text.split(","):
+    name, _, rest = item.partition("=")
+    batch, _, gib = rest.partition(":")
+    specs.append((name, int(batch), float(gib) if gib else None))
+  return specs
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--servers", help="NAME=MAX_BATCH[:GIB],...: compare these servers, alternated (see above)")
+  p.add_argument("--workload", choices=("short", "mixed"), default="short")
+  p.add_argument("--context", type=int, default=CONTEXT, help="--max-context of the servers (with --servers)")
+  p.add_argument("--rounds", type=int, default=1, help="A B .. B A passes per level (with --servers)")
   p.add_argument("--preset", default="bench-small")
   p.add_argument("--clients", default="1,4,16")
   p.add_argument("--out-dir", default="/tmp/serve-bench")
@@ -141,6 +214,10 @@ def main():
     save(mixtral_jax.create_model(mixtral_jax.get_config(args.preset), seed=0), path)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
+  if args.servers:
+    alternated(path, args.preset, parse_servers(args.servers), levels, args.rounds, args.workload == "mixed",
+               args.context, env)
+    return
   extra = () if args.kv_cache_gib is None else ("--kv-cache-gib", str(args.kv_cache_gib))
   batched = run_server(path, args.preset, 16, levels, env, extra)
   single = run_server(path, args.preset, 1, levels, env, extra)

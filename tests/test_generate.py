@@ -218,6 +218,25 @@ def test_moe_with_expert_views_up_to_one_block_equals_the_blocked_kernel(models)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def test_sixteen_row_decode_with_views_takes_the_selected_path(monkeypatch):
+  """A 16-row decode step (32 token-expert pairs) with per-expert views runs dispatch_selected (on CPU the
+  blocked dropless path pads each expert to 128 rows: 10x slower) and gives the hidden states of the
+  scanned stack's dropless path."""
+  from flax import nnx
+  from mixtral_jax import moe
+  from mixtral_jax.model import layer_views
+  cfg = mixtral_jax.MixtralConfig(**{**TINY, "param_dtype": "float32", "dtype": "float32"})
+  model = mixtral_jax.Mixtral(cfg, rngs=nnx.Rngs(3))
+  ids = jnp.asarray(np.random.RandomState(0).randint(1, 1000, (16, 1)), jnp.int32)
+  want, _ = model.hidden(ids)
+  calls = []
+  real = moe.dispatch_selected
+  monkeypatch.setattr(moe, "dispatch_selected", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  got, _ = model.hidden(ids, layers=layer_views(model))
+  assert len(calls) == cfg.num_hidden_layers
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ mesh
 
 

@@ -10,6 +10,7 @@ from flax import nnx
 import mixtral_jax as mj
 from mixtral_jax.model import layer_views
 from mixtral_jax.inference.paged_runner import PagedRunner
+from mixtral_jax.sampling import RowSettings
 from reference import TINY
 
 
@@ -33,8 +34,9 @@ def _alone(new_tokens):
   return [list(map(int, t)) for t in out.tokens]
 
 
-def _serve(num_pages, new_tokens, max_batch=4, views=False):
-  """A minimal greedy loop over the runner: admit in order, prefill, decode what is admitted."""
+def _serve(num_pages, new_tokens, max_batch=4, views=False, steps=1):
+  """A minimal greedy loop over the runner: admit in order, prefill, decode what is admitted (with
+  ``steps`` > 1: up to that many decode steps per device call, sampling on device)."""
   model = _model()
   graphdef, state = nnx.split(model)
   runner = PagedRunner(graphdef, state, model.cfg, num_pages=num_pages, page_size=8, max_batch=max_batch,
@@ -61,7 +63,10 @@ def _serve(num_pages, new_tokens, max_batch=4, views=False):
       running.remove(victim)
       waiting.insert(0, (victim.id, victim.tokens))
       preempted += 1
-    if running:
+    n = min([steps, runner.room(running)] + [new_tokens - len(s.tokens) + lengths[s.id] for s in running])
+    if running and n > 1:
+      runner.decode_steps(running, lambda R: RowSettings.of([(0.0, 0, 1.0, 0, 0)] * R), [0] * len(running), n)
+    elif running:
       logits = runner.decode(running)
       for seq, row in zip(running, logits):
         runner.append(seq, int(np.argmax(row)))
@@ -87,3 +92,14 @@ def test_a_pool_smaller_than_one_request_is_refused():
   graphdef, state = nnx.split(model)
   with pytest.raises(ValueError, match=r"cannot hold one --max-context 64 request \(8 pages plus the null page\)"):
     PagedRunner(graphdef, state, model.cfg, num_pages=8, page_size=8, max_batch=2, max_context=64)
+
+
+def test_multi_step_decode_equals_generate_alone():
+  """Several decode steps per device call (``decode_steps``: sampling on device, n capped by the room in
+  the pages held) give the tokens of one step per call, here through preemption under a tight pool."""
+  got, runner, preempted = _serve(num_pages=12, new_tokens=10, steps=16)
+  assert preempted > 0
+  assert got == _alone(10)
+  with pytest.raises(ValueError, match="do not fit the sequences' pages"):
+    seq = runner.admit(99, [1, 2, 3])
+    runner.decode_steps([seq], lambda R: RowSettings.of([(0.0, 0, 1.0, 0, 0)] * R), [0], runner.room([seq]) + 1)

@@ -45,7 +45,9 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
   p.add_argument("--kv-cache-gib", type=float,
                  help="a paged KV cache of this many GiB: rows hold only the pages their tokens use, admission "
-                      "is by free pages, common prompt prefixes are reused (default: fixed rows of --max-context)")
+                      "is by free pages, common prompt prefixes are reused, and decode runs only the rows in use (one "
+                      "client on a 16-row server: 25-50 tok/s paged against 2 with fixed rows on bench-small, CPU); "
+                      "recommended (default: fixed rows of --max-context)")
   p.add_argument("--page-size", type=int, default=64, help="tokens per KV-cache page (with --kv-cache-gib)")
   p.add_argument("--no-prefix-cache", action="store_true", help="do not reuse cached prompt prefixes (with --kv-cache-gib)")
   p.add_argument("--served-model-name", help="the model name clients send (default: the model directory's name)")

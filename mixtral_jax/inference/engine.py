@@ -193,7 +193,7 @@ class Engine:
         done.wait()
     if self.runner is not None:  # every compiled decode batch size, and the sampler at each
       with mesh_context(self.mesh):
-        self.runner.warmup()
+        self.runner.warmup(lambda R: self._settings([None] * R))
         for R in self.runner.sizes:
           self._sample(jnp.zeros((R, self.cfg.vocab_size), jnp.float32), self._settings([None] * R),
                        np.zeros(R, np.int32))
@@ -377,7 +377,8 @@ class Engine:
     ones are admitted, first come first served, while rows and pages last (reusing their longest
     cached prefix); each admitted request still reading its tokens runs one prefill chunk (the last
     samples its next token); then one decode step of the others, compacted into the first rows of the
-    next compiled batch size. When pages run out the newest are preempted: their pages are freed and
+    next compiled batch size (several steps per device call when nothing waits, prefills or needs host
+    work between steps, see ``_paged_chunk``). When pages run out the newest are preempted: their pages are freed and
     they wait at the head of the queue, to be recomputed from their prompt and the tokens so far."""
     with self._wake:
       for req in [r for r in self.waiting if r.cancelled]:
@@ -407,10 +408,37 @@ class Engine:
         with self._wake:
           self.waiting.appendleft(req)
       if decoding:
-        logits_RV = self.runner.decode([self.seqs[r.id] for r in decoding])
-        self.metrics.decode_steps += 1
-        self.metrics.occupied_row_steps += len(decoding)
-        self._paged_sample(decoding, logits_RV)
+        t0, n = time.perf_counter(), self._paged_chunk(decoding)
+        if n > 1:
+          self._paged_decode_steps(decoding, n)
+        else:
+          self._paged_sample(decoding, self.runner.decode([self.seqs[r.id] for r in decoding]))
+        self.metrics.decode_steps += n
+        self.metrics.occupied_row_steps += n * len(decoding)
+        self._chunk = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS * n / max(time.perf_counter() - t0, 1e-6))))
+
+  def _paged_chunk(self, decoding: list[Request]) -> int:
+    """Decode steps for this call, as ``_chunk_length``: 1 while anything waits or prefills or a row
+    needs host work between steps (a grammar mask, logprobs), else the adapted chunk length capped by
+    the fewest tokens any row may still produce and by the room in the rows' pages."""
+    if self.waiting or len(decoding) < len(self.running) or any(
+        r.matcher is not None or r.top_logprobs is not None for r in decoding):
+      return 1
+    left = min(r.max_tokens - len(r.row.tokens) for r in decoding)
+    return max(1, min(self._chunk, left, self.runner.room([self.seqs[r.id] for r in decoding])))
+
+  def _paged_decode_steps(self, reqs: list[Request], n: int) -> None:
+    """``n`` decode steps in one device call (sampling on device); each row's tokens pass through its
+    bookkeeping in order until it finishes (tokens computed past its end are dropped with its pages)."""
+    settings_of = lambda R: self._settings(list(reqs) + [None] * (R - len(reqs)))  # noqa: E731
+    out_nS = self.runner.decode_steps([self.seqs[r.id] for r in reqs], settings_of,
+                                      [len(r.row.tokens) for r in reqs], n)
+    for r, req in enumerate(reqs):
+      for token in out_nS[:, r].tolist():
+        req.row.push(token, is_last_step=len(req.row.tokens) + 1 >= req.max_tokens)
+        if req.row.finish is not None:
+          self._paged_free(req, req.row.finish)
+          break
 
   def _paged_prefilling(self, req: Request) -> bool:
     """Whether more than the last token is still to be computed (that one a decode step feeds)."""

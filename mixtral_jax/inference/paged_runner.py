@@ -13,6 +13,9 @@ and calls:
     the sequences preempted for lack of pages: released, to be admitted again with their tokens);
   * ``decode(seqs)``: one step of these sequences compacted into the first rows of the next compiled
     batch size R; logits ``[R, V]`` (rows past len(seqs) are padding);
+  * ``decode_steps(seqs, settings, steps_R, n)``: up to ``room(seqs)`` decode steps in one device call,
+    sampling on device (no grammar masks or logprobs between steps); the tokens ``[n, len(seqs)]``,
+    appended to the sequences;
   * ``release(seq)`` when a request ends.
 
 ``layers`` (the single-CPU-device per-layer weight views, :func:`mixtral_jax.model.layer_views`) serve
@@ -35,7 +38,7 @@ import numpy as np
 
 from mixtral_jax.attn.paged import PagedKVCache, init_pools
 from mixtral_jax.inference.paged_batch import StepArrays, compiled_sizes, decode_arrays, prefill_arrays
-from mixtral_jax.inference.paged_programs import paged_step_program
+from mixtral_jax.inference.paged_programs import MAX_STEPS, paged_decode_program, paged_step_program
 from mixtral_jax.inference.pages import PAGE_SIZE, PagePool, Sequence
 
 
@@ -57,6 +60,7 @@ class PagedRunner:
     self.k, self.v = init_pools(cfg.num_hidden_layers, num_pages, page_size, cfg.num_key_value_heads,
                                 cfg.head_size, jnp.dtype(dtype or cfg.dtype))
     self._run = paged_step_program(graphdef)
+    self._run_steps = paged_decode_program(graphdef)
 
   # ------------------------------------------------------------------ sequences
 
@@ -86,6 +90,33 @@ class PagedRunner:
       self.pool.mark_computed(seq, len(seq.tokens))
     return logits
 
+  def room(self, seqs: list[Sequence]) -> int:
+    """Decode steps every one of ``seqs`` can take in the pages it holds now (at most MAX_STEPS): step j
+    writes position len(tokens) - 1 + j, which must lie inside the sequence's pages."""
+    P = self.pool.page_size
+    return max(0, min([MAX_STEPS] + [len(s.pages) * P - len(s.tokens) + 1 for s in seqs]))
+
+  def decode_steps(self, seqs: list[Sequence], settings_of, steps: list[int], n: int) -> np.ndarray:
+    """``n`` (1 <= n <= room(seqs)) decode steps of ``seqs`` in one device call, compacted and padded as
+    :meth:`decode`; row r samples with ``settings_of(R)`` (the RowSettings of the R padded rows) at step
+    ``steps[r] + j``. Returns the tokens ``[n, len(seqs)]``, each already appended to its sequence."""
+    if not 1 <= n <= self.room(seqs):
+      raise ValueError(f"{n} decode steps do not fit the sequences' pages (room for {self.room(seqs)}); "
+                       "call ensure_room and take at most room(seqs) steps")
+    a = decode_arrays(self.pool, seqs, self.width, self.sizes)
+    R = a.ids_RC.shape[0]
+    steps_R = np.asarray(list(steps) + [0] * (R - len(seqs)), np.int32)
+    cache = PagedKVCache(self.k, self.v, jnp.asarray(a.table_RM), jnp.asarray(a.kv_len_R))
+    out_SR, cache = self._run_steps(self.state, a.ids_RC[:, 0], a.positions_RC[:, 0], cache, settings_of(R),
+                                    steps_R, np.int32(n), self.layers, self._adapter_rows(a))
+    self.k, self.v = cache.k, cache.v
+    out_nS = np.asarray(out_SR)[:n, :len(seqs)]
+    for r, seq in enumerate(seqs):
+      for token in out_nS[:, r].tolist():
+        self.pool.append(seq, token)
+      self.pool.mark_computed(seq, len(seq.tokens) - 1)  # the last sampled token is fed by the next step
+    return out_nS
+
   def release(self, seq: Sequence) -> None:
     self.pool.release(seq)
 
@@ -105,8 +136,14 @@ class PagedRunner:
     self.k, self.v = cache.k, cache.v
     return logits  # not waited for: the caller prepares sampling (grammar masks) while it runs
 
-  def warmup(self) -> None:
-    """Compiles the decode step for every compiled batch size (padding rows only: nothing is written)."""
+  def warmup(self, settings_of=None) -> None:
+    """Compiles the decode step for every compiled batch size (padding rows only: nothing is written),
+    and with ``settings_of`` (R -> RowSettings of R idle rows) the multi-step decode too."""
     for R in self.sizes:
       a = decode_arrays(self.pool, [], self.width, (R,))
       self._step(a, self.layers)
+      if settings_of is not None:
+        cache = PagedKVCache(self.k, self.v, jnp.asarray(a.table_RM), jnp.asarray(a.kv_len_R))
+        _, cache = self._run_steps(self.state, a.ids_RC[:, 0], a.positions_RC[:, 0], cache, settings_of(R),
+                                   np.zeros(R, np.int32), np.int32(1), self.layers, self._adapter_rows(a))
+        self.k, self.v = cache.k, cache.v

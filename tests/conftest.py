@@ -71,9 +71,20 @@ def _release_compiled_programs():
 _PEAK_MAPS = [0]
 
 
+def pytest_sessionfinish(session):
+  """An xdist worker hands its peak to the controller, which prints the largest (below)."""
+  if hasattr(session.config, "workeroutput"):
+    session.config.workeroutput["peak_maps"] = _PEAK_MAPS[0]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  _PEAK_MAPS[0] = max(_PEAK_MAPS[0], int(getattr(node, "workeroutput", {}).get("peak_maps", 0)))
+
+
 def pytest_terminal_summary(terminalreporter):
-  """Reports the peak count of memory mappings at a module's end, so a suite creeping back toward the
-  limit shows in CI's log."""
+  """Reports the peak count of memory mappings at a module's end (per process: with xdist, the largest
+  worker's), so a suite creeping back toward the limit shows in CI's log."""
   if _PEAK_MAPS[0]:
     terminalreporter.write_line(f"memory mappings: peak {_PEAK_MAPS[0]} at a module's end "
                                 "(Linux's default vm.max_map_count is 65,530)")

@@ -150,9 +150,10 @@ def test_bad_adapters_fail_at_startup_in_one_line(setup, capsys):
   assert rc == 2 and "--adapter wrong=" in line and "another base" in line, line
   rc, line = _serve_error(capsys, path, "--adapter", f"{NAME}={adapters['attn']}")
   assert rc == 2 and "already taken by the base model" in line, line
-  rc = cli.main(["serve", "--model", path, "--port", str(free_port()), "--adapter", f"attn={adapters['attn']}"])
+  rc = cli.main(["serve", "--model", path, "--port", str(free_port()), "--fixed-rows", "--adapter",
+                 f"attn={adapters['attn']}"])
   line = capsys.readouterr().err.strip()
-  assert rc == 2 and "--adapter needs the paged KV cache" in line and "\n" not in line, line
+  assert rc == 2 and "--adapter needs the paged KV cache, not with --fixed-rows" in line and "\n" not in line, line
 
 
 def test_generate_cli_still_merges_its_adapter(setup, capsys):

@@ -148,6 +148,7 @@ def cache_gib(args: argparse.Namespace, model) -> tuple[float | None, str]:
   from flax import nnx  # noqa: PLC0415
 
   from mixtral_jax.inference.memory import default_cache_bytes, device_memory  # noqa: PLC0415
+  from mixtral_jax.inference.pages import bytes_per_token  # noqa: PLC0415 - as the engine counts it
 
   cfg = model.cfg
   max_context = args.max_context or cfg.max_position_embeddings
@@ -157,8 +158,8 @@ def cache_gib(args: argparse.Namespace, model) -> tuple[float | None, str]:
     raise ValueError(f"--memory-utilization needs devices that report their memory (GPU, TPU); {devices[0].platform} "
                      "devices do not: pass --kv-cache-gib N, or neither for the fixed rows' memory")
   budget = default_cache_bytes(memory, utilization=args.memory_utilization or DEFAULT_UTILIZATION,
-                               num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
-                               head_dim=cfg.head_size, dtype_bytes=jax.numpy.dtype(cfg.dtype).itemsize,
+                               per_token=bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                                         cfg.head_size, jax.numpy.dtype(cfg.dtype).itemsize),
                                max_batch=args.max_batch, max_context=max_context,
                                page_size=args.page_size or PAGE_SIZE)
   return budget.gib, f"{budget.gib:.3f} GiB by default: {budget.how}"

@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from mixtral_jax.inference.pages import bytes_per_token
-
 DEFAULT_UTILIZATION = 0.9  # vLLM's default --gpu-memory-utilization
 GiB = 2**30
 
@@ -59,18 +57,17 @@ def device_memory(devices) -> list[DeviceMemory] | None:
   return out
 
 
-def default_cache_bytes(memory: list[DeviceMemory] | None, *, utilization: float, num_layers: int,
-                        num_kv_heads: int, head_dim: int, dtype_bytes: int, max_batch: int, max_context: int,
-                        page_size: int) -> CacheBudget:
+def default_cache_bytes(memory: list[DeviceMemory] | None, *, utilization: float, per_token: int, max_batch: int,
+                        max_context: int, page_size: int) -> CacheBudget:
   """The default KV-cache budget per device (see the module docstring). Steps:
 
-  1. per token: keys and values of every layer, ``2 L K H`` x dtype bytes; per page, ``page_size`` of them;
+  1. ``per_token``: the cache bytes of one token, keys and values of every layer
+     (:func:`~mixtral_jax.inference.pages.bytes_per_token`); a page holds ``page_size`` tokens;
   2. the least the cache may be: the pages of one ``max_context`` request plus the null page;
   3. with ``memory``: ``min over devices (utilization x limit - in_use)``; without (CPU): the fixed
      rows' ``max_batch x max_context`` tokens, raised to step 2's floor;
   4. a budget from step 3 below step 2's floor is a ValueError naming the numbers and the fixes.
   """
-  per_token = bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes)
   floor_pages = math.ceil(max_context / page_size) + 1
   floor = floor_pages * page_size * per_token
   if memory is None:

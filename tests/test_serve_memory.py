@@ -156,3 +156,20 @@ def test_serve_takes_the_fixed_rows_memory_on_cpu_and_the_flags_otherwise():
   assert gib * GiB == 6 * 64 * 2 * k_LKH.nbytes and "6 x 64" in how
   assert cache_gib(parser.parse_args(["--model", "m", "--kv-cache-gib", "0.5"]), model)[0] == 0.5
   assert cache_gib(parser.parse_args(["--model", "m", "--fixed-rows"]), model)[0] is None
+
+
+def test_int8_weights_on_the_paged_default_equal_fixed_rows(tiny_path):
+  """``serve --quantize int8`` keeps working now that it runs paged by default: greedy tokens of an int8
+  model equal the fixed-row engine's (the previous default) on the same weights."""
+  from mixtral_jax.inference.engine import Engine  # noqa: PLC0415
+  from mixtral_jax.inference.requests import Request  # noqa: PLC0415
+
+  outs = []
+  for gib in (None, 0.01):
+    engine = Engine(mixtral_jax.from_pretrained(tiny_path, quantize="int8"), max_batch=2, max_context=64,
+                    prefill_chunk=16, kv_cache_gib=gib)
+    got = []
+    engine.submit(Request([1, 50, 60, 70, 80], 8, lambda t, _d: got.append(t), lambda *_: None))
+    engine.run_until_done()
+    outs.append(got)
+  assert len(outs[0]) == 8 and outs[0] == outs[1]

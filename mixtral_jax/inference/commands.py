@@ -152,7 +152,9 @@ def cache_gib(args: argparse.Namespace, model) -> tuple[float | None, str]:
 
   cfg = model.cfg
   max_context = args.max_context or cfg.max_position_embeddings
-  devices = sorted(jax.tree.leaves(nnx.state(model))[0].sharding.device_set, key=lambda d: d.id)
+  placed = next((x.sharding.device_set for x in jax.tree.leaves(nnx.state(model)) if isinstance(x, jax.Array)),
+                {jax.local_devices()[0]})
+  devices = sorted((d for d in placed if d.process_index == jax.process_index()), key=lambda d: d.id)  # local ones
   memory = device_memory(devices)
   if memory is None and args.memory_utilization is not None:
     raise ValueError(f"--memory-utilization needs devices that report their memory (GPU, TPU); {devices[0].platform} "

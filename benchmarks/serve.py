@@ -103,24 +103,15 @@ async def load(url, name, jobs, clients):
 
 
 def start_server(path, name, max_batch, env, extra=(), context=CONTEXT, warm_lengths=(10, 20, 40, 100)):
-  """A server process, up and warmed (one request per prefill chunk shape): (process, url)."""
-  import httpx  # noqa: PLC0415
-  port = free_port()
-  url = f"http://127.0.0.1:{port}"
-  proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax", "serve", "--model", path, "--port", str(port),
-                           "--max-batch", str(max_batch), "--max-context", str(context), "--max-queue", "64",
-                           "--served-model-name", name, *extra], env=env)
-  while True:
-    try:
-      if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-        break
-    except httpx.HTTPError:
-      pass
-    if proc.poll() is not None:
-      raise RuntimeError("the server exited")
-    time.sleep(0.5)
-  asyncio.run(load(url, name, [([1] * n, 2) for n in warm_lengths], 1))
-  return proc, url
+  """A server process, up and warmed (one request per prefill chunk shape): (process, url). Without
+  ``--kv-cache-gib`` in ``extra`` it runs ``--fixed-rows`` (this script's "fixed rows"; serve's default is paged)."""
+  from mixtral_jax.inference.launch import launch  # noqa: PLC0415
+  if "--kv-cache-gib" not in extra:
+    extra = (*extra, "--fixed-rows")
+  server = launch(path, "--max-batch", str(max_batch), "--max-context", str(context), "--max-queue", "64",
+                  "--served-model-name", name, *extra, env=env, echo=sys.stderr)
+  asyncio.run(load(server.url, name, [([1] * n, 2) for n in warm_lengths], 1))
+  return server.proc, server.url
 
 
 def run_server(path, name, max_batch, levels, env, extra=()):

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -47,28 +46,15 @@ def run_all(argvs: list[list[str]], *, env: dict[str, str], timeout: float) -> l
 
 @contextlib.contextmanager
 def serving(model_path: str, *args: str, startup_s: float = 300):
-  """Runs ``mixtral-jax serve --model MODEL_PATH ARGS`` on a free loopback port and yields its base URL
-  once ``/health`` answers 200; fails the test, with the server's output, if it exits or does not come
-  up within ``startup_s``. Terminates the server afterwards."""
-  import httpx  # noqa: PLC0415 (test extra; only the server tests need it)
+  """Runs ``mixtral-jax serve --model MODEL_PATH ARGS`` on a free loopback port
+  (:func:`mixtral_jax.inference.launch.launch`) and yields its base URL once ``/health`` answers 200;
+  fails the test, with the server's last output lines, if it exits or does not come up within
+  ``startup_s``. Terminates the server afterwards."""
+  from mixtral_jax.inference.launch import ServerExited, launch  # noqa: PLC0415
 
-  port = free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax", "serve", "--model", model_path, "--port", str(port),
-                           *args], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + startup_s
-  while True:
-    try:
-      if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-        break
-    except httpx.HTTPError:
-      pass
-    if proc.poll() is not None or time.time() > deadline:
-      proc.kill()
-      pytest.fail(f"the server did not start:\n{proc.stdout.read()}")
-    time.sleep(0.25)
   try:
-    yield url
-  finally:
-    proc.terminate()
-    proc.wait(timeout=30)
+    server = launch(model_path, *args, env=child_env(), startup_s=startup_s)
+  except (ServerExited, TimeoutError) as e:
+    pytest.fail(f"the server did not start: {e}")
+  with server:
+    yield server.url

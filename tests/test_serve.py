@@ -54,12 +54,29 @@ def planted_model(tok: Tokenizer):
   return model
 
 
+FLAGS = ("--max-batch", "4", "--max-queue", "4", "--max-context", str(CONTEXT), "--prefill-chunk", "32")
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def saved(tmp_path_factory):
   tok = Tokenizer.load("v3")
   path = save(planted_model(tok), tmp_path_factory.mktemp("serve") / NAME)
-  model = mixtral_jax.from_pretrained(path)
-  with serving(path, "--max-batch", "4", "--max-queue", "4", "--max-context", str(CONTEXT), "--prefill-chunk", "32") as url:
+  return path, mixtral_jax.from_pretrained(path), tok
+
+
+@pytest.fixture(scope="module")
+def server(saved):
+  """The default server: the paged KV cache, sized on CPU as the fixed rows would be."""
+  path, model, tok = saved
+  with serving(path, *FLAGS) as url:
+    yield url, model, tok
+
+
+@pytest.fixture(scope="module")
+def fixed_server(saved):
+  """The same model on the opt-out fixed-row cache (``--fixed-rows``)."""
+  path, model, tok = saved
+  with serving(path, *FLAGS, "--fixed-rows") as url:
     yield url, model, tok
 
 
@@ -87,6 +104,9 @@ def test_models_health_metrics(server, client):
   for key in ("requests_total", "prompt_tokens_total", "generation_tokens_total", "queue_depth", "batch_occupancy",
               "time_to_first_token_seconds_count"):
     assert f"mixtral_jax_{key}" in names
+  # Paged by default; on CPU the pool holds what 4 fixed rows of CONTEXT reserved: 4 x 1024 / 64 pages, one
+  # of them the null page.
+  assert names["mixtral_jax_kv_pages"] == 4 * CONTEXT // 64 - 1
 
 
 def test_completion_matches_generate_with_usage(server, client):
@@ -183,8 +203,23 @@ def test_concurrent_requests_equal_generate_alone(server, client):
   assert metrics(server[0])["mixtral_jax_batch_occupancy"] > 0.25
 
 
-def test_full_queue_429_and_disconnect_frees_rows(server):
-  url = server[0]
+def test_fixed_rows_serve_and_refuse_what_needs_pages(fixed_server):
+  """``--fixed-rows``: answers equal ``generate`` alone; logprobs and response_format are 400s naming the flag."""
+  url, model, tok = fixed_server
+  client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+  r = client.completions.create(model=NAME, prompt="def fibonacci(n):", max_tokens=12, temperature=0)
+  assert r.choices[0].text == alone(model, tok, "def fibonacci(n):", 12)[0]
+  assert "mixtral_jax_kv_pages" not in metrics(url)
+  for extra in ({"logprobs": 2}, {"response_format": {"type": "json_object"}}):
+    with pytest.raises(openai.BadRequestError) as e:
+      client.completions.create(model=NAME, prompt="x", max_tokens=2, extra_body=extra)
+    assert "not served with --fixed-rows" in e.value.message, e.value.message
+
+
+def test_full_queue_429_and_disconnect_frees_rows(fixed_server):
+  """On fixed rows (the paged engine counts a waiting request against ``--max-queue`` differently, see
+  the report of the paged-default change)."""
+  url = fixed_server[0]
   before = metrics(url)
   body = {"model": NAME, "prompt": [1, 300, 400], "max_tokens": CONTEXT - 3, "temperature": 0, "stream": True}
   with httpx.Client(timeout=30) as h:

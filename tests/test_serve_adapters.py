@@ -76,12 +76,10 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(setup):
   _, path, adapters = setup
-  cfg = mixtral_jax.get_config("tiny", vocab_size=32000)
-  per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_size * 4  # float32 K and V
-  gib = 64 * PAGE * per_token / 2**30
   flags = [a for name, p in adapters.items() for a in ("--adapter", f"{name}={p}")]
-  with serving(path, "--max-batch", "4", "--max-context", str(CONTEXT), "--prefill-chunk", "32", "--kv-cache-gib",
-               f"{gib:.9f}", "--page-size", str(PAGE), "--dtype", "float32", *flags) as url:
+  # No --kv-cache-gib: the default paged cache (on CPU the fixed rows' 4 x 256 tokens, 64 pages of 16).
+  with serving(path, "--max-batch", "4", "--max-context", str(CONTEXT), "--prefill-chunk", "32",
+               "--page-size", str(PAGE), "--dtype", "float32", *flags) as url:
     yield url
 
 
@@ -90,7 +88,8 @@ def client(server):
   return openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
 
 
-def test_models_lists_base_and_adapters_and_unknown_is_404(client):
+def test_models_lists_base_and_adapters_and_unknown_is_404(server, client):
+  assert metrics(server)["mixtral_jax_kv_pages"] == 4 * CONTEXT // PAGE - 1  # the default pool, null page aside
   models = client.models.list().data
   assert [m.id for m in models] == [NAME, "attn", "experts"]
   with pytest.raises(openai.NotFoundError) as e:
@@ -150,9 +149,10 @@ def test_bad_adapters_fail_at_startup_in_one_line(setup, capsys):
   assert rc == 2 and "--adapter wrong=" in line and "another base" in line, line
   rc, line = _serve_error(capsys, path, "--adapter", f"{NAME}={adapters['attn']}")
   assert rc == 2 and "already taken by the base model" in line, line
-  rc = cli.main(["serve", "--model", path, "--port", str(free_port()), "--adapter", f"attn={adapters['attn']}"])
+  rc = cli.main(["serve", "--model", path, "--port", str(free_port()), "--fixed-rows", "--adapter",
+                 f"attn={adapters['attn']}"])
   line = capsys.readouterr().err.strip()
-  assert rc == 2 and "--adapter needs the paged KV cache" in line and "\n" not in line, line
+  assert rc == 2 and "--adapter needs the paged KV cache, not with --fixed-rows" in line and "\n" not in line, line
 
 
 def test_generate_cli_still_merges_its_adapter(setup, capsys):

@@ -103,8 +103,8 @@ class Server:
     max_tokens = P.check_length(len(prompt), params.max_tokens, self.engine.max_context,
                                 "messages" if kind == "chat" else "prompt")
     if params.top_logprobs is not None and self.engine.runner is None:
-      raise P.ApiError(400, "logprobs need the paged KV cache: start the server with --kv-cache-gib",
-                       param="logprobs")
+      raise P.ApiError(400, "logprobs are not served with --fixed-rows (they need the paged KV cache): restart the "
+                       "server without --fixed-rows", param="logprobs")
     grammar = self._grammar(params.response_format)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -130,8 +130,8 @@ class Server:
     if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
       return None
     if self.engine.runner is None:
-      raise P.ApiError(400, "response_format needs the paged KV cache: start the server with --kv-cache-gib",
-                       param="response_format")
+      raise P.ApiError(400, "response_format is not served with --fixed-rows (it needs the paged KV cache): restart "
+                       "the server without --fixed-rows", param="response_format")
     from mixtral_jax.inference.grammar import GrammarError  # noqa: PLC0415 - llguidance only when used
     try:
       return self.engine.structured().compile(fmt)
@@ -266,7 +266,7 @@ def prometheus(engine: Engine) -> str:
   metric("batch_rows_busy", "gauge", "batch rows holding a request", engine.busy_rows())
   metric("batch_rows", "gauge", "batch rows (--max-batch)", engine.B)
   metric("batch_occupancy", "gauge", "mean share of rows decoding per decode step", f"{occupancy:.6f}")
-  if engine.runner is not None:  # the paged cache (--kv-cache-gib)
+  if engine.runner is not None:  # the paged cache (the default; not with --fixed-rows)
     pool = engine.runner.pool
     metric("kv_pages", "gauge", "pages of the KV cache pool (the null page excluded)", pool.num_pages - 1)
     metric("kv_pages_free", "gauge", "pages free or holding only evictable cached prefixes", pool.available())

@@ -127,7 +127,25 @@ def paged_cache_line(out: dict, device: tuple[str, float], cache_tokens: int) ->
   tokens = max(int(free // (per_token * PAGE_SIZE)) - 1, 0) * PAGE_SIZE
   return (f"paged KV cache (serve --kv-cache-gib {max(free, 0) / GiB:.1f}): {tokens:,} tokens fit on {name} "
           f"({per_token / 1024:.0f} KiB per token per device, after {out['param_bytes'] / GiB:.2f} GiB of parameters "
-          f"and {temps / GiB:.2f} GiB of temporaries)")
+          f"and {temps / GiB:.2f} GiB of temporaries); {serve_default(out, device, per_token)}")
+
+
+def serve_default(out: dict, device: tuple[str, float], per_token: float) -> str:
+  """What ``serve`` without --kv-cache-gib would take on this device, the parameters being what is in use
+  (:func:`mixtral_jax.inference.memory.default_cache_bytes`, max_context 1 so that only the memory decides)."""
+  from mixtral_jax.inference.memory import DEFAULT_UTILIZATION, DeviceMemory, default_cache_bytes  # noqa: PLC0415
+  from mixtral_jax.inference.pages import PAGE_SIZE  # noqa: PLC0415
+
+  name, gib = device
+  try:
+    budget = default_cache_bytes([DeviceMemory(name, int(gib * GiB), out["param_bytes"])],
+                                 utilization=DEFAULT_UTILIZATION, per_token=int(per_token), max_batch=1, max_context=1,
+                                 page_size=PAGE_SIZE)
+  except ValueError:
+    return f"serve's default ({DEFAULT_UTILIZATION:g} of the memory less the parameters) leaves no room for the cache"
+  tokens = (budget.bytes // (int(per_token) * PAGE_SIZE) - 1) * PAGE_SIZE
+  return (f"serve's default ({DEFAULT_UTILIZATION:g} x {gib:g} GiB - the parameters, --memory-utilization) takes "
+          f"{budget.gib:.1f} GiB, {tokens:,} tokens (on GPU JAX's limit is XLA_PYTHON_CLIENT_MEM_FRACTION of the card)")
 
 
 def serve_main(args, count: int) -> int:

@@ -76,6 +76,10 @@ class TrainSection:
   steps: int = 300
   seed: int = 0
   mesh: str | None = None  # e.g. "data=2,expert=4"; None: all devices on the data axis
+  # A CPU test aid: split the devices, in order, into this many equal groups that stand for slices, so a
+  # dcn_ mesh (dcn_data=2,fsdp=2,expert=2) runs on simulated CPU devices (sharding.mesh.make_mesh).
+  # Refused on TPU devices, which carry their own slice_index; a real multi-slice run leaves it null.
+  simulated_slices: int | None = None
   checkpoint_every: int = 100
   keep: int = 3  # checkpoints kept
   async_checkpoint: bool = True
@@ -192,13 +196,16 @@ _AT_LEAST = (("data.batch_size", 1), ("data.seq_len", 1), ("data.workers", 1), (
 
 
 def _pod_problems(train: TrainSection) -> list[str]:
-  """train.remat names a policy; train.profile is a START:END range inside the run's steps."""
+  """train.remat names a policy; train.simulated_slices is a count; train.profile is a START:END range
+  inside the run's steps."""
   from mixtral_jax.model import REMAT_POLICIES  # noqa: PLC0415 - the model only when validating
   from .profiling import parse_profile  # noqa: PLC0415
 
   problems = []
   if train.remat is not None and train.remat not in REMAT_POLICIES:
     problems.append(f"train.remat={train.remat!r} is no remat policy; choose one of {', '.join(REMAT_POLICIES)}")
+  if train.simulated_slices is not None and train.simulated_slices < 1:
+    problems.append(f"train.simulated_slices={train.simulated_slices} is below 1; set a slice count or null")
   try:
     parse_profile(train.profile, train.steps)
   except ValueError as e:

@@ -150,7 +150,7 @@ def _check_inputs(cfg: TrainConfig, workdir: str, *, restart: bool):
                      "lora.rank; keep the run's lora section to resume it, or use a new --workdir")
   tokenizer = Tokenizer.load(cfg.data.tokenizer)
   tokenizer.check_vocab(mcfg.vocab_size)
-  mesh = make_mesh(cfg.train.mesh, num_experts=mcfg.num_local_experts)
+  mesh = make_mesh(cfg.train.mesh, num_experts=mcfg.num_local_experts, simulated_slices=cfg.train.simulated_slices)
   remat_policy(mcfg.remat, list(mesh.devices.flat))  # offload needs pinned host memory
   shards = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
   if cfg.microbatch % shards:

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import mixtral_jax
-from mixtral_jax.model import REMAT_POLICIES, remat_policy
+from mixtral_jax.model import OFFLOADING, REMAT_POLICIES, remat_policy
 
 CFG = mixtral_jax.get_config("tiny", vocab_size=256, num_hidden_layers=2, moe_block=16)
 
@@ -37,7 +37,7 @@ def full():
   return jax.jit(fn)(params)
 
 
-@pytest.mark.parametrize("remat", ["save_projections", "save_attn_moe_in", "offload"])
+@pytest.mark.parametrize("remat", ["save_projections", "save_attn_moe_in", "offload", "offload_projections"])
 def test_policy_equals_full(remat, full):
   fn, params = _grad_fn(remat)
   v, g = jax.jit(fn)(params)
@@ -45,10 +45,10 @@ def test_policy_equals_full(remat, full):
   np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-6)
   for (path, a), (_, b) in zip(nnx.to_flat_state(g), nnx.to_flat_state(g_ref)):
     np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-5, atol=1e-7, err_msg=str(path))
-  # What the backward keeps: offload's residuals live in host memory (typed f32<host> in the jaxpr;
-  # XLA:CPU then drops the placement, host and device memory being one), the others keep none there.
+  # What the backward keeps: the offloading policies' residuals live in host memory (typed f32<host> in
+  # the jaxpr; XLA:CPU then drops the placement, host and device memory being one), the others' do not.
   jaxpr = str(jax.make_jaxpr(fn)(params))
-  assert ("<host>" in jaxpr) == (remat == "offload")
+  assert ("<host>" in jaxpr) == (remat in OFFLOADING)
 
 
 # The batched-einsum experts of the capacity path (the TPU path with a capacity factor), where the
@@ -86,6 +86,30 @@ def test_save_projections_keeps_the_expert_products(capsys):
     np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-5, atol=1e-7, err_msg=str(path))
 
 
+def test_offload_projections_keeps_the_expert_products_on_host(capsys):
+  """offload_projections keeps what save_projections keeps by name (expert input rows, gate and up
+  products, the k expert outputs per token) plus the attention output, every one of them in host memory
+  (``f32<host>``) and none on the device; q/k/v (kept by save_projections as unnamed dots) are not kept.
+  Its values and gradients equal full's (above, for the blocked kernel; here for the capacity path)."""
+  from mixtral_jax.routing import capacity  # noqa: PLC0415
+  L, E, D, F = DENSE.num_hidden_layers, DENSE.num_local_experts, DENSE.hidden_size, DENSE.intermediate_size
+  C, N, k = capacity(X.size, DENSE.num_experts_per_tok, E, DENSE.capacity_factor), X.size, DENSE.num_experts_per_tok
+  B, T = X.shape
+  shapes = [f"[{L},{E},{C},{F}]", f"[{L},{E},{C},{F}]", f"[{L},{E},{C},{D}]", f"[{L},{N},{k},{D}]", f"[{L},{B},{T},{D}]"]
+  kept = [line.split(" output of scan")[0] for line in _saved_residuals(DENSE, "offload_projections", capsys)
+          if " output of scan" in line]
+  on_host = sorted(s.removeprefix("f32<host>") for s in kept if s.startswith("f32<host>"))
+  assert on_host == sorted(shapes), kept
+  # On the device, only what every policy keeps: each layer's input (the scan's per-layer residual) and
+  # the last layer's output.
+  assert sorted(s for s in kept if not s.startswith("f32<host>")) == [f"f32[{B},{T},{D}]", f"f32[{L},{B},{T},{D}]"], kept
+  fns = {r: _grad_fn_for(DENSE, r) for r in ("offload_projections", "full")}
+  (v, g), (v_ref, g_ref) = (jax.jit(fn)(params) for fn, params in fns.values())
+  np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-6)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g), nnx.to_flat_state(g_ref)):
+    np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
 def test_bad_policy_names_and_offload_without_host_memory():
   with pytest.raises(ValueError, match=r"remat 'half': no such policy; choose one of none, save_projections"):
     remat_policy("half")
@@ -99,7 +123,10 @@ def test_bad_policy_names_and_offload_without_host_memory():
 
   with pytest.raises(ValueError, match=r"remat 'offload' needs pinned host memory, which gpu devices lack"):
     remat_policy("offload", [NoHost()])
+  with pytest.raises(ValueError, match=r"remat 'offload_projections' needs pinned host memory, which gpu"):
+    remat_policy("offload_projections", [NoHost()])
   remat_policy("offload", jax.devices())  # CPU devices have pinned_host
+  remat_policy("offload_projections", jax.devices())
 
 
 @pytest.fixture(scope="module")

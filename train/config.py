@@ -91,7 +91,7 @@ class TrainSection:
   progress: bool = True  # a progress bar when stdout and stderr are terminals
   barrier_timeout_s: float = 300.0  # multi-process barriers give up (naming the late process) after this
   # activation remat policy (mixtral_jax.model.REMAT_POLICIES: none, save_projections, save_attn_moe_in,
-  # offload, full); None: the model's (model.overrides.remat, else the preset's)
+  # offload, offload_projections, full); None: the model's (model.overrides.remat, else the preset's)
   remat: str | None = None
   profile: str | None = None  # "START:END": a jax.profiler trace of those steps in <workdir>/profile
 

@@ -140,14 +140,15 @@ def tpu_mesh():
 def test_policies_compile_for_tpu(tpu_mesh, tmp_path):
   """The train step under each policy compiles with the TPU compiler. Recompute shows in the compiled
   FLOPs: none <= save_projections < save_attn_moe_in < full, and save_projections exchanges tokens
-  as often as none (the expert inputs and products are kept, so the backward does not dispatch again); offload's kept activations land in host memory (XLA's
-  memory space S(5) in the compiled layouts), which no other policy uses. (At this tiny size the
+  as often as none (the expert inputs and products are kept, so the backward does not dispatch again);
+  the offloading policies' kept activations land in host memory (XLA's memory space S(5) in the
+  compiled layouts), which no other policy uses. (At this tiny size the
   compiled FLOPs are about 2x the analytic count even without remat, so the reference here is the
   compiled ``none`` program, not the analytic recompute factor that ``plan`` prints at full size.)"""
   from mixtral_jax.train.plan.training import plan  # noqa: PLC0415
 
   flops, host, a2a = {}, {}, {}
-  for remat in ("none", "save_projections", "save_attn_moe_in", "offload", "full"):
+  for remat in ("none", "save_projections", "save_attn_moe_in", "offload", "offload_projections", "full"):
     hlo = tmp_path / f"{remat}.hlo"
     out = plan(CFG.replace(remat=remat, dtype="bfloat16"), tpu_mesh, batch=4, seq=128, dump_hlo=str(hlo))
     flops[remat], host[remat] = out["compiled"]["flops"], "S(5)" in hlo.read_text()
@@ -157,5 +158,9 @@ def test_policies_compile_for_tpu(tpu_mesh, tmp_path):
   # here), against the whole dispatch and return that save_attn_moe_in repeats.
   assert 0 <= a2a["save_projections"] - a2a["none"] <= 128 < a2a["save_attn_moe_in"] - a2a["none"], a2a
   assert flops["offload"] == flops["save_attn_moe_in"], flops
+  # offload_projections: save_projections' expert products, fetched from host, so no second exchange
+  # either; it recomputes q/k/v (save_projections keeps them on the device), nothing of the experts.
+  assert 0 <= a2a["offload_projections"] - a2a["none"] <= 128, a2a
+  assert flops["save_projections"] <= flops["offload_projections"] < flops["save_attn_moe_in"], flops
   assert host == {"none": False, "save_projections": False, "save_attn_moe_in": False, "offload": True,
-                  "full": False}, host
+                  "offload_projections": True, "full": False}, host

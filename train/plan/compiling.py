@@ -49,6 +49,8 @@ def compiled_figures(compiled) -> dict:
   out = {"temp_bytes": float(mem.temp_size_in_bytes), "argument_bytes": float(mem.argument_size_in_bytes),
          "output_bytes": float(mem.output_size_in_bytes), "alias_bytes": float(mem.alias_size_in_bytes)}
   out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+  # pinned host memory the program itself allocates: the activations an offloading remat policy keeps
+  out["host_temp_bytes"] = float(getattr(mem, "host_temp_size_in_bytes", 0) or 0)
   out.update(hlo_stats(compiled.as_text()))
   out["cost_analysis_flops"] = cost_analysis_flops(compiled)
   return out

@@ -346,6 +346,9 @@ def _print_table(out: dict, cfg: MixtralConfig) -> None:
           "TFLOPs analytic")
   print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB; recompute "
         f"factor {c.get('recompute_factor', float('nan')):.3f}x (compiled FLOPs / analytic FLOPs without remat)")
+  if c.get("host_temp_bytes"):
+    print(f"  pinned host memory per device (offloaded activations, not in the peak): "
+          f"{c['host_temp_bytes'] / GiB:.2f} GiB")
   if "recompute_factor_outside_attention" in c:
     print(f"  recompute factor outside the {a['attention']} attention kernel (whose FLOPs the HLO count lacks): "
           f"{c['recompute_factor_outside_attention']:.3f}x")

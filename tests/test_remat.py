@@ -159,8 +159,10 @@ def test_policies_compile_for_tpu(tpu_mesh, tmp_path):
   assert 0 <= a2a["save_projections"] - a2a["none"] <= 128 < a2a["save_attn_moe_in"] - a2a["none"], a2a
   assert flops["offload"] == flops["save_attn_moe_in"], flops
   # offload_projections: save_projections' expert products, fetched from host, so no second exchange
-  # either; it recomputes q/k/v (save_projections keeps them on the device), nothing of the experts.
+  # either; it recomputes q/k/v (save_projections keeps them on the device) and attention, nothing of the
+  # experts. Its compiled FLOPs equal save_attn_moe_in's here: what that policy recomputes beyond (the
+  # expert FFNs) runs in TPU grouped-matmul kernels outside the HLO FLOP count; the exchange shows it.
   assert 0 <= a2a["offload_projections"] - a2a["none"] <= 128, a2a
-  assert flops["save_projections"] <= flops["offload_projections"] < flops["save_attn_moe_in"], flops
+  assert flops["save_projections"] <= flops["offload_projections"] <= flops["save_attn_moe_in"], flops
   assert host == {"none": False, "save_projections": False, "save_attn_moe_in": False, "offload": True,
                   "offload_projections": True, "full": False}, host

@@ -46,8 +46,9 @@ def one_device(tmp_path_factory):
   return _losses(result)
 
 
-def test_loop_on_two_slices_then_resumed_on_fsdp8_matches_one_device(one_device, tmp_path):
+def test_loop_on_two_slices_then_resumed_on_fsdp8_matches_one_device(one_device, tmp_path, capsys):
   two = _run(tmp_path, 2, *TWO_SLICES)  # saves step 2 at the end
+  assert "mesh data=2,fsdp=2,expert=2,tensor=1 (2 simulated slices)" in capsys.readouterr().out
   assert (two.start_step, two.final_step) == (0, 2)
   assert _losses(two) == pytest.approx(one_device[:2], rel=2e-6)
   resumed = _run(tmp_path, 4, "train.mesh=fsdp=8")  # the same workdir, one slice of 8, no simulated slices

@@ -70,9 +70,16 @@ REMAT_POLICIES = {
         names_which_can_be_saved=(),
         names_which_can_be_offloaded=(ATTN_OUT, EXPERT_IN, EXPERT_GATE, EXPERT_UP, EXPERT_OUT),
         offload_src="device", offload_dst="pinned_host"),
+    # the same set split by size: the expert FFN's F-wide gate and up products (the bulk: 2F of every
+    # routed row) go to pinned host memory, the D-wide tensors (expert input rows and outputs, attention
+    # output) stay on the device; for when neither memory alone holds the whole set
+    "offload_gate_up": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=(ATTN_OUT, EXPERT_IN, EXPERT_OUT),
+        names_which_can_be_offloaded=(EXPERT_GATE, EXPERT_UP),
+        offload_src="device", offload_dst="pinned_host"),
     "full": _cp.nothing_saveable,  # keep only the block input: recompute the whole block
 }
-OFFLOADING = ("offload", "offload_projections")  # the policies that need pinned host memory
+OFFLOADING = ("offload", "offload_projections", "offload_gate_up")  # the policies that need pinned host memory
 
 
 def remat_policy(name: str, devices=None):

@@ -90,8 +90,9 @@ class TrainSection:
   peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: measure a large matmul
   progress: bool = True  # a progress bar when stdout and stderr are terminals
   barrier_timeout_s: float = 300.0  # multi-process barriers give up (naming the late process) after this
-  # activation remat policy (mixtral_jax.model.REMAT_POLICIES: none, save_projections, save_attn_moe_in,
-  # offload, offload_projections, full); None: the model's (model.overrides.remat, else the preset's)
+  # activation remat policy (mixtral_jax.model.REMAT_POLICIES: none, save_projections, dots, save_attn_moe_in,
+  # offload, offload_projections, offload_gate_up, full); None: the model's (model.overrides.remat, else
+  # the preset's)
   remat: str | None = None
   profile: str | None = None  # "START:END": a jax.profiler trace of those steps in <workdir>/profile
 

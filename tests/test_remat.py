@@ -159,7 +159,8 @@ def test_policies_compile_for_tpu(tpu_mesh, tmp_path):
   from mixtral_jax.train.plan.training import plan  # noqa: PLC0415
 
   flops, host, a2a = {}, {}, {}
-  for remat in ("none", "save_projections", "save_attn_moe_in", "offload", "offload_projections", "full"):
+  for remat in ("none", "save_projections", "save_attn_moe_in", "offload", "offload_projections", "offload_gate_up",
+                "full"):
     hlo = tmp_path / f"{remat}.hlo"
     out = plan(CFG.replace(remat=remat, dtype="bfloat16"), tpu_mesh, batch=4, seq=128, dump_hlo=str(hlo))
     flops[remat], host[remat] = out["compiled"]["flops"], "S(5)" in hlo.read_text()
@@ -175,5 +176,8 @@ def test_policies_compile_for_tpu(tpu_mesh, tmp_path):
   # expert FFNs) runs in TPU grouped-matmul kernels outside the HLO FLOP count; the exchange shows it.
   assert 0 <= a2a["offload_projections"] - a2a["none"] <= 128, a2a
   assert flops["save_projections"] <= flops["offload_projections"] <= flops["save_attn_moe_in"], flops
+  # offload_gate_up keeps the same set, split between host and device: the same program otherwise.
+  assert flops["offload_gate_up"] == flops["offload_projections"], flops
+  assert a2a["offload_gate_up"] == a2a["offload_projections"], a2a
   assert host == {"none": False, "save_projections": False, "save_attn_moe_in": False, "offload": True,
-                  "offload_projections": True, "full": False}, host
+                  "offload_projections": True, "offload_gate_up": True, "full": False}, host

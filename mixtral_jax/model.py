@@ -61,22 +61,39 @@ REMAT_POLICIES = {
     "offload": _cp.save_and_offload_only_these_names(
         names_which_can_be_saved=(), names_which_can_be_offloaded=(ATTN_OUT, MOE_IN),
         offload_src="device", offload_dst="pinned_host"),
+    # what save_projections keeps by name (the expert FFN's input rows, gate, up and output products)
+    # and the attention output, all in pinned host memory: for sequences too long for those products
+    # to stay in device memory, where gradient accumulation cannot help (one sequence per device). The
+    # backward fetches them back instead of re-dispatching tokens and redoing the expert matmuls; it
+    # recomputes q/k/v and attention (not named, so not kept), as save_projections recomputes attention.
+    "offload_projections": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=(),
+        names_which_can_be_offloaded=(ATTN_OUT, EXPERT_IN, EXPERT_GATE, EXPERT_UP, EXPERT_OUT),
+        offload_src="device", offload_dst="pinned_host"),
+    # the same set split by size: the expert FFN's F-wide gate and up products (the bulk: 2F of every
+    # routed row) go to pinned host memory, the D-wide tensors (expert input rows and outputs, attention
+    # output) stay on the device; for when neither memory alone holds the whole set
+    "offload_gate_up": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=(ATTN_OUT, EXPERT_IN, EXPERT_OUT),
+        names_which_can_be_offloaded=(EXPERT_GATE, EXPERT_UP),
+        offload_src="device", offload_dst="pinned_host"),
     "full": _cp.nothing_saveable,  # keep only the block input: recompute the whole block
 }
+OFFLOADING = ("offload", "offload_projections", "offload_gate_up")  # the policies that need pinned host memory
 
 
 def remat_policy(name: str, devices=None):
-  """The checkpoint policy named ``name``; with ``devices``, also checks that ``offload`` has pinned host
-  memory to go to. Unknown names and offload without host memory are refused in one line."""
+  """The checkpoint policy named ``name``; with ``devices``, also checks that an offloading policy has
+  pinned host memory to go to. Unknown names and offload without host memory are refused in one line."""
   if name not in REMAT_POLICIES:
     raise ValueError(f"remat {name!r}: no such policy; choose one of {', '.join(REMAT_POLICIES)}")
-  if name == "offload" and devices:
+  if name in OFFLOADING and devices:
     try:
       kinds = {m.kind for m in devices[0].addressable_memories()}
     except Exception:  # noqa: BLE001 - a backend without memory spaces
       kinds = set()
     if "pinned_host" not in kinds:
-      raise ValueError(f"remat 'offload' needs pinned host memory, which {devices[0].platform} devices lack "
+      raise ValueError(f"remat {name!r} needs pinned host memory, which {devices[0].platform} devices lack "
                        f"(memory kinds {sorted(kinds) or 'none'}); use remat save_attn_moe_in or full")
   return REMAT_POLICIES[name]
 

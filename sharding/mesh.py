@@ -80,6 +80,8 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, *, devices=None, num_
   """
   devices = list(jax.devices() if devices is None else devices)
   ici, dcn = parse_hybrid(spec)
+  if simulated_slices is not None:  # checked even for a flat mesh: never silently ignored on TPU devices
+    device_slices(devices, simulated_slices)
   if any(v > 1 for v in dcn.values()):
     return _hybrid_mesh(spec, ici, dcn, devices, num_experts, simulated_slices)
   sizes = ici

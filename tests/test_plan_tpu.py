@@ -129,6 +129,31 @@ def test_scan_flops_on_tpu_hlo():
   assert hlo_stats(text)["flops"] == 7 * 3 * 2 * 16 * 32 * 32
 
 
+# The TPU compiler's refusal of 8x7B 64 x 32768 on v5p-128 with remat offload_projections (libtpu 0.0.42,
+# docs/benchmarks.md, "TPU pods"), first lines: the expert products offloaded per device exceed its host.
+HOST_REFUSAL = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space host. "
+                "Used 184.00G of 128.00G host. Exceeded host capacity by 56.00G.\n\nProgram host requirement "
+                "184.00G:\n    HLO temp        184.00G (100.0% utilization)")
+
+
+def test_host_memory_refusal_is_a_verdict():
+  """Offloaded activations beyond the host memory the compiler models become a verdict naming host
+  memory (needed and allowed per device), not an exception, and not read as a device (HBM) refusal."""
+  class Refused:  # a lowered program whose compile fails with the given message, as the TPU compiler's did
+    def __init__(self, message):
+      self.message = message
+
+    def compile(self):
+      raise RuntimeError(self.message)
+
+  compiled, verdict = compile_or_verdict(Refused(HOST_REFUSAL), 1000)
+  assert compiled is None and verdict["oom"] and verdict["memory_space"] == "host"
+  assert (verdict["host_temp_bytes"], verdict["host_available_bytes"]) == (184 * 2**30, 128 * 2**30)
+  assert topology.parse_oom(HOST_REFUSAL) is None
+  with pytest.raises(RuntimeError, match="not a memory error"):  # anything else still raises
+    compile_or_verdict(Refused("RESOURCE_EXHAUSTED: not a memory error"), 1000)
+
+
 def test_out_of_memory_is_a_verdict():
   """The TPU compiler's RESOURCE_EXHAUSTED becomes (needed, available), not an exception."""
   devices = topology.tpu_devices("v5litepod-4")

@@ -42,7 +42,8 @@ def train_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seed", type=int, help="initialisation and data-order seed (train.seed)")
   p.add_argument("--checkpoint", help="start from this converted model checkpoint (model.checkpoint)")
   p.add_argument("--profile", metavar="START:END", help="jax.profiler trace of these steps in WORKDIR/profile (train.profile)")
-  p.add_argument("--remat", help="remat policy: none, save_projections, save_attn_moe_in, offload, full (train.remat)")
+  p.add_argument("--remat", help="remat policy: none, save_projections, dots, save_attn_moe_in, offload, "
+                                 "offload_projections, offload_gate_up, full (train.remat)")
   p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
   mp = p.add_argument_group("multi-process (one command per process; also from MIXTRAL_*/JAX_* variables)")
   mp.add_argument("--coordinator", help="host:port of process 0")

@@ -76,6 +76,10 @@ class TrainSection:
   steps: int = 300
   seed: int = 0
   mesh: str | None = None  # e.g. "data=2,expert=4"; None: all devices on the data axis
+  # A CPU test aid: split the devices, in order, into this many equal groups that stand for slices, so a
+  # dcn_ mesh (dcn_data=2,fsdp=2,expert=2) runs on simulated CPU devices (sharding.mesh.make_mesh).
+  # Refused on TPU devices, which carry their own slice_index; a real multi-slice run leaves it null.
+  simulated_slices: int | None = None
   checkpoint_every: int = 100
   keep: int = 3  # checkpoints kept
   async_checkpoint: bool = True
@@ -86,8 +90,9 @@ class TrainSection:
   peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: measure a large matmul
   progress: bool = True  # a progress bar when stdout and stderr are terminals
   barrier_timeout_s: float = 300.0  # multi-process barriers give up (naming the late process) after this
-  # activation remat policy (mixtral_jax.model.REMAT_POLICIES: none, save_projections, save_attn_moe_in,
-  # offload, full); None: the model's (model.overrides.remat, else the preset's)
+  # activation remat policy (mixtral_jax.model.REMAT_POLICIES: none, save_projections, dots, save_attn_moe_in,
+  # offload, offload_projections, offload_gate_up, full); None: the model's (model.overrides.remat, else
+  # the preset's)
   remat: str | None = None
   profile: str | None = None  # "START:END": a jax.profiler trace of those steps in <workdir>/profile
 
@@ -192,13 +197,16 @@ _AT_LEAST = (("data.batch_size", 1), ("data.seq_len", 1), ("data.workers", 1), (
 
 
 def _pod_problems(train: TrainSection) -> list[str]:
-  """train.remat names a policy; train.profile is a START:END range inside the run's steps."""
+  """train.remat names a policy; train.simulated_slices is a count; train.profile is a START:END range
+  inside the run's steps."""
   from mixtral_jax.model import REMAT_POLICIES  # noqa: PLC0415 - the model only when validating
   from .profiling import parse_profile  # noqa: PLC0415
 
   problems = []
   if train.remat is not None and train.remat not in REMAT_POLICIES:
     problems.append(f"train.remat={train.remat!r} is no remat policy; choose one of {', '.join(REMAT_POLICIES)}")
+  if train.simulated_slices is not None and train.simulated_slices < 1:
+    problems.append(f"train.simulated_slices={train.simulated_slices} is below 1; set a slice count or null")
   try:
     parse_profile(train.profile, train.steps)
   except ValueError as e:

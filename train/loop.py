@@ -150,7 +150,7 @@ def _check_inputs(cfg: TrainConfig, workdir: str, *, restart: bool):
                      "lora.rank; keep the run's lora section to resume it, or use a new --workdir")
   tokenizer = Tokenizer.load(cfg.data.tokenizer)
   tokenizer.check_vocab(mcfg.vocab_size)
-  mesh = make_mesh(cfg.train.mesh, num_experts=mcfg.num_local_experts)
+  mesh = make_mesh(cfg.train.mesh, num_experts=mcfg.num_local_experts, simulated_slices=cfg.train.simulated_slices)
   remat_policy(mcfg.remat, list(mesh.devices.flat))  # offload needs pinned host memory
   shards = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
   if cfg.microbatch % shards:
@@ -232,7 +232,8 @@ def _open_logger(cfg: TrainConfig, workdir: str, setup: _Setup, start: int, resu
   logger = MetricsLogger(workdir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress,
                          enabled=lead, log_every=cfg.train.log_every, print_every=cfg.train.print_every)
   if lead:
-    logger.write(f"mixtral-jax train: {workdir} | mesh {format_mesh(setup.mesh)} | steps {start}->"
+    slices = f" ({cfg.train.simulated_slices} simulated slices)" if cfg.train.simulated_slices else ""
+    logger.write(f"mixtral-jax train: {workdir} | mesh {format_mesh(setup.mesh)}{slices} | steps {start}->"
                  f"{cfg.train.steps} | batch {cfg.data.batch_size}x{cfg.data.seq_len} | "
                  f"{setup.data.train_rows} train rows" + (" | resumed" if resumed else ""))
   return logger

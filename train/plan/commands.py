@@ -39,6 +39,8 @@ def plan_parser(p):
                  help="activation rematerialisation (mixtral_jax.model.REMAT_POLICIES): none (keep all), "
                       "save_projections (keep q/k/v/o, router and expert FFN products), dots (q/k/v/o and router only), "
                       "save_attn_moe_in (keep attention output and MoE input), offload (those two in pinned host memory), "
+                      "offload_projections (attention output and expert FFN products in pinned host memory), "
+                      "offload_gate_up (only the gate and up products there, the rest on the device), "
                       "full (recompute each layer)")
   p.add_argument("--capacity-factor", default="1.25", help="expert capacity factor, or 'none' for dropless")
   p.add_argument("--moe-impl", default="auto", help="auto | blocked | ragged | dense (dropless expert kernel)")

@@ -49,6 +49,8 @@ def compiled_figures(compiled) -> dict:
   out = {"temp_bytes": float(mem.temp_size_in_bytes), "argument_bytes": float(mem.argument_size_in_bytes),
          "output_bytes": float(mem.output_size_in_bytes), "alias_bytes": float(mem.alias_size_in_bytes)}
   out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+  # pinned host memory the program itself allocates: the activations an offloading remat policy keeps
+  out["host_temp_bytes"] = float(getattr(mem, "host_temp_size_in_bytes", 0) or 0)
   out.update(hlo_stats(compiled.as_text()))
   out["cost_analysis_flops"] = cost_analysis_flops(compiled)
   return out
@@ -56,12 +58,18 @@ def compiled_figures(compiled) -> dict:
 
 def compile_or_verdict(lowered, argument_bytes: float, dump_hlo: str | None = None) -> tuple[object | None, dict]:
   """(compiled, figures); when the TPU compiler refuses for lack of memory, (None, its verdict):
-  {oom, temp_bytes (what it needed for temporaries), available_bytes, peak_bytes (arguments + that)}.
+  {oom, temp_bytes (what it needed for temporaries), available_bytes, peak_bytes (arguments + that)};
+  for lack of pinned host memory (offloaded activations), {oom, memory_space: "host", host_temp_bytes,
+  host_available_bytes}, with the device figures NaN.
   ``dump_hlo``: also write the optimised HLO text to this file."""
   try:
     compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - XlaRuntimeError; only RESOURCE_EXHAUSTED becomes a verdict
     parsed = topology.parse_oom(str(e))
+    host = topology.parse_host_oom(str(e)) if parsed is None else None
+    if host is not None:  # device memory is not known then: the compiler stopped at the host's limit
+      return None, {"oom": True, "memory_space": "host", "host_temp_bytes": host[0], "host_available_bytes": host[1],
+                    "temp_bytes": float("nan"), "peak_bytes": float("nan"), "message": str(e).splitlines()[0][:400]}
     if parsed is None:
       raise
     needed, available = parsed

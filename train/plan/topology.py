@@ -192,6 +192,16 @@ def parse_oom(message: str) -> tuple[float, float] | None:
   return size(m.group(1), m.group(2)), size(m.group(3), m.group(4))
 
 
+def parse_host_oom(message: str) -> tuple[float, float] | None:
+  """(needed, available) bytes of pinned host memory per device from the TPU compiler's refusal of a
+  program whose offloaded activations exceed the host memory it models ("Ran out of memory in memory
+  space host. Used 184.00G of 128.00G host."), or None."""
+  if "RESOURCE_EXHAUSTED" not in message:
+    return None
+  m = re.search(r"memory space host\.\s*Used\s+" + _SIZE + r"\s+of\s+" + _SIZE + r"\s+host", message)
+  return None if m is None else (float(m.group(1)) * _UNITS[m.group(2)], float(m.group(3)) * _UNITS[m.group(4)])
+
+
 def advice(peak_gib: float, usable_gib: float, *, mesh_sizes: dict, remat: str, grad_accum: int, batch: int,
            serving: bool = False) -> list[str]:
   """What a user can change when a program does not fit, in the order we would try them."""

@@ -309,7 +309,7 @@ def train_main(args, count: int) -> int:
   else:
     _print_table(out, cfg)
     _print_notes(c, cfg, mesh)
-  lines, verdict = fit_lines(c["peak_bytes"], device, tips)
+  lines, verdict = fit_lines(c["peak_bytes"], device, tips) if c.get("memory_space") != "host" else ([], None)
   for line in lines:
     print(line)
   if args.json:
@@ -322,6 +322,12 @@ def train_main(args, count: int) -> int:
 
 def _print_oom(c: dict, a: dict) -> None:
   """What the TPU compiler refused, beside the analytic parameters, optimizer state and temporaries."""
+  if c.get("memory_space") == "host":
+    print(f"does not fit: the offloaded activations need {c['host_temp_bytes'] / GiB:.2f} GiB of pinned host memory "
+          f"per device, of {c['host_available_bytes'] / GiB:.2f} GiB the TPU compiler allows; offload less (a policy "
+          "that keeps fewer tensors, or fewer tokens per device per microbatch)")
+    print(f"  compiler: {c['message']}")
+    return
   print(f"does not fit: the TPU compiler needs {c['temp_bytes'] / GiB:.2f} GiB of temporaries, plus "
         f"{(c['peak_bytes'] - c['temp_bytes']) / GiB:.2f} GiB of arguments, of {c['available_bytes'] / GiB:.2f} GiB "
         f"HBM per device")
@@ -346,6 +352,9 @@ def _print_table(out: dict, cfg: MixtralConfig) -> None:
           "TFLOPs analytic")
   print(f"  peak (arguments + outputs - donated + temporaries): {c['peak_bytes'] / GiB:.2f} GiB; recompute "
         f"factor {c.get('recompute_factor', float('nan')):.3f}x (compiled FLOPs / analytic FLOPs without remat)")
+  if c.get("host_temp_bytes"):
+    print(f"  pinned host memory per device (offloaded activations, not in the peak): "
+          f"{c['host_temp_bytes'] / GiB:.2f} GiB")
   if "recompute_factor_outside_attention" in c:
     print(f"  recompute factor outside the {a['attention']} attention kernel (whose FLOPs the HLO count lacks): "
           f"{c['recompute_factor_outside_attention']:.3f}x")

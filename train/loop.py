@@ -239,6 +239,15 @@ def _open_logger(cfg: TrainConfig, workdir: str, setup: _Setup, start: int, resu
   return logger
 
 
+def _save_and_stop(ckpt: Checkpointer, state, it, logger, step: int, result: RunResult) -> None:
+  """SIGTERM: saves this step at once, waits for the write, and marks the run stopped by the signal
+  (rerunning the same command resumes from it)."""
+  ckpt.save(state, it.state(), force=True)
+  ckpt.wait()
+  logger.write(f"SIGTERM: saved step {step} in {ckpt.directory}; rerun the same command to resume")
+  result.stopped_by_signal = True
+
+
 def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, state, *, resumed: bool, step_fn,
           eval_fn, global_batch_shape) -> RunResult:
   """Steps from the state's step to ``train.steps``: one jitted step, a finite-loss check, the metrics
@@ -282,10 +291,7 @@ def _loop(cfg: TrainConfig, workdir: str, setup: _Setup, ckpt: Checkpointer, sta
       logger.log(step, {**record, **timer.step_record()})  # it decides what goes to the file and the console
       result.final_step = step
       if preempt.requested:
-        ckpt.save(state, it.state(), force=True)
-        ckpt.wait()
-        logger.write(f"SIGTERM: saved step {step} in {ckpt.directory}; rerun the same command to resume")
-        result.stopped_by_signal = True
+        _save_and_stop(ckpt, state, it, logger, step, result)
         break
       if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
         with timer.phase("checkpoint"):  # in the next step's record

@@ -15,18 +15,22 @@ from .training import train_main
 plan_example = "mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 --topology v5p-128"
 
 
+EXAMPLES = ("examples:\n"
+            "  mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 "
+            "--topology v5p-128\n"
+            "  mixtral-jax plan --preset mixtral-8x7b --mesh expert=8 --batch 8 --seq 4096 --topology h100x8\n"
+            "  mixtral-jax plan --preset mixtral-8x7b --mesh fsdp=8 --batch 8 --seq 16384 --device h200\n"
+            "  mixtral-jax plan --generate --preset mixtral-8x7b --mesh expert=2 --batch 8 --context 32768 "
+            "--device h200\n"
+            "  mixtral-jax plan --generate --preset mixtral-8x7b --batch 8 --context 8192 --quantize int8 "
+            "--prefill-chunk 2048 --device 70\n"
+            "  mixtral-jax plan --preset mixtral-8x7b --lora 16 --base-quantize nf4 --dpo --batch 4 --seq 4096 "
+            "--topology h100")
+
+
 def plan_parser(p):
-  p.epilog = ("examples:\n"
-              "  mixtral-jax plan --preset mixtral-8x7b --mesh data=2,fsdp=4,expert=8 --batch 256 --seq 4096 "
-              "--topology v5p-128\n"
-              "  mixtral-jax plan --preset mixtral-8x7b --mesh expert=8 --batch 8 --seq 4096 --topology h100x8\n"
-              "  mixtral-jax plan --preset mixtral-8x7b --mesh fsdp=8 --batch 8 --seq 16384 --device h200\n"
-              "  mixtral-jax plan --generate --preset mixtral-8x7b --mesh expert=2 --batch 8 --context 32768 "
-              "--device h200\n"
-              "  mixtral-jax plan --generate --preset mixtral-8x7b --batch 8 --context 8192 --quantize int8 "
-              "--prefill-chunk 2048 --device 70\n"
-              "  mixtral-jax plan --preset mixtral-8x7b --lora 16 --base-quantize nf4 --dpo --batch 4 --seq 4096 "
-              "--topology h100")
+  """The `plan` subcommand's flags (train plans by default; --generate for serving)."""
+  p.epilog = EXAMPLES
   p.add_argument("--preset", default="mixtral-8x7b", help="model preset (mixtral_jax.config.PRESETS)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,expert=8 (default: all devices on data); "
                                               "dcn_data=2,fsdp=8,expert=8: data across slices (--topology 2xv5p-128)")

@@ -60,7 +60,7 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
                       "--memory-utilization of the device's memory after the weights on GPU/TPU; on CPU what fixed rows "
                       "would reserve, --max-batch x --max-context tokens)")
   p.add_argument("--memory-utilization", "--gpu-memory-utilization", type=float, dest="memory_utilization",
-                 help=f"share of each device's memory limit that the weights and the default KV cache may fill, the "
+                 help=f"share of each device's memory limit that the weights and a KV cache sized from it may fill, the "
                       f"rest left for temporaries, as vLLM's --gpu-memory-utilization (default {DEFAULT_UTILIZATION}; "
                       "GPU/TPU only)")
   p.add_argument("--page-size", type=int, help=f"tokens per KV-cache page (default {PAGE_SIZE})")

@@ -95,6 +95,7 @@ SELF_ATTENTION = ("leftpad_mha_window5", "mqa_window_longer", "packed_gqa")  # n
 
 @pytest.mark.parametrize("impl, name",
                          [("blockwise", n) for n in sorted(CASES)] + [("flash", n) for n in SELF_ATTENTION])
+@pytest.mark.slow
 def test_kernel_matches_dense_values_and_gradients(impl, name):
   """flash: the index ranges (run starts, window) handed to the GPU kernel express our mask exactly,
   checked through tokamax's reference kernel with the same mask object."""
@@ -191,6 +192,7 @@ def test_config_refuses_unknown_impl_and_bad_block():
   assert "attention_impl" not in MixtralConfig(attention_impl="blockwise").to_hf_dict()
 
 
+@pytest.mark.slow
 def test_splash_in_interpret_mode_matches_blockwise():
   """The TPU kernel, run by Pallas' interpreter on CPU, forward and gradients, in its shard_map over a
   data=2 x tensor=2 mesh (a row and a kv head per device): two packed documents, trailing padding,

@@ -40,6 +40,7 @@ def _case(mode, E=4, C=8, D=64, F=128, r=2, seed=0):
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
+@pytest.mark.slow
 def test_equals_the_whole_layer_dequantized_forward_and_gradients(mode):
   x, ws, lora, rows = _case(mode)
   whole = tuple(quant.as_compute(w, jnp.float32) for w in ws)
@@ -58,6 +59,7 @@ def test_equals_the_whole_layer_dequantized_forward_and_gradients(mode):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_float_layer_never_lives_whole_in_the_compiled_backward():
   """XLA:CPU's temporaries for the gradient: the whole-layer path holds E experts' float weights (and the
   nf4 lookup in between), the per-expert path about one expert's."""
@@ -84,6 +86,7 @@ def test_the_float_layer_never_lives_whole_in_the_compiled_backward():
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
+@pytest.mark.slow
 def test_quantized_model_dense_dispatch_equals_blocked(mode):
   cfg = mixtral_jax.get_config("tiny", vocab_size=512, head_dim=64, dtype="float32", capacity_factor=1.5)
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 24)), jnp.int32)

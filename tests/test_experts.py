@@ -62,6 +62,7 @@ def test_ragged_matches_reference():
   np.testing.assert_allclose(np.asarray(y), grouped_reference(x, starts, sizes, w1, w3, w2), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_blocked_vjp_matches_autodiff_of_dense():
   """Gradients of sum(y * c) through the custom VJP equal autodiff through per-row dense maths."""
   x, w1, w3, w2 = (jnp.asarray(a, jnp.float32) for a in make(3, M=50))

@@ -116,6 +116,7 @@ QUIET = ("import sys; from mixtral_jax.cli import quiet_libtpu; {call}; import j
          "print('ok', flush=True)")
 
 
+@pytest.mark.slow
 def test_libtpu_start_up_line_is_silenced_without_a_tpu(tmp_path):
   import importlib.util
   import subprocess

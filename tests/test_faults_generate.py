@@ -42,6 +42,7 @@ def test_bad_sampling_flags_are_one_line_before_loading(flag, value, capsys):
   _one_line(capsys, flag)
 
 
+@pytest.mark.slow
 def test_sampling_api_refuses_nonfinite_settings():
   for kwargs in ({"temperature": math.nan}, {"temperature": math.inf}, {"temperature": 1.0, "top_p": math.nan},
                  {"temperature": 1.0, "top_k": -1}, {"temperature": 1.0, "top_k": 2.5}):

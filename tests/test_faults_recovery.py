@@ -98,6 +98,7 @@ def hf_dir(tmp_path_factory):
   return root / "hf"
 
 
+@pytest.mark.slow
 def test_destination_equal_to_or_inside_the_source_is_refused(hf_dir, capsys):
   before = sorted(os.listdir(hf_dir))
   for dst in (hf_dir, hf_dir / "sub" / "out"):

@@ -79,6 +79,7 @@ def test_device_check_flags_each_kind_alone_and_counts_exactly(dtype, bad):
     check.finish()
 
 
+@pytest.mark.slow
 def test_convert_refuses_nonfinite_naming_tensor_and_count(bad_hf, tmp_path, capsys):
   rc = cli(["convert", str(bad_hf), str(tmp_path / "out")])
   err = capsys.readouterr().err

@@ -55,6 +55,7 @@ def test_greedy_batch1_matches_transformers(models):
   assert got.finish_reasons == ["length"] and got.texts is None
 
 
+@pytest.mark.slow
 def test_greedy_left_padded_batch_matches_transformers(models, greedy):
   hf, _, _ = models
   want = hf_generate(hf, PROMPTS)
@@ -62,6 +63,7 @@ def test_greedy_left_padded_batch_matches_transformers(models, greedy):
     assert greedy.tokens[i] == want[i], f"prompt {i}"
 
 
+@pytest.mark.slow
 def test_eos_stops_each_row_like_transformers(models, greedy):
   hf, _, model = models
   full = hf_generate(hf, PROMPTS)
@@ -88,6 +90,7 @@ class CharTokenizer:
     assert n == self.vocab_size
 
 
+@pytest.mark.slow
 def test_stop_string_and_streaming(models, greedy):
   _, _, model = models
   full = CharTokenizer().decode(greedy.tokens[0])
@@ -124,6 +127,7 @@ def test_single_prompt_as_numpy_ids(models, greedy):
   assert generate(model, list(row), NEW, eos_id=None).tokens == [greedy.tokens[0]]
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_reproducible_and_batch_independent(models):
   _, _, model = models
   kw = dict(temperature=1.0, top_k=50, top_p=0.95, eos_id=None)
@@ -165,6 +169,7 @@ def test_filter_logits_matches_numpy(temperature, top_k, top_p):
   np.testing.assert_allclose(got[~np.isinf(got)], want[~np.isinf(want)], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sample_frequencies_match_filtered_softmax():
   z = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05]], np.float32))
   s = sampling.Sampling(temperature=1.0, top_p=0.8)  # keeps 0.5, 0.2, 0.15
@@ -201,6 +206,7 @@ def test_selected_expert_dispatch_matches_numpy(N, per_expert):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_moe_with_expert_views_up_to_one_block_equals_the_blocked_kernel(models):
   """A 16-row decode step and a 128-token prefill chunk given per-expert views (every expert over every
   token, weights read in place) against the same MoE layer without views (the blocked dropless kernel,
@@ -218,6 +224,7 @@ def test_moe_with_expert_views_up_to_one_block_equals_the_blocked_kernel(models)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sixteen_row_decode_with_views_takes_the_selected_path(monkeypatch):
   """A 16-row decode step (32 token-expert pairs) with per-expert views runs dispatch_selected (on CPU the
   blocked dropless path pads each expert to 128 rows: 10x slower) and gives the hidden states of the
@@ -309,6 +316,7 @@ def test_cli_chat_uses_the_instruct_template(tiny_checkpoint, capsys, monkeypatc
   assert rc == 0 and out == want.texts[0] + "\n"
 
 
+@pytest.mark.slow
 def test_cli_generate_reports_bad_input_in_one_line(tiny_checkpoint, capsys):
   from mixtral_jax import cli
   rc = cli.main(["generate", "--model", tiny_checkpoint, "--prompt", "Hello", "--max-new-tokens", "5000"])

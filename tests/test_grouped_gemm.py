@@ -37,6 +37,7 @@ def _np_grouped(x, w):
   return y
 
 
+@pytest.mark.slow
 def test_tokamax_path_values_and_gradients_match_blocked_and_numpy():
   x, w = _data()
   xj, wj = jnp.asarray(x, jnp.float32), [jnp.asarray(a, jnp.float32) for a in w]

@@ -37,6 +37,7 @@ def test_numbers_equal_float64_log_softmax_and_top_k():
   assert list(np.asarray(ids)[2, :2]) == [7, 9]
 
 
+@pytest.mark.slow
 def test_model_logprobs_equal_transformers_log_softmax(tmp_path):
   """On the same weights, our logits through token_logprobs equal torch.log_softmax of transformers'
   logits within 1e-4 (the issue's fidelity target), chosen token and top 20."""

@@ -118,6 +118,7 @@ def _layout(impl):
 
 
 @pytest.mark.parametrize("impl", ["dense", "blocked", "ragged", "tokamax"])
+@pytest.mark.slow
 def test_kernels_apply_adapters_in_the_expert_computation(impl, rate=0.4):
   """With dropout (rate 0 is the same sum with all-ones masks; the model-level tests in test_lora.py
   check it against transformers on merged weights and across meshes)."""

@@ -21,6 +21,7 @@ def ids(seed, B=2, T=24):
   return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, (B, T)), jnp.int32)
 
 
+@pytest.mark.slow
 def test_logits_shape_and_dtype(model):
   logits, aux = model(ids(0), return_router_logits=True)
   assert logits.shape == (2, 24, CFG.vocab_size) and logits.dtype == jnp.float32
@@ -30,6 +31,7 @@ def test_logits_shape_and_dtype(model):
 
 
 @pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.slow
 def test_causality(window):
   """Logits at position t do not change when tokens after t change (also through the MoE: routing is
   per token, and dropless dispatch has no capacity coupling between tokens)."""
@@ -42,6 +44,7 @@ def test_causality(window):
   assert np.abs(np.asarray(la[:, t + 1:] - lb[:, t + 1:])).max() > 1e-3  # the change is visible later on
 
 
+@pytest.mark.slow
 def test_sliding_window_limits_the_receptive_field():
   """With window W and L layers, position t sees back to t - L*(W-1) at most: an earlier change is invisible."""
   W, L = 3, CFG.num_hidden_layers
@@ -54,6 +57,7 @@ def test_sliding_window_limits_the_receptive_field():
   assert np.abs(np.asarray(la[:, 1] - lb[:, 1])).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_scan_equals_unrolled_loop(model):
   x = ids(4)
   h_scan, aux_scan = model.hidden(x)
@@ -76,6 +80,7 @@ def test_remat_does_not_change_gradients():
     np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-5, atol=1e-7, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_padding_mask_hides_pad_tokens(model):
   """Left padding: real tokens' logits equal those of the unpadded sequence run with the same positions."""
   x = ids(6, B=1, T=10)
@@ -87,6 +92,7 @@ def test_padding_mask_hides_pad_tokens(model):
   np.testing.assert_allclose(np.asarray(lp[:, pad:]), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_segment_ids_isolate_packed_documents(model):
   a, b = ids(7, B=1, T=9), ids(8, B=1, T=7)
   packed = jnp.concatenate([a, b], axis=1)
@@ -97,6 +103,7 @@ def test_segment_ids_isolate_packed_documents(model):
   np.testing.assert_allclose(np.asarray(lp[:, 9:]), np.asarray(model(b)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_compute_with_fp32_params_stays_close():
   m32 = mixtral_jax.Mixtral(CFG, rngs=nnx.Rngs(4))
   m16 = mixtral_jax.Mixtral(CFG.replace(dtype="bfloat16"), rngs=nnx.Rngs(4))

@@ -99,6 +99,7 @@ def test_write_then_gather_is_the_contiguous_cache_and_padding_is_dropped():
 
 
 @pytest.mark.parametrize("page_size,pages_per_block,window", [(4, 1, None), (4, 3, None), (8, 2, 6), (3, 1, 5)])
+@pytest.mark.slow
 def test_prefill_chunk_and_decode_equal_dense_and_numpy(page_size, pages_per_block, window):
   rng = np.random.default_rng(page_size * 10 + pages_per_block)
   lens, num_pages = [23, 9, 1, 17], 40

@@ -41,6 +41,7 @@ def test_compiled_sizes():
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.slow
 def test_paged_steps_equal_dense_attention(prefix_caching):
   page_size, width, chunk = 4, 8, 8
   pool = PagePool(24, page_size, prefix_caching=prefix_caching)

@@ -73,6 +73,7 @@ def _serve(num_pages, new_tokens, max_batch=4, views=False, steps=1):
   return [out[i] for i in range(len(lengths))], runner, preempted
 
 
+@pytest.mark.slow
 def test_paged_greedy_equals_generate_alone():
   got, runner, preempted = _serve(num_pages=40, new_tokens=10)
   assert got == _alone(10)
@@ -94,6 +95,7 @@ def test_a_pool_smaller_than_one_request_is_refused():
     PagedRunner(graphdef, state, model.cfg, num_pages=8, page_size=8, max_batch=2, max_context=64)
 
 
+@pytest.mark.slow
 def test_multi_step_decode_equals_generate_alone():
   """Several decode steps per device call (``decode_steps``: sampling on device, n capped by the room in
   the pages held) give the tokens of one step per call, here through preemption under a tight pool."""

@@ -109,6 +109,7 @@ def test_cli_error_without_enough_devices_names_simulate(tmp_path):
     target_devices(argparse.Namespace(topology=None, simulate=False), 16)
 
 
+@pytest.mark.slow
 def test_plan_generate_kv_cache_and_peaks():
   """Serving plan on tensor=2,expert=4 (8 CPU devices): the KV cache and parameter shards equal the
   closed form, and both programs report their peak from the compiler's memory analysis."""
@@ -131,6 +132,7 @@ def test_plan_generate_kv_cache_and_peaks():
   assert out["prefill"]["flops"] > out["decode"]["flops"] > 0
 
 
+@pytest.mark.slow
 def test_blockwise_loops_counted_by_expected_trips():
   """Blockwise attention visits only the live key blocks, a loop whose trip count is data, which the HLO
   count sees once. Scaled by the causal average (closed form: (n + 1) / 2 of n blocks; with a one-block

@@ -11,6 +11,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import mixtral_jax
@@ -83,6 +84,7 @@ def _np(a):
   return np.asarray(a, np.float64)
 
 
+@pytest.mark.slow
 def test_projection_equals_numpy_float_int8_and_lora():
   """attn.q(x) / attn.o(x) / model.head against x W (+ (x A) B alpha/r) in float64 NumPy."""
   lora = LoraSection(rank=2, alpha=4.0, targets=("q", "o", "lm_head"))

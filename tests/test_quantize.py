@@ -54,6 +54,7 @@ def pair():
   return qmodel, ref
 
 
+@pytest.mark.slow
 def test_every_site_uses_the_dequantised_weight(pair):
   qmodel, ref = pair
   assert qmodel.blocks.moe.w1_EDF[...].dtype == jnp.int8 and qmodel.head_DV[...].dtype == jnp.int8
@@ -83,6 +84,7 @@ def test_8x7b_int8_footprint_from_abstract_shapes():
   assert weight_bytes(abstract) / 2**30 < 44  # vs 87 GiB in bf16
 
 
+@pytest.mark.slow
 def test_plan_generate_int8_weights():
   """plan --generate --quantize int8 compiles prefill and decode on int8 weights sharded on a mesh."""
   from mixtral_jax.sharding import make_mesh

@@ -46,12 +46,14 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("fmt", ["hf", "consolidated", "ours"])
+@pytest.mark.slow
 def test_quantize_on_load_equals_quantize_after_load(checkpoints, fmt):
   streamed = mixtral_jax.from_pretrained(checkpoints / fmt, quantize="int8")
   assert flat(streamed)[("blocks", "moe", "w1_EDF")].dtype == np.int8
   assert_same(streamed, quantize(mixtral_jax.from_pretrained(checkpoints / fmt)))
 
 
+@pytest.mark.slow
 def test_quantize_on_load_on_a_mesh(checkpoints):
   """fsdp=2 splits the contracted D axis of q/k/v and w1/w3: the per-channel max spans devices."""
   mesh = "fsdp=2,expert=4"
@@ -117,6 +119,7 @@ def test_bad_input_gives_the_loaders_errors(checkpoints, tmp_path, case):
     mixtral_jax.from_pretrained(checkpoints / "hf", quantize="int4")
 
 
+@pytest.mark.slow
 def test_cli_generate_quantize_reads_int8(hf_model, save_hf, tmp_path, capsys, monkeypatch):
   """``generate --quantize int8`` loads through quantize-on-load and prints what the API gives for
   the model quantized after loading."""

@@ -39,6 +39,7 @@ def full():
 
 @pytest.mark.parametrize("remat", ["save_projections", "save_attn_moe_in", "offload", "offload_projections",
                                    "offload_gate_up"])
+@pytest.mark.slow
 def test_policy_equals_full(remat, full):
   fn, params = _grad_fn(remat)
   v, g = jax.jit(fn)(params)
@@ -67,6 +68,7 @@ def _saved_residuals(cfg, remat, capsys) -> list[str]:
   return capsys.readouterr().out.splitlines()
 
 
+@pytest.mark.slow
 def test_save_projections_keeps_the_expert_products(capsys):
   """save_projections keeps each layer's expert gate and up products [E, C, F], the experts' input rows
   [E, C, D] and each token's k expert outputs [N, k, D] (stacked over the L layers by the scan) where

@@ -10,6 +10,7 @@ from mixtral_jax.inference.launch import ServerExited, launch
 from processes import child_env
 
 
+@pytest.mark.slow
 def test_a_child_that_exits_raises_with_its_last_output(tmp_path):
   echo = io.StringIO()
   with pytest.raises(ServerExited) as e:

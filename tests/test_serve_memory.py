@@ -118,6 +118,7 @@ def test_adapter_on_an_expert_mesh_is_refused_in_one_line(capsys):
   assert rc == 2 and "expert axis" not in err and "/nowhere does not exist" in err, err  # the adapter check is next
 
 
+@pytest.mark.slow
 def test_memory_utilization_on_cpu_is_refused(capsys, tiny_path):
   rc, err = _serve_error(capsys, "--model", tiny_path, "--memory-utilization", "0.5", "--max-context", "64")
   assert rc == 2 and "--memory-utilization needs devices that report their memory" in err, err
@@ -158,6 +159,7 @@ def test_serve_takes_the_fixed_rows_memory_on_cpu_and_the_flags_otherwise():
   assert cache_gib(parser.parse_args(["--model", "m", "--fixed-rows"]), model)[0] is None
 
 
+@pytest.mark.slow
 def test_int8_weights_on_the_paged_default_equal_fixed_rows(tiny_path):
   """``serve --quantize int8`` keeps working now that it runs paged by default: greedy tokens of an int8
   model equal the fixed-row engine's (the previous default) on the same weights."""

@@ -103,6 +103,7 @@ def test_logprobs_equal_the_models_log_softmax(server, client):
   assert all(c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)  # greedy: the top one
 
 
+@pytest.mark.slow
 def test_top_logprobs_above_the_limit_is_400(server):
   url, _, _ = server
   r = httpx.post(f"{url}/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "x"}],

@@ -146,7 +146,7 @@ def test_plan_prefill_takes_the_most_real_tokens_under_the_budget():
   assert plan_prefill([seq(10)] * 16, 256, sizes) == (16, 16)  # sixteen short prompts share one call
   assert plan_prefill([seq(100), seq(60, computed=20), seq(30)], 256, sizes) == (2, 128)  # 140 beat 64 + 40 + 30
   assert plan_prefill([seq(50), seq(40), seq(30)], 256, sizes) == (3, 64)  # rows padded to 4 x 64
-  assert plan_prefill([seq(100), seq(60), seq(30)], 128, sizes) == (1, 128)
+  assert plan_prefill([seq(200), seq(60)], 128, sizes) == (1, 128)  # 128 beat 64 + 60
   assert prefill_shapes(64, (1, 2, 4, 8), 32) == [(1, 16), (1, 32), (2, 16), (2, 32), (4, 16)]
 
 

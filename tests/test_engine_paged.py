@@ -77,3 +77,16 @@ def test_one_request_on_a_many_row_engine_decodes_one_row():
   got = _run(engine, _prompts()[:1], 6)
   assert got == [_alone(tuple(_prompts()[0]), 9)[:6]]
   assert engine.metrics.occupied_row_steps == engine.metrics.decode_steps  # one row per decode step
+
+
+@pytest.mark.slow
+def test_engine_prefills_several_requests_per_call_and_still_equals_generate_alone():
+  """All four requests arrive at once: one prefill call runs the chunks of several (prefill_chunk 64
+  tokens in all), beside preemption under a tight pool; each equals ``generate`` alone."""
+  engine = Engine(_model(), max_batch=4, max_context=64, prefill_chunk=64, kv_cache_gib=_gib(11), page_size=PAGE)
+  got = _run(engine, _prompts(), 12)
+  assert got == [_alone(tuple(p), 12) for p in _prompts()]
+  assert engine.runner.pool.stats.preempted > 0
+  one_at_a_time = sum(-(-len(p) // 64) for p in _prompts())  # prefill calls with one request per call
+  assert engine.timing["prefill_calls"] < one_at_a_time + engine.runner.pool.stats.preempted
+  assert engine.timing["prefill_tokens"] >= sum(map(len, _prompts()))

@@ -67,13 +67,12 @@ def _serve(num_pages, new_tokens, max_batch=4, views=False, steps=1, prompts=Non
         break
       waiting.pop(0)
       admitted.append(seq)
+      while calls is None and seq.computed < len(seq.tokens):  # one by one: before the next admission
+        logits = runner.prefill(seq)
+        if logits is not None:
+          runner.append(seq, int(np.argmax(logits)))
     if calls is not None:
       _prefill_batched(runner, admitted, calls)
-    for seq in admitted if calls is None else ():
-      logits = None
-      while logits is None:
-        logits = runner.prefill(seq)
-      runner.append(seq, int(np.argmax(logits)))
     running += admitted
     for seq in [s for s in running if len(s.tokens) - lengths[s.id] >= new_tokens]:
       running.remove(seq)

@@ -67,10 +67,11 @@ def _serve(num_pages, new_tokens, max_batch=4, views=False, steps=1, prompts=Non
         break
       waiting.pop(0)
       admitted.append(seq)
-      while calls is None and seq.computed < len(seq.tokens):  # one by one: before the next admission
+      logits = None
+      while calls is None and logits is None:  # one by one, before the next admission
         logits = runner.prefill(seq)
-        if logits is not None:
-          runner.append(seq, int(np.argmax(logits)))
+      if logits is not None:
+        runner.append(seq, int(np.argmax(logits)))
     if calls is not None:
       _prefill_batched(runner, admitted, calls)
     running += admitted

@@ -23,6 +23,10 @@ server first answers one request per prefill shape so compilation is not measure
 Last, in this process, ``generate`` runs the 16 first prompts as one static batch to 64 new tokens
 (timed on the second call) with the same cache size; its output tokens/s is the reference for the
 target: the server at 16 clients >= 80% of it.
+
+For ``benchmarks/engine_ab.py``: ``same_work_jobs`` (``generate``'s work as 16 requests of 64 tokens, on
+prompts the workload does not use) and ``engine_run`` (the engine in this process without HTTP, with its
+split of the time into prefill and decode calls).
 """
 
 from __future__ import annotations

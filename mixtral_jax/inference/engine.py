@@ -182,8 +182,9 @@ class Engine(PagedSteps):
       self._thread.join(timeout=30)
 
   def warmup(self, prompt_lengths=(1,)) -> None:
-    """Compiles the prefill chunk shapes needed by prompts of these lengths, the decode step, and (fixed
-    rows) the prefill of every row count and chunk width a server meets."""
+    """Compiles the prefill chunk shapes needed by prompts of these lengths, the decode step, and the
+    prefill of every row count and chunk width a server meets (paged: every (R, C) step shape of
+    :meth:`PagedRunner.warmup`, and the sampler at every batch size)."""
     for n in prompt_lengths:
       done = threading.Event()
       self.submit(Request([self.cfg.bos_token_id] * n, 2, lambda *_: None, lambda *_: done.set()))

@@ -103,7 +103,8 @@ class Engine(PagedSteps):
     self.cache = None
     self.adapters = tuple(adapters)  # a served bank's names (model with lora.bank adapters), slot i + 1
     if self.adapters and kv_cache_gib is None:
-      raise ValueError("serving adapters needs the paged KV cache: pass kv_cache_gib (serve --kv-cache-gib)")
+      raise ValueError("serving adapters needs the paged KV cache: pass the Engine's kv_cache_gib "
+                       "(serve pages by default; serve --fixed-rows has no adapters)")
     with mesh_context(self.mesh):
       if kv_cache_gib is None:
         self.cache = init_cache(cfg, self.B, self.max_context)
@@ -144,8 +145,8 @@ class Engine(PagedSteps):
     cannot fit the context)."""
     n = len(req.prompt)
     if (req.top_logprobs is not None or req.grammar is not None) and self.runner is None:
-      raise ValueError("logprobs and response_format need the paged KV cache: pass kv_cache_gib "
-                       "(serve --kv-cache-gib)")
+      raise ValueError("logprobs and response_format need the paged KV cache: pass the Engine's kv_cache_gib "
+                       "(serve pages by default; serve --fixed-rows has neither)")
     if req.adapter is not None and req.adapter not in self.adapters:
       raise ValueError(f"no adapter {req.adapter!r} is served (served: {', '.join(self.adapters) or 'none'})")
     if req.grammar is not None:
@@ -154,7 +155,8 @@ class Engine(PagedSteps):
       raise ValueError(f"the prompt has {n} tokens and max_tokens is {req.max_tokens}, {n + req.max_tokens} in "
                        f"all, but the context is {self.max_context} tokens")
     with self._wake:
-      free = sum(r is None for r in self.slots)  # rows the waiting requests will take at the next step
+      # rows the waiting requests will take at the next step (the paged loop leaves ``slots`` empty)
+      free = self.B - len(self.running) if self.runner is not None else sum(r is None for r in self.slots)
       if len(self.waiting) >= self.max_queue + free:
         self.metrics.rejected += 1
         raise QueueFull(f"all {self.B} rows are busy and {self.max_queue} requests are waiting (--max-queue); "

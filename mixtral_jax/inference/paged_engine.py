@@ -12,8 +12,9 @@ Each iteration (:meth:`PagedSteps._paged_step`):
      budget alone for several iterations. So a decode step never waits for more than one budget of
      prefill. A request whose last chunk ran samples its next token and joins decode at once.
   4. Decode: the requests that read all their tokens run a decode step, compacted into the first rows of
-     the next compiled batch size; several steps per device call when nothing waits, prefills or needs
-     host work between steps (``_paged_chunk``). Before it, when pages run out, the newest requests are
+     the next compiled batch size; several steps per device call (about CHUNK_SECONDS of device time,
+     at most BUSY_CHUNK while a request waits or prefills, 1 when a row needs host work between steps:
+     ``_paged_chunk``). Before it, when pages run out, the newest requests are
      preempted: their pages are freed and they wait at the head of the queue, to be recomputed from their
      prompt and the tokens so far (mostly from the prefix cache).
 
@@ -41,6 +42,8 @@ import numpy as np
 from mixtral_jax.inference.logprobs import rows_to_host
 from mixtral_jax.inference.placement import mesh_context
 from mixtral_jax.inference.programs import CHUNK_SECONDS, MAX_CHUNK
+
+BUSY_CHUNK = 8  # decode steps per call, at most, while a request waits or prefills
 
 
 class PagedSteps:
@@ -115,14 +118,19 @@ class PagedSteps:
     return decoding
 
   def _paged_chunk(self, decoding: list) -> int:
-    """Decode steps for this call: 1 while anything waits or prefills or a row needs host work between
-    steps (a grammar mask, logprobs), else the adapted chunk length capped by the fewest tokens any row
-    may still produce and by the room in the rows' pages."""
-    if self.waiting or len(decoding) < len(self.running) or any(
-        r.matcher is not None or r.top_logprobs is not None for r in decoding):
+    """Decode steps for this call: 1 when a row needs host work between steps (a grammar mask, logprobs);
+    else the adapted chunk length (about CHUNK_SECONDS of device time), at most BUSY_CHUNK while anything
+    waits or prefills (so one prefill call, and the admission of new arrivals, comes at least every
+    BUSY_CHUNK steps), and capped by the fewest tokens any row may still produce and by the room in the
+    rows' pages. Why not 1 step while busy: with many clients something nearly always waits or
+    prefills, and one step per call then pays a dispatch and the host's bookkeeping per token."""
+    if any(r.matcher is not None or r.top_logprobs is not None for r in decoding):
       return 1
+    most = self._chunk
+    if self.waiting or len(decoding) < len(self.running):
+      most = min(most, BUSY_CHUNK)
     left = min(r.max_tokens - len(r.row.tokens) for r in decoding)
-    return max(1, min(self._chunk, left, self.runner.room([self.seqs[r.id] for r in decoding])))
+    return max(1, min(most, left, self.runner.room([self.seqs[r.id] for r in decoding])))
 
   def _paged_decode_steps(self, reqs: list, n: int) -> None:
     """``n`` decode steps in one device call (sampling on device); each row's tokens pass through its

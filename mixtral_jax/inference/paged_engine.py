@@ -34,6 +34,7 @@ the fixed-row loop only.
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -66,7 +67,9 @@ class PagedSteps:
           self._paged_sample(decoding, self.runner.decode([self.seqs[r.id] for r in decoding]))
         self.metrics.decode_steps += n
         self.metrics.occupied_row_steps += n * len(decoding)
-        self._chunk = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS * n / max(time.perf_counter() - t0, 1e-6))))
+        # rounded up: a 1-step call of 50-100 ms (16 rows on a loaded CPU) would otherwise keep n at 1,
+        # and n steps per call cost less than n calls (one sampling dispatch and read-back per call)
+        self._chunk = max(1, min(MAX_CHUNK, math.ceil(CHUNK_SECONDS * n / max(time.perf_counter() - t0, 1e-6))))
         self._count("decode", n * len(decoding), t0)
 
   def _count(self, kind: str, tokens: int, t0: float) -> None:

@@ -23,6 +23,10 @@ server first answers one request per prefill shape so compilation is not measure
 Last, in this process, ``generate`` runs the 16 first prompts as one static batch to 64 new tokens
 (timed on the second call) with the same cache size; its output tokens/s is the reference for the
 target: the server at 16 clients >= 80% of it.
+
+For ``benchmarks/engine_ab.py``: ``same_work_jobs`` (``generate``'s work as 16 requests of 64 tokens, on
+prompts the workload does not use) and ``engine_run`` (the engine in this process without HTTP, with its
+split of the time into prefill and decode calls).
 """
 
 from __future__ import annotations
@@ -114,6 +118,58 @@ def start_server(path, name, max_batch, env, extra=(), context=CONTEXT, warm_len
   return server.proc, server.url
 
 
+SAME_WORK_SEED = 7  # not 16: the 32-request workload's first 16 prompts, which the same server then serves
+
+
+def same_work_jobs(n=16, new=64) -> list[tuple[list[int], int]]:
+  """``generate_static(seed=SAME_WORK_SEED)``'s work as requests: its ``n`` prompts, ``new`` tokens
+  each (greedy; the caller checks that no EOS cuts one short: the server has no ``ignore_eos``). Other
+  prompts than the workload's, so neither run reuses the other's cached prefixes."""
+  return [(p, new) for p, _ in workload(n, seed=SAME_WORK_SEED)]
+
+
+def engine_run(path, jobs, clients, max_batch=16, gib=None, warm_lengths=(10, 20, 40, 100)) -> dict:
+  """The server's engine in this process, without HTTP: ``clients`` requests in flight, each answered
+  one followed at once by the next of ``jobs`` (as serve.py's clients do). Output tokens/s, and the
+  engine's split of its wall time (``Engine.timing``: prefill and decode calls, tokens, seconds)."""
+  import threading  # noqa: PLC0415
+
+  import mixtral_jax  # noqa: PLC0415
+  from mixtral_jax.inference.engine import Engine, Request  # noqa: PLC0415
+  model = mixtral_jax.from_pretrained(path)
+  engine = Engine(model, max_batch=max_batch, max_context=CONTEXT, max_queue=64, kv_cache_gib=gib)
+  engine.warmup(warm_lengths)
+  queue, lock, done, tokens = list(jobs), threading.Lock(), threading.Event(), []
+  left = [len(jobs)]
+
+  def send():
+    with lock:
+      if not queue:
+        return
+      prompt, k = queue.pop(0)
+    box = []
+    req = Request(list(prompt), k, lambda *_: None, lambda *_: finished(box[0]), eos=frozenset([2]))
+    box.append(req)
+    engine.submit(req)
+
+  def finished(req):
+    tokens.append(len(req.row.tokens))
+    left[0] -= 1
+    if not left[0]:
+      done.set()
+    send()
+
+  engine.start()
+  t0 = time.perf_counter()
+  for _ in range(clients):
+    send()
+  done.wait()
+  wall = time.perf_counter() - t0
+  engine.stop()
+  timing = {k: round(float(v), 3) for k, v in getattr(engine, "timing", {}).items()}
+  return {"wall": wall, "tokens": sum(tokens), "tok_s": sum(tokens) / wall, "timing": timing}
+
+
 def run_server(path, name, max_batch, levels, env, extra=()):
   proc, url = start_server(path, name, max_batch, env, extra)
   try:
@@ -127,17 +183,20 @@ def run_server(path, name, max_batch, levels, env, extra=()):
     proc.wait(timeout=60)
 
 
-def generate_static(path, n=16, new=64):
+def generate_static(path, n=16, new=64, seed=16):
+  """``generate`` on the ``n`` first prompts to ``new`` tokens each (no EOS), timed on the second call;
+  ``eos_free``: whether no output holds the EOS id 2 (then a server given these requests, with EOS,
+  does exactly this work)."""
   import mixtral_jax  # noqa: PLC0415
   from mixtral_jax.generate import generate  # noqa: PLC0415
   model = mixtral_jax.from_pretrained(path)
-  prompts = [p for p, _ in workload(n, seed=16)]
+  prompts = [p for p, _ in workload(n, seed=seed)]
   generate(model, prompts, new, eos_id=None)  # compile
   t0 = time.perf_counter()
   out = generate(model, prompts, new, eos_id=None)
   wall = time.perf_counter() - t0
   tokens = sum(map(len, out.tokens))
-  return {"tokens": tokens, "tok_s": tokens / wall}
+  return {"tokens": tokens, "tok_s": tokens / wall, "eos_free": not any(2 in list(t) for t in out.tokens)}
 
 
 def alternated(path, preset, specs, levels, rounds, mixed, context, env):

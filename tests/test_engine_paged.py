@@ -10,7 +10,9 @@ import pytest
 from flax import nnx
 
 import mixtral_jax as mj
+from mixtral_jax.inference import paged_engine
 from mixtral_jax.inference.engine import Engine, Request
+from mixtral_jax.inference.requests import QueueFull
 from reference import TINY
 
 PAGE = 8
@@ -77,3 +79,75 @@ def test_one_request_on_a_many_row_engine_decodes_one_row():
   got = _run(engine, _prompts()[:1], 6)
   assert got == [_alone(tuple(_prompts()[0]), 9)[:6]]
   assert engine.metrics.occupied_row_steps == engine.metrics.decode_steps  # one row per decode step
+
+
+@pytest.mark.slow
+def test_engine_prefills_several_requests_per_call_and_still_equals_generate_alone():
+  """All four requests arrive at once: one prefill call runs the chunks of several (prefill_chunk 64
+  tokens in all), beside preemption under a tight pool; each equals ``generate`` alone."""
+  engine = Engine(_model(), max_batch=4, max_context=64, prefill_chunk=64, kv_cache_gib=_gib(11), page_size=PAGE)
+  got = _run(engine, _prompts(), 12)
+  assert got == [_alone(tuple(p), 12) for p in _prompts()]
+  assert engine.runner.pool.stats.preempted > 0
+  one_at_a_time = sum(-(-len(p) // 64) for p in _prompts())  # prefill calls with one request per call
+  assert engine.timing["prefill_calls"] < one_at_a_time + engine.runner.pool.stats.preempted
+  assert engine.timing["prefill_tokens"] >= sum(map(len, _prompts()))
+
+
+def _submit(engine, out, i, prompt, new_tokens):
+  """Queues ``prompt``; its tokens land in ``out[i]`` when it finishes."""
+  box = []
+  engine.submit(Request(list(prompt), new_tokens, lambda *_: None, lambda *_: out.__setitem__(i, box[0].row.tokens)))
+  box.append(engine.waiting[-1])
+
+
+@pytest.mark.slow
+def test_arrivals_between_steps_decode_several_steps_per_call_while_others_prefill(monkeypatch):
+  """Requests arrive between steps while others decode; a 100-token prompt prefills over 7 calls of 16
+  tokens. Decode calls meanwhile run several steps (at most BUSY_CHUNK), and each greedy output still
+  equals ``generate`` alone. CHUNK_SECONDS is made huge so the chunk length does not hang on this
+  machine's timing."""
+  monkeypatch.setattr(paged_engine, "CHUNK_SECONDS", 1e3)
+  engine = Engine(_model(), max_batch=4, max_context=128, prefill_chunk=16, kv_cache_gib=_gib(60), page_size=PAGE)
+  calls = []  # (steps of the call, requests still prefilling then)
+  decode_steps = engine.runner.decode_steps
+
+  def spy(seqs, settings_of, steps, n):
+    calls.append((n, len(engine.running) - len(seqs)))
+    return decode_steps(seqs, settings_of, steps, n)
+
+  engine.runner.decode_steps = spy
+  rng = np.random.default_rng(3)
+  prompts = [[9, 8, 7, 6, 5], [int(t) for t in rng.integers(1, 1000, 100)], _prompts()[1], _prompts()[0]]
+  news = [40, 12, 10, 8]
+  out = {}
+  _submit(engine, out, 0, prompts[0], news[0])
+  engine.step()
+  engine.step()
+  for i in (1, 2, 3):  # each arrives while the earlier ones decode (or the long one still prefills)
+    _submit(engine, out, i, prompts[i], news[i])
+    engine.step()
+  engine.run_until_done()
+  assert [out[i] for i in range(4)] == [_alone(tuple(p), n) for p, n in zip(prompts, news)]
+  busy = [n for n, prefilling in calls if prefilling]
+  assert busy and max(busy) > 1, calls  # multi-step decode while a request prefilled
+  assert max(busy) <= paged_engine.BUSY_CHUNK, calls
+
+
+@pytest.mark.slow
+def test_paged_submit_counts_running_requests_as_busy_rows():
+  """max_batch 2, max_queue 1: two requests run, a third waits, the fourth is refused (before the fix the
+  paged path counted both rows free, as it never fills the fixed-row ``slots``)."""
+  engine = Engine(_model(), max_batch=2, max_queue=1, max_context=64, prefill_chunk=16, kv_cache_gib=_gib(20),
+                  page_size=PAGE)
+  out = {}
+  _submit(engine, out, 0, [9, 8, 7, 6, 5], 20)
+  _submit(engine, out, 1, [4, 3, 2], 20)
+  engine.step()
+  assert len(engine.running) == 2 and not engine.waiting
+  _submit(engine, out, 2, [1, 2, 3], 4)
+  with pytest.raises(QueueFull):
+    _submit(engine, out, 3, [5, 6, 7], 4)
+  assert engine.metrics.rejected == 1
+  engine.run_until_done()
+  assert sorted(out) == [0, 1, 2]

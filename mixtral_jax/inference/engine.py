@@ -29,9 +29,9 @@ One thread runs the loop; each iteration:
 
 With ``kv_cache_gib`` the cache is paged instead (:class:`~mixtral_jax.inference.paged_runner.PagedRunner`):
 a pool of pages that rows hold only as their tokens need, admission by free pages rather than free
-rows, the longest cached prefix of a prompt reused, decode steps over the rows in use only (compacted,
-padded to 1, 2, 4, ... rows), and the newest requests preempted when pages run out (see
-``_paged_step``).
+rows, the longest cached prefix of a prompt reused, one prefill call for the next chunks of several
+requests, decode steps over the rows in use only (compacted, padded to 1, 2, 4, ... rows), and the
+newest requests preempted when pages run out. That loop is :mod:`mixtral_jax.inference.paged_engine`.
 
 Sampling is per row (:func:`mixtral_jax.sampling.sample_rows`): each request keeps its own settings,
 seed and key index, and its tokens do not depend on the other rows. ``mixtral_jax.generate`` is a
@@ -52,17 +52,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax.inference.logprobs import MAX_TOP_LOGPROBS, rows_to_host, token_logprobs
+from mixtral_jax.inference.logprobs import MAX_TOP_LOGPROBS, token_logprobs
 from mixtral_jax.inference.pages import PAGE_SIZE, Sequence, pages_for_budget
 from mixtral_jax.inference.paged_runner import PagedRunner
 from mixtral_jax.inference.placement import decode_views, mesh_context, place, resolve_mesh
-from mixtral_jax.inference.programs import MAX_CHUNK, bucket, decode_program, prefill_program
+from mixtral_jax.inference.paged_engine import PagedSteps
+from mixtral_jax.inference.programs import CHUNK_SECONDS, MAX_CHUNK, bucket, decode_program, prefill_program
 from mixtral_jax.inference.requests import Metrics, QueueFull, Request
 from mixtral_jax.inference.row import Row
 from mixtral_jax.model import init_cache
 from mixtral_jax.sampling import RowSettings, sample_rows
-
-CHUNK_SECONDS = 0.1  # device time per decode call, about (see the module docstring)
 
 
 @dataclasses.dataclass
@@ -76,9 +75,10 @@ class _Chunk:
   t: float
 
 
-class Engine:
+class Engine(PagedSteps):
   """The continuous-batching loop over one model (see the module docstring). ``submit`` from any
-  thread; ``start``/``stop`` the loop thread."""
+  thread; ``start``/``stop`` the loop thread. The paged loop's methods (``_paged_*``) come from
+  :class:`~mixtral_jax.inference.paged_engine.PagedSteps`."""
 
   def __init__(self, model, tokenizer=None, *, max_batch: int = 16, max_context: int | None = None,
                max_queue: int = 64, prefill_chunk: int = 256, mesh=None,
@@ -103,7 +103,8 @@ class Engine:
     self.cache = None
     self.adapters = tuple(adapters)  # a served bank's names (model with lora.bank adapters), slot i + 1
     if self.adapters and kv_cache_gib is None:
-      raise ValueError("serving adapters needs the paged KV cache: pass kv_cache_gib (serve --kv-cache-gib)")
+      raise ValueError("serving adapters needs the paged KV cache: pass the Engine's kv_cache_gib "
+                       "(serve pages by default; serve --fixed-rows has no adapters)")
     with mesh_context(self.mesh):
       if kv_cache_gib is None:
         self.cache = init_cache(cfg, self.B, self.max_context)
@@ -132,6 +133,7 @@ class Engine:
     self.decoding = np.zeros(B, bool)
     self.waiting: collections.deque[Request] = collections.deque()
     self.metrics = Metrics()
+    self.timing = collections.Counter()  # paged: prefill/decode calls, tokens, seconds (benchmarks)
     self._wake = threading.Condition()
     self._thread: threading.Thread | None = None
     self._stopped = False
@@ -143,8 +145,8 @@ class Engine:
     cannot fit the context)."""
     n = len(req.prompt)
     if (req.top_logprobs is not None or req.grammar is not None) and self.runner is None:
-      raise ValueError("logprobs and response_format need the paged KV cache: pass kv_cache_gib "
-                       "(serve --kv-cache-gib)")
+      raise ValueError("logprobs and response_format need the paged KV cache: pass the Engine's kv_cache_gib "
+                       "(serve pages by default; serve --fixed-rows has neither)")
     if req.adapter is not None and req.adapter not in self.adapters:
       raise ValueError(f"no adapter {req.adapter!r} is served (served: {', '.join(self.adapters) or 'none'})")
     if req.grammar is not None:
@@ -153,7 +155,8 @@ class Engine:
       raise ValueError(f"the prompt has {n} tokens and max_tokens is {req.max_tokens}, {n + req.max_tokens} in "
                        f"all, but the context is {self.max_context} tokens")
     with self._wake:
-      free = sum(r is None for r in self.slots)  # rows the waiting requests will take at the next step
+      # rows the waiting requests will take at the next step (the paged loop leaves ``slots`` empty)
+      free = self.B - len(self.running) if self.runner is not None else sum(r is None for r in self.slots)
       if len(self.waiting) >= self.max_queue + free:
         self.metrics.rejected += 1
         raise QueueFull(f"all {self.B} rows are busy and {self.max_queue} requests are waiting (--max-queue); "
@@ -181,8 +184,9 @@ class Engine:
       self._thread.join(timeout=30)
 
   def warmup(self, prompt_lengths=(1,)) -> None:
-    """Compiles the prefill chunk shapes needed by prompts of these lengths, the decode step, and (fixed
-    rows) the prefill of every row count and chunk width a server meets."""
+    """Compiles the prefill chunk shapes needed by prompts of these lengths, the decode step, and the
+    prefill of every row count and chunk width a server meets (paged: every (R, C) step shape of
+    :meth:`PagedRunner.warmup`, and the sampler at every batch size)."""
     for n in prompt_lengths:
       done = threading.Event()
       self.submit(Request([self.cfg.bos_token_id] * n, 2, lambda *_: None, lambda *_: done.set()))
@@ -208,7 +212,7 @@ class Engine:
                                           np.zeros(R, bool), np.zeros(R, np.int32), self._settings([None] * R),
                                           self.layers)
             C *= 2
-    self.metrics = Metrics()
+    self.metrics, self.timing = Metrics(), collections.Counter()
 
   # ------------------------------------------------------------------------------ the loop
 
@@ -369,123 +373,6 @@ class Engine:
         if self.slots[b] is not req:  # finished at an earlier step of this chunk
           break
         self._push(b, req, int(out_CB[j, b]))
-
-  # ------------------------------------------------------------------------------ paged cache
-
-  def _paged_step(self) -> None:
-    """One iteration over the paged cache (:class:`PagedRunner`): cancelled requests leave; waiting
-    ones are admitted, first come first served, while rows and pages last (reusing their longest
-    cached prefix); each admitted request still reading its tokens runs one prefill chunk (the last
-    samples its next token); then one decode step of the others, compacted into the first rows of the
-    next compiled batch size (several steps per device call when nothing waits, prefills or needs host
-    work between steps, see ``_paged_chunk``). When pages run out the newest are preempted: their pages are freed and
-    they wait at the head of the queue, to be recomputed from their prompt and the tokens so far."""
-    with self._wake:
-      for req in [r for r in self.waiting if r.cancelled]:
-        self.waiting.remove(req)
-        self._finish(req, "cancelled")
-      for req in [r for r in self.running if r.cancelled]:
-        self._paged_free(req, "cancelled")
-      while self.waiting and len(self.running) < self.B:
-        req = self.waiting[0]
-        seq = self.runner.admit(req.id, req.prompt + req.row.tokens, req.adapter)
-        if seq is None:
-          break
-        self.waiting.popleft()
-        self.seqs[req.id] = seq
-        self.running.append(req)
-    with mesh_context(self.mesh):
-      for req in [r for r in self.running if self._paged_prefilling(r)]:
-        logits_V = self.runner.prefill(self.seqs[req.id])
-        if logits_V is not None:
-          self._paged_sample([req], logits_V[None])
-      decoding = [r for r in self.running if not self._paged_prefilling(r)]
-      for victim in self.runner.ensure_room([self.seqs[r.id] for r in decoding]):
-        req = next(r for r in decoding if self.seqs[r.id] is victim)
-        decoding.remove(req)
-        self.running.remove(req)
-        del self.seqs[req.id]
-        with self._wake:
-          self.waiting.appendleft(req)
-      if decoding:
-        t0, n = time.perf_counter(), self._paged_chunk(decoding)
-        if n > 1:
-          self._paged_decode_steps(decoding, n)
-        else:
-          self._paged_sample(decoding, self.runner.decode([self.seqs[r.id] for r in decoding]))
-        self.metrics.decode_steps += n
-        self.metrics.occupied_row_steps += n * len(decoding)
-        self._chunk = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS * n / max(time.perf_counter() - t0, 1e-6))))
-
-  def _paged_chunk(self, decoding: list[Request]) -> int:
-    """Decode steps for this call, as ``_chunk_length``: 1 while anything waits or prefills or a row
-    needs host work between steps (a grammar mask, logprobs), else the adapted chunk length capped by
-    the fewest tokens any row may still produce and by the room in the rows' pages."""
-    if self.waiting or len(decoding) < len(self.running) or any(
-        r.matcher is not None or r.top_logprobs is not None for r in decoding):
-      return 1
-    left = min(r.max_tokens - len(r.row.tokens) for r in decoding)
-    return max(1, min(self._chunk, left, self.runner.room([self.seqs[r.id] for r in decoding])))
-
-  def _paged_decode_steps(self, reqs: list[Request], n: int) -> None:
-    """``n`` decode steps in one device call (sampling on device); each row's tokens pass through its
-    bookkeeping in order until it finishes (tokens computed past its end are dropped with its pages)."""
-    settings_of = lambda R: self._settings(list(reqs) + [None] * (R - len(reqs)))  # noqa: E731
-    out_nS = self.runner.decode_steps([self.seqs[r.id] for r in reqs], settings_of,
-                                      [len(r.row.tokens) for r in reqs], n)
-    for r, req in enumerate(reqs):
-      for token in out_nS[:, r].tolist():
-        req.row.push(token, is_last_step=len(req.row.tokens) + 1 >= req.max_tokens)
-        if req.row.finish is not None:
-          self._paged_free(req, req.row.finish)
-          break
-
-  def _paged_prefilling(self, req: Request) -> bool:
-    """Whether more than the last token is still to be computed (that one a decode step feeds)."""
-    seq = self.seqs[req.id]
-    return seq.computed < len(seq.tokens) - 1
-
-  def structured(self):
-    """The structured-output compiler for this engine's tokenizer (llguidance, loaded when first used)."""
-    if self._structured is None:
-      from mixtral_jax.inference.grammar import StructuredOutput, apply_bitmask  # noqa: PLC0415 - llguidance when used
-      self._structured = StructuredOutput(self.tokenizer)
-      self._apply_mask = jax.jit(apply_bitmask)
-    return self._structured
-
-  def _paged_sample(self, reqs: list[Request], logits_RV) -> None:
-    """Samples each request's next token (its step: the tokens it has so far, as ``generate`` counts)
-    and passes it on; a finished request frees its pages. Grammar masks are filled on the host while
-    the device still computes ``logits_RV`` (they depend only on the tokens so far), then applied."""
-    padded = list(reqs) + [None] * (logits_RV.shape[0] - len(reqs))  # rows past reqs: batch padding
-    steps_R = np.array([len(r.row.tokens) if r else 0 for r in padded], np.int32)
-    raw_RV = logits_RV
-    if any(r.matcher is not None for r in reqs):
-      from mixtral_jax.inference.grammar import MaskBatch  # noqa: PLC0415
-      bits = MaskBatch(len(padded), self.structured().vocab_size).fill([r and r.matcher for r in padded])
-      logits_RV = self._apply_mask(logits_RV, bits)
-    tokens_R = self._sample(logits_RV, self._settings(padded), steps_R)
-    wanted = [r and r.top_logprobs for r in padded]
-    entries = [None] * len(padded)
-    if any(k is not None for k in wanted):  # the raw distribution's, before temperature and filters
-      entries = rows_to_host(*self._logprobs(raw_RV, tokens_R), tokens_R, wanted)
-    tokens_R = np.asarray(tokens_R)
-    for req, token, entry in zip(reqs, tokens_R.tolist(), entries):
-      if entry is not None and token not in req.eos:
-        req.logprobs.append(entry)
-      if req.matcher is not None and token not in req.eos:
-        req.matcher.consume_token(token)
-      if req.first_token_at is None:
-        self.metrics.prompt_tokens += len(req.prompt)
-      self.runner.append(self.seqs[req.id], token)
-      req.row.push(token, is_last_step=len(req.row.tokens) + 1 >= req.max_tokens)
-      if req.row.finish is not None:
-        self._paged_free(req, req.row.finish)
-
-  def _paged_free(self, req: Request, reason: str) -> None:
-    self.runner.release(self.seqs.pop(req.id))
-    self.running.remove(req)
-    self._finish(req, reason)
 
   # ------------------------------------------------------------------------------ bookkeeping
 

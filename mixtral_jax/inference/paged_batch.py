@@ -6,8 +6,13 @@ sizes), so one client on a 16-row server runs a batch of 1 and few shapes ever c
 have ``valid`` False, a table of null pages, ``kv_len`` 0 and position -1: they write only into the null
 page and read nothing (:mod:`mixtral_jax.attn.paged`).
 
-Prefill runs one sequence's next chunk: at most ``chunk`` of its tokens not yet in the cache (after a
-prefix-cache hit, the chunk starts at the first uncached token), right-padded to a power of two >= 16.
+Prefill runs the next chunk of several sequences in one step (:func:`plan_prefill`,
+:func:`prefill_batch_arrays`): row r holds at most C of sequence r's tokens not yet in the cache (after
+a prefix-cache hit, the chunk starts at the first uncached token), right-padded to C columns; R is a
+compiled batch size and C a power of two >= 16 with R * C <= the token budget (``prefill_chunk``), so a
+step costs at most a budget of tokens and only :func:`prefill_shapes` ever compile. The plan takes the
+oldest sequences first and as many as give the most real tokens under the budget: one 2k prompt takes
+the whole budget alone, sixteen 10-token prompts share one 16 x 16 step.
 
 For both, ``kv_len`` is the row's filled length *after* this step's writes (the step writes first, then
 attends), and the page table is ``width`` = max_context / page_size entries wide.
@@ -66,18 +71,69 @@ def decode_arrays(pool: PagePool, seqs: list[Sequence], width: int, sizes: tuple
   return StepArrays(list(seqs), ids, pos, pos >= 0, table, kv_len, np.zeros(R, np.int32))
 
 
+MIN_COLUMNS = 16  # the narrowest prefill chunk: fewer shapes, and a 16-wide matmul is no slower on CPU
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << (max(n, MIN_COLUMNS) - 1).bit_length()
+
+
+def _pow2_at_most(n: int) -> int:
+  return 1 << (n.bit_length() - 1)
+
+
+def prefill_shapes(budget: int, sizes: tuple[int, ...], max_columns: int) -> list[tuple[int, int]]:
+  """Every (R, C) a prefill step may take: R a compiled size, C a power of two from MIN_COLUMNS up to
+  ``max_columns`` with R * C <= ``budget`` (what ``warmup`` compiles)."""
+  shapes = []
+  for R in sizes:
+    C = MIN_COLUMNS
+    while R * C <= budget and C <= max_columns:
+      shapes.append((R, C))
+      C *= 2
+  return shapes
+
+
+def plan_prefill(seqs: list[Sequence], budget: int, sizes: tuple[int, ...]) -> tuple[int, int]:
+  """(k, C): the next prefill step runs the first k of ``seqs`` (oldest first) with C columns each, the
+  k and C whose real tokens (sum of min(tokens left, C)) are the most under R * C <= ``budget``
+  (R = k padded to a compiled size); ties go to fewer rows."""
+  best = (0, 1, MIN_COLUMNS)
+  for k in range(1, len(seqs) + 1):
+    if k > sizes[-1] or padded_size(k, sizes) * MIN_COLUMNS > budget:
+      break
+    left = [len(s.tokens) - s.computed for s in seqs[:k]]
+    C = min(_pow2_at_least(max(left)), _pow2_at_most(budget // padded_size(k, sizes)))
+    real = sum(min(n, C) for n in left)
+    if real > best[0]:
+      best = (real, k, C)
+  return best[1], best[2]
+
+
+def prefill_batch_arrays(pool: PagePool, seqs: list[Sequence], columns: int, width: int,
+                         sizes: tuple[int, ...]) -> StepArrays:
+  """The next chunk of each of ``seqs``: row r takes tokens ``computed .. computed + n_r`` of seqs[r]
+  (n_r <= ``columns``), right-padded to ``columns``; rows past len(seqs) up to the compiled size are
+  padding. ``last`` is each chunk's final real column (its logits matter only when the chunk ends the
+  known tokens)."""
+  R = padded_size(len(seqs), sizes)
+  ids = np.zeros((R, columns), np.int32)
+  pos = np.full((R, columns), -1, np.int32)
+  kv_len, last = np.zeros(R, np.int32), np.zeros(R, np.int32)
+  for r, seq in enumerate(seqs):
+    start = seq.computed
+    n = min(columns, len(seq.tokens) - start)
+    if n <= 0:
+      raise ValueError(f"sequence {seq.id} has no tokens left to prefill ({seq.computed} of {len(seq.tokens)})")
+    ids[r, :n] = seq.tokens[start:start + n]
+    pos[r, :n] = np.arange(start, start + n)
+    kv_len[r], last[r] = start + n, n - 1
+  table = pool.page_table(list(seqs) + [None] * (R - len(seqs)), width)
+  return StepArrays(list(seqs), ids, pos, pos >= 0, table, kv_len, last)
+
+
 def prefill_arrays(pool: PagePool, seq: Sequence, chunk: int, width: int) -> StepArrays:
-  """The next prompt chunk of ``seq``: tokens ``computed .. computed + n`` (n <= chunk), padded to a
-  power of two >= 16 columns. ``last`` is the chunk's final real column (its logits matter only when
-  the chunk ends the known tokens)."""
-  start = seq.computed
-  n = min(chunk, len(seq.tokens) - start)
-  if n <= 0:
-    raise ValueError(f"sequence {seq.id} has no tokens left to prefill ({seq.computed} of {len(seq.tokens)})")
-  C = 1 << (max(n, 16) - 1).bit_length()
-  ids = np.zeros((1, C), np.int32)
-  ids[0, :n] = seq.tokens[start:start + n]
-  pos = np.full((1, C), -1, np.int32)
-  pos[0, :n] = np.arange(start, start + n)
-  table = pool.page_table([seq], width)
-  return StepArrays([seq], ids, pos, pos >= 0, table, np.array([start + n], np.int32), np.array([n - 1], np.int32))
+  """The next prompt chunk of ``seq`` alone: at most ``chunk`` tokens, padded to a power of two >= 16
+  columns (:func:`prefill_batch_arrays` with one row)."""
+  n = len(seq.tokens) - seq.computed
+  return prefill_batch_arrays(pool, [seq], _pow2_at_least(min(chunk, max(n, 1))), width, (1,))

@@ -7,8 +7,11 @@ and calls:
 
   * ``admit(id, tokens, adapter)``: a :class:`Sequence` holding pages for the prompt (its longest cached
     prefix reused), or None when the pool cannot take it now (the request keeps waiting);
-  * ``prefill(seq)``: the sequence's next chunk of uncached tokens; the logits ``[V]`` of its last token
-    once the whole prompt is in the cache, else None (logits are device arrays, not waited for);
+  * ``prefill_many(seqs)``: the next chunk of uncached tokens of the first k of ``seqs`` (oldest first)
+    in one device call, at most ``prefill_chunk`` tokens in all, padding included
+    (:func:`~mixtral_jax.inference.paged_batch.plan_prefill`); returns those k and the logits ``[R, V]``
+    of each row's last token (row r's matter once seqs[r] is wholly in the cache; device arrays, not
+    waited for); ``prefill(seq)`` is the one-sequence case (the logits ``[V]``, or None);
   * ``append(seq, token)`` after sampling; then ``ensure_room(seqs)`` before a decode step (returns
     the sequences preempted for lack of pages: released, to be admitted again with their tokens);
   * ``decode(seqs)``: one step of these sequences compacted into the first rows of the next compiled
@@ -19,11 +22,13 @@ and calls:
   * ``release(seq)`` when a request ends.
 
 ``layers`` (the single-CPU-device per-layer weight views, :func:`mixtral_jax.model.layer_views`) serve
-decode steps, as in the engine's contiguous-cache decode; prefill chunks run the scanned stack.
+decode steps, as in the engine's contiguous-cache decode, and prefill steps of at most ``moe_block``
+tokens (R * C, padding included: every expert then runs over those tokens with its weights read in
+place, ``mixtral_jax.moe``); larger prefill steps run the scanned stack.
 
 Adapters: with ``adapters`` (the names of a served bank, ``mixtral_jax.lora.bank``, slot i + 1 for
 name i), each row of a step carries its sequence's adapter slot (0: the base), so one decode step mixes
-rows of different adapters; a prefill chunk is one sequence, so one adapter. A sequence's adapter is
+rows of different adapters, and so does a prefill step. A sequence's adapter is
 also part of its pages' prefix keys (:func:`~mixtral_jax.inference.pages.page_key`): pages computed under
 one adapter are never reused under another.
 
@@ -37,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax.attn.paged import PagedKVCache, init_pools
-from mixtral_jax.inference.paged_batch import StepArrays, compiled_sizes, decode_arrays, prefill_arrays
+from mixtral_jax.inference.paged_batch import (MIN_COLUMNS, StepArrays, compiled_sizes, decode_arrays, plan_prefill,
+                                               prefill_batch_arrays, prefill_shapes)
 from mixtral_jax.inference.paged_programs import MAX_STEPS, paged_decode_program, paged_step_program
 from mixtral_jax.inference.pages import PAGE_SIZE, PagePool, Sequence
 
@@ -56,7 +62,9 @@ class PagedRunner:
       raise ValueError(f"{num_pages} pages of {page_size} tokens cannot hold one --max-context {max_context} "
                        f"request ({self.width} pages plus the null page); raise --kv-cache-gib or lower --max-context")
     self.sizes = compiled_sizes(max_batch)
-    self.prefill_chunk = int(prefill_chunk)
+    self.prefill_chunk = max(int(prefill_chunk), MIN_COLUMNS)  # tokens per prefill step, padding included
+    self.prefill_shapes = prefill_shapes(self.prefill_chunk, self.sizes, 1 << (max(max_context, MIN_COLUMNS) - 1).bit_length())
+    self.moe_block = cfg.moe_block
     self.k, self.v = init_pools(cfg.num_hidden_layers, num_pages, page_size, cfg.num_key_value_heads,
                                 cfg.head_size, jnp.dtype(dtype or cfg.dtype))
     self._run = paged_step_program(graphdef)
@@ -70,10 +78,25 @@ class PagedRunner:
     return self.pool.admit(seq_id, tokens, adapter)
 
   def prefill(self, seq: Sequence) -> jax.Array | None:
-    a = prefill_arrays(self.pool, seq, self.prefill_chunk, self.width)
-    logits = self._step(a, None)
-    self.pool.mark_computed(seq, int(a.kv_len_R[0]))
-    return logits[0] if seq.computed == len(seq.tokens) else None
+    """The next chunk of ``seq`` alone; the logits ``[V]`` of its last token once it is wholly in the
+    cache, else None."""
+    _, logits_RV = self.prefill_many([seq])
+    return logits_RV[0] if seq.computed == len(seq.tokens) else None
+
+  def prefill_many(self, seqs: list[Sequence]) -> tuple[list[Sequence], jax.Array]:
+    """One prefill step over the first k of ``seqs`` (see the module docstring): (those k, logits
+    ``[R, V]``, row r at seqs[r]'s last computed token)."""
+    k, C = plan_prefill(seqs, self.prefill_chunk, self.sizes)
+    a = prefill_batch_arrays(self.pool, seqs[:k], C, self.width, self.sizes)
+    logits_RV = self._step(a, self._prefill_layers(a))
+    for seq, n in zip(a.seqs, a.kv_len_R.tolist()):
+      self.pool.mark_computed(seq, n)
+    return a.seqs, logits_RV
+
+  def _prefill_layers(self, a: StepArrays):
+    """The weight views for a prefill step of at most ``moe_block`` tokens (padding included), else None
+    (the scanned stack): the views' MoE runs every expert over every token."""
+    return self.layers if a.ids_RC.size <= self.moe_block else None
 
   def append(self, seq: Sequence, token: int) -> None:
     self.pool.append(seq, token)
@@ -137,8 +160,12 @@ class PagedRunner:
     return logits  # not waited for: the caller prepares sampling (grammar masks) while it runs
 
   def warmup(self, settings_of=None) -> None:
-    """Compiles the decode step for every compiled batch size (padding rows only: nothing is written),
-    and with ``settings_of`` (R -> RowSettings of R idle rows) the multi-step decode too."""
+    """Compiles every prefill step shape and the decode step for every compiled batch size (padding rows
+    only: nothing is written), and with ``settings_of`` (R -> RowSettings of R idle rows) the multi-step
+    decode too."""
+    for R, C in self.prefill_shapes:
+      a = prefill_batch_arrays(self.pool, [], C, self.width, (R,))
+      self._step(a, self._prefill_layers(a))
     for R in self.sizes:
       a = decode_arrays(self.pool, [], self.width, (R,))
       self._step(a, self.layers)

@@ -35,6 +35,7 @@ from mixtral_jax.attention import LayerCache
 from mixtral_jax.sampling import RowSettings, sample_rows
 
 MAX_CHUNK = 16  # decode steps per device call, at most
+CHUNK_SECONDS = 0.1  # device time per decode call the engines aim at, about
 
 
 def bucket(n: int, minimum: int = 1) -> int:

@@ -122,6 +122,21 @@ def test_train_step_capacity_on_h100x8(h100):
 
 
 @pytest.mark.slow
+def test_every_remat_policy_compiles_for_gpu(h100):
+  """Each remat policy's train step compiles with XLA:GPU (expert parallelism with capacity); the
+  offloading ones pass the pinned-host check on the H100 topology's devices and put their kept
+  activations in host memory (XLA's memory space S(5) in the compiled layouts), which no other policy
+  does."""
+  from mixtral_jax.model import OFFLOADING, REMAT_POLICIES, remat_policy  # noqa: PLC0415
+  mesh = make_mesh("data=2,expert=4", devices=h100, num_experts=8)
+  host = {}
+  for remat in REMAT_POLICIES:
+    remat_policy(remat, h100)
+    host[remat] = "S(5)" in _train_text(CFG.replace(capacity_factor=1.25, remat=remat), mesh)
+  assert host == {name: name in OFFLOADING for name in REMAT_POLICIES}, host
+
+
+@pytest.mark.slow
 def test_train_step_dropless_uses_fused_kernels(h100):
   """Dropless expert parallelism on 8 H100s (attention "auto", packed rows): ragged all-to-all, a fused
   attention kernel, a grouped-GEMM kernel, and no dense dot over every expert (the expansion of

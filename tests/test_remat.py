@@ -129,14 +129,14 @@ def test_bad_policy_names_and_offload_without_host_memory():
   assert remat_policy("full") is REMAT_POLICIES["full"]
 
   class NoHost:
-    platform = "gpu"
+    platform = "metal"  # a backend without memory spaces (GPUs have pinned host memory: test_plan_gpu)
 
     def addressable_memories(self):
       raise NotImplementedError
 
-  with pytest.raises(ValueError, match=r"remat 'offload' needs pinned host memory, which gpu devices lack"):
+  with pytest.raises(ValueError, match=r"remat 'offload' needs pinned host memory, which metal devices lack"):
     remat_policy("offload", [NoHost()])
-  with pytest.raises(ValueError, match=r"remat 'offload_projections' needs pinned host memory, which gpu"):
+  with pytest.raises(ValueError, match=r"remat 'offload_projections' needs pinned host memory, which metal"):
     remat_policy("offload_projections", [NoHost()])
   remat_policy("offload", jax.devices())  # CPU devices have pinned_host
   remat_policy("offload_projections", jax.devices())

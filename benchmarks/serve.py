@@ -35,8 +35,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -45,12 +43,6 @@ import numpy as np
 PROMPT_RANGE = (8, 128)
 OUTPUT_RANGE = (16, 64)
 CONTEXT = 256
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def workload(n: int, seed: int) -> list[tuple[list[int], int]]:

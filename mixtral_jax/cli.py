@@ -136,13 +136,14 @@ def quiet_libtpu(command: str) -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
 
 
-def quiet_cuda_plugin(command: str) -> None:
+def quiet_cuda_plugin() -> None:
   """On a host with JAX's CUDA plugin installed (the test extra brings it, for deviceless GPU compiles)
   but no NVIDIA device, JAX's first use prints a ``cuInit(0) failed: Unknown CUDA error 303`` traceback
   before falling back to the CPU. With no GPU and no TPU device there is nothing but the CPU to run on,
-  so ``JAX_PLATFORMS`` defaults to ``cpu`` then. A value the user set wins; ``plan`` is left as it is
-  (it compiles for topologies, not for this host's devices)."""
-  if (command == "plan" or "JAX_PLATFORMS" in os.environ or glob.glob("/dev/nvidia[0-9]*")
+  so ``JAX_PLATFORMS`` defaults to ``cpu`` then. A value the user set wins. ``plan`` too: its deviceless
+  compiles need no backend of this host's (TPU topologies come from libtpu, GPU ones from the CUDA
+  plugin, both with JAX on the CPU)."""
+  if ("JAX_PLATFORMS" in os.environ or glob.glob("/dev/nvidia[0-9]*")
       or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
       or importlib.util.find_spec("jax_plugins") is None
       or importlib.util.find_spec("jax_plugins.xla_cuda12") is None):
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if not argv else 2
   name = argv[0]
   quiet_libtpu(name)
-  quiet_cuda_plugin(name)
+  quiet_cuda_plugin()
   if "-h" not in argv and "--help" not in argv and (error := missing_extra(argv)):
     print(f"mixtral-jax {name}: error: {error}", file=sys.stderr)
     return 2

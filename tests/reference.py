@@ -23,6 +23,20 @@ VARIANTS = {
 }
 
 
+FP32 = {"param_dtype": "float32", "dtype": "float32"}
+
+
+def sharp_model(seed: int, **overrides):
+  """A random ``mixtral_jax.Mixtral`` of ``TINY`` with ``overrides``, its router weights scaled by 20
+  (as :func:`hf_model`'s) so that top-k choices have clear margins and rounding cannot flip one."""
+  from flax import nnx  # noqa: PLC0415
+
+  import mixtral_jax as mj  # noqa: PLC0415
+  model = mj.Mixtral(mj.MixtralConfig(**{**TINY, **overrides}), rngs=nnx.Rngs(seed))
+  model.blocks.moe.router_DE[...] = model.blocks.moe.router_DE[...] * 20
+  return model
+
+
 def hf_model(seed: int = 0, router_scale: float = 20.0, **overrides):
   """A random ``MixtralForCausalLM`` in eval mode. Router weights are scaled up so that top-k choices
   have clear margins and tiny float differences cannot flip an expert choice."""

@@ -7,23 +7,19 @@ import functools
 
 import numpy as np
 import pytest
-from flax import nnx
 
 import mixtral_jax as mj
 from mixtral_jax.inference import paged_engine
 from mixtral_jax.inference.engine import Engine, Request
 from mixtral_jax.inference.requests import QueueFull
-from reference import TINY
+from reference import FP32, sharp_model
 
 PAGE = 8
 
 
 @functools.lru_cache
 def _model():
-  cfg = mj.MixtralConfig(**{**TINY, "param_dtype": "float32", "dtype": "float32"})
-  model = mj.Mixtral(cfg, rngs=nnx.Rngs(5))
-  model.blocks.moe.router_DE[...] = model.blocks.moe.router_DE[...] * 20
-  return model
+  return sharp_model(5, **FP32)
 
 
 def _gib(pages):

@@ -10,19 +10,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import mixtral_jax as mj
 from mixtral_jax.inference.engine import Engine, Request
-from reference import TINY
+from reference import FP32, sharp_model
 
 WIDTH = 64  # the reference forward's padded length (right padding: causal, so it changes nothing)
 
 
 @functools.lru_cache
 def _model():
-  cfg = mj.MixtralConfig(**{**TINY, "param_dtype": "float32", "dtype": "float32"})
-  model = mj.Mixtral(cfg, rngs=nnx.Rngs(3))
-  model.blocks.moe.router_DE[...] = model.blocks.moe.router_DE[...] * 20
-  return model
+  return sharp_model(3, **FP32)
 
 
 @functools.lru_cache

@@ -109,8 +109,10 @@ def test_serve_checks_its_port_and_sizes_before_loading(capsys):
 
 
 CUDA_CHILD = ("import sys; from mixtral_jax.cli import quiet_cuda_plugin\n"  # as cli.main: before JAX loads
-              "if sys.argv[1] == 'quiet': quiet_cuda_plugin('generate')\n"
-              "import jax; print(jax.devices()[0].platform)")
+              "if sys.argv[1] != 'loud': quiet_cuda_plugin()\n"
+              "import jax; print(jax.devices()[0].platform)\n"
+              "if sys.argv[1] == 'plan':\n"  # plan's deviceless TPU devices, from libtpu with JAX on the CPU
+              "  from mixtral_jax.train.plan import topology; print(len(topology.tpu_devices('v5p-8')))")
 
 
 @pytest.mark.subprocess_cli
@@ -123,7 +125,8 @@ def test_cuda_plugin_traceback_is_silenced_without_a_gpu(child_env):
   if glob.glob("/dev/nvidia[0-9]*"):
     pytest.skip("a host with a GPU: the traceback being silenced only happens without one")
   env = {k: v for k, v in child_env().items() if k != "JAX_PLATFORMS"}
-  loud, quiet = (subprocess.run([sys.executable, "-c", CUDA_CHILD, mode], env=env, capture_output=True, text=True,
-                                timeout=120) for mode in ("loud", "quiet"))
+  loud, quiet, plan = (subprocess.run([sys.executable, "-c", CUDA_CHILD, mode], env=env, capture_output=True,
+                                      text=True, timeout=120) for mode in ("loud", "quiet", "plan"))
   assert "CUDA error 303" in loud.stderr  # the reference: what every command printed before
   assert quiet.returncode == 0 and quiet.stdout.strip() == "cpu" and "CUDA" not in quiet.stderr, quiet.stderr
+  assert plan.returncode == 0 and plan.stdout.split() == ["cpu", "4"] and "CUDA" not in plan.stderr, plan.stderr

@@ -11,22 +11,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import mixtral_jax as mj
 from mixtral_jax.attn.paged import PagedKVCache, init_pools
 from mixtral_jax.inference.paged_batch import compiled_sizes, decode_arrays, prefill_arrays
 from mixtral_jax.inference.paged_programs import paged_step_program
 from mixtral_jax.inference.pages import PagePool
-from reference import TINY
+from reference import FP32, sharp_model
 
 RTOL = 1e-5
 
 
 @functools.lru_cache
 def _model():
-  cfg = mj.MixtralConfig(**{**TINY, "param_dtype": "float32", "dtype": "float32"})
-  model = mj.Mixtral(cfg, rngs=nnx.Rngs(3))
-  model.blocks.moe.router_DE[...] = model.blocks.moe.router_DE[...] * 20  # clear top-k margins
-  return model
+  return sharp_model(3, **FP32)
 
 
 def _full(seqs):

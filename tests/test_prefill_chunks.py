@@ -19,16 +19,12 @@ import mixtral_jax as mj
 from mixtral_jax.generate import generate
 from mixtral_jax.inference.programs import lower_decode, lower_prefill, prefill_program
 from mixtral_jax.sampling import RowSettings
-from reference import TINY
+from reference import sharp_model
 
 
 @functools.lru_cache
 def _model(**overrides):
-  cfg = mj.MixtralConfig(**{**TINY, **overrides})
-  model = mj.Mixtral(cfg, rngs=nnx.Rngs(5))
-  # Larger router weights give clear top-k margins, so rounding cannot flip an expert choice.
-  model.blocks.moe.router_DE[...] = model.blocks.moe.router_DE[...] * 20
-  return model
+  return sharp_model(5, **overrides)
 
 
 def _prefill_in_chunks(model, prompts, C, cache_len):

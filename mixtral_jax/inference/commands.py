@@ -53,7 +53,8 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
                  help="tokens per row, prompt plus reply (default: the model's max_position_embeddings)")
   p.add_argument("--max-queue", type=int, default=64,
                  help="requests that may wait for a row; more get 429")
-  p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
+  p.add_argument("--prefill-chunk", type=int, default=256,
+                 help="prompt tokens per prefill step, padding included, while other requests decode; with none decoding, up to --max-batch rows of this many tokens each (paged cache)")
   p.add_argument("--kv-cache-gib", type=float,
                  help="size of the paged KV cache per device: rows hold only the pages their tokens use, admission is "
                       "by free pages, common prompt prefixes are reused, and decode runs only the rows in use (default: "

@@ -10,7 +10,10 @@ Each iteration (:meth:`PagedSteps._paged_step`):
      tokens, the oldest first, at most ``prefill_chunk`` tokens in all, padding included
      (:meth:`PagedRunner.prefill_many`): sixteen short prompts share one call, a 2k prompt takes the
      budget alone for several iterations. So a decode step never waits for more than one budget of
-     prefill. A request whose last chunk ran samples its next token and joins decode at once.
+     prefill. While no request decodes, the call may take every row of up to ``prefill_chunk`` columns
+     (nobody's next token waits on it): a burst of arrivals on an idle server prefills in one call and
+     then decodes in lockstep, as ``generate`` does. A request whose last chunk ran samples its next
+     token and joins decode at once.
   4. Decode: the requests that read all their tokens run a decode step, compacted into the first rows of
      the next compiled batch size; several steps per device call (about CHUNK_SECONDS of device time,
      at most BUSY_CHUNK while a request waits or prefills, 1 when a row needs host work between steps:
@@ -102,7 +105,7 @@ class PagedSteps:
       return 0
     seqs = [self.seqs[r.id] for r in prefilling]
     before = [s.computed for s in seqs]
-    taken, logits_RV = self.runner.prefill_many(seqs)
+    taken, logits_RV = self.runner.prefill_many(seqs, idle=len(prefilling) == len(self.running))
     done = [req if seq.computed == len(seq.tokens) else None for req, seq in zip(prefilling, taken)]
     if any(done):
       self._paged_sample(done, logits_RV)

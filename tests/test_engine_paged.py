@@ -90,6 +90,30 @@ def test_engine_prefills_several_requests_per_call_and_still_equals_generate_alo
   assert engine.timing["prefill_tokens"] >= sum(map(len, _prompts()))
 
 
+def test_a_burst_behind_one_decoding_request_prefills_in_one_wide_call():
+  """The first of four requests is prefilled alone and decodes when the other three arrive. They
+  outnumber it, so one prefill call takes all three (the wide budget: 4 rows of 16 columns, where the
+  16-token busy budget holds one row), as a burst of clients reaching a server a moment apart is
+  prefilled together; each output still equals ``generate`` alone."""
+  engine = Engine(_model(), max_batch=4, max_context=64, prefill_chunk=16, kv_cache_gib=_gib(40), page_size=PAGE)
+  calls, real = [], engine.runner.prefill_many
+
+  def spy(seqs, wide=False):
+    taken, logits_RV = real(seqs, wide)
+    calls.append((len(taken), wide))
+    return taken, logits_RV
+
+  engine.runner.prefill_many = spy
+  prompts, out = [[9, 8, 7, 6, 5], [4, 3, 2], [7, 7, 1, 2, 3, 4], [11, 12]], {}
+  _submit(engine, out, 0, prompts[0], 8)
+  engine.step()
+  for i in (1, 2, 3):
+    _submit(engine, out, i, prompts[i], 8)
+  engine.run_until_done()
+  assert calls == [(1, True), (3, True)], calls
+  assert [out[i] for i in range(4)] == [_alone(tuple(p), 8) for p in prompts]
+
+
 def _submit(engine, out, i, prompt, new_tokens):
   """Queues ``prompt``; its tokens land in ``out[i]`` when it finishes."""
   box = []

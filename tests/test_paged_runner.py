@@ -31,13 +31,13 @@ def _alone(new_tokens):
   return [list(map(int, t)) for t in out.tokens]
 
 
-def _prefill_batched(runner, seqs, calls, idle=False):
+def _prefill_batched(runner, seqs, calls, wide=False):
   """Every one of ``seqs`` prefilled through ``prefill_many`` (several per call, the oldest first),
   each sampling its first token once wholly in the cache; ``calls`` gets each call's row count.
-  ``idle``: no sequence decodes, so the calls take the idle budget (every row)."""
+  ``wide``: no sequence decodes, so the calls take the wide budget (every row)."""
   pending = list(seqs)
   while pending:
-    taken, logits_RV = runner.prefill_many(pending, idle=idle)
+    taken, logits_RV = runner.prefill_many(pending, wide=wide)
     calls.append(len(taken))
     done = [seq for seq in taken if seq.computed == len(seq.tokens)]
     for seq, logits_V in zip(taken, np.asarray(logits_RV)):
@@ -71,7 +71,7 @@ def _serve(num_pages, new_tokens, max_batch=4, views=False, steps=1, prompts=Non
       if logits is not None:
         runner.append(seq, int(np.argmax(logits)))
     if calls is not None:
-      _prefill_batched(runner, admitted, calls, idle=not running)
+      _prefill_batched(runner, admitted, calls, wide=not running)
     running += admitted
     for seq in [s for s in running if len(s.tokens) - lengths[s.id] >= new_tokens]:
       running.remove(seq)
@@ -127,12 +127,12 @@ def test_batched_prefill_with_prefix_hits_and_preemption_equals_each_sequence_al
   under a pool so tight that sequences are preempted and prefilled again from their tokens so far; each
   sequence's greedy tokens equal ``generate`` on its prompt alone. ``views``: steps of at most
   ``moe_block`` tokens run on the per-layer weight views (the engine's single-CPU path). The first
-  admissions prefill while nothing decodes (the idle budget: 3 rows of 32 columns), the later ones
+  admissions prefill while nothing decodes (the wide budget: 3 rows of 32 columns), the later ones
   beside decoding sequences (the 32-token budget)."""
   calls = []
   got, runner, preempted = _serve(num_pages=14, new_tokens=10, max_batch=3, views=views, prompts=_mixed_prompts(),
                                   prefill_chunk=32, calls=calls)
-  assert max(calls) == 3  # every row in one call: an idle step (a busy one holds 2 rows at most)
+  assert max(calls) == 3  # every row in one call: a wide step (a busy one holds 2 rows at most)
   assert preempted > 0 and runner.pool.stats.hit_tokens > 0
   assert got == _each_alone(10)
 
@@ -148,13 +148,13 @@ def test_plan_prefill_takes_the_most_real_tokens_under_the_budget():
   assert plan_prefill([seq(100), seq(60, computed=20), seq(30)], 256, sizes) == (2, 128)  # 140 beat 64 + 40 + 30
   assert plan_prefill([seq(50), seq(40), seq(30)], 256, sizes) == (3, 64)  # rows padded to 4 x 64
   assert plan_prefill([seq(200), seq(60)], 128, sizes) == (1, 128)  # 128 beat 64 + 60
-  # Idle (nothing decodes): every row, each of at most the busy budget's columns.
+  # Wide (few decode): every row, each of at most the busy budget's columns.
   lengths = [14, 18, 31, 37, 43, 46, 52, 56, 63, 65, 80, 85, 97, 101, 118, 128]
-  assert plan_prefill([seq(n) for n in lengths], 256, sizes, idle=True) == (16, 128)  # a burst in one call
+  assert plan_prefill([seq(n) for n in lengths], 256, sizes, wide=True) == (16, 128)  # a burst in one call
   assert plan_prefill([seq(n) for n in lengths], 256, sizes) == (16, 16)  # busy: their first 16 tokens
-  assert plan_prefill([seq(2000)], 256, sizes, idle=True) == (1, 256)  # columns stay within the budget
-  assert plan_prefill([seq(10)] * 3, 256, sizes, idle=True) == (3, 16)
-  # Busy shapes: R * C <= 64 (C <= 32 columns of context); idle ones: C <= 64 and R * C <= 8 * 64.
+  assert plan_prefill([seq(2000)], 256, sizes, wide=True) == (1, 256)  # columns stay within the budget
+  assert plan_prefill([seq(10)] * 3, 256, sizes, wide=True) == (3, 16)
+  # Busy shapes: R * C <= 64 (C <= 32 columns of context); wide ones: C <= 64 and R * C <= 8 * 64.
   assert prefill_shapes(64, (1, 2, 4, 8), 32) == [(1, 16), (1, 32), (2, 16), (2, 32), (4, 16), (4, 32), (8, 16),
                                                   (8, 32)]
 

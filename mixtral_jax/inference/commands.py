@@ -54,7 +54,8 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
   p.add_argument("--max-queue", type=int, default=64,
                  help="requests that may wait for a row; more get 429")
   p.add_argument("--prefill-chunk", type=int, default=256,
-                 help="prompt tokens per prefill step, padding included, while other requests decode; with none decoding, up to --max-batch rows of this many tokens each (paged cache)")
+                 help="prompt tokens per prefill step, padding included, while other requests decode; while no "
+                      "more decode than prefill, up to --max-batch rows of this many tokens each (paged cache)")
   p.add_argument("--kv-cache-gib", type=float,
                  help="size of the paged KV cache per device: rows hold only the pages their tokens use, admission is "
                       "by free pages, common prompt prefixes are reused, and decode runs only the rows in use (default: "

@@ -15,10 +15,10 @@ oldest sequences first and as many as give the most real tokens under the budget
 the whole budget alone, sixteen 10-token prompts share one 16 x 16 step.
 
 Two budgets: the token budget ``prefill_chunk`` bounds how long a prefill step stalls the requests that
-decode. When none decodes there is nobody to stall, and the step may take up to ``max_batch`` rows of at
-most ``prefill_chunk`` columns each (:func:`idle_budget`): a burst of sixteen arrivals on an idle server
-is prefilled in one call, as ``generate`` prefills its batch, rather than in six calls of 256 tokens
-with decode steps of the first arrivals in between (measured on ``bench-small``, CPU: 1.0 s against
+decode. When they are few (the engine's rule: no more of them than requests prefilling), the step may
+take up to ``max_batch`` rows of at most ``prefill_chunk`` columns each (:func:`wide_budget`): a burst
+of sixteen arrivals is prefilled in one call, as ``generate`` prefills its batch, rather than in six
+calls of 256 tokens with decode steps of the first arrivals in between (measured on ``bench-small``, CPU: 1.0 s against
 1.4 s of prefill for the same 1,034 tokens, and 26 against 34 decode calls after it, since the rows
 then decode in lockstep).
 
@@ -90,31 +90,31 @@ def _pow2_at_most(n: int) -> int:
   return 1 << (n.bit_length() - 1)
 
 
-def idle_budget(budget: int, sizes: tuple[int, ...]) -> int:
-  """The token budget of a prefill step while no request decodes: every row (``sizes[-1]``, the
-  largest compiled batch) with at most the busy ``budget``'s columns (see the module docstring)."""
+def wide_budget(budget: int, sizes: tuple[int, ...]) -> int:
+  """The token budget of a wide prefill step: every row (``sizes[-1]``, the largest compiled batch)
+  with at most the busy ``budget``'s columns (see the module docstring)."""
   return sizes[-1] * _pow2_at_most(max(budget, MIN_COLUMNS))
 
 
 def prefill_shapes(budget: int, sizes: tuple[int, ...], max_columns: int) -> list[tuple[int, int]]:
   """Every (R, C) a prefill step may take (what ``warmup`` compiles): R a compiled size, C a power of
   two from MIN_COLUMNS up to ``max_columns``, with R * C <= ``budget`` (a busy step), or with
-  C <= ``budget`` and R * C <= :func:`idle_budget` (an idle one)."""
+  C <= ``budget`` and R * C <= :func:`wide_budget` (a wide one)."""
   shapes = []
   for R in sizes:
     C = MIN_COLUMNS
-    while C <= max_columns and (R * C <= budget or C <= budget and R * C <= idle_budget(budget, sizes)):
+    while C <= max_columns and (R * C <= budget or C <= budget and R * C <= wide_budget(budget, sizes)):
       shapes.append((R, C))
       C *= 2
   return shapes
 
 
-def plan_prefill(seqs: list[Sequence], budget: int, sizes: tuple[int, ...], idle: bool = False) -> tuple[int, int]:
+def plan_prefill(seqs: list[Sequence], budget: int, sizes: tuple[int, ...], wide: bool = False) -> tuple[int, int]:
   """(k, C): the next prefill step runs the first k of ``seqs`` (oldest first) with C columns each, the
   k and C whose real tokens (sum of min(tokens left, C)) are the most under R * C <= ``budget``
-  (R = k padded to a compiled size); ties go to fewer rows. ``idle`` (no request decodes): under
-  :func:`idle_budget` instead, with C <= ``budget``."""
-  tokens, columns = (idle_budget(budget, sizes), _pow2_at_most(max(budget, MIN_COLUMNS))) if idle else (budget, budget)
+  (R = k padded to a compiled size); ties go to fewer rows. ``wide``: under :func:`wide_budget`
+  instead, with C <= ``budget``."""
+  tokens, columns = (wide_budget(budget, sizes), _pow2_at_most(max(budget, MIN_COLUMNS))) if wide else (budget, budget)
   best = (0, 1, MIN_COLUMNS)
   for k in range(1, len(seqs) + 1):
     if k > sizes[-1] or padded_size(k, sizes) * MIN_COLUMNS > tokens:

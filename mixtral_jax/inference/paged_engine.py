@@ -10,10 +10,11 @@ Each iteration (:meth:`PagedSteps._paged_step`):
      tokens, the oldest first, at most ``prefill_chunk`` tokens in all, padding included
      (:meth:`PagedRunner.prefill_many`): sixteen short prompts share one call, a 2k prompt takes the
      budget alone for several iterations. So a decode step never waits for more than one budget of
-     prefill. While no request decodes, the call may take every row of up to ``prefill_chunk`` columns
-     (nobody's next token waits on it): a burst of arrivals on an idle server prefills in one call and
-     then decodes in lockstep, as ``generate`` does. A request whose last chunk ran samples its next
-     token and joins decode at once.
+     prefill. While at least as many requests prefill as decode, the call may take every row of up to
+     ``prefill_chunk`` columns (:meth:`PagedSteps._paged_wide`): a burst of arrivals prefills in one call
+     and then decodes in lockstep, as ``generate`` does, even when its first request came a moment
+     before the rest and already decodes. A request whose last chunk ran samples its next token and
+     joins decode at once.
   4. Decode: the requests that read all their tokens run a decode step, compacted into the first rows of
      the next compiled batch size; several steps per device call (about CHUNK_SECONDS of device time,
      at most BUSY_CHUNK while a request waits or prefills, 1 when a row needs host work between steps:
@@ -105,11 +106,20 @@ class PagedSteps:
       return 0
     seqs = [self.seqs[r.id] for r in prefilling]
     before = [s.computed for s in seqs]
-    taken, logits_RV = self.runner.prefill_many(seqs, idle=len(prefilling) == len(self.running))
+    taken, logits_RV = self.runner.prefill_many(seqs, wide=self._paged_wide(len(prefilling)))
     done = [req if seq.computed == len(seq.tokens) else None for req, seq in zip(prefilling, taken)]
     if any(done):
       self._paged_sample(done, logits_RV)
     return sum(s.computed - b for s, b in zip(taken, before))
+
+  def _paged_wide(self, prefilling: int) -> bool:
+    """Whether the next prefill call may take the wide budget (every row of up to ``prefill_chunk``
+    columns): when at least as many requests prefill as decode. The budget bounds how long decoding
+    requests wait for a prefill call; when they are the fewer, one larger call that brings the others
+    into their batch costs them less than the half-empty decode steps of many small calls would. Why not
+    only when none decodes: sixteen clients' requests reach the server over some milliseconds, and the
+    first, prefilled alone, already decodes when the other fifteen are admitted."""
+    return 2 * prefilling >= len(self.running)
 
   def _paged_make_room(self, decoding: list) -> list:
     """Grows the decoding requests' pages for their next token; the preempted (newest first when pages

@@ -7,9 +7,9 @@ and calls:
 
   * ``admit(id, tokens, adapter)``: a :class:`Sequence` holding pages for the prompt (its longest cached
     prefix reused), or None when the pool cannot take it now (the request keeps waiting);
-  * ``prefill_many(seqs, idle)``: the next chunk of uncached tokens of the first k of ``seqs`` (oldest
+  * ``prefill_many(seqs, wide)``: the next chunk of uncached tokens of the first k of ``seqs`` (oldest
     first) in one device call, at most ``prefill_chunk`` tokens in all, padding included, or with
-    ``idle`` (no request decodes) up to every row of ``prefill_chunk`` columns
+    ``wide`` (few requests decode) up to every row of ``prefill_chunk`` columns
     (:func:`~mixtral_jax.inference.paged_batch.plan_prefill`); returns those k and the logits ``[R, V]``
     of each row's last token (row r's matter once seqs[r] is wholly in the cache; device arrays, not
     waited for); ``prefill(seq)`` is the one-sequence case (the logits ``[V]``, or None);
@@ -84,11 +84,11 @@ class PagedRunner:
     _, logits_RV = self.prefill_many([seq])
     return logits_RV[0] if seq.computed == len(seq.tokens) else None
 
-  def prefill_many(self, seqs: list[Sequence], idle: bool = False) -> tuple[list[Sequence], jax.Array]:
+  def prefill_many(self, seqs: list[Sequence], wide: bool = False) -> tuple[list[Sequence], jax.Array]:
     """One prefill step over the first k of ``seqs`` (see the module docstring): (those k, logits
-    ``[R, V]``, row r at seqs[r]'s last computed token). ``idle``: no request decodes, so the step may
-    take the larger idle budget."""
-    k, C = plan_prefill(seqs, self.prefill_chunk, self.sizes, idle)
+    ``[R, V]``, row r at seqs[r]'s last computed token). ``wide``: few requests decode (the engine's
+    rule), so the step may take the wide budget."""
+    k, C = plan_prefill(seqs, self.prefill_chunk, self.sizes, wide)
     a = prefill_batch_arrays(self.pool, seqs[:k], C, self.width, self.sizes)
     logits_RV = self._step(a, self._prefill_layers(a))
     for seq, n in zip(a.seqs, a.kv_len_R.tolist()):

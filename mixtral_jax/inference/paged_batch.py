@@ -18,9 +18,9 @@ Two budgets: the token budget ``prefill_chunk`` bounds how long a prefill step s
 decode. When they are few (the engine's rule: no more of them than requests prefilling), the step may
 take up to ``max_batch`` rows of at most ``prefill_chunk`` columns each (:func:`wide_budget`): a burst
 of sixteen arrivals is prefilled in one call, as ``generate`` prefills its batch, rather than in six
-calls of 256 tokens with decode steps of the first arrivals in between (measured on ``bench-small``, CPU: 1.0 s against
-1.4 s of prefill for the same 1,034 tokens, and 26 against 34 decode calls after it, since the rows
-then decode in lockstep).
+calls of 256 tokens with decode steps of the first arrivals in between (measured on ``bench-small``,
+CPU: 1.0 s against 1.4 s of prefill for the same 1,034 tokens, and 26 against 34 decode calls after
+it, since the rows then decode in lockstep).
 
 For both, ``kv_len`` is the row's filled length *after* this step's writes (the step writes first, then
 attends), and the page table is ``width`` = max_context / page_size entries wide.

@@ -151,10 +151,8 @@ def _rows_of(rows_M, M):
 
 
 def _blocked_fwd_impl(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, lora, rows_M, block, save_residuals):
-  """The blocked forward. The weights are stacked [E, ...] arrays, or tuples of E per-expert arrays
-  (:func:`views_expert_ffn`); ``w[e]`` is expert e's either way."""
   M, D = x_MD.shape
-  E, F = len(w1_EDF), (w2_EFD[0].shape[0] if isinstance(w2_EFD, (tuple, list)) else w2_EFD.shape[1])
+  E, _, F = w1_EDF.shape
   G = starts_G.shape[0]
   per = G // E
   xp = _pad_rows(x_MD, block)
@@ -360,18 +358,3 @@ def grouped_expert_ffn(x_MD, starts_G, sizes_G, w1_EDF, w3_EDF, w2_EFD, *, impl:
 
 
 _blocked_jit = jax.jit(blocked_expert_ffn, static_argnums=6)
-
-
-def views_expert_ffn(x_MD, starts_E, sizes_E, experts, block: int, lora: ExpertLoRA | None = None,
-                     rows_M=None) -> jax.Array:
-  """The blocked kernel over per-expert weight arrays (``experts``: the w1, w3 and w2 tuples of E arrays
-  each, e.g. :func:`mixtral_jax.model.layer_views`), forward only (inference): expert e runs
-  ``ceil(sizes_E[e] / block)`` blocks of its rows with its own arrays read in place. Stacked weights
-  would be sliced per expert, and XLA:CPU copies such a slice before the matmul reads it; per-expert
-  arrays need no copy."""
-  w1s, w3s, w2s = experts
-  if lora is not None and not lora.needs_rows:
-    rows_M = None
-  y, _ = _blocked_fwd_impl(x_MD, starts_E, sizes_E, w1s, w3s, w2s, lora, rows_M, max(1, min(block, x_MD.shape[0])),
-                           False)
-  return y

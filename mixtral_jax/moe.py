@@ -11,9 +11,8 @@ Dropless (``capacity_factor=None``): the N*k routed pairs are sorted by expert i
 Small decode batches (dropless, N*k <= 2E): each chosen expert's weights are sliced at its dynamic id
 (or, given per-expert arrays, picked by a ``lax.switch`` so the matmuls read them in place) and run on
 the few tokens, so a step reads only the chosen experts (``dispatch_selected``). Given per-expert
-arrays, batches of up to DENSE_VIEWS_ROWS tokens (a 16-row decode step) take it too: then every expert
-runs on every token, its weights read in place (``_selects``); larger ones given them (a short prefill
-chunk) run the dropless sort and the blocked kernel over those arrays.
+arrays, batches of up to ``moe_block`` tokens (a 16-row decode step, a short prefill chunk) take it too:
+then every expert runs on every token, its weights read in place (``_selects``).
 
 Dropping (``capacity_factor=cf``): pairs of rank < C = ceil(cf*N*k/E) are scattered into [E, C, D]
 buckets and run as one batched einsum (or, on CPU, the blocked kernel over each bucket's filled rows);
@@ -36,7 +35,7 @@ from mixtral_jax import param_paths, routing
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.expert_adapters import ExpertLoRA, project
 from mixtral_jax.expert_dequant import dense_expert_ffn_dequant, is_stored_quantized, num_experts
-from mixtral_jax.experts import EXPERT_OUT, dense_expert_ffn, grouped_expert_ffn, resolve_impl, views_expert_ffn
+from mixtral_jax.experts import EXPERT_OUT, dense_expert_ffn, grouped_expert_ffn, resolve_impl
 from mixtral_jax.layers import registry_param
 from mixtral_jax.lora import adapters as lora
 from mixtral_jax.projection import Projection
@@ -49,24 +48,15 @@ def _needs_rows(lora: ExpertLoRA | None) -> bool:
 
 
 def dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, *, impl="auto", block=128,
-                      lora: ExpertLoRA | None = None, experts=None):
-  """Sorted-by-expert dropless dispatch on one device. Returns y_ND (in x's dtype). With ``experts``
-  (per-expert weight arrays, inference), the blocked kernel reads them in place
-  (:func:`~mixtral_jax.experts.views_expert_ffn`) instead of the stacked weights, in blocks sized to
-  the step (:func:`views_block`)."""
+                      lora: ExpertLoRA | None = None):
+  """Sorted-by-expert dropless dispatch on one device. Returns y_ND (in x's dtype)."""
   N, D = x_ND.shape
-  E = num_experts(w1_EDF)
+  E = w1_EDF.shape[0]
   k = ids_Nk.shape[1]
   order_M, counts_E, starts_E = routing.sort_by_expert(ids_Nk, E)
   x_MD = x_ND[order_M // k]  # row r holds the token of sorted pair r (pair id order_M[r])
-  rows_M = order_M if _needs_rows(lora) else None
-  if experts is not None:
-    views = tuple(tuple(as_compute(w, x_ND.dtype) for w in ws) for ws in experts)
-    y_MD = views_expert_ffn(x_MD, starts_E, counts_E, views, views_block(N * k, E, block), lora=lora,
-                            rows_M=rows_M)
-  else:
-    y_MD = grouped_expert_ffn(x_MD, starts_E, counts_E, w1_EDF, w3_EDF, w2_EFD, impl=impl, block=block,
-                              contiguous=True, lora=lora, rows_M=rows_M)
+  y_MD = grouped_expert_ffn(x_MD, starts_E, counts_E, w1_EDF, w3_EDF, w2_EFD, impl=impl, block=block,
+                            contiguous=True, lora=lora, rows_M=order_M if _needs_rows(lora) else None)
   inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(N * k, dtype=order_M.dtype))
   y_NkD = y_MD[inverse_M].reshape(N, k, D)
   return combine(y_NkD, weights_Nk)
@@ -132,30 +122,15 @@ def dispatch_selected(x_ND, weights_Nk, ids_Nk, w1_EDF, w3_EDF, w2_EFD, experts=
   return y_ND.astype(x_ND.dtype)
 
 
-DENSE_VIEWS_ROWS = 16  # given per-expert views, up to this many tokens run every expert (a decode step)
-MIN_VIEWS_BLOCK = 16  # the smallest row block of the blocked kernel over per-expert views
-
-
-def views_block(pairs: int, num_experts: int, block: int) -> int:
-  """Row block of the blocked kernel over per-expert views for ``pairs`` routed rows: the power of two
-  that holds an expert's mean share (pairs / E), at least MIN_VIEWS_BLOCK, at most ``block``
-  (``moe_block``). A 128-token prefill step (256 pairs, 8 experts) takes blocks of 32, so the rows
-  computed stay near the routed ones; a 2,048-token step takes ``moe_block``, fewer loop iterations."""
-  share = -(-pairs // num_experts)
-  return min(block, max(MIN_VIEWS_BLOCK, 1 << (share - 1).bit_length()))
-
-
 def _selects(N: int, cfg: MixtralConfig, experts) -> bool:
   """Whether N tokens take :func:`dispatch_selected`: when N*k <= 2E (few experts chosen), and, given
-  per-expert weight views, up to DENSE_VIEWS_ROWS tokens. Why the second: every expert over 16 tokens
-  read in place was 3.4x faster than the blocked kernel on the stacked weights (a whole ``moe_block``
-  of rows per expert, each expert's slice copied first) on XLA:CPU (docs/benchmarks.md, "16-row decode
-  on one CPU device"). Larger steps with views (prefill chunks) take the blocked kernel over the views
-  (:func:`dispatch_dropless` with ``experts``): only each expert's routed rows, in blocks
-  (:func:`views_block`), where every expert over every token costs E/k times the routed work."""
+  per-expert weight views, for any N up to one ``moe_block``. Why the second: the blocked kernel
+  computes a whole ``moe_block`` of rows for every expert that got a token and copies each expert's
+  weight slice first, while every expert over N <= moe_block tokens read in place was 3.4x faster at
+  N = 16 and 1.7x at N = 128 on XLA:CPU (docs/benchmarks.md, "16-row decode on one CPU device")."""
   if N * cfg.num_experts_per_tok <= 2 * cfg.num_local_experts:
     return True
-  return experts is not None and N <= DENSE_VIEWS_ROWS
+  return experts is not None and N <= cfg.moe_block
 
 
 def combine(y_NkD, weights_Nk):
@@ -274,7 +249,7 @@ class MoE(nnx.Module):
       dropped = jnp.zeros((), jnp.float32)
     elif cfg.capacity_factor is None:
       y_ND = dispatch_dropless(x_ND, weights_Nk, ids_Nk, w1, w3, w2, impl=cfg.moe_impl, block=cfg.moe_block,
-                               lora=lo, experts=experts)
+                               lora=lo)
       dropped = jnp.zeros((), jnp.float32)
     else:
       C = routing.capacity(B * T, cfg.num_experts_per_tok, cfg.num_local_experts, cfg.capacity_factor)

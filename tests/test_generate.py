@@ -207,12 +207,10 @@ def test_selected_expert_dispatch_matches_numpy(N, per_expert):
 
 
 @pytest.mark.slow
-def test_moe_with_expert_views_equals_the_blocked_kernel(models, monkeypatch):
-  """The MoE layer given per-expert views against the same layer without them (the blocked dropless
-  kernel on the stacked weights, its float32 results checked against NumPy in test_experts): a 16-row
-  decode step (every expert over every token, weights read in place), and prefill steps of 128 and 400
-  tokens (the blocked kernel over the views: blocks of 32 and of moe_block rows)."""
-  from mixtral_jax import moe as moe_module  # noqa: PLC0415
+def test_moe_with_expert_views_up_to_one_block_equals_the_blocked_kernel(models):
+  """A 16-row decode step and a 128-token prefill chunk given per-expert views (every expert over every
+  token, weights read in place) against the same MoE layer without views (the blocked dropless kernel,
+  its float32 results checked against NumPy in test_experts)."""
   _, _, model = models
   cfg = model.cfg
   assert cfg.moe_block == 128 and cfg.dtype == "float32"
@@ -220,14 +218,10 @@ def test_moe_with_expert_views_equals_the_blocked_kernel(models, monkeypatch):
   moe = nnx.merge(nnx.graphdef(model.blocks), state).moe  # layer 0, over the views of its arrays
   graphdef, params = nnx.split(moe)
   run = jax.jit(lambda params, x_BTD, experts: nnx.merge(graphdef, params)(x_BTD, experts=experts)[0])
-  blocks = []
-  real = moe_module.views_expert_ffn
-  monkeypatch.setattr(moe_module, "views_expert_ffn", lambda *a, **kw: blocks.append(a[4]) or real(*a, **kw))
-  for B, T in ((16, 1), (1, 128), (2, 200)):
+  for B, T in ((16, 1), (1, 128)):
     x_BTD = jax.random.normal(jax.random.key(B), (B, T, cfg.hidden_size))
     want, got = run(params, x_BTD, None), run(params, x_BTD, experts)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-  assert blocks == [32, 128]  # traced once per prefill shape; the decode step took dispatch_selected
 
 
 @pytest.mark.slow

@@ -206,8 +206,6 @@ def test_every_single_device_dispatch_equals_numpy(rate=0.3):
       "capacity blocked": lambda: moe.dispatch_capacity(x, weights, ids, *wj, capacity=C, impl="blocked", block=4,
                                                         lora=lora)[0],
       "selected": lambda: moe.dispatch_selected(x[:3], weights[:3], ids[:3], *wj, lora=lora),
-      "dropless per-expert views": lambda: moe.dispatch_dropless(
-          x, weights, ids, *wj, block=4, lora=lora, experts=tuple(tuple(a[e] for e in range(E)) for a in wj)),
       "selected per-expert": lambda: moe.dispatch_selected(
           x[:3], weights[:3], ids[:3], *wj, experts=tuple(tuple(a[e] for e in range(E)) for a in wj), lora=lora),
   }

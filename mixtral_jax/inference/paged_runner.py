@@ -24,7 +24,7 @@ and calls:
 
 ``layers`` (the single-CPU-device per-layer weight views, :func:`mixtral_jax.model.layer_views`) serve
 decode steps, as in the engine's contiguous-cache decode, and prefill steps of at most ``moe_block``
-tokens (R * C, padding included: the blocked expert kernel then reads each expert's own arrays in
+tokens (R * C, padding included: every expert then runs over those tokens with its weights read in
 place, ``mixtral_jax.moe``); larger prefill steps run the scanned stack.
 
 Adapters: with ``adapters`` (the names of a served bank, ``mixtral_jax.lora.bank``, slot i + 1 for
@@ -97,7 +97,7 @@ class PagedRunner:
 
   def _prefill_layers(self, a: StepArrays):
     """The weight views for a prefill step of at most ``moe_block`` tokens (padding included), else None
-    (the scanned stack, which compiles once for all its layers)."""
+    (the scanned stack): the views' MoE runs every expert over every token."""
     return self.layers if a.ids_RC.size <= self.moe_block else None
 
   def append(self, seq: Sequence, token: int) -> None:

@@ -8,8 +8,8 @@ contents first when ``reset_R`` (a reused row), and it samples its next token fr
 ``last_R``. With ``rows_R`` None the R rows are the cache's B rows (a batch prefill; rows not
 prefilling pass no valid column and are left as they are), and the cache is written in place. With
 ``rows_R`` the R rows are cut out of the cache, run, and written back (one request joining a batch).
-``layers``: as for decode; the chunk's expert kernel then reads each expert's own arrays in place
-(``mixtral_jax.moe``), as the decode step does.
+``layers``: as for decode; a chunk of at most ``moe_block`` tokens then runs every expert over its
+weights in place (``mixtral_jax.moe``), as the decode step does.
 
 Decode (:func:`decode_program`): ``n`` <= MAX_CHUNK steps in a ``fori_loop`` on device, step j feeding
 token t_j at position p + j and sampling t_{j+1} with step ``step_B + j``; rows not ``active_B`` write

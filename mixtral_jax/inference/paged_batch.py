@@ -90,10 +90,15 @@ def _pow2_at_most(n: int) -> int:
   return 1 << (n.bit_length() - 1)
 
 
+def _wide_columns(budget: int) -> int:
+  """The most columns a row of a wide prefill step takes: the busy budget's, as a power of two."""
+  return _pow2_at_most(max(budget, MIN_COLUMNS))
+
+
 def wide_budget(budget: int, sizes: tuple[int, ...]) -> int:
   """The token budget of a wide prefill step: every row (``sizes[-1]``, the largest compiled batch)
   with at most the busy ``budget``'s columns (see the module docstring)."""
-  return sizes[-1] * _pow2_at_most(max(budget, MIN_COLUMNS))
+  return sizes[-1] * _wide_columns(budget)
 
 
 def prefill_shapes(budget: int, sizes: tuple[int, ...], max_columns: int) -> list[tuple[int, int]]:
@@ -114,7 +119,7 @@ def plan_prefill(seqs: list[Sequence], budget: int, sizes: tuple[int, ...], wide
   k and C whose real tokens (sum of min(tokens left, C)) are the most under R * C <= ``budget``
   (R = k padded to a compiled size); ties go to fewer rows. ``wide``: under :func:`wide_budget`
   instead, with C <= ``budget``."""
-  tokens, columns = (wide_budget(budget, sizes), _pow2_at_most(max(budget, MIN_COLUMNS))) if wide else (budget, budget)
+  tokens, columns = (wide_budget(budget, sizes), _wide_columns(budget)) if wide else (budget, budget)
   best = (0, 1, MIN_COLUMNS)
   for k in range(1, len(seqs) + 1):
     if k > sizes[-1] or padded_size(k, sizes) * MIN_COLUMNS > tokens:
